@@ -1,0 +1,106 @@
+"""ESC: Emulating Self-attention with Convolution (ICCV 2025)."""
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from basicsr.utils.registry import ARCH_REGISTRY
+
+from .layers import (ConvolutionalAttention, ESCTrunk, PartialConvAttn, WindowAttention, resample_subpixel_conv,
+                     symmetrize_filter)
+
+logger = logging.getLogger('basicsr')
+
+
+def _orthogonal_filter(pdim: int, kernel_size: int) -> nn.Parameter:
+    weight = torch.empty(pdim, pdim, kernel_size, kernel_size)
+    nn.init.orthogonal_(weight)
+    return nn.Parameter(weight)
+
+
+class SharedFilterTrunk(ESCTrunk):
+    """An ESC trunk whose ConvAttns share one dense, symmetrised ``plk_filter``."""
+
+    def __init__(self, dim, pdim, kernel_size, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, use_ln,
+                 attn_type):
+        super().__init__(dim, pdim, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, proj_ratio=2,
+                         use_ln=use_ln, make_plk=ConvolutionalAttention, attn_type=attn_type, ln_last=False)
+        self.kernel_size = kernel_size
+        self.plk_filter = _orthogonal_filter(pdim, kernel_size)
+        self.symmetrize = True  # False once deploy() stored the symmetrised filter
+
+    def large_kernel_filters(self):
+        return (symmetrize_filter(self.plk_filter) if self.symmetrize else self.plk_filter, )
+
+    @torch.no_grad()
+    def deploy(self):
+        # Symmetrisation is idempotent: the stored filter gives the same output whether or not
+        # a later model symmetrises it again, so deployed weights stay interchangeable.
+        if self.symmetrize:
+            self.plk_filter.copy_(symmetrize_filter(self.plk_filter))
+            self.symmetrize = False
+        return super().deploy()
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.symmetrize = True  # training must keep the filter in the symmetric subspace
+        return super().train(mode)
+
+
+@ARCH_REGISTRY.register()
+class ESC(SharedFilterTrunk):
+    """ESC for classic (bicubic) super-resolution.
+
+    Args:
+        dim: feature channels. pdim: channels the convolutional attention changes.
+        kernel_size: side of the shared large kernel (13 in every release).
+        n_blocks: blocks. conv_blocks: ConvAttn + ConvFFN pairs per block.
+        window_size: attention window side. num_heads: attention heads.
+        upscaling_factor: scale. exp_ratio: ConvFFN expansion.
+        use_ln: LayerNorm before each ConvFFN (ESC-XL). attn_type: 'auto', 'naive', 'sdpa', 'flex'.
+
+    A state dict trained at another scale loads: its ``to_img`` is re-sampled (one log line).
+    """
+
+    def __init__(self, dim: int, pdim: int, kernel_size: int, n_blocks: int, conv_blocks: int, window_size: int,
+                 num_heads: int, upscaling_factor: int, exp_ratio: float = 2, use_ln: bool = False,
+                 attn_type: str = 'auto'):
+        super().__init__(dim, pdim, kernel_size, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, use_ln,
+                         attn_type)
+        self.upscaling_factor = upscaling_factor
+        self.to_img = nn.Conv2d(dim, 3 * upscaling_factor**2, 3, padding=1)
+        self.register_load_state_dict_pre_hook(_resample_to_img_hook)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.upscaling_factor
+        out = self.to_img(self.features(x)) + torch.repeat_interleave(x, scale * scale, dim=1)
+        return F.pixel_shuffle(out, scale)
+
+
+def _resample_to_img_hook(module, state_dict, prefix, *args):
+    resample_subpixel_conv(state_dict, prefix, 3, module.upscaling_factor, log=logger.info)
+
+
+@ARCH_REGISTRY.register()
+class ConvAttn(PartialConvAttn):
+    """ESC's convolutional attention as a stand-alone layer, with its own large kernel.
+
+    Args:
+        dim: channels in and out. pdim: channels the attention changes (the rest pass through).
+        kernel_size: side of the large kernel.
+        symmetric: symmetrise the large kernel over the 8 symmetries of the square (as ESC).
+
+    Input and output: (B, dim, H, W).
+    """
+
+    def __init__(self, dim: int, pdim: int, kernel_size: int = 13, symmetric: bool = True):
+        super().__init__(dim, pdim, ConvolutionalAttention(pdim))
+        self.symmetric = symmetric
+        self.plk_filter = _orthogonal_filter(pdim, kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lk_filter = symmetrize_filter(self.plk_filter) if self.symmetric else self.plk_filter
+        return super().forward(x, lk_filter)
+
+
+ARCH_REGISTRY.register(WindowAttention)

@@ -1,0 +1,44 @@
+"""ESC-Real: ESC for real-world degradations (x4)."""
+import torch
+import torch.nn as nn
+from basicsr.utils.registry import ARCH_REGISTRY
+
+from .esc_arch import SharedFilterTrunk
+
+
+@ARCH_REGISTRY.register()
+class ESCReal(SharedFilterTrunk):
+    """ESC-Real (x4 only).
+
+    Args: as ESC, without ``use_ln`` (every ConvFFN has a LayerNorm before it). Adds an input
+    branch ``skip`` (1x1, depthwise 7x7 reflect, LeakyReLU, 1x1) and a nearest-neighbour +
+    conv upsampler as ``to_img``; no image skip.
+    """
+
+    def __init__(self, dim: int, pdim: int, kernel_size: int, n_blocks: int, conv_blocks: int, window_size: int,
+                 num_heads: int, upscaling_factor: int = 4, exp_ratio: float = 2, attn_type: str = 'auto'):
+        if upscaling_factor != 4:
+            raise ValueError(f'ESCReal supports upscaling_factor 4 only, got {upscaling_factor}')
+        super().__init__(dim, pdim, kernel_size, n_blocks, conv_blocks, window_size, num_heads, exp_ratio,
+                         use_ln=True, attn_type=attn_type)
+        self.upscaling_factor = upscaling_factor
+        self.to_img = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode='nearest'),
+            nn.Conv2d(dim, dim, 3, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(scale_factor=2, mode='nearest'),
+            nn.Conv2d(dim, dim, 3, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(dim, dim, 3, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(dim, 3, 3, padding=1),
+        )
+        self.skip = nn.Sequential(
+            nn.Conv2d(3, dim * 2, 1),
+            nn.Conv2d(dim * 2, dim * 2, 7, padding=3, groups=dim * 2, padding_mode='reflect'),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(dim * 2, dim, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_img(self.features(x) + self.skip(x))

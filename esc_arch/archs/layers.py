@@ -1,0 +1,402 @@
+"""Layers shared by every ESC family member (ESC, ESC-FP, ESC-Real).
+
+State-dict names are the authors' so that released checkpoints load with ``strict=True``.
+Every fast path lives next to the plain computation it replaces; tests prove they agree.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTN_TYPES = ('auto', 'naive', 'sdpa', 'flex')
+
+
+# --------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------
+def reflect_pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Reflect-pad the bottom/right of ``x`` so H and W become multiples of ``multiple``.
+
+    ``F.pad(mode='reflect')`` needs the pad to be smaller than the size; for inputs smaller
+    than that (tiny images, tiny windows) the reflection is applied repeatedly, and a
+    1-pixel axis, which has nothing to reflect, is replicated.
+    """
+    h, w = x.shape[-2:]
+    pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    while pad_h or pad_w:
+        h, w = x.shape[-2:]
+        step_h = min(pad_h, h - 1) if h > 1 else pad_h
+        step_w = min(pad_w, w - 1) if w > 1 else pad_w
+        mode = 'reflect' if (h > 1 or not step_h) and (w > 1 or not step_w) else 'replicate'
+        x = F.pad(x, (0, step_w, 0, step_h), mode=mode)
+        pad_h, pad_w = pad_h - step_h, pad_w - step_w
+    return x
+
+
+def symmetrize_filter(kernel: torch.Tensor) -> torch.Tensor:
+    """Mean of ``kernel`` (.., K, K) over the 8 symmetries of the square (dihedral group)."""
+    rot = torch.rot90(kernel, -1, (-2, -1))
+    images = [kernel, rot]
+    images += [k.flip(-1) for k in (kernel, rot)]
+    images += [k.flip(-2) for k in (kernel, rot)]
+    images += [k.flip((-2, -1)) for k in (kernel, rot)]
+    return torch.stack(images).mean(0)
+
+
+def per_sample_depthwise(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Depthwise conv where every sample has its own kernel.
+
+    x: (B, C, H, W); kernel: (B*C, 1, k, k), sample-major. Padding k//2.
+    """
+    b, c, h, w = x.shape
+    out = F.conv2d(x.reshape(1, b * c, h, w), kernel, padding=kernel.shape[-1] // 2, groups=b * c)
+    return out.view(b, c, h, w)
+
+
+def dynamic_kernel_head(pdim: int, reduction: int, kernel_size: int = 3) -> nn.Sequential:
+    """Pool -> 1x1 (pdim -> pdim//reduction) -> GELU -> 1x1 (-> pdim*k*k): a k x k kernel per
+    sample and channel. Indices 1 and 3 hold the weights (the authors' state-dict names)."""
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(1),
+        nn.Conv2d(pdim, pdim // reduction, 1),
+        nn.GELU(),
+        nn.Conv2d(pdim // reduction, pdim * kernel_size * kernel_size, 1),
+    )
+
+
+class LayerNorm2d(nn.Module):
+    """Channels-first LayerNorm over C (eps 1e-6), parameters ``weight`` and ``bias``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvFFN(nn.Module):
+    """1x1 expand -> GELU -> depthwise kxk -> GELU (+ its input) -> 1x1 project."""
+
+    def __init__(self, dim: int, kernel_size: int, exp_ratio: float):
+        super().__init__()
+        hidden = int(dim * exp_ratio)
+        self.proj = nn.Conv2d(dim, hidden, 1)
+        self.dwc = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden)
+        self.aggr = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.proj(x))
+        x = F.gelu(self.dwc(x)) + x
+        return self.aggr(x)
+
+
+# --------------------------------------------------------------------------------------
+# convolutional attention
+# --------------------------------------------------------------------------------------
+class ConvolutionalAttention(nn.Module):
+    """ESC's large-kernel attention on the first ``pdim`` channels.
+
+    x1 -> conv(x1, shared dense K x K filter) + depthwise 3x3 with a kernel predicted from
+    each sample's own x1 (``dwc_proj``, zero-initialised so training starts from the static
+    filter).
+    """
+
+    def __init__(self, pdim: int):
+        super().__init__()
+        self.pdim = pdim
+        self.dwc_proj = dynamic_kernel_head(pdim, 2)
+        nn.init.zeros_(self.dwc_proj[-1].weight)
+        nn.init.zeros_(self.dwc_proj[-1].bias)
+
+    def forward(self, x1: torch.Tensor, lk_filter: torch.Tensor) -> torch.Tensor:
+        dynamic = self.dwc_proj(x1).reshape(-1, 1, 3, 3)
+        return F.conv2d(x1, lk_filter, padding=lk_filter.shape[-1] // 2) + per_sample_depthwise(x1, dynamic)
+
+
+class DecomposedConvolutionalAttention(nn.Module):
+    """ESC-FP's attention: shared 1x1 ``lk_channel``, then a per-sample depthwise K x K conv
+    whose kernel is the shared ``lk_spatial`` plus the dynamic 3x3 kernel (zero-padded)."""
+
+    def __init__(self, pdim: int):
+        super().__init__()
+        self.pdim = pdim
+        self.proj = dynamic_kernel_head(pdim, 4)
+
+    def forward(self, x1: torch.Tensor, lk_channel: torch.Tensor, lk_spatial: torch.Tensor) -> torch.Tensor:
+        b = x1.shape[0]
+        k = lk_spatial.shape[-1]
+        dynamic = F.pad(self.proj(x1).reshape(b, self.pdim, 3, 3), [(k - 3) // 2] * 4)
+        kernel = (dynamic + lk_spatial.view(1, self.pdim, k, k)).reshape(b * self.pdim, 1, k, k)
+        return per_sample_depthwise(F.conv2d(x1, lk_channel), kernel)
+
+
+class PartialConvAttn(nn.Module):
+    """Apply ``plk`` to the first ``pdim`` channels, pass the rest through, then 1x1 ``aggr``."""
+
+    def __init__(self, dim: int, pdim: int, plk: nn.Module):
+        super().__init__()
+        self.pdim = pdim
+        self.plk = plk
+        self.aggr = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, *filters: torch.Tensor) -> torch.Tensor:
+        x1 = self.plk(x[:, :self.pdim], *filters)
+        return self.aggr(torch.cat([x1, x[:, self.pdim:]], dim=1))
+
+
+# --------------------------------------------------------------------------------------
+# window attention
+# --------------------------------------------------------------------------------------
+def relative_position_bias(table: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Dense (heads, N, N) bias, N = w*w, from the (heads, (2w-1)^2) table.
+
+    B[h, q, k] = table[h, (kh-qh+w-1)*(2w-1) + (kw-qw+w-1)]: key minus query, the transpose
+    of Swin's convention (the released checkpoints were trained with it).
+    """
+    w = window_size
+    heads = table.shape[0]
+    offsets = torch.arange(w, device=table.device)
+    rel = offsets[None, :] - offsets[:, None] + w - 1  # [query, key]
+    grid = table.view(heads, 2 * w - 1, 2 * w - 1)
+    bias = grid[:, rel[:, None, :, None], rel[None, :, None, :]]  # (heads, qh, qw, kh, kw)
+    return bias.reshape(heads, w * w, w * w)
+
+
+def _rpe_score_mod(table: torch.Tensor, window_size: int) -> Callable:
+    w = window_size
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        rel_h = kv_idx // w - q_idx // w + w - 1
+        rel_w = kv_idx % w - q_idx % w + w - 1
+        return score + table[h, rel_h * (2 * w - 1) + rel_w]
+
+    return score_mod
+
+
+_compiled_flex = None
+
+
+def _flex_attention(q, k, v, table, window_size):
+    """flex_attention with the bias as a score_mod: compiled on CUDA, eager elsewhere (exact,
+    no 30 s CPU compile)."""
+    global _compiled_flex
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    score_mod = _rpe_score_mod(table.to(q.dtype), window_size)
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=True)
+        return _compiled_flex(q, k, v, score_mod=score_mod)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return flex_attention(q, k, v, score_mod=score_mod)
+
+
+def resolve_attn_type(attn_type: str, device: torch.device) -> str:
+    """Map the user's value (any case) to a backend; ``auto`` picks the fastest exact one."""
+    name = attn_type.lower()
+    if name not in ATTN_TYPES:
+        raise ValueError(f"attn_type must be one of {', '.join(ATTN_TYPES)} (any case), got {attn_type!r}")
+    if name == 'auto':
+        return 'sdpa'
+    return name
+
+
+def windowed_attention(q, k, v, table, window_size, backend, bias=None):
+    """softmax(q k^T / sqrt(c) + B) v over windows; q/k/v: (windows, heads, N, c)."""
+    if backend == 'flex':
+        return _flex_attention(q, k, v, table, window_size)
+    if bias is None:
+        bias = relative_position_bias(table, window_size)
+    bias = bias.to(q.dtype).unsqueeze(0)
+    if backend == 'sdpa':
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    score = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]) + bias
+    return score.softmax(dim=-1) @ v
+
+
+class WindowAttention(nn.Module):
+    """Non-overlapping window self-attention with a relative position bias.
+
+    Args:
+        dim: channels. window_size: side of the square window. num_heads: heads.
+        attn_type: 'auto' (default), 'naive', 'sdpa' or 'flex' (any case); all exact.
+    """
+
+    def __init__(self, dim: int, window_size: int, num_heads: int, attn_type: str = 'auto'):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
+        self.dim = dim
+        self.window_size = window_size
+        self.num_heads = num_heads
+        self.attn_type = attn_type
+        resolve_attn_type(attn_type, torch.device('cpu'))  # validate early
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.to_out = nn.Conv2d(dim, dim, 1)
+        self.relative_position_bias = nn.Parameter(torch.randn(num_heads, (2 * window_size - 1)**2) * 0.001)
+        self._bias_cache = None  # dense bias, set by deploy()
+
+    def deploy(self):
+        with torch.no_grad():
+            self._bias_cache = relative_position_bias(self.relative_position_bias, self.window_size).clone()
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._bias_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # keep the cache on the module's device/dtype
+        if self._bias_cache is not None:
+            self._bias_cache = fn(self._bias_cache)
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        ws, heads, c = self.window_size, self.num_heads, self.dim // self.num_heads
+        x = reflect_pad_to_multiple(x, ws)
+        hp, wp = x.shape[-2:]
+        nh, nw = hp // ws, wp // ws
+        qkv = self.to_qkv(x).view(b, 3, heads, c, nh, ws, nw, ws)
+        qkv = qkv.permute(1, 0, 4, 6, 2, 5, 7, 3).reshape(3, b * nh * nw, heads, ws * ws, c)
+        backend = resolve_attn_type(self.attn_type, x.device)
+        out = windowed_attention(qkv[0], qkv[1], qkv[2], self.relative_position_bias, ws, backend,
+                                 bias=self._bias_cache)
+        out = out.view(b, nh, nw, heads, ws, ws, c).permute(0, 3, 6, 1, 4, 2, 5).reshape(b, self.dim, hp, wp)
+        return self.to_out(out[:, :, :h, :w])
+
+    def extra_repr(self):
+        return f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, attn_type={self.attn_type}'
+
+
+# --------------------------------------------------------------------------------------
+# block and trunk
+# --------------------------------------------------------------------------------------
+class ESCBlock(nn.Module):
+    """LN -> ConvFFN -> (+ window attention) -> conv_blocks x (+ ConvAttn(ConvFFN(LN))) ->
+    LN -> 3x3, plus the block's input.
+
+    ``make_plk(pdim)`` builds the convolutional attention (ESC's or ESC-FP's); the shared
+    large-kernel filters are passed to ``forward``.
+    """
+
+    def __init__(self, dim: int, pdim: int, conv_blocks: int, window_size: int, num_heads: int,
+                 exp_ratio: float, proj_ratio: float, use_ln: bool, make_plk: Callable[[int], nn.Module],
+                 attn_type: str = 'auto'):
+        super().__init__()
+        self.ln_proj = LayerNorm2d(dim)
+        self.proj = ConvFFN(dim, 3, proj_ratio)
+        self.ln_attn = LayerNorm2d(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads, attn_type)
+        if use_ln:
+            self.lns = nn.ModuleList([LayerNorm2d(dim) for _ in range(conv_blocks)])
+        else:
+            self.lns = [nn.Identity() for _ in range(conv_blocks)]  # no state-dict keys
+        self.pconvs = nn.ModuleList([PartialConvAttn(dim, pdim, make_plk(pdim)) for _ in range(conv_blocks)])
+        self.convffns = nn.ModuleList([ConvFFN(dim, 3, exp_ratio) for _ in range(conv_blocks)])
+        self.ln_out = LayerNorm2d(dim)
+        self.conv_out = nn.Conv2d(dim, dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, *filters: torch.Tensor) -> torch.Tensor:
+        skip = x
+        x = self.proj(self.ln_proj(x))
+        x = x + self.attn(self.ln_attn(x))
+        for ln, pconv, convffn in zip(self.lns, self.pconvs, self.convffns):
+            x = x + pconv(convffn(ln(x)), *filters)
+        return self.conv_out(self.ln_out(x)) + skip
+
+
+class ESCTrunk(nn.Module):
+    """What ESC, ESC-FP and ESC-Real share: ``proj`` (3x3, 3 -> dim), ``blocks``, ``last``.
+
+    Subclasses provide ``large_kernel_filters()`` (the filters every block shares) and the
+    reconstruction head; ``features(x)`` returns ``last(ln_last(blocks(proj(x)))) + proj(x)``.
+    """
+
+    def __init__(self, dim: int, pdim: int, n_blocks: int, conv_blocks: int, window_size: int,
+                 num_heads: int, exp_ratio: float, proj_ratio: float, use_ln: bool,
+                 make_plk: Callable[[int], nn.Module], attn_type: str, ln_last: bool):
+        super().__init__()
+        if not 0 < pdim <= dim:
+            raise ValueError(f'pdim ({pdim}) must be in 1..dim ({dim})')
+        self.dim, self.pdim, self.window_size = dim, pdim, window_size
+        self.proj = nn.Conv2d(3, dim, 3, padding=1)
+        self.blocks = nn.ModuleList([
+            ESCBlock(dim, pdim, conv_blocks, window_size, num_heads, exp_ratio, proj_ratio, use_ln, make_plk,
+                     attn_type) for _ in range(n_blocks)
+        ])
+        if ln_last:
+            self.ln_last = LayerNorm2d(dim)
+        self.last = nn.Conv2d(dim, dim, 3, padding=1)
+
+    def large_kernel_filters(self) -> tuple:
+        raise NotImplementedError
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.proj(x)
+        skip = feat
+        filters = self.large_kernel_filters()
+        for block in self.blocks:
+            feat = block(feat, *filters)
+        if hasattr(self, 'ln_last'):
+            feat = self.ln_last(feat)
+        return self.last(feat) + skip
+
+    def set_attn_type(self, attn_type: str):
+        """Switch every window attention to another backend (e.g. 'flex' on CUDA)."""
+        resolve_attn_type(attn_type, torch.device('cpu'))
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.attn_type = attn_type
+        return self
+
+    @torch.no_grad()
+    def deploy(self):
+        """Fold per-forward constant work for inference (outputs unchanged up to rounding).
+
+        The state dict keeps its layout and meaning, so a deployed model saves and loads like
+        any other. Calling ``train()`` afterwards drops the caches again.
+        """
+        self.eval()
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.deploy()
+        return self
+
+
+def resample_subpixel_conv(state_dict: dict, prefix: str, channels: int, scale: int, log=None) -> None:
+    """Re-sample a sub-pixel ``to_img`` conv trained at scale s' to ``scale`` in place.
+
+    The weight is viewed as (channels, s', s', ...) and each s' x s' grid is bilinearly
+    resized to scale x scale (align_corners False); the bias likewise.
+    """
+    weight_key, bias_key = prefix + 'to_img.weight', prefix + 'to_img.bias'
+    weight = state_dict.get(weight_key)
+    if weight is None or weight.dim() != 4 or weight.shape[0] == channels * scale * scale:
+        return
+    src = math.isqrt(weight.shape[0] // channels)
+    if channels * src * src != weight.shape[0]:
+        return  # not a sub-pixel conv: let load_state_dict report the shape mismatch
+
+    def resize(t: torch.Tensor) -> torch.Tensor:
+        rest = t.shape[1:]
+        grid = t.reshape(channels, src, src, -1).permute(3, 0, 1, 2)  # (rest, channels, s', s')
+        dtype = grid.dtype
+        grid = F.interpolate(grid.double(), size=(scale, scale), mode='bilinear', align_corners=False).to(dtype)
+        return grid.permute(1, 2, 3, 0).reshape(channels * scale * scale, *rest)
+
+    state_dict[weight_key] = resize(weight)
+    if bias_key in state_dict:
+        state_dict[bias_key] = resize(state_dict[bias_key].unsqueeze(-1)).squeeze(-1)
+    if log is not None:
+        log(f'Re-sampled {weight_key} from x{src} to x{scale} (cross-scale initialisation).')

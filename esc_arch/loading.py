@@ -1,0 +1,135 @@
+"""Read checkpoints and infer which ESC variant (and config) a state dict belongs to."""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Mapping
+
+import torch
+
+from .archs import ESC, ESCFP, ESCReal
+
+ARCHS = {'ESC': ESC, 'ESCFP': ESCFP, 'ESCReal': ESCReal}
+WRAPPER_KEYS = ('params_ema', 'params', 'state_dict', 'model')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or fits no ESC variant."""
+
+
+def read_state_dict(source: str | os.PathLike | Mapping) -> dict:
+    """A flat {name: tensor} dict from a path (.pth/.pt/.safetensors) or a (wrapped) dict.
+
+    BasicSR wrappers are unpacked (``params_ema`` first, then ``params``), DDP's ``module.``
+    prefix is dropped. Files are read with ``weights_only=True``.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise CheckpointError(f'checkpoint not found: {path}')
+        try:
+            if path.endswith('.safetensors'):
+                from safetensors.torch import load_file
+                data = load_file(path)
+            else:
+                data = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as exc:  # corrupt or foreign file
+            raise CheckpointError(f'cannot read checkpoint {path}: {exc}') from exc
+    else:
+        data = source
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f'a checkpoint must hold a dict of tensors, got {type(data).__name__}')
+    for key in WRAPPER_KEYS:
+        if key in data and isinstance(data[key], Mapping):
+            data = data[key]
+            break
+    state_dict = {}
+    for name, value in data.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f'checkpoint entry {name!r} is not a tensor ({type(value).__name__}); '
+                                  f'expected a state dict or one under {", ".join(WRAPPER_KEYS)}')
+        state_dict[name[7:] if name.startswith('module.') else name] = value
+    return state_dict
+
+
+def _count(state_dict: Mapping, pattern: str) -> int:
+    regex = re.compile(pattern)
+    return len({int(m.group(1)) for m in map(regex.match, state_dict) if m})
+
+
+def infer_config(state_dict: Mapping) -> tuple[str, dict]:
+    """(arch type, constructor kwargs) inferred from key names and shapes alone."""
+    sd = state_dict
+    if 'lk_channel' in sd and 'lk_spatial' in sd:
+        arch, kernel_size = 'ESCFP', sd['lk_spatial'].shape[-1]
+        pdim = sd['lk_channel'].shape[0]
+    elif 'plk_filter' in sd:
+        arch = 'ESCReal' if 'skip.0.weight' in sd else 'ESC'
+        pdim, kernel_size = sd['plk_filter'].shape[0], sd['plk_filter'].shape[-1]
+    else:
+        raise CheckpointError('not an ESC checkpoint: it has none of plk_filter (ESC, ESC-Real) or '
+                              'lk_channel/lk_spatial (ESC-FP); '
+                              f'its first keys are {", ".join(list(sd)[:5]) or "(none)"}')
+    try:
+        dim = sd['proj.weight'].shape[0]
+        n_blocks = _count(sd, r'blocks\.(\d+)\.')
+        conv_blocks = _count(sd, r'blocks\.0\.pconvs\.(\d+)\.')
+        num_heads, table = sd['blocks.0.attn.relative_position_bias'].shape
+        window_size = (math.isqrt(table) + 1) // 2
+        exp_ratio = sd['blocks.0.convffns.0.proj.weight'].shape[0] / dim
+    except KeyError as exc:
+        raise CheckpointError(f'{arch} checkpoint is missing {exc.args[0]!r}, needed to infer its config') from exc
+    config = dict(dim=dim, pdim=pdim, kernel_size=kernel_size, n_blocks=n_blocks, conv_blocks=conv_blocks,
+                  window_size=window_size, num_heads=num_heads, exp_ratio=exp_ratio)
+    if arch == 'ESCReal':
+        config['upscaling_factor'] = 4
+    else:
+        to_img = sd.get('to_img.weight')
+        if to_img is None:
+            raise CheckpointError(f'{arch} checkpoint is missing to_img.weight, needed to infer its scale')
+        config['upscaling_factor'] = math.isqrt(to_img.shape[0] // 3)
+    if arch == 'ESC':
+        config['use_ln'] = 'blocks.0.lns.0.weight' in sd
+    return arch, config
+
+
+def describe_mismatch(model: torch.nn.Module, state_dict: Mapping, limit: int = 8) -> str:
+    """One message naming missing/unexpected keys and differing shapes."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
+              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    parts = []
+    for title, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
+        if items:
+            more = f' (+{len(items) - limit} more)' if len(items) > limit else ''
+            parts.append(f'{len(items)} {title}: {"; ".join(items[:limit])}{more}')
+    return ' | '.join(parts)
+
+
+def build_from_state_dict(state_dict: Mapping, attn_type: str = 'auto') -> torch.nn.Module:
+    arch, config = infer_config(state_dict)
+    model = ARCHS[arch](**config, attn_type=attn_type)
+    problems = describe_mismatch(model, state_dict)
+    if problems:
+        raise CheckpointError(f'state dict does not fit {arch}({config}): {problems}')
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def load_model(source, attn_type: str = 'auto', device: str | torch.device = 'cpu', eval: bool = True):
+    """Build the right ESC variant for a released or trained checkpoint and load it strictly.
+
+    Args:
+        source: path to a ``.pth``/``.pt``/``.safetensors`` file, or a (BasicSR-wrapped) state dict.
+        attn_type: attention backend. device: where to put the model. eval: call ``.eval()``.
+    Returns:
+        the model; ``model.config`` holds the inferred constructor arguments.
+    """
+    state_dict = read_state_dict(source)
+    model = build_from_state_dict(state_dict, attn_type=attn_type)
+    model.config = {'type': type(model).__name__, **infer_config(state_dict)[1]}
+    model.to(device)
+    return model.eval() if eval else model

@@ -1,0 +1,73 @@
+import os
+import sysconfig
+
+from setuptools import find_packages, setup
+
+# data_files are installed relative to the prefix: aim at site-packages itself.
+PTH_FILE = 'esc_arch_tv_alias.pth'
+SITE_PACKAGES = os.path.relpath(sysconfig.get_path('purelib'), sysconfig.get_path('data'))
+
+
+
+def _editable_wheel_with_alias():
+    """PEP 660 editable wheels drop ``data_files``; add the .pth to them ourselves."""
+    try:
+        from setuptools.command.editable_wheel import editable_wheel
+    except ImportError:  # pragma: no cover - very old setuptools
+        return {}
+
+    class EditableWheel(editable_wheel):
+
+        def _select_strategy(self, *args, **kwargs):
+            strategy = super()._select_strategy(*args, **kwargs)
+
+            class WithAlias:
+
+                def __call__(self, wheel, files, mapping):
+                    strategy(wheel, files, mapping)
+                    with open(PTH_FILE, 'rb') as pth:
+                        wheel.writestr(PTH_FILE, pth.read())
+
+                def __enter__(self):
+                    strategy.__enter__()
+                    return self
+
+                def __exit__(self, *exc):
+                    return strategy.__exit__(*exc)
+
+            return WithAlias()
+
+    return {'editable_wheel': EditableWheel}
+
+
+setup(
+    cmdclass=_editable_wheel_with_alias(),
+    name='esc-arch',
+    version='0.1.0',
+    description='ESC (ICCV 2025) super-resolution archs as a BasicSR plugin',
+    long_description=open('README.md').read() if os.path.exists('README.md') else '',
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['esc_arch', 'esc_arch.*']),
+    py_modules=['_esc_arch_tv_alias'],
+    # Installed next to the package in site-packages: makes `import basicsr` work even
+    # before `import esc_arch` (torchvision >= 0.17 removed a module basicsr imports).
+    data_files=[(SITE_PACKAGES, [PTH_FILE])],
+    python_requires='>=3.10',
+    install_requires=[
+        'torch==2.14.1',
+        'torchvision==0.29.1',
+        'basicsr==1.4.2',
+        'opencv-python',
+        'numpy',
+        'lmdb',
+        'pyyaml',
+        'tqdm',
+        'safetensors',
+        'scikit-image',
+    ],
+    extras_require={
+        'dev': ['pytest', 'ruff'],
+        'export': ['onnx', 'onnxruntime'],
+    },
+    entry_points={'console_scripts': ['basicsr = esc_arch.cli:main']},
+)
