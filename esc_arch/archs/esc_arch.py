@@ -6,8 +6,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 
-from .layers import (ConvolutionalAttention, ESCTrunk, PartialConvAttn, WindowAttention, resample_subpixel_conv,
-                     symmetrize_filter)
+from .layers import (
+    ConvolutionalAttention,
+    ESCTrunk,
+    PartialConvAttn,
+    WindowAttention,
+    resample_subpixel_conv,
+    symmetrize_filter,
+)
 
 logger = logging.getLogger('basicsr')
 

@@ -1,0 +1,47 @@
+"""The ``basicsr`` console command: ``basicsr <subcommand> ...``.
+
+Each subcommand lives in ``esc_arch/commands/<name>.py`` and provides
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their
+subcommand runs, so ``basicsr --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    'train': 'train a model from a BasicSR option YAML (any arch in ARCH_REGISTRY)',
+    'test': 'test a model from a BasicSR option YAML',
+    'prepare': 'turn a folder of HR images into sub-images, bicubic LR and LMDB',
+    'upscale': 'super-resolve images with a trained or released ESC checkpoint',
+    'export': 'export an ESC checkpoint to ONNX or .safetensors',
+    'bench': 'measure params, FLOPs, latency and memory of registered archs',
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='basicsr', description='BasicSR with the ESC family (esc-arch).')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name, help_text in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not argv or argv[0] not in SUBCOMMANDS:
+        args = parser.parse_args(argv[:1])  # --help, or an error naming the valid commands
+        parser.print_help()
+        return 2 if args.command is None and argv else 0
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(f'esc_arch.commands.{name}')
+    sub_parser = argparse.ArgumentParser(prog=f'basicsr {name}', description=SUBCOMMANDS[name])
+    module.add_arguments(sub_parser)
+    args = sub_parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

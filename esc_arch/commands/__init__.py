@@ -1,0 +1,1 @@
+"""Subcommands of the ``basicsr`` console command (see esc_arch/cli.py)."""
