@@ -1,0 +1,1 @@
+"""Data: the embedded demo set and training-set preparation."""

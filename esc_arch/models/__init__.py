@@ -1,0 +1,1 @@
+"""Training models registered into BasicSR's MODEL_REGISTRY."""
