@@ -1,0 +1,261 @@
+"""The ESC family against the authors' fixtures and layouts, plus the behaviour the spec adds."""
+import logging
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from basicsr.archs import build_network
+from basicsr.utils.registry import ARCH_REGISTRY
+from conftest import REFERENCE, load_fixture, randomize_, tiny_config
+
+from esc_arch import ESC, ESCFP, ConvAttn, ESCReal, WindowAttention
+from esc_arch.archs.layers import reflect_pad_to_multiple, relative_position_bias, symmetrize_filter
+
+ARCHS = {'ESC': ESC, 'ESCFP': ESCFP, 'ESCReal': ESCReal}
+BACKENDS = ['Naive', 'SDPA', 'Flex', 'auto']
+PARITY = sorted(p.name for p in REFERENCE.glob('parity_*.pt'))
+
+
+def test_parity_fixtures_present():
+    assert len(PARITY) >= 2, f'expected parity fixtures in {REFERENCE}'
+
+
+@pytest.mark.parametrize('attn_type', BACKENDS)
+@pytest.mark.parametrize('fixture', PARITY)
+def test_parity_float64(fixture, attn_type):
+    data = load_fixture(fixture)
+    model = ARCHS[data['type']](**data['config'], attn_type=attn_type).double()
+    model.load_state_dict(data['state_dict'], strict=True)
+    model.train(data['mode'] == 'train')
+    with torch.no_grad():
+        out = model(data['input'].double())
+    assert out.shape == data['output_float64'].shape
+    assert (out - data['output_float64']).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize('fixture', PARITY)
+def test_parity_after_deploy(fixture):
+    data = load_fixture(fixture)
+    model = ARCHS[data['type']](**data['config']).double()
+    model.load_state_dict(data['state_dict'], strict=True)
+    if data['mode'] != 'eval':
+        pytest.skip('deploy is an inference transform')
+    model.deploy()
+    with torch.no_grad():
+        out = model(data['input'].double())
+    assert (out - data['output_float64']).abs().max().item() <= 1e-6
+
+
+def test_every_released_layout(layouts):
+    assert len(layouts) == 16
+    for name, layout in layouts.items():
+        model = ARCHS[layout['type']](**layout['config'])
+        state = model.state_dict()
+        assert list(state) == list(layout['state_dict']), name
+        assert {k: list(v.shape) for k, v in state.items()} == layout['state_dict'], name
+        assert sum(p.numel() for p in model.parameters()) == layout['num_params'], name
+        random_state = {k: torch.randn(shape) for k, shape in layout['state_dict'].items()}
+        model.load_state_dict(random_state, strict=True)
+    assert layouts['ESC_DIV2K_X4']['num_params'] == 967_500
+
+
+def test_registry_builds_all_archs():
+    for name in ['ESC', 'ESCFP', 'ESCReal', 'ConvAttn', 'WindowAttention']:
+        assert ARCH_REGISTRY.get(name) is not None
+    net = build_network({'type': 'ESC', **tiny_config()})
+    assert isinstance(net, ESC)
+    assert net(torch.rand(1, 3, 9, 11)).shape == (1, 3, 18, 22)
+
+
+@pytest.mark.parametrize('order', ['import esc_arch, basicsr', 'import basicsr, esc_arch'])
+def test_import_order(order):
+    result = subprocess.run([sys.executable, '-c', f'{order}; print(basicsr.__version__)'], capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_relative_position_bias_is_key_minus_query():
+    window, heads = 3, 2
+    table = torch.randn(heads, (2 * window - 1)**2, dtype=torch.float64)
+    bias = relative_position_bias(table, window)
+    for q in range(window * window):
+        for k in range(window * window):
+            (qh, qw), (kh, kw) = divmod(q, window), divmod(k, window)
+            index = (kh - qh + window - 1) * (2 * window - 1) + (kw - qw + window - 1)
+            assert torch.equal(bias[:, q, k], table[:, index])
+
+
+def test_attn_type_values():
+    for value in ['naive', 'NAIVE', 'Sdpa', 'flex', 'AUTO']:
+        ESC(**tiny_config(), attn_type=value)
+    with pytest.raises(ValueError, match='attn_type'):
+        ESC(**tiny_config(), attn_type='fast')
+
+
+@pytest.mark.parametrize('arch', ['ESC', 'ESCFP', 'ESCReal'])
+@pytest.mark.parametrize('training', [False, True])
+def test_backends_agree(arch, training):
+    config = tiny_config(upscaling_factor=4) if arch == 'ESCReal' else tiny_config()
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 10, 7, dtype=torch.float64)
+    outputs = []
+    for backend in ['naive', 'sdpa', 'flex']:
+        model = randomize_(ARCHS[arch](**config, attn_type=backend)).double().train(training)
+        with torch.no_grad():
+            outputs.append(model(x))
+    for out in outputs[1:]:
+        assert (out - outputs[0]).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize('arch', ['ESC', 'ESCFP', 'ESCReal'])
+@pytest.mark.parametrize('training', [False, True])
+def test_batch_equals_single(arch, training):
+    config = tiny_config(upscaling_factor=4) if arch == 'ESCReal' else tiny_config()
+    model = randomize_(ARCHS[arch](**config)).double().train(training)
+    torch.manual_seed(1)
+    x = torch.rand(3, 3, 9, 13, dtype=torch.float64)
+    with torch.no_grad():
+        batched = model(x)
+        singles = torch.cat([model(x[i:i + 1]) for i in range(3)])
+    assert (batched - singles).abs().max().item() < 1e-10
+    # the dynamic kernels really differ per sample, so this is not vacuous
+    assert (singles[0] - singles[1]).abs().max() > 1e-3
+
+
+def test_train_and_eval_compute_the_same():
+    model = randomize_(ESC(**tiny_config(use_ln=True))).double()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(model.train()(x), model.eval()(x), atol=1e-12, rtol=0)
+
+
+def test_use_ln_adds_layer_norms(layouts):
+    with_ln = ESC(**tiny_config(use_ln=True))
+    without = ESC(**tiny_config())
+    extra = set(with_ln.state_dict()) - set(without.state_dict())
+    assert extra == {f'blocks.0.lns.{i}.{p}' for i in range(2) for p in ('weight', 'bias')}
+    model = randomize_(with_ln).double()
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        model.blocks[0].lns[0].weight.mul_(2)
+        assert (model(x) - before).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize('kernel_size', [5, 9, 13, 15])
+@pytest.mark.parametrize('arch', ['ESC', 'ESCFP'])
+def test_other_kernel_sizes(arch, kernel_size):
+    model = randomize_(ARCHS[arch](**tiny_config(kernel_size=kernel_size))).double().eval()
+    x = torch.rand(1, 3, 17, 19, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (1, 3, 34, 38)
+    # a shift-equivariant check that the whole K x K support is used: an impulse far from the
+    # border reaches exactly K//2 pixels away in the large-kernel convolution
+    attn = model.blocks[0].pconvs[0]
+    impulse = torch.zeros(1, 16, 31, 31, dtype=torch.float64)
+    impulse[0, 0, 15, 15] = 1
+    filters = model.large_kernel_filters()
+    response = attn.plk(impulse[:, :4], *filters)[0].abs().sum(0)
+    rows = response.sum(1).nonzero().flatten()
+    assert rows.min().item() == 15 - kernel_size // 2 and rows.max().item() == 15 + kernel_size // 2
+
+
+def test_symmetrised_filter_is_dihedral_invariant():
+    kernel = torch.randn(4, 4, 7, 7, dtype=torch.float64)
+    sym = symmetrize_filter(kernel)
+    for image in [sym.flip(-1), sym.flip(-2), torch.rot90(sym, 1, (-2, -1)), sym.transpose(-1, -2)]:
+        assert torch.allclose(image, sym)
+    assert torch.allclose(symmetrize_filter(sym), sym)
+
+
+def test_cross_scale_loading_resamples_to_img(caplog):
+    source = randomize_(ESC(**tiny_config(upscaling_factor=2)))
+    state = source.state_dict()
+    with torch.no_grad():  # a constant sub-pixel grid must stay constant after bilinear resampling
+        state['to_img.bias'] = torch.arange(3.).repeat_interleave(4)
+    target = ESC(**tiny_config(upscaling_factor=4))
+    with caplog.at_level(logging.INFO, logger='basicsr'):
+        target.load_state_dict(state, strict=True)
+    assert sum('x2 to x4' in r.getMessage() for r in caplog.records) == 1
+    assert torch.equal(target.to_img.bias, torch.arange(3.).repeat_interleave(16))
+    # independent check of the weight: bilinear resize of each (2,2) grid, align_corners=False
+    weight = state['to_img.weight']  # (3*4, C, 3, 3)
+    c = weight.shape[1]
+    grids = weight.view(3, 2, 2, c * 9).permute(0, 3, 1, 2).reshape(3 * c * 9, 1, 2, 2)
+    expected = F.interpolate(grids.double(), size=(4, 4), mode='bilinear', align_corners=False).float()
+    expected = expected.view(3, c * 9, 4, 4).permute(0, 2, 3, 1).reshape(48, c, 3, 3)
+    assert torch.allclose(target.to_img.weight, expected, atol=1e-6)
+    assert not torch.equal(state['to_img.weight'][:12], target.to_img.weight[:12])
+    assert source.to_img.weight.shape[0] == 12  # the caller's state dict is untouched
+    assert state['to_img.weight'].shape[0] == 12
+
+
+def test_cross_scale_loading_escfp():
+    state = ESCFP(**tiny_config(upscaling_factor=2)).state_dict()
+    target = ESCFP(**tiny_config(upscaling_factor=3))
+    target.load_state_dict(state, strict=True)
+    assert target.to_img.weight.shape[0] == 27
+
+
+def test_deploy_is_exact_and_reversible():
+    model = randomize_(ESC(**tiny_config(upscaling_factor=3))).double().eval()
+    x = torch.rand(2, 3, 11, 6, dtype=torch.float64)
+    with torch.no_grad():
+        reference = model(x)
+        model.deploy()
+        assert not model.symmetrize
+        deployed = model(x)
+        assert (deployed - reference).abs().max().item() <= 1e-6
+        fresh = ESC(**tiny_config(upscaling_factor=3)).double().eval()
+        fresh.load_state_dict(model.state_dict(), strict=True)
+        assert (fresh(x) - reference).abs().max().item() <= 1e-6
+    model.train()
+    assert model.symmetrize and model.blocks[0].attn._bias_cache is None
+
+
+def test_tiny_inputs_smaller_than_a_window():
+    model = randomize_(ESC(**tiny_config(window_size=8))).eval()
+    for h, w in [(1, 1), (2, 3), (3, 8), (1, 17)]:
+        with torch.no_grad():
+            assert model(torch.rand(1, 3, h, w)).shape == (1, 3, 2 * h, 2 * w)
+
+
+def test_reflect_pad_matches_torch_when_torch_can():
+    x = torch.rand(1, 2, 7, 5)
+    assert torch.equal(reflect_pad_to_multiple(x, 8), F.pad(x, (0, 3, 0, 1), mode='reflect'))
+    y = reflect_pad_to_multiple(torch.rand(1, 1, 3, 2), 8)
+    assert y.shape[-2:] == (8, 8)
+
+
+def test_standalone_blocks_train():
+    attn = ConvAttn(dim=8, pdim=4, kernel_size=5)
+    with torch.no_grad():
+        attn.plk.dwc_proj[-1].weight.normal_()
+    window = WindowAttention(dim=8, window_size=4, num_heads=2)
+    x = torch.rand(2, 8, 6, 10, requires_grad=True)
+    out = window(attn(x))
+    assert out.shape == x.shape
+    out.square().mean().backward()
+    assert attn.plk_filter.grad.abs().sum() > 0 and window.relative_position_bias.grad.abs().sum() > 0
+    assert attn.plk.dwc_proj[1].weight.grad.abs().sum() > 0
+    assert ARCH_REGISTRY.get('ConvAttn') is ConvAttn
+
+
+def test_escreal_rejects_other_scales():
+    with pytest.raises(ValueError, match='upscaling_factor 4'):
+        ESCReal(**tiny_config(upscaling_factor=2))
+
+
+def test_float32_close_to_float64():
+    data = load_fixture(PARITY[0])
+    model = ARCHS[data['type']](**data['config'])
+    model.load_state_dict(data['state_dict'], strict=True)
+    model.train(data['mode'] == 'train')
+    with torch.no_grad():
+        out = model(data['input'].float())
+    assert math.isfinite(out.sum().item())
+    assert (out.double() - data['output_float64']).abs().max().item() < 1e-4

@@ -1,0 +1,101 @@
+"""esc_arch.load_model: variant and config from keys/shapes alone, strict loading, clear errors."""
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+from safetensors.torch import save_file
+
+import esc_arch
+from esc_arch import ESC, ESCFP, ESCReal
+from esc_arch.loading import CheckpointError, infer_config, read_state_dict
+
+ARCHS = {'ESC': ESC, 'ESCFP': ESCFP, 'ESCReal': ESCReal}
+
+
+def test_infers_every_released_config(layouts):
+    for name, layout in layouts.items():
+        state = {k: torch.zeros(shape) for k, shape in layout['state_dict'].items()}
+        arch, config = infer_config(state)
+        assert arch == layout['type'], name
+        expected = dict(layout['config'])
+        if arch == 'ESC':
+            expected.setdefault('use_ln', False)
+        assert config == pytest.approx(expected), name
+
+
+@pytest.mark.parametrize('wrapper', ['params_ema', 'params', None, 'module'])
+def test_load_model_from_pth(tmp_path, wrapper):
+    source = randomize_(ESC(**tiny_config(use_ln=True, upscaling_factor=3))).eval()
+    state = source.state_dict()
+    if wrapper == 'module':
+        data = {f'module.{k}': v for k, v in state.items()}
+    elif wrapper:
+        data = {wrapper: state, 'iter': 7} if wrapper == 'params' else {wrapper: state}
+    else:
+        data = state
+    path = tmp_path / 'net.pth'
+    torch.save(data, path)
+    model = esc_arch.load_model(path)
+    assert isinstance(model, ESC) and not model.training
+    assert model.config['upscaling_factor'] == 3 and model.config['use_ln'] is True
+    x = torch.rand(1, 3, 7, 9)
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+
+
+def test_prefers_params_ema(tmp_path):
+    ema = randomize_(ESC(**tiny_config()), seed=1).state_dict()
+    raw = randomize_(ESC(**tiny_config()), seed=2).state_dict()
+    torch.save({'params': raw, 'params_ema': ema}, tmp_path / 'net.pth')
+    model = esc_arch.load_model(tmp_path / 'net.pth')
+    assert torch.equal(model.proj.weight, ema['proj.weight'])
+
+
+@pytest.mark.parametrize('arch', ['ESCFP', 'ESCReal'])
+def test_load_model_safetensors(tmp_path, arch):
+    config = tiny_config(upscaling_factor=4)
+    source = randomize_(ARCHS[arch](**config)).eval()
+    save_file(source.state_dict(), str(tmp_path / 'net.safetensors'))
+    model = esc_arch.load_model(str(tmp_path / 'net.safetensors'))
+    assert type(model) is type(source)
+    x = torch.rand(1, 3, 5, 6)
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+
+
+def test_shape_mismatch_is_named():
+    state = ESC(**tiny_config()).state_dict()
+    state['blocks.0.convffns.1.dwc.weight'] = torch.zeros(20, 1, 5, 5)
+    with pytest.raises(CheckpointError, match=r'shape mismatches: blocks\.0\.convffns\.1\.dwc\.weight'):
+        esc_arch.load_model(state)
+
+
+def test_missing_and_unexpected_keys_are_named():
+    state = ESC(**tiny_config()).state_dict()
+    del state['blocks.0.conv_out.bias']
+    state['extra.weight'] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as info:
+        esc_arch.load_model(state)
+    message = str(info.value)
+    assert 'missing keys: blocks.0.conv_out.bias' in message and 'unexpected keys: extra.weight' in message
+
+
+def test_not_an_esc_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match='not an ESC checkpoint'):
+        esc_arch.load_model({'conv_first.weight': torch.zeros(64, 3, 3, 3)})
+    (tmp_path / 'broken.pth').write_bytes(b'not a checkpoint')
+    with pytest.raises(CheckpointError, match='cannot read checkpoint'):
+        esc_arch.load_model(tmp_path / 'broken.pth')
+    with pytest.raises(CheckpointError, match='not found'):
+        esc_arch.load_model(tmp_path / 'missing.pth')
+    with pytest.raises(CheckpointError, match='not a tensor'):
+        read_state_dict({'proj.weight': 'oops'})
+
+
+def test_refuses_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ('owned',))
+
+    torch.save({'params': {'x': Evil()}}, tmp_path / 'evil.pth')
+    with pytest.raises(CheckpointError, match='cannot read checkpoint'):
+        esc_arch.load_model(tmp_path / 'evil.pth')
