@@ -1,0 +1,527 @@
+"""Measure parameters, FLOPs, latency and peak memory of any arch in BasicSR's ``ARCH_REGISTRY``.
+
+Every (arch, setting) measurement runs in a fresh child process (``python -m esc_arch.benchmark
+--worker IN.json OUT.json``) so that its CPU peak memory is not polluted by earlier models.
+
+Method, as written into every record:
+
+* **params**: ``sum(p.numel() for p in model.parameters())``.
+* **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matmuls, one
+  multiply-add = 2 FLOPs) on a copy of the model moved to the ``meta`` device, so the exact count
+  at full size costs no compute. FlopCounterMode has no formula for the CPU kernel of
+  ``scaled_dot_product_attention``, so models with ``set_attn_type`` (the ESC family) are counted
+  on a copy switched to the ``'naive'`` backend (identical maths, explicit matmuls); any attention
+  op that still went uncounted is listed in ``flops_uncounted_ops``.
+* **latency**: ``warmup`` untimed runs, then ``runs`` timed forward passes under
+  ``torch.inference_mode()`` (``torch.cuda.synchronize()`` around each on CUDA); median/min/max.
+* **peak memory**: CUDA: ``torch.cuda.max_memory_allocated()`` over the timed runs (weights
+  included). CPU: peak resident set size of the child (``getrusage(RUSAGE_SELF).ru_maxrss``, the
+  same number as ``VmHWM``) after the runs, minus ``VmRSS`` read right before the first forward,
+  i.e. after imports, model construction and input creation. ``VmHWM`` cannot be reset, so the
+  record also keeps ``VmHWM`` before the first forward; if the forward passes never exceeded it
+  (``memory_exceeded_baseline_hwm`` false) the number is only an upper bound.
+* **--check**: max abs difference between the output and the same model (undeployed) in float64
+  on the same input. Done after the memory reading so it does not affect it.
+
+Inputs are padded (reflect, bottom/right) to a multiple of the arch's ``window_size`` when it has
+one, for every arch alike; ``input_size`` in the record is the padded size.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+DEFAULT_OUTPUT_SIZE = (720, 1280)  # H, W of the SR output the default LR size is derived from
+DTYPES = ('fp32', 'bf16', 'fp16')
+SCALE_KEYS = ('upscaling_factor', 'upscale', 'scale')
+
+# Released ESC configs (ESC_SPEC.md) and the usual comparison set; the scale key is filled in.
+PRESETS = {
+    'esc': ('ESC', dict(dim=64, pdim=16, kernel_size=13, n_blocks=5, conv_blocks=5, window_size=32, num_heads=4,
+                        exp_ratio=1.25)),
+    'esc-light': ('ESC', dict(dim=64, pdim=16, kernel_size=13, n_blocks=3, conv_blocks=5, window_size=32,
+                              num_heads=4, exp_ratio=1.25)),
+    'esc-fp': ('ESCFP', dict(dim=48, pdim=16, kernel_size=13, n_blocks=5, conv_blocks=5, window_size=32,
+                             num_heads=3, exp_ratio=1.25)),
+    'esc-xl': ('ESC', dict(dim=192, pdim=48, kernel_size=13, n_blocks=8, conv_blocks=5, window_size=48,
+                           num_heads=12, exp_ratio=1.25, use_ln=True)),
+    'esc-real': ('ESCReal', dict(dim=64, pdim=16, kernel_size=13, n_blocks=10, conv_blocks=5, window_size=32,
+                                 num_heads=4, exp_ratio=2)),
+    'swinir-light': ('SwinIR', dict(img_size=64, window_size=8, img_range=1., depths=[6, 6, 6, 6], embed_dim=60,
+                                    num_heads=[6, 6, 6, 6], mlp_ratio=2, upsampler='pixelshuffledirect')),
+    'edsr-baseline': ('EDSR', dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=16, res_scale=1,
+                                   img_range=255., rgb_mean=[0.4488, 0.4371, 0.4040])),
+    'rcan': ('RCAN', dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_group=10, num_block=20, squeeze_factor=16,
+                          res_scale=1, img_range=255., rgb_mean=[0.4488, 0.4371, 0.4040])),
+}
+PRESET_SCALE_KEY = {'ESC': 'upscaling_factor', 'ESCFP': 'upscaling_factor', 'ESCReal': 'upscaling_factor',
+                    'SwinIR': 'upscale', 'EDSR': 'upscale', 'RCAN': 'upscale'}
+PRESET_FIXED_SCALE = {'esc-real': 4}
+
+
+class BenchError(ValueError):
+    """A user error (bad arch, option, size or device); its message is shown as one line."""
+
+
+# --------------------------------------------------------------------------------------
+# arch specs
+# --------------------------------------------------------------------------------------
+def _split_top_level(text: str, sep: str = ',') -> list[str]:
+    """Split on ``sep`` outside brackets, so ``depths=[6,6],dim=4`` gives two items."""
+    parts, depth, current = [], 0, ''
+    for char in text:
+        depth += char in '[({'
+        depth -= char in '])}'
+        if char == sep and depth == 0:
+            parts.append(current)
+            current = ''
+        else:
+            current += char
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_options(text: str) -> dict:
+    """``'dim=64,depths=[6,6],use_ln=true'`` -> dict; values are parsed as YAML scalars/lists."""
+    options = {}
+    for item in _split_top_level(text):
+        key, eq, value = item.partition('=')
+        if not eq or not key.strip().isidentifier():
+            raise BenchError(f'bad option {item!r}: expected key=value (e.g. dim=64)')
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise BenchError(f'bad value in option {item!r}: {err}') from None
+    return options
+
+
+def registered_archs() -> list[str]:
+    # importing this module ran esc_arch/__init__ (compat shim, our archs) before basicsr
+    import basicsr.archs  # noqa: F401  (imports every basicsr arch module, filling the registry)
+    from basicsr.utils.registry import ARCH_REGISTRY
+    return sorted(ARCH_REGISTRY.keys())
+
+
+def check_arch_name(name: str) -> None:
+    names = registered_archs()
+    if name not in names:
+        raise BenchError(f"unknown arch {name!r}; registered archs: {', '.join(names)}")
+
+
+def arch_spec(text: str) -> dict:
+    """``'ESC:dim=64,...'`` (``--arch``) -> spec dict."""
+    name, _, opts = text.partition(':')
+    name = name.strip()
+    check_arch_name(name)
+    return {'label': name, 'type': name, 'options': parse_options(opts), 'source': f'--arch {text}'}
+
+
+def preset_spec(text: str, scale: int) -> dict:
+    """``'esc'`` or ``'esc:n_blocks=1'`` (``--preset``, overrides after the colon) -> spec dict."""
+    name, _, overrides = text.partition(':')
+    name = name.strip().lower()
+    if name not in PRESETS:
+        raise BenchError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    fixed = PRESET_FIXED_SCALE.get(name)
+    if fixed is not None and scale != fixed:
+        raise BenchError(f'preset {name} exists only for x{fixed}, got --scale {scale}')
+    arch_type, options = PRESETS[name]
+    options = {**options, PRESET_SCALE_KEY[arch_type]: scale, **parse_options(overrides)}
+    check_arch_name(arch_type)
+    return {'label': name, 'type': arch_type, 'options': options, 'source': f'--preset {text}'}
+
+
+def opt_spec(path: str) -> dict:
+    """The ``network_g`` section of a BasicSR option YAML -> spec dict."""
+    try:
+        with open(path, encoding='utf-8') as handle:
+            opt = yaml.safe_load(handle)
+    except OSError as err:
+        raise BenchError(f'cannot read option file {path}: {err.strerror}') from None
+    except yaml.YAMLError as err:
+        raise BenchError(f'option file {path} is not valid YAML: {err}') from None
+    network = opt.get('network_g') if isinstance(opt, dict) else None
+    if not isinstance(network, dict) or 'type' not in network:
+        raise BenchError(f'option file {path} has no network_g section with a type')
+    options = dict(network)
+    arch_type = options.pop('type')
+    check_arch_name(arch_type)
+    label = opt.get('name') or os.path.splitext(os.path.basename(path))[0]
+    return {'label': str(label), 'type': arch_type, 'options': options, 'source': f'--opt {path}'}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r'\s*(\d+)\s*[xX,]\s*(\d+)\s*', text)
+    if not match or min(int(match[1]), int(match[2])) < 1:
+        raise BenchError(f'bad size {text!r}: expected HxW, e.g. 180x320')
+    return int(match[1]), int(match[2])
+
+
+def default_lr_size(scale: int) -> tuple[int, int]:
+    """LR size whose x``scale`` output is 1280x720 (rounded down)."""
+    if scale < 1:
+        raise BenchError(f'--scale must be >= 1, got {scale}')
+    return DEFAULT_OUTPUT_SIZE[0] // scale, DEFAULT_OUTPUT_SIZE[1] // scale
+
+
+def validate_settings(settings: dict) -> None:
+    import torch
+    if settings['dtype'] not in DTYPES:
+        raise BenchError(f"--dtype must be one of {', '.join(DTYPES)}, got {settings['dtype']!r}")
+    device = settings['device']
+    if device not in ('cpu', 'cuda') and not device.startswith('cuda:'):
+        raise BenchError(f'--device must be cpu or cuda[:N], got {device!r}')
+    if device != 'cpu' and not torch.cuda.is_available():
+        raise BenchError(f'--device {device}: CUDA is not available on this machine (use --device cpu)')
+    if settings['dtype'] == 'fp16' and device == 'cpu':
+        raise BenchError('--dtype fp16 is CUDA only; on CPU use fp32 or bf16')
+    if settings['runs'] < 1 or settings['warmup'] < 0:
+        raise BenchError('--runs must be >= 1 and --warmup >= 0')
+    if settings.get('threads') is not None and settings['threads'] < 1:
+        raise BenchError('--threads must be >= 1')
+
+
+# --------------------------------------------------------------------------------------
+# measurements (these run inside the child process)
+# --------------------------------------------------------------------------------------
+def build_model(spec: dict):
+    import basicsr.archs  # noqa: F401
+    from basicsr.utils.registry import ARCH_REGISTRY
+    check_arch_name(spec['type'])
+    try:
+        model = ARCH_REGISTRY.get(spec['type'])(**spec['options'])
+    except (TypeError, ValueError) as err:
+        raise BenchError(f"cannot build {spec['type']} with options {spec['options']}: {err}") from None
+    return model.eval()
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def window_multiple(model, spec: dict) -> int:
+    """The window size inputs must be a multiple of (1 when the arch has none)."""
+    size = getattr(model, 'window_size', None) or spec['options'].get('window_size') or 1
+    if isinstance(size, (tuple, list)):
+        return math.lcm(*(int(s) for s in size))
+    return int(size)
+
+
+def count_flops(model, x) -> dict:
+    """Exact FLOPs of one forward of ``model`` on ``x`` (see the module docstring)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class SeenOps(TorchDispatchMode):
+
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.overloadpacket)
+            return func(*args, **(kwargs or {}))
+
+    counted = copy.deepcopy(model)
+    attn_type = None
+    if hasattr(counted, 'set_attn_type'):
+        counted.set_attn_type('naive')
+        attn_type = 'naive'
+    method = 'exact, meta device'
+    try:
+        counted, inp = counted.to('meta'), x.detach().to('meta', torch.float32)
+        counted.float()
+        result = _run_counter(counted, inp, FlopCounterMode, SeenOps)
+    except Exception:  # an op without a meta kernel: count on the real device instead
+        counted, inp = copy.deepcopy(model).float(), x.detach().float()
+        if attn_type:
+            counted.set_attn_type('naive')
+        method = f'exact, {x.device.type} device (meta failed)'
+        result = _run_counter(counted, inp, FlopCounterMode, SeenOps)
+    flops, seen, registry = result
+    uncounted = sorted(str(op) for op in seen if 'attention' in str(op) and op not in registry)
+    return {'flops': flops, 'flops_method': method, 'flops_attn_type': attn_type, 'flops_uncounted_ops': uncounted}
+
+
+def _run_counter(model, x, counter_cls, seen_cls):
+    import torch
+    # FlopCounterMode's module tracker hooks autograd for inputs that require grad (e.g. shared
+    # filters passed between modules), which fails under inference_mode: count without grads.
+    model.requires_grad_(False)
+    counter, seen = counter_cls(display=False), seen_cls()
+    with torch.inference_mode(), counter, seen:
+        model(x)
+    return counter.get_total_flops(), seen.ops, counter.flop_registry
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open('/proc/self/status', encoding='ascii') as handle:
+            for line in handle:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _max_rss_kb() -> int:
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == 'darwin' else peak  # macOS reports bytes
+
+
+def cpu_model() -> str:
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as handle:
+            for line in handle:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _sync(device):
+    import torch
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def measure(spec: dict, settings: dict) -> dict:
+    """One full measurement of ``spec`` in this process; returns the record."""
+    import torch
+
+    import esc_arch
+    from esc_arch.archs.layers import reflect_pad_to_multiple
+
+    validate_settings(settings)
+    threads = settings.get('threads') or os.cpu_count()
+    torch.set_num_threads(threads)
+    device = torch.device(settings['device'])
+    dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[settings['dtype']]
+
+    model = build_model(spec)
+    params = count_params(model)
+    reference_model = copy.deepcopy(model) if settings.get('check') else None
+    deployed = hasattr(model, 'deploy')
+    if deployed:
+        model = model.deploy()
+    model = model.to(device, dtype)
+
+    lr_h, lr_w = settings['lr_size']
+    generator = torch.Generator().manual_seed(settings.get('seed', 0))
+    x = torch.rand(1, 3, lr_h, lr_w, generator=generator)
+    multiple = window_multiple(model, spec)
+    x = reflect_pad_to_multiple(x, multiple)
+    inp = x.to(device, dtype)
+
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline_kb = torch.cuda.memory_allocated(device) // 1024
+        baseline_hwm_kb = None
+    else:
+        baseline_kb, baseline_hwm_kb = _proc_status_kb('VmRSS'), _proc_status_kb('VmHWM')
+
+    latencies = []
+    with torch.inference_mode():
+        for index in range(settings['warmup'] + settings['runs']):
+            _sync(device)
+            start = time.perf_counter()
+            out = model(inp)
+            _sync(device)
+            elapsed = (time.perf_counter() - start) * 1000
+            if index >= settings['warmup']:
+                latencies.append(elapsed)
+
+    if device.type == 'cuda':
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        memory = {'peak_memory_mb': peak_mb, 'memory_baseline_mb': baseline_kb / 1024,
+                  'memory_method': 'torch.cuda.max_memory_allocated over warm-up and timed runs (weights included)'}
+    else:
+        peak_kb = _max_rss_kb()
+        memory = {'peak_memory_mb': (peak_kb - baseline_kb) / 1024 if baseline_kb is not None else None,
+                  'memory_baseline_mb': baseline_kb / 1024 if baseline_kb is not None else None,
+                  'memory_baseline_hwm_mb': baseline_hwm_kb / 1024 if baseline_hwm_kb is not None else None,
+                  'memory_exceeded_baseline_hwm': baseline_hwm_kb is not None and peak_kb > baseline_hwm_kb,
+                  'memory_method': 'child process: ru_maxrss after runs minus VmRSS before the first forward'}
+
+    flops = count_flops(model, inp)  # after the memory reading: its fallback path runs a real forward
+    check = None
+    if reference_model is not None:
+        with torch.inference_mode():
+            reference = reference_model.double().to(device)(x.to(device, torch.float64))
+        check = (out.double() - reference).abs().max().item()
+
+    return {
+        'arch': spec['label'], 'type': spec['type'], 'options': spec['options'], 'source': spec['source'],
+        'params': params, **flops, 'gflops': flops['flops'] / 1e9,
+        'lr_size': [lr_h, lr_w], 'input_size': list(x.shape[-2:]), 'pad_multiple': multiple,
+        'output_size': list(out.shape[-2:]), 'scale': out.shape[-1] / x.shape[-1],
+        'device': str(device), 'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
+        'dtype': settings['dtype'], 'threads': threads, 'deployed': deployed,
+        'torch_version': torch.__version__, 'esc_arch_version': esc_arch.__version__,
+        'python': platform.python_version(),
+        'cpu_model': cpu_model(), 'hostname': platform.node(),
+        'warmup': settings['warmup'], 'runs': settings['runs'], 'latencies_ms': latencies,
+        'median_ms': statistics.median(latencies), 'min_ms': min(latencies), 'max_ms': max(latencies),
+        **memory, 'check_max_abs_err': check,
+        'timestamp': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# driver (parent process)
+# --------------------------------------------------------------------------------------
+def atomic_write(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, 'wb') as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_in_child(spec: dict, settings: dict, timeout: float | None = None) -> dict:
+    """``measure`` in a fresh ``python -m esc_arch.benchmark --worker`` process."""
+    with tempfile.TemporaryDirectory(prefix='esc-bench-') as tmp:
+        job, result = os.path.join(tmp, 'job.json'), os.path.join(tmp, 'result.json')
+        with open(job, 'w', encoding='utf-8') as handle:
+            json.dump({'spec': spec, 'settings': settings}, handle)
+        try:
+            proc = subprocess.run([sys.executable, '-m', 'esc_arch.benchmark', '--worker', job, result],
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"{spec['label']}: measurement took longer than {timeout} s") from None
+        if not os.path.exists(result):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise BenchError(f"{spec['label']}: worker failed (exit {proc.returncode}): " + ' | '.join(tail))
+        with open(result, encoding='utf-8') as handle:
+            answer = json.load(handle)
+    if 'error' in answer:
+        raise BenchError(answer['error'])
+    return answer['record']
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r'[^A-Za-z0-9_.-]+', '-', text).strip('-') or 'arch'
+
+
+def record_path(out_dir: str, record: dict) -> str:
+    stamp = record['timestamp'].replace(':', '').replace('-', '').replace('+0000', 'Z')
+    h, w = record['lr_size']
+    name = f"{_safe_name(record['arch'])}_{record['device'].replace(':', '')}_{record['dtype']}_{h}x{w}_{stamp}.json"
+    return os.path.join(out_dir, name)
+
+
+def write_record(out_dir: str, record: dict) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = record_path(out_dir, record)
+    atomic_write(path, (json.dumps(record, indent=2) + '\n').encode('utf-8'))
+    return path
+
+
+def plot_records(records: list[dict], path: str) -> str | None:
+    """Latency vs parameters, one labelled point per arch; None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for record in records:
+        ax.scatter(record['params'] / 1e6, record['median_ms'])
+        ax.annotate(record['arch'], (record['params'] / 1e6, record['median_ms']), textcoords='offset points',
+                    xytext=(4, 4), fontsize=9)
+    first = records[0]
+    ax.set_xlabel('parameters (M)')
+    ax.set_ylabel('median latency (ms)')
+    ax.set_title(f"{first['device']} {first['dtype']}, LR {first['lr_size'][0]}x{first['lr_size'][1]} "
+                 f"(each arch padded to its window), {first['threads']} threads", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.png')
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def format_table(records: list[dict]) -> str:
+    header = ('arch', 'params', 'GFLOPs', 'median ms', 'min ms', 'max ms', 'peak MB', 'input')
+    rows = [header]
+    for r in records:
+        peak = '-' if r['peak_memory_mb'] is None else f"{r['peak_memory_mb']:.1f}"
+        rows.append((r['arch'], f"{r['params']:,}", f"{r['gflops']:.2f}", f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}",
+                     f"{r['max_ms']:.1f}", peak, 'x'.join(map(str, r['input_size']))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ['  '.join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in
+                       enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, '  '.join('-' * width for width in widths))
+    return '\n'.join(lines)
+
+
+def run_benchmarks(specs: list[dict], settings: dict, out_dir: str | None = None, progress: bool = True,
+                   timeout: float | None = None) -> list[dict]:
+    """Measure every spec in its own child process; write one JSON record each into ``out_dir``."""
+    from tqdm import tqdm
+    validate_settings(settings)
+    seen = {}
+    for spec in specs:  # unique labels, so records and plot points can be told apart
+        seen[spec['label']] = seen.get(spec['label'], 0) + 1
+        if seen[spec['label']] > 1:
+            spec['label'] = f"{spec['label']}#{seen[spec['label']]}"
+    records = []
+    bar = tqdm(specs, desc='bench', unit='arch', disable=not progress)
+    for spec in bar:
+        bar.set_postfix_str(spec['label'])
+        record = run_in_child(spec, settings, timeout=timeout)
+        if out_dir:
+            record['record_path'] = write_record(out_dir, record)
+        records.append(record)
+    return records
+
+
+def _worker_main(job_path: str, result_path: str) -> int:
+    with open(job_path, encoding='utf-8') as handle:
+        job = json.load(handle)
+    try:
+        answer = {'record': measure(job['spec'], job['settings'])}
+    except BenchError as err:
+        answer = {'error': str(err)}
+    except (RuntimeError, ValueError, TypeError, MemoryError) as err:  # e.g. an arch that rejects the size
+        first_line = (str(err).strip().splitlines() or [''])[0]
+        answer = {'error': f"{job['spec']['label']}: {type(err).__name__}: {first_line}"}
+    atomic_write(result_path, json.dumps(answer).encode('utf-8'))
+    return 0
+
+
+if __name__ == '__main__':
+    if len(sys.argv) == 4 and sys.argv[1] == '--worker':
+        sys.exit(_worker_main(sys.argv[2], sys.argv[3]))
+    sys.exit('usage: python -m esc_arch.benchmark --worker JOB.json RESULT.json (use `basicsr bench` instead)')

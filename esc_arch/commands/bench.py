@@ -1,0 +1,79 @@
+"""``basicsr bench``: params, FLOPs, latency and peak memory of registered archs.
+
+Each measurement runs in a fresh child process; see ``esc_arch.benchmark`` for the method.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from esc_arch import benchmark
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ('examples:\n'
+                     '  basicsr bench --preset esc --preset swinir-light --device cpu\n'
+                     '  basicsr bench --arch ESC:dim=64,pdim=16,kernel_size=13,n_blocks=5,conv_blocks=5,'
+                     'window_size=32,num_heads=4,upscaling_factor=4,exp_ratio=1.25\n'
+                     '  basicsr bench --opt options/train_ESC_x4.yml --lr-size 48x64 --check\n'
+                     f"presets: {', '.join(benchmark.PRESETS)} (overrides: --preset esc:n_blocks=3)")
+    what = parser.add_argument_group('what to measure (any number, in order)')
+    what.add_argument('--arch', action='append', default=[], metavar='NAME[:k=v,...]',
+                      help='a registered arch and its constructor options, e.g. EDSR:num_feat=64,upscale=4')
+    what.add_argument('--opt', action='append', default=[], metavar='YAML',
+                      help='a BasicSR option file; its network_g section is measured')
+    what.add_argument('--preset', action='append', default=[], metavar='NAME[:k=v,...]',
+                      help=f"a named config: {', '.join(benchmark.PRESETS)}")
+    how = parser.add_argument_group('settings')
+    how.add_argument('--scale', type=int, default=4, help='upscaling factor of the presets; the default LR size '
+                     'is 720/scale x 1280/scale, i.e. a 1280x720 output (default 4)')
+    how.add_argument('--lr-size', metavar='HxW', help='LR input size, e.g. 180x320 (default: from --scale)')
+    how.add_argument('--runs', type=int, default=5, help='timed runs (default 5)')
+    how.add_argument('--warmup', type=int, default=1, help='untimed warm-up runs (default 1)')
+    how.add_argument('--device', default='cpu', help='cpu or cuda[:N] (default cpu)')
+    how.add_argument('--dtype', default='fp32', choices=benchmark.DTYPES, help='fp16 is CUDA only (default fp32)')
+    how.add_argument('--threads', type=int, help=f'torch threads (default: all cores, {os.cpu_count()})')
+    how.add_argument('--check', action='store_true',
+                     help='also report the max abs error against the same model in float64')
+    how.add_argument('--seed', type=int, default=0, help='seed of the random input (default 0)')
+    how.add_argument('--timeout', type=float, help='seconds allowed per measurement (default: none)')
+    out = parser.add_argument_group('output')
+    out.add_argument('--out', default='benchmarks',
+                     help='folder for the JSON records and the plot (default benchmarks)')
+    out.add_argument('--plot', default='latency_vs_params.png', help='plot file name inside --out ("" for none)')
+    out.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        specs = [benchmark.preset_spec(p, args.scale) for p in args.preset]
+        specs += [benchmark.arch_spec(a) for a in args.arch]
+        specs += [benchmark.opt_spec(o) for o in args.opt]
+        if not specs:
+            raise benchmark.BenchError('nothing to measure: give --preset, --arch or --opt '
+                                       f"(presets: {', '.join(benchmark.PRESETS)})")
+        lr_size = benchmark.parse_size(args.lr_size) if args.lr_size else benchmark.default_lr_size(args.scale)
+        settings = {'lr_size': lr_size, 'device': args.device, 'dtype': args.dtype, 'runs': args.runs,
+                    'warmup': args.warmup, 'threads': args.threads, 'check': args.check, 'seed': args.seed}
+        records = benchmark.run_benchmarks(specs, settings, out_dir=args.out, progress=not args.no_progress,
+                                           timeout=args.timeout)
+    except benchmark.BenchError as err:
+        print(f'basicsr bench: error: {err}', file=sys.stderr)
+        return 2
+    print(benchmark.format_table(records))
+    first = records[0]
+    print(f"device {first['device']} ({first['device_name'] or first['cpu_model']}), {first['dtype']}, "
+          f"{first['threads']} threads, torch {first['torch_version']}, {first['runs']} runs after "
+          f"{first['warmup']} warm-up; FLOPs: {first['flops_method']}")
+    for record in records:
+        if record['check_max_abs_err'] is not None:
+            print(f"check {record['arch']}: max abs error vs float64 = {record['check_max_abs_err']:.3g}")
+        if record['flops_uncounted_ops']:
+            print(f"warning: {record['arch']}: FLOPs miss {', '.join(record['flops_uncounted_ops'])}")
+    print(f'records written to {args.out}/')
+    if args.plot:
+        plot = benchmark.plot_records(records, os.path.join(args.out, args.plot))
+        print(f'plot: {plot}' if plot else 'plot skipped: matplotlib is not installed (pip install matplotlib)')
+    return 0
