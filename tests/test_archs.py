@@ -259,3 +259,48 @@ def test_float32_close_to_float64():
         out = model(data['input'].float())
     assert math.isfinite(out.sum().item())
     assert (out.double() - data['output_float64']).abs().max().item() < 1e-4
+
+
+def test_fft_large_kernel_matches_direct():
+    from esc_arch.archs.layers import LargeKernel
+    torch.manual_seed(0)
+    weight = torch.randn(6, 6, 13, 13, dtype=torch.float64)
+    lk = LargeKernel(weight)
+    for h, w in [(40, 40), (37, 53), (64, 33)]:
+        x = torch.randn(2, 6, h, w, dtype=torch.float64)
+        assert lk.use_fft(x)
+        direct = F.conv2d(x, weight, padding=6)
+        assert (lk(x) - direct).abs().max().item() < 1e-10
+    assert len(lk._spectra) == 3  # one spectrum per size, reused
+    x = torch.randn(1, 6, 40, 40, requires_grad=True)
+    assert not LargeKernel(weight.float()).use_fft(x)  # training keeps the direct convolution
+
+
+@pytest.mark.parametrize('fixture', PARITY)
+def test_parity_through_the_fft_path(fixture, monkeypatch):
+    from esc_arch.archs.layers import LargeKernel
+    monkeypatch.setattr(LargeKernel, 'FFT_MIN_PIXELS', 0)
+    data = load_fixture(fixture)
+    model = ARCHS[data['type']](**data['config']).double().eval()
+    model.load_state_dict(data['state_dict'], strict=True)
+    with torch.no_grad():
+        out = model(data['input'].double())
+    assert (out - data['output_float64']).abs().max().item() <= 1e-6
+
+
+def test_inference_paths_match_training_path_on_large_input():
+    model = randomize_(ESC(**tiny_config(kernel_size=13, window_size=8)), scale=0.1).double()
+    x = torch.rand(1, 3, 48, 40, dtype=torch.float64)
+    with torch.no_grad():
+        fast = model.eval()(x)  # FFT large kernel, in-place ConvAttn
+    slow = model.train()(x.requires_grad_())  # direct convolution, autograd-safe concatenation
+    assert (fast - slow.detach()).abs().max().item() < 1e-9
+
+
+def test_standalone_conv_attn_leaves_input_alone():
+    attn = ConvAttn(dim=8, pdim=4, kernel_size=5).eval()
+    x = torch.rand(1, 8, 40, 40)
+    before = x.clone()
+    with torch.no_grad():
+        attn(x)
+    assert torch.equal(x, before)

@@ -9,6 +9,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from .layers import (
     ConvolutionalAttention,
     ESCTrunk,
+    LargeKernel,
     PartialConvAttn,
     WindowAttention,
     resample_subpixel_conv,
@@ -36,7 +37,7 @@ class SharedFilterTrunk(ESCTrunk):
         self.symmetrize = True  # False once deploy() stored the symmetrised filter
 
     def large_kernel_filters(self):
-        return (symmetrize_filter(self.plk_filter) if self.symmetrize else self.plk_filter, )
+        return (LargeKernel(symmetrize_filter(self.plk_filter) if self.symmetrize else self.plk_filter), )
 
     @torch.no_grad()
     def deploy(self):
@@ -106,7 +107,7 @@ class ConvAttn(PartialConvAttn):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lk_filter = symmetrize_filter(self.plk_filter) if self.symmetric else self.plk_filter
-        return super().forward(x, lk_filter)
+        return super().forward(x, LargeKernel(lk_filter))
 
 
 ARCH_REGISTRY.register(WindowAttention)

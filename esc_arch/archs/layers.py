@@ -57,6 +57,56 @@ def per_sample_depthwise(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return out.view(b, c, h, w)
 
 
+def _fft_friendly(n: int) -> int:
+    """Smallest m >= n whose prime factors are 2, 3, 5, 7 (fast FFT sizes)."""
+    while True:
+        m = n
+        for p in (2, 3, 5, 7):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+class LargeKernel:
+    """A dense K x K filter shared by many convolutions of one forward pass.
+
+    ``lk(x)`` equals ``F.conv2d(x, weight, padding=K//2)``. On the CPU, for inference on
+    images of at least ``FFT_MIN_PIXELS`` pixels, it convolves through the FFT instead: the
+    filter's spectrum is computed once per image size and reused by every ConvAttn (ESC has
+    25 of them), which turns ~0.1 s dense 13x13 convolutions into a few ms each. Training
+    (autograd) and other devices/dtypes use the direct convolution.
+    """
+
+    FFT_MIN_PIXELS = 32 * 32
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self._spectra = {}
+
+    def use_fft(self, x: torch.Tensor) -> bool:
+        return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
+                and x.shape[-2] * x.shape[-1] >= self.FFT_MIN_PIXELS
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_fft(x):
+            return self.fft_conv(x)
+        return F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2)
+
+    def fft_conv(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.weight.shape[-1]
+        h, w = x.shape[-2:]
+        size = (_fft_friendly(h + k - 1), _fft_friendly(w + k - 1))  # linear, not circular
+        key = (size, x.dtype)
+        if key not in self._spectra:  # conv2d is a correlation: convolve with the flipped filter
+            self._spectra[key] = torch.fft.rfft2(self.weight.to(x.dtype).flip(-2, -1), s=size)
+        spectrum = torch.einsum('bihw,oihw->bohw', torch.fft.rfft2(x, s=size), self._spectra[key])
+        pad = k // 2
+        return torch.fft.irfft2(spectrum, s=size)[..., pad:pad + h, pad:pad + w]
+
+
 def dynamic_kernel_head(pdim: int, reduction: int, kernel_size: int = 3) -> nn.Sequential:
     """Pool -> 1x1 (pdim -> pdim//reduction) -> GELU -> 1x1 (-> pdim*k*k): a k x k kernel per
     sample and channel. Indices 1 and 3 hold the weights (the authors' state-dict names)."""
@@ -116,9 +166,11 @@ class ConvolutionalAttention(nn.Module):
         nn.init.zeros_(self.dwc_proj[-1].weight)
         nn.init.zeros_(self.dwc_proj[-1].bias)
 
-    def forward(self, x1: torch.Tensor, lk_filter: torch.Tensor) -> torch.Tensor:
+    def forward(self, x1: torch.Tensor, lk_filter: LargeKernel | torch.Tensor) -> torch.Tensor:
+        if isinstance(lk_filter, torch.Tensor):
+            lk_filter = LargeKernel(lk_filter)
         dynamic = self.dwc_proj(x1).reshape(-1, 1, 3, 3)
-        return F.conv2d(x1, lk_filter, padding=lk_filter.shape[-1] // 2) + per_sample_depthwise(x1, dynamic)
+        return lk_filter(x1) + per_sample_depthwise(x1, dynamic)
 
 
 class DecomposedConvolutionalAttention(nn.Module):
@@ -147,8 +199,13 @@ class PartialConvAttn(nn.Module):
         self.plk = plk
         self.aggr = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, x: torch.Tensor, *filters: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *filters, overwrite_input: bool = False) -> torch.Tensor:
+        """``overwrite_input``: x is a temporary of the caller's, so at inference the result
+        of ``plk`` is written into it instead of allocating a concatenation."""
         x1 = self.plk(x[:, :self.pdim], *filters)
+        if overwrite_input and not (torch.is_grad_enabled() and x.requires_grad):
+            x[:, :self.pdim] = x1
+            return self.aggr(x)
         return self.aggr(torch.cat([x1, x[:, self.pdim:]], dim=1))
 
 
@@ -312,7 +369,7 @@ class ESCBlock(nn.Module):
         x = self.proj(self.ln_proj(x))
         x = x + self.attn(self.ln_attn(x))
         for ln, pconv, convffn in zip(self.lns, self.pconvs, self.convffns):
-            x = x + pconv(convffn(ln(x)), *filters)
+            x = x + pconv(convffn(ln(x)), *filters, overwrite_input=True)
         return self.conv_out(self.ln_out(x)) + skip
 
 
