@@ -1,0 +1,167 @@
+"""Export ESC checkpoints to ONNX (dynamic batch, height and width) or to ``.safetensors``.
+
+The ONNX graph is the deployed model wrapped as in :class:`esc_arch.inference.Upscaler`:
+reflect-pad H and W to a multiple of the window size, run, crop to scale x input. Two things
+in the eager model are not traceable for dynamic shapes and are handled here, at export time:
+
+* the window attention's own padding loop (``reflect_pad_to_multiple``) is Python control flow:
+  the wrapper pads first, with one traced ``F.pad``, so inside the model nothing needs padding;
+* the per-sample depthwise conv of the convolutional attention folds the batch into the conv
+  groups (``groups = batch * channels``), a constant in ONNX: while tracing it is replaced by
+  an equivalent sum of shifted products, which works for any batch; and the large kernel's
+  CPU FFT path (not exportable) is switched off.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .archs import layers
+
+ONNX_TOLERANCE = {'fp32': 1e-4, 'fp16': 1e-2}
+EXPORT_ATTN_TYPES = ('naive', 'sdpa')
+
+
+class ExportError(ValueError):
+    """A user-facing export problem (missing packages, unsupported option, failed check)."""
+
+
+def require_onnx():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as exc:
+        raise ExportError(f'ONNX export needs onnx and onnxruntime ({exc.name} is missing): '
+                          'pip install esc-arch[export]') from exc
+    return onnxruntime
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f'.{path.stem}.{os.getpid()}.tmp{path.suffix}')
+
+
+def save_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
+    """The model's plain state dict as ``.safetensors`` (readable by ``esc_arch.load_model``)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = _temp_path(path)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    try:
+        save_file(state, os.fspath(tmp), metadata={'format': 'pt', 'arch': type(model).__name__})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _depthwise_by_shifts(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``layers.per_sample_depthwise`` without batch-dependent conv groups (for tracing)."""
+    _, c, h, w = x.shape
+    k = kernel.shape[-1]
+    kernel = kernel.reshape(-1, c, k * k, 1, 1)
+    padded = F.pad(x, [k // 2] * 4)
+    out = None
+    for i in range(k):
+        for j in range(k):
+            term = padded[:, :, i:i + h, j:j + w] * kernel[:, :, i * k + j]
+            out = term if out is None else out + term
+    return out
+
+
+@contextmanager
+def traceable_layers():
+    """While tracing: the per-sample depthwise conv as shifted products (any batch), and the
+    dense large-kernel conv without an FFT path (no FFT in the exported graph)."""
+    patches = [(layers, 'per_sample_depthwise', _depthwise_by_shifts)]
+    large_kernel = getattr(layers, 'LargeKernel', None)
+    if large_kernel is not None and hasattr(large_kernel, 'use_fft'):
+        patches.append((large_kernel, 'use_fft', lambda self, x: False))
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in originals:
+            setattr(owner, name, value)
+
+
+class PadRunCrop(nn.Module):
+    """Reflect-pad H, W to a multiple of the window size, run ``model``, crop to scale x input.
+
+    Inputs must be at least window_size / 2 on each side (one reflection; the eager
+    ``reflect_pad_to_multiple`` repeats it for smaller inputs, which is not traceable).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.window = int(model.window_size)
+        self.scale = int(model.upscaling_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, (-w) % self.window, 0, (-h) % self.window), mode='reflect')
+        return self.model(x)[:, :, :h * self.scale, :w * self.scale]
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, fp16: bool = False,
+                attn_type: str = 'sdpa') -> Path:
+    """Trace the deployed ``model`` (legacy TorchScript exporter) into an ONNX file with
+    dynamic batch, height and width; input ``input`` (N, 3, H, W) in [0, 1], output ``output``."""
+    require_onnx()
+    if attn_type not in EXPORT_ATTN_TYPES:
+        raise ExportError(f'ONNX export supports attention {", ".join(EXPORT_ATTN_TYPES)}, got {attn_type!r}')
+    path = Path(path)
+    model = copy.deepcopy(model).cpu().deploy()  # the caller's model stays as it was
+    model.set_attn_type(attn_type)
+    dtype = torch.float16 if fp16 else torch.float32
+    wrapper = PadRunCrop(model).to(dtype).eval()
+    window = wrapper.window
+    sample = torch.rand(1, 3, 2 * window, 2 * window, dtype=dtype)
+    tmp = _temp_path(path)
+    try:
+        with traceable_layers(), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter('ignore')  # TracerWarnings on the shape arithmetic, checked by verify_onnx
+            torch.onnx.export(wrapper, (sample, ), os.fspath(tmp), dynamo=False, opset_version=opset,
+                              input_names=['input'], output_names=['output'],
+                              dynamic_axes={'input': {0: 'batch', 2: 'height', 3: 'width'},
+                                            'output': {0: 'batch', 2: 'out_height', 3: 'out_width'}})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def verify_onnx(path: str | os.PathLike, model: nn.Module, fp16: bool = False, seed: int = 0) -> list[dict]:
+    """Run the ONNX file with onnxruntime (CPU) and the PyTorch model (fp32, as ``Upscaler``
+    runs it) on random inputs of sizes other than the traced one (batch 1 and 2, H and W not
+    multiples of the window); returns one {'shape', 'max_abs_err'} per input."""
+    ort = require_onnx()
+    from .inference import Upscaler
+
+    window = int(model.window_size)
+    reference = Upscaler(model.float(), 'cpu')
+    session = ort.InferenceSession(os.fspath(path), providers=['CPUExecutionProvider'])
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    for shape in ((1, 3, 3 * window, 2 * window + 5), (2, 3, window + window // 2 + 1, 3 * window - 1)):
+        x = torch.rand(shape, generator=gen)
+        expected = reference.forward(x)
+        feed = x.half().numpy() if fp16 else x.numpy()
+        got = torch.from_numpy(session.run(None, {'input': feed})[0]).float()
+        if got.shape != expected.shape:
+            raise ExportError(f'ONNX output shape {tuple(got.shape)} != PyTorch {tuple(expected.shape)} '
+                              f'for input {shape}')
+        results.append({'shape': shape, 'max_abs_err': (got - expected).abs().max().item()})
+    return results

@@ -1,0 +1,287 @@
+"""Inference with ESC models: image I/O, tiling with feathered blending, precision.
+
+The functions here are a library (the ``basicsr upscale`` command is a thin layer on top):
+
+* :func:`read_image` / :func:`write_image` read and atomically write any image OpenCV reads
+  (8/16-bit and float, gray, BGR, BGRA);
+* :class:`Upscaler` runs a deployed model on whole images or on overlapping tiles whose
+  seams are hidden by linear-ramp weights.
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from .archs.layers import reflect_pad_to_multiple
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.tif', '.tiff', '.bmp')
+PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+# What a full-scale pixel value is for each supported storage type (float images are in [0, 1]).
+DTYPE_RANGE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.float32): 1.0}
+
+
+class InferenceError(ValueError):
+    """A user-facing problem: bad device/precision, unreadable image, unwritable output."""
+
+
+# --------------------------------------------------------------------------------------
+# devices and precision
+# --------------------------------------------------------------------------------------
+def resolve_device(name: str | None) -> torch.device:
+    """``None``/'auto' picks CUDA when available; 'cuda' without CUDA is an error, not a fallback."""
+    if name in (None, 'auto'):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InferenceError(f'unknown device {name!r} (use cpu or cuda)') from exc
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise InferenceError('device cuda requested but CUDA is not available here (use --device cpu)')
+    if device.type not in ('cpu', 'cuda'):
+        raise InferenceError(f'unsupported device {name!r} (use cpu or cuda)')
+    return device
+
+
+def check_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise InferenceError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
+    if precision == 'fp16' and device.type != 'cuda':
+        raise InferenceError('fp16 needs CUDA; on CPU use --precision bf16 or fp32')
+    return PRECISIONS[precision]
+
+
+# --------------------------------------------------------------------------------------
+# image files
+# --------------------------------------------------------------------------------------
+def is_image_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """The image as stored (``cv2.IMREAD_UNCHANGED``): HxW or HxWxC (C in 1..4, BGR order)."""
+    img = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise InferenceError(f'cannot read image {path} (corrupt or not a supported image)')
+    if img.dtype == np.float64:
+        img = img.astype(np.float32)
+    if img.dtype not in DTYPE_RANGE:
+        raise InferenceError(f'{path}: unsupported pixel type {img.dtype} (8-bit, 16-bit or float32 only)')
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (2, 3, 4)):
+        raise InferenceError(f'{path}: unsupported image layout {img.shape}')
+    return img
+
+
+def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
+    """Write atomically: a temp file in the same folder (same extension, so OpenCV picks the
+    format), then ``os.replace``; a failed write leaves no partial file behind."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.stem}.{os.getpid()}.tmp{path.suffix}')
+    try:
+        ok = cv2.imwrite(os.fspath(tmp), img)
+        if not ok:
+            raise InferenceError(f'cannot write {path} (OpenCV could not encode {img.dtype} {img.shape} '
+                                 f'as {path.suffix})')
+        os.replace(tmp, path)
+    except cv2.error as exc:
+        raise InferenceError(f'cannot write {path}: {exc}'.splitlines()[0]) from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def image_to_tensor(img: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None]:
+    """(1x3xHxW RGB float in [0, 1], alpha HxW float or None). Gray is replicated to 3 channels."""
+    scale = DTYPE_RANGE[img.dtype]
+    img = img.astype(np.float32) / scale
+    alpha = None
+    if img.ndim == 2:
+        color = np.repeat(img[:, :, None], 3, axis=2)
+    elif img.shape[2] == 2:  # gray + alpha
+        color, alpha = np.repeat(img[:, :, :1], 3, axis=2), img[:, :, 1]
+    else:
+        color = img[:, :, :3]
+        if img.shape[2] == 4:
+            alpha = img[:, :, 3]
+    rgb = np.ascontiguousarray(color[:, :, ::-1])
+    return torch.from_numpy(rgb.transpose(2, 0, 1).copy()).unsqueeze(0), alpha
+
+
+def tensor_to_image(rgb: torch.Tensor, alpha: np.ndarray | None, like: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`image_to_tensor` for an upscaled result, in the layout and type of ``like``."""
+    color = rgb.squeeze(0).float().clamp(0, 1).permute(1, 2, 0).numpy()[:, :, ::-1]  # BGR
+    gray_input = like.ndim == 2 or like.shape[2] == 2
+    if gray_input:
+        color = cv2.cvtColor(np.ascontiguousarray(color), cv2.COLOR_BGR2GRAY)[:, :, None]
+    channels = [color]
+    if alpha is not None:
+        channels.append(np.clip(alpha, 0, 1)[:, :, None])
+    out = np.concatenate(channels, axis=2) if len(channels) > 1 else color
+    if like.ndim == 2:
+        out = out[:, :, 0]
+    scale = DTYPE_RANGE[like.dtype]
+    if like.dtype == np.float32:
+        return np.ascontiguousarray(out, dtype=np.float32)
+    return np.ascontiguousarray(np.round(out * scale).astype(like.dtype))
+
+
+def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
+    """Alpha is upscaled with BasicSR's MATLAB bicubic (constant alpha stays constant)."""
+    from basicsr.utils.matlab_functions import imresize
+    return np.clip(imresize(alpha.astype(np.float32), scale), 0, 1)
+
+
+# --------------------------------------------------------------------------------------
+# tiling
+# --------------------------------------------------------------------------------------
+def tile_starts(length: int, tile: int, step: int) -> list[int]:
+    """Starts of tiles of ``tile`` pixels every ``step`` pixels covering ``length``; the last
+    tile is cut at the border (it keeps the alignment of its start)."""
+    starts = [0]
+    while starts[-1] + tile < length:
+        starts.append(starts[-1] + step)
+    return starts
+
+
+def ramp_weights(start: int, end: int, prev_end: int | None, next_start: int | None, scale: int) -> torch.Tensor:
+    """1-D blending weights (output pixels) for a tile [start, end) of the input.
+
+    Over a part of length n shared with a neighbour the weight is 0 for the n/4 pixels next to
+    the tile's edge (where its zero-padded convolutions are wrong), rises linearly over the
+    middle n/2 and is 1 for the last n/4; the neighbour's weight is the mirror image, so the two
+    sum to 1. Elsewhere, and at the image border, the weight is 1.
+    """
+    weight = torch.ones((end - start) * scale)
+
+    def ramp(n):  # rising part for an overlap of n output pixels
+        return ((torch.arange(n) + 0.5 - n / 4) / (n / 2)).clamp(0, 1)
+
+    if prev_end is not None and prev_end > start:
+        n = (prev_end - start) * scale
+        weight[:n] = torch.minimum(weight[:n], ramp(n))
+    if next_start is not None and next_start < end:
+        n = (end - next_start) * scale
+        weight[-n:] = torch.minimum(weight[-n:], ramp(n).flip(0))
+    return weight
+
+
+class Upscaler:
+    """Run an ESC model on images, whole or in overlapping tiles.
+
+    Args:
+        model: an ESC-family model (``deploy()`` is called here).
+        device: where to run. precision: 'fp32', 'bf16' (CPU or CUDA) or 'fp16' (CUDA).
+        tile: tile side in input pixels (rounded up to a multiple of the window); 0 = whole image.
+        tile_overlap: overlap between neighbouring tiles in input pixels.
+        batch: tiles (or same-size images) per forward pass.
+
+    Every forward input is reflect-padded to a multiple of ``model.window_size`` and the output
+    cropped back, as in validation. Tiles start on multiples of the window size, so the windows
+    of the attention fall where they fall for the whole image and only the tile borders differ;
+    those lie in the overlaps, where linear ramps blend them away.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = 'cpu', precision: str = 'fp32',
+                 tile: int = 0, tile_overlap: int = 32, batch: int = 1):
+        self.device = torch.device(device)
+        self.dtype = check_precision(precision, self.device)
+        self.model = model.deploy().to(self.device)
+        self.scale = int(model.upscaling_factor)
+        self.window = int(model.window_size)
+        if tile < 0 or tile_overlap < 0 or batch < 1:
+            raise InferenceError('tile and tile overlap must be >= 0 and batch >= 1')
+        self.tile = math.ceil(tile / self.window) * self.window if tile else 0
+        if self.tile and tile_overlap >= self.tile:
+            raise InferenceError(f'tile overlap ({tile_overlap}) must be smaller than the tile ({self.tile})')
+        self.step = max(self.window, (self.tile - tile_overlap) // self.window * self.window) if self.tile else 0
+        self.batch = batch
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) in [0, 1] -> (N, 3, h*s, w*s) float32 on the CPU, unclamped."""
+        h, w = x.shape[-2:]
+        padded = reflect_pad_to_multiple(x.to(self.device), self.window)
+        with self._autocast():
+            out = self.model(padded)
+        return out[:, :, :h * self.scale, :w * self.scale].float().cpu()
+
+    def tiles(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """(y0, y1, x0, x1) of every tile of a height x width input (one tile if untiled)."""
+        if not self.tile or (height <= self.tile and width <= self.tile):
+            return [(0, height, 0, width)]
+        ys, xs = tile_starts(height, self.tile, self.step), tile_starts(width, self.tile, self.step)
+        return [(y, min(y + self.tile, height), x, min(x + self.tile, width)) for y in ys for x in xs]
+
+    def upscale_tensor(self, x: torch.Tensor, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Upscale (N, 3, H, W); tiles of all N images are batched together."""
+        n, _, height, width = x.shape
+        s = self.scale
+        grid = self.tiles(height, width)
+        if len(grid) == 1:
+            outs = [self.forward(x[i:i + self.batch]) for i in range(0, n, self.batch)]
+            if progress:
+                progress(n)
+            return torch.cat(outs)
+        ys = sorted({t[0] for t in grid})
+        xs = sorted({t[2] for t in grid})
+        y_ends = {y: min(y + self.tile, height) for y in ys}
+        x_ends = {x0: min(x0 + self.tile, width) for x0 in xs}
+
+        def weights(starts, ends, start):
+            i = starts.index(start)
+            prev_end = ends[starts[i - 1]] if i else None
+            next_start = starts[i + 1] if i + 1 < len(starts) else None
+            return ramp_weights(start, ends[start], prev_end, next_start, s)
+
+        out = torch.zeros(n, 3, height * s, width * s)
+        total = torch.zeros(1, 1, height * s, width * s)
+        jobs = [(i, t) for t in grid for i in range(n)]
+        by_shape: dict[tuple[int, int], list] = {}
+        for job in jobs:
+            _, (y0, y1, x0, x1) = job
+            by_shape.setdefault((y1 - y0, x1 - x0), []).append(job)
+        for group in by_shape.values():
+            for k in range(0, len(group), self.batch):
+                chunk = group[k:k + self.batch]
+                batch = torch.stack([x[i, :, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in chunk])
+                result = self.forward(batch)
+                for (i, (y0, y1, x0, x1)), tile_out in zip(chunk, result):
+                    weight = weights(ys, y_ends, y0)[:, None] * weights(xs, x_ends, x0)[None, :]
+                    out[i, :, y0 * s:y1 * s, x0 * s:x1 * s] += tile_out * weight
+                    if i == 0:
+                        total[0, 0, y0 * s:y1 * s, x0 * s:x1 * s] += weight
+                if progress:
+                    progress(len(chunk))
+        return out / total
+
+    def count_steps(self, images: Sequence[np.ndarray]) -> int:
+        """How many units ``progress`` will report for :meth:`upscale_images` (tiles or images)."""
+        grid = self.tiles(*images[0].shape[:2])
+        return len(images) * len(grid)
+
+    def upscale_images(self, images: Sequence[np.ndarray],
+                       progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """Upscale images of one shape and type (as read by :func:`read_image`), same layout out."""
+        tensors, alphas = zip(*(image_to_tensor(img) for img in images))
+        rgb = self.upscale_tensor(torch.cat(tensors), progress)
+        outs = []
+        for i, img in enumerate(images):
+            alpha = upscale_alpha(alphas[i], self.scale) if alphas[i] is not None else None
+            outs.append(tensor_to_image(rgb[i:i + 1], alpha, img))
+        return outs
+
+    def upscale_image(self, image: np.ndarray) -> np.ndarray:
+        return self.upscale_images([image])[0]

@@ -1,0 +1,81 @@
+"""basicsr export: ONNX with dynamic batch/height/width checked by onnxruntime; safetensors round trip."""
+import sys
+
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+
+import esc_arch
+from esc_arch import ESC, ESCFP
+from esc_arch.cli import main
+from esc_arch.export import ExportError, export_onnx, require_onnx
+from esc_arch.inference import Upscaler
+
+
+def save_checkpoint(model, path):
+    torch.save({'params_ema': model.state_dict()}, path)
+    return str(path)
+
+
+def run_onnx(path, x):
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    return torch.from_numpy(session.run(None, {'input': x.numpy()})[0])
+
+
+def test_onnx_cli_round_trip_dynamic_sizes(tmp_path, capsys):
+    # window 16: the traced 32x32 sample is large enough that the eager CPU path would take shortcuts
+    model = randomize_(ESC(**tiny_config(window_size=16, upscaling_factor=3)), scale=0.05).eval()
+    pth = save_checkpoint(model, tmp_path / 'esc.pth')
+    out = tmp_path / 'esc.onnx'
+    assert main(['export', '-m', pth, '-o', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count('max abs error') == 2 and 'dynamic batch/height/width' in printed
+    reference = Upscaler(esc_arch.load_model(pth))
+    for shape in [(1, 3, 21, 40), (3, 3, 17, 9)]:  # neither the traced size nor multiples of the window
+        x = torch.rand(shape)
+        got = run_onnx(out, x)
+        assert got.shape == (shape[0], 3, 3 * shape[2], 3 * shape[3])
+        assert (got - reference.forward(x)).abs().max().item() < 1e-4
+    assert main(['export', '-m', pth, '-o', str(out)]) == 2  # exists
+    assert '--overwrite' in capsys.readouterr().err
+
+
+def test_onnx_naive_attention_escfp_and_fp16(tmp_path, capsys):
+    model = randomize_(ESCFP(**tiny_config(window_size=4)), scale=0.05).eval()
+    path = export_onnx(model, tmp_path / 'fp.onnx', attn_type='naive')
+    x = torch.rand(2, 3, 11, 6)
+    assert (run_onnx(path, x) - Upscaler(model).forward(x)).abs().max().item() < 1e-4
+    pth = save_checkpoint(model, tmp_path / 'fp.pth')
+    assert main(['export', '-m', pth, '-o', str(tmp_path / 'fp16.onnx'), '--fp16']) == 0
+    assert 'fp16' in capsys.readouterr().out
+    with pytest.raises(ExportError, match='naive, sdpa'):
+        export_onnx(model, tmp_path / 'flex.onnx', attn_type='flex')
+
+
+def test_safetensors_round_trip_is_identical(tmp_path, capsys):
+    model = randomize_(ESC(**tiny_config(use_ln=True)), scale=0.05).eval()
+    pth = save_checkpoint(model, tmp_path / 'esc.pth')
+    out = tmp_path / 'esc.safetensors'
+    assert main(['export', '-m', pth, '-o', str(out)]) == 0
+    back = esc_arch.load_model(out)
+    assert back.config == esc_arch.load_model(pth).config
+    x = torch.rand(1, 3, 9, 13)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
+def test_export_errors(tmp_path, capsys, monkeypatch):
+    pth = save_checkpoint(ESC(**tiny_config()), tmp_path / 'esc.pth')
+    assert main(['export', '-m', pth, '-o', str(tmp_path / 'esc.bin')]) == 2
+    assert '.onnx or .safetensors' in capsys.readouterr().err
+    foreign = tmp_path / 'foreign.pth'
+    torch.save({'weight': torch.zeros(2)}, foreign)
+    assert main(['export', '-m', str(foreign), '-o', str(tmp_path / 'f.onnx')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'not an ESC checkpoint' in err[0]
+    monkeypatch.setitem(sys.modules, 'onnxruntime', None)  # as if not installed
+    with pytest.raises(ExportError, match=r'pip install esc-arch\[export\]'):
+        require_onnx()
+    assert main(['export', '-m', pth, '-o', str(tmp_path / 'x.onnx')]) == 2
+    assert 'pip install esc-arch[export]' in capsys.readouterr().err

@@ -1,0 +1,150 @@
+"""basicsr upscale / esc_arch.inference: every image kind, tiling, batching, precision, errors."""
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+
+from esc_arch import ESC, ESCFP
+from esc_arch.cli import main
+from esc_arch.inference import Upscaler, image_to_tensor, read_image
+
+
+def save_checkpoint(model, path):
+    torch.save({'params_ema': model.state_dict()}, path)
+    return str(path)
+
+
+@pytest.fixture
+def esc_pth(tmp_path):
+    return save_checkpoint(ESC(**tiny_config(window_size=4)), tmp_path / 'esc_x2.pth')
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    rgba = rng.integers(0, 256, (12, 10, 4), dtype=np.uint8)
+    rgba[..., 3] = 200
+    written = {
+        'rgb.png': rng.integers(0, 256, (20, 30, 3), dtype=np.uint8),
+        'photo.jpg': rng.integers(0, 256, (17, 13, 3), dtype=np.uint8),
+        'gray.png': rng.integers(0, 256, (9, 11), dtype=np.uint8),
+        'rgba.png': rgba,
+        'deep.png': rng.integers(0, 65536, (10, 12, 3), dtype=np.uint16),
+        'deep_gray.tif': rng.integers(0, 65536, (7, 10), dtype=np.uint16),
+        'tiny.png': rng.integers(0, 256, (3, 3, 3), dtype=np.uint8),
+        'small.bmp': rng.integers(0, 256, (2, 3, 3), dtype=np.uint8),
+    }
+    for name, img in written.items():
+        assert cv2.imwrite(str(folder / name), img)
+    (folder / 'corrupt.png').write_bytes(b'\x89PNG this is not an image')
+    (folder / 'notes.txt').write_text('not an image')
+    return folder, {name: read_image(folder / name) for name in written}
+
+
+def summary(out):
+    return [line for line in out.splitlines() if line.startswith('done:')][-1]
+
+
+def test_folder_of_every_kind(tmp_path, esc_pth, images, capsys):
+    folder, inputs = images
+    out_dir = tmp_path / 'out'
+    rc = main(['upscale', '-i', str(folder), '-o', str(out_dir), '-m', esc_pth, '--device', 'cpu'])
+    captured = capsys.readouterr()
+    assert rc == 1  # the corrupt image failed
+    assert summary(captured.out).startswith('done: 8, skipped: 1, failed: 1')
+    assert 'corrupt.png' in captured.err and 'notes.txt' in captured.err
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(inputs)  # no temp files left behind
+    for name, src in inputs.items():
+        out = read_image(out_dir / name)
+        assert out.dtype == src.dtype, name
+        assert out.shape[:2] == (2 * src.shape[0], 2 * src.shape[1]), name
+        assert out.shape[2:] == src.shape[2:], name  # gray stays 2-D, BGR 3, BGRA 4
+    assert np.all(read_image(out_dir / 'rgba.png')[..., 3] == 200)
+    assert read_image(out_dir / 'deep.png').max() > 255  # really 16-bit, not 8-bit values
+
+
+def test_no_overwrite_without_flag(tmp_path, esc_pth, images, capsys):
+    folder, _ = images
+    out_dir = tmp_path / 'out'
+    src = folder / 'rgb.png'
+    main(['upscale', '-i', str(src), '-o', str(out_dir), '-m', esc_pth])
+    target = out_dir / 'rgb.png'
+    target.write_bytes(b'keep me')
+    capsys.readouterr()
+    assert main(['upscale', '-i', str(src), '-o', str(out_dir), '-m', esc_pth]) == 0
+    captured = capsys.readouterr()
+    assert target.read_bytes() == b'keep me' and '--overwrite' in captured.err
+    assert summary(captured.out).startswith('done: 0, skipped: 1, failed: 0')
+    assert main(['upscale', '-i', str(src), '-o', str(out_dir), '-m', esc_pth, '--overwrite']) == 0
+    assert read_image(target).shape == (40, 60, 3)
+
+
+def test_tiled_matches_untiled():
+    torch.manual_seed(0)
+    model = ESC(**tiny_config(window_size=4, kernel_size=3, conv_blocks=1))  # receptive field ~9 px
+    x = torch.nn.functional.interpolate(torch.rand(2, 3, 12, 16), size=(48, 64), mode='bilinear')
+    whole = Upscaler(model).upscale_tensor(x).clamp(0, 1)
+    tiler = Upscaler(model, tile=32, tile_overlap=24, batch=3)
+    assert len(tiler.tiles(48, 64)) > 1
+    steps = []
+    tiled = tiler.upscale_tensor(x, progress=steps.append).clamp(0, 1)
+    assert sum(steps) == 2 * len(tiler.tiles(48, 64))
+    assert tiled.shape == whole.shape == (2, 3, 96, 128)
+    assert (tiled - whole).abs().max().item() <= 1 / 255
+
+
+@pytest.mark.parametrize('size', [(1, 1), (2, 3), (5, 5)])
+def test_images_smaller_than_a_window(size):
+    model = randomize_(ESCFP(**tiny_config(window_size=8, upscaling_factor=3)), scale=0.05)
+    img = np.random.default_rng(1).integers(0, 256, (*size, 3), dtype=np.uint8)
+    out = Upscaler(model).upscale_image(img)
+    assert out.shape == (3 * size[0], 3 * size[1], 3) and out.dtype == np.uint8
+
+
+def test_same_size_images_batched_like_single():
+    model = randomize_(ESC(**tiny_config(window_size=4)), scale=0.05)
+    rng = np.random.default_rng(2)
+    imgs = [rng.integers(0, 256, (10, 14, 3), dtype=np.uint8) for _ in range(3)]
+    batched = Upscaler(model, batch=3).upscale_images(imgs)
+    single = [Upscaler(model).upscale_image(img) for img in imgs]
+    for a, b in zip(batched, single):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_bf16_on_cpu_close_to_fp32():
+    model = randomize_(ESC(**tiny_config(window_size=4)), scale=0.05)
+    x, _ = image_to_tensor(np.random.default_rng(3).integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    ref = Upscaler(model).upscale_tensor(x)
+    low = Upscaler(model, precision='bf16').upscale_tensor(x)
+    assert low.dtype == torch.float32 and low.shape == ref.shape
+    assert 0 < (low - ref).abs().max().item() < 0.05  # bf16 really ran (not exact) and stays close
+
+
+def test_cli_errors(tmp_path, esc_pth, images, capsys, monkeypatch):
+    folder, _ = images
+    out = str(tmp_path / 'out')
+    assert main(['upscale', '-i', str(folder), '-o', out, '-m', esc_pth, '--precision', 'fp16', '--device', 'cpu']) == 2
+    assert 'fp16 needs CUDA' in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert main(['upscale', '-i', str(folder), '-o', out, '-m', esc_pth, '--device', 'cuda']) == 2
+    assert 'CUDA is not available' in capsys.readouterr().err
+    foreign = tmp_path / 'foreign.pth'
+    torch.save({'params_ema': {'conv.weight': torch.zeros(3, 3, 3, 3)}}, foreign)
+    assert main(['upscale', '-i', str(folder), '-o', out, '-m', str(foreign)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'not an ESC checkpoint' in err[0]
+    assert main(['upscale', '-i', str(folder), '-o', str(folder), '-m', esc_pth]) == 2
+    assert 'input folder' in capsys.readouterr().err
+
+
+def test_escfp_checkpoint_with_tiles(tmp_path, images, capsys):
+    folder, inputs = images
+    pth = save_checkpoint(randomize_(ESCFP(**tiny_config(window_size=4, upscaling_factor=3)), scale=0.05),
+                          tmp_path / 'fp.pth')
+    rc = main(['upscale', '-i', str(folder / 'rgb.png'), '-o', str(tmp_path / 'o'), '-m', pth, '--tile', '12',
+               '--tile-overlap', '4', '--batch', '2', '--precision', 'bf16'])
+    assert rc == 0 and summary(capsys.readouterr().out).startswith('done: 1, skipped: 0, failed: 0')
+    assert read_image(tmp_path / 'o' / 'rgb.png').shape == (60, 90, 3)
