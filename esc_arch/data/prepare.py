@@ -1,0 +1,234 @@
+"""Training-set preparation: HR images -> sub-images, MATLAB-bicubic LR sub-images, LMDBs.
+
+Follows BasicSR's DIV2K recipe (``extract_subimages`` + ``create_lmdb``): every HR image is cut
+into ``crop``x``crop`` sub-images with stride ``step``; a last row/column of patches is added when
+the remainder exceeds ``thresh``. Sub-image ``k`` (from 1) of ``0001.png`` is ``0001_s{k:03d}.png``.
+
+The LR sub-images are cut from the bicubic LR of the *whole* image (HR mod-cropped to the scale),
+like BasicSR cuts DIV2K's official LR images, so patch borders see their real neighbours. That
+needs every patch origin to be a multiple of every scale: ``crop`` and ``step`` must divide by all
+scales, and the extra last patch is moved up/left to the nearest such multiple (for DIV2K, whose
+sides are multiples of 12, it does not move; if it lands on an existing patch it is dropped).
+
+Output layout under ``out_root`` (what ``options/train_ESC_*.yml`` read)::
+
+    <hr_name>_sub/                      <hr_name>_sub.lmdb
+    <lr_name>/X{s}_sub/                 <lr_name>/X{s}_sub.lmdb
+    (hr_name = basename of the HR folder, lr_name = hr_name with '_HR' -> '_LR_bicubic')
+
+Every file is written atomically and re-runs skip finished work, so a killed run can simply be
+started again. An unreadable image is skipped with one line naming it; the run finishes the rest
+and :func:`prepare_dataset` reports the skipped files (the command then exits with status 1).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from multiprocessing import Pool
+
+import lmdb
+from basicsr.utils.lmdb_util import make_lmdb_from_imgs
+from tqdm import tqdm
+
+from .image_files import (
+    ImageReadError,
+    bicubic_downscale,
+    list_images,
+    mod_crop,
+    png_complete,
+    read_image_bgr,
+    write_png_atomic,
+)
+
+
+@dataclass
+class PrepareResult:
+    """What :func:`prepare_dataset` did: output folders, counts and the images it had to skip."""
+    hr_sub_folder: str
+    lr_sub_folders: dict[int, str]
+    lmdb_folders: list[str] = field(default_factory=list)
+    num_images: int = 0
+    num_sub_images: int = 0
+    num_written: int = 0
+    failed: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def patch_origins(length: int, crop: int, step: int, thresh: int, align: int = 1) -> list[int]:
+    """Start offsets of the patches along one side (BasicSR's ``extract_subimages`` rule).
+
+    ``align``: every origin must be a multiple of it (the lcm of the scales); the extra last patch
+    is moved back to the nearest multiple and dropped when it then coincides with the previous one.
+    """
+    if length < crop:
+        return []
+    origins = list(range(0, length - crop + 1, step))
+    if length - (origins[-1] + crop) > thresh:
+        last = (length - crop) // align * align
+        if last > origins[-1]:
+            origins.append(last)
+    return origins
+
+
+def output_folders(hr_folder: str, out_root: str, scales) -> tuple[str, dict[int, str]]:
+    """HR sub-image folder and LR sub-image folder per scale for ``hr_folder``."""
+    hr_name = os.path.basename(os.path.normpath(hr_folder))
+    lr_name = hr_name.replace('_HR', '_LR_bicubic') if '_HR' in hr_name else hr_name + '_LR_bicubic'
+    hr_sub = os.path.join(out_root, f'{hr_name}_sub')
+    lr_subs = {s: os.path.join(out_root, lr_name, f'X{s}_sub') for s in scales}
+    return hr_sub, lr_subs
+
+
+def sub_image_stem(image_name: str) -> str:
+    """The key stem of an image: its name without extension, dots replaced (LMDB keys split on '.')."""
+    return os.path.splitext(image_name)[0].replace('.', '_')
+
+
+def _check_settings(scales, crop, step, thresh):
+    if not scales:
+        raise ValueError('give at least one scale')
+    for s in scales:
+        if s < 1:
+            raise ValueError(f'scales must be positive integers, got {s}')
+        if crop % s or step % s:
+            raise ValueError(f'crop ({crop}) and step ({step}) must be multiples of every scale; scale {s} does not '
+                             'divide them (LR patches must start on whole LR pixels)')
+    if crop <= 0 or step <= 0 or thresh < 0:
+        raise ValueError(f'crop and step must be positive and thresh non-negative, got {crop}, {step}, {thresh}')
+
+
+def _process_image(task):
+    """Write the missing sub-images of one HR image. Returns (name, stems, written, error, warning)."""
+    path, name, hr_sub, lr_subs, crop, step, thresh, align = task
+    try:
+        import torch
+        torch.set_num_threads(1)  # one image per worker; imresize's small matmuls gain nothing from threads
+        img = read_image_bgr(path)
+        h, w = img.shape[:2]
+        ys = patch_origins(h, crop, step, thresh, align)
+        xs = patch_origins(w, crop, step, thresh, align)
+        if not ys or not xs:
+            return name, [], 0, None, f'{path}: {h}x{w} is smaller than the crop size {crop}; no sub-images'
+        stem = sub_image_stem(name)
+        if not stem.isascii():
+            raise ImageReadError(f'cannot use {path}: LMDB keys must be ASCII, rename the file')
+        origins = [(y, x) for y in ys for x in xs]
+        stems = [f'{stem}_s{k:03d}' for k in range(1, len(origins) + 1)]
+        written = 0
+        for sub_stem, (y, x) in zip(stems, origins):
+            out = os.path.join(hr_sub, sub_stem + '.png')
+            if not png_complete(out):
+                write_png_atomic(out, img[y:y + crop, x:x + crop])
+                written += 1
+        for scale, folder in lr_subs.items():
+            outs = [os.path.join(folder, sub_stem + '.png') for sub_stem in stems]
+            missing = [i for i, out in enumerate(outs) if not png_complete(out)]
+            if not missing:
+                continue
+            low = bicubic_downscale(mod_crop(img, scale), scale)
+            size = crop // scale
+            for i in missing:
+                y, x = origins[i][0] // scale, origins[i][1] // scale
+                write_png_atomic(outs[i], low[y:y + size, x:x + size])
+                written += 1
+        return name, stems, written, None, None
+    except ImageReadError as err:
+        return name, [], 0, str(err), None
+
+
+def lmdb_complete(lmdb_path: str, keys: list[str]) -> bool:
+    """True when ``lmdb_path`` holds exactly ``keys`` (meta_info.txt and the database agree)."""
+    meta = os.path.join(lmdb_path, 'meta_info.txt')
+    if not os.path.isfile(meta) or not os.path.isfile(os.path.join(lmdb_path, 'data.mdb')):
+        return False
+    with open(meta) as f:
+        meta_keys = [line.split('.')[0] for line in f if line.strip()]
+    if sorted(meta_keys) != sorted(keys):
+        return False
+    try:
+        env = lmdb.open(lmdb_path, readonly=True, lock=False, readahead=False)
+    except lmdb.Error:
+        return False
+    try:
+        return env.stat()['entries'] == len(keys)
+    finally:
+        env.close()
+
+
+def build_lmdb(folder: str, keys: list[str]) -> bool:
+    """Pack ``folder``/<key>.png into ``folder``.lmdb with BasicSR's writer. False when already complete.
+
+    The database is written into a temporary folder that is renamed into place at the end.
+    """
+    lmdb_path = folder.rstrip('/\\') + '.lmdb'
+    if lmdb_complete(lmdb_path, keys):
+        return False
+    tmp_path = folder.rstrip('/\\') + '.tmp.lmdb'
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    names = [k + '.png' for k in keys]
+    # Upper bound for PNG-encoded images: raw size plus slack (BasicSR's estimate from the first
+    # image alone fails when that image compresses better than the rest).
+    raw = sum(os.path.getsize(os.path.join(folder, n)) for n in names)
+    map_size = 4 * raw + (64 << 20)
+    make_lmdb_from_imgs(folder, tmp_path, names, keys, map_size=map_size)
+    if os.path.exists(lmdb_path):
+        shutil.rmtree(lmdb_path)
+    os.replace(tmp_path, lmdb_path)
+    return True
+
+
+def prepare_dataset(hr_folder: str, out_root: str, scales=(2, 3, 4), crop: int = 480, step: int = 240,
+                    thresh: int = 48, workers: int = 1, make_lmdb: bool = True,
+                    progress: bool = True) -> PrepareResult:
+    """Cut HR sub-images, make bicubic LR sub-images for each scale and pack them into LMDBs.
+
+    Args:
+        hr_folder: folder of HR images (e.g. ``datasets/DIV2K/DIV2K_train_HR``).
+        out_root: where the outputs go (layout in the module docstring).
+        scales: LR scales. crop, step, thresh: sub-image size, stride and the remainder above which
+            a last patch is added (BasicSR: 480, 240, 48). workers: processes. make_lmdb: pack LMDBs.
+        progress: show tqdm bars.
+    """
+    scales = sorted(set(int(s) for s in scales))
+    _check_settings(scales, crop, step, thresh)
+    if not os.path.isdir(hr_folder):
+        raise FileNotFoundError(f'HR folder {hr_folder} does not exist')
+    names = list_images(hr_folder)
+    if not names:
+        raise FileNotFoundError(f'no images ({", ".join(e[1:] for e in (".png", ".jpg", ".bmp", ".tif"))}, ...) '
+                                f'in {hr_folder}')
+    hr_sub, lr_subs = output_folders(hr_folder, out_root, scales)
+    for folder in (hr_sub, *lr_subs.values()):
+        os.makedirs(folder, exist_ok=True)
+    align = math.lcm(*scales)
+    result = PrepareResult(hr_sub, lr_subs, num_images=len(names))
+    tasks = [(os.path.join(hr_folder, n), n, hr_sub, lr_subs, crop, step, thresh, align) for n in names]
+    keys = []
+    bar = tqdm(total=len(tasks), unit='image', desc='sub-images', disable=not progress)
+    pool = Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap_unordered(_process_image, tasks) if pool else map(_process_image, tasks)
+        for _name, stems, written, error, warning in results:
+            bar.update(1)
+            keys.extend(stems)
+            result.num_written += written
+            if error:
+                result.failed.append(error)
+                tqdm.write(f'skipped: {error}')
+            if warning:
+                result.warnings.append(warning)
+                tqdm.write(f'warning: {warning}')
+    finally:
+        bar.close()
+        if pool:
+            pool.close()
+            pool.join()
+    keys.sort()
+    result.num_sub_images = len(keys)
+    if make_lmdb and keys:
+        for folder in (hr_sub, *lr_subs.values()):
+            build_lmdb(folder, keys)
+            result.lmdb_folders.append(folder + '.lmdb')
+    return result

@@ -1,0 +1,197 @@
+"""`basicsr prepare` (sub-images, bicubic LR, LMDB) and the embedded demo data set."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+from basicsr.data.paired_image_dataset import PairedImageDataset
+from basicsr.utils.matlab_functions import imresize
+
+import esc_arch  # noqa: F401  (before basicsr)
+from esc_arch.cli import main as cli_main
+from esc_arch.data import demo, image_files
+from esc_arch.data.prepare import output_folders, patch_origins, prepare_dataset
+
+CROP, STEP, THRESH = 48, 24, 8
+# (h, w) -> patches, counted by hand with BasicSR's rule (origins range(0, L - crop + 1, step), plus
+# L - crop when the remainder exceeds thresh), origins aligned to lcm(2, 3, 4) = 12:
+#   108: 0 24 48, remainder 12 > 8 -> +60          132: 0 24 48 72, remainder 12 > 8 -> +84
+#    96: 0 24 48, remainder 0                       100: 0 24 48, remainder 4 > 8? no
+#   130: 0 24 48 72, remainder 10 > 8 -> 82, aligned down to 72 = last origin -> dropped
+SIZES = {'a': ((108, 132), 4 * 5), 'b': ((96, 96), 3 * 3), 'c': ((100, 130), 3 * 4)}
+
+
+def test_patch_origins_follow_basicsr_rule():
+    assert patch_origins(108, 48, 24, 8) == [0, 24, 48, 60]
+    assert patch_origins(108, 48, 24, 12) == [0, 24, 48]  # remainder 12 is not above thresh 12
+    assert patch_origins(100, 48, 24, 2) == [0, 24, 48, 52]  # unaligned: BasicSR's last patch
+    assert patch_origins(100, 48, 24, 2, align=12) == [0, 24, 48]  # 52 -> 48, already there
+    assert patch_origins(40, 48, 24, 8) == []
+
+
+def _make_hr(folder):
+    rng = np.random.default_rng(0)
+    os.makedirs(folder)
+    for name, ((h, w), _) in SIZES.items():
+        # smooth random images: bicubic of noise would be dominated by the clipping
+        small = rng.integers(0, 256, (h // 4 + 2, w // 4 + 2, 3), dtype=np.uint8)
+        cv2.imwrite(os.path.join(folder, f'{name}.png'), cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC))
+    return folder
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp('prep')
+    hr = _make_hr(str(root / 'Tiny_HR'))
+    out = str(root / 'out')
+    result = prepare_dataset(hr, out, scales=(2, 3, 4), crop=CROP, step=STEP, thresh=THRESH, workers=1,
+                             progress=False)
+    return hr, out, result
+
+
+def test_prepare_counts_sizes_and_names(prepared):
+    hr, out, result = prepared
+    hr_sub, lr_subs = output_folders(hr, out, (2, 3, 4))
+    assert hr_sub == os.path.join(out, 'Tiny_HR_sub')
+    assert lr_subs[4] == os.path.join(out, 'Tiny_LR_bicubic', 'X4_sub')
+    expected = sum(n for _, n in SIZES.values())
+    assert result.num_sub_images == expected and not result.failed
+    names = sorted(os.listdir(hr_sub))
+    assert len(names) == expected
+    assert names[:2] == ['a_s001.png', 'a_s002.png'] and f'a_s{SIZES["a"][1]:03d}.png' in names
+    for scale, folder in lr_subs.items():
+        assert sorted(os.listdir(folder)) == names
+        for name in names[::7]:
+            assert cv2.imread(os.path.join(folder, name)).shape == (CROP // scale, CROP // scale, 3)
+    assert cv2.imread(os.path.join(hr_sub, names[0])).shape == (CROP, CROP, 3)
+
+
+def test_lr_is_cut_from_the_whole_image_at_the_right_place(prepared):
+    hr, out, _ = prepared
+    hr_sub, lr_subs = output_folders(hr, out, (2, 3, 4))
+    # Away from its border, an LR patch must equal the bicubic of its own HR patch: true only when
+    # the LR crop sits exactly at origin / scale in the whole-image LR.
+    for scale in (2, 3, 4):
+        for name in ('a_s007.png', 'c_s012.png'):
+            sub_hr = cv2.imread(os.path.join(hr_sub, name)).astype(np.float32) / 255
+            own = np.clip(np.round(imresize(sub_hr, 1 / scale) * 255), 0, 255)
+            lr = cv2.imread(os.path.join(lr_subs[scale], name)).astype(np.float32)
+            border = 3
+            diff = np.abs(own - lr)[border:-border, border:-border]
+            assert diff.max() <= 1, (scale, name, diff.max())
+
+
+def test_lmdb_reads_with_basicsr_paired_dataset(prepared):
+    hr, out, result = prepared
+    hr_sub, lr_subs = output_folders(hr, out, (4,))
+    assert hr_sub + '.lmdb' in result.lmdb_folders
+    opt = {'dataroot_gt': hr_sub + '.lmdb', 'dataroot_lq': lr_subs[4] + '.lmdb', 'io_backend': {'type': 'lmdb'},
+           'phase': 'val', 'scale': 4, 'filename_tmpl': '{}'}
+    dataset = PairedImageDataset(opt)
+    assert len(dataset) == result.num_sub_images
+    item = dataset[5]
+    assert tuple(item['gt'].shape) == (3, CROP, CROP) and tuple(item['lq'].shape) == (3, CROP // 4, CROP // 4)
+    png = cv2.imread(os.path.join(lr_subs[4], item['lq_path'] + '.png'))[:, :, ::-1].astype(np.float32) / 255
+    np.testing.assert_allclose(item['lq'].numpy().transpose(1, 2, 0), png, atol=1e-6)
+
+
+def test_rerun_is_a_no_op_and_repairs_missing_or_truncated_files(prepared):
+    hr, out, _ = prepared
+    hr_sub, lr_subs = output_folders(hr, out, (2, 3, 4))
+    mdb = os.path.join(hr_sub + '.lmdb', 'data.mdb')
+    stamp = os.stat(mdb).st_mtime_ns
+    again = prepare_dataset(hr, out, scales=(2, 3, 4), crop=CROP, step=STEP, thresh=THRESH, progress=False)
+    assert again.num_written == 0 and os.stat(mdb).st_mtime_ns == stamp
+    os.remove(os.path.join(lr_subs[3], 'b_s004.png'))
+    truncated = os.path.join(hr_sub, 'c_s002.png')
+    data = open(truncated, 'rb').read()
+    with open(truncated, 'wb') as f:
+        f.write(data[:len(data) // 2])
+    repaired = prepare_dataset(hr, out, scales=(2, 3, 4), crop=CROP, step=STEP, thresh=THRESH, progress=False)
+    assert repaired.num_written == 2
+    assert cv2.imread(truncated).shape == (CROP, CROP, 3)
+    assert not [n for n in os.listdir(hr_sub) if n.endswith('.tmp')]
+
+
+def test_corrupt_image_is_named_skipped_and_fails_the_command(tmp_path, capsys):
+    hr = _make_hr(str(tmp_path / 'Bad_HR'))
+    with open(os.path.join(hr, 'broken.png'), 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n not really a png')
+    rc = cli_main(['prepare', '-i', hr, '-o', str(tmp_path / 'out'), '--scales', '2', '3', '4', '--crop', '48',
+                   '--step', '24', '--thresh', '8', '--workers', '1', '--no-lmdb'])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert 'broken.png' in err and 'cannot read image' in err
+    assert len(os.listdir(tmp_path / 'out' / 'Bad_LR_bicubic' / 'X4_sub')) == sum(n for _, n in SIZES.values())
+
+
+def test_bad_settings_give_one_clear_error(tmp_path, capsys):
+    hr = _make_hr(str(tmp_path / 'X_HR'))
+    rc = cli_main(['prepare', '-i', hr, '--scales', '3', '--crop', '64', '--step', '32'])
+    assert rc == 2 and 'scale 3 does not divide' in capsys.readouterr().err
+    rc = cli_main(['prepare', '-i', str(tmp_path / 'missing')])
+    assert rc == 2 and 'does not exist' in capsys.readouterr().err
+
+
+@pytest.fixture(scope='module')
+def demo_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('demo') / 'demo')
+    demo.ensure_demo_data(root, verbose=False)
+    return root
+
+
+def test_demo_builds_train_and_val_with_exact_lr_sizes(demo_root):
+    paths = demo.demo_paths(demo_root)
+    for split, names in demo.SPLITS.items():
+        assert sorted(os.listdir(paths[split]['HR'])) == sorted(n + '.png' for n in names)
+        for name in names:
+            hr = cv2.imread(os.path.join(paths[split]['HR'], name + '.png'))
+            assert hr.shape[0] % 12 == 0 and hr.shape[1] % 12 == 0 and hr.shape[2] == 3
+            for scale in demo.SCALES:
+                lr = cv2.imread(os.path.join(paths[split][f'X{scale}'], name + '.png'))
+                assert lr.shape == (hr.shape[0] // scale, hr.shape[1] // scale, 3)
+    assert not set(os.listdir(paths['train']['HR'])) & set(os.listdir(paths['val']['HR']))
+
+
+def test_demo_second_call_writes_nothing(demo_root, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError('ensure_demo_data wrote a file on a complete data set')
+
+    monkeypatch.setattr(demo, 'write_png_atomic', fail)
+    monkeypatch.setattr(demo, '_load_sample', fail)
+    assert demo.ensure_demo_data(demo_root, verbose=False) == demo.demo_paths(demo_root)
+
+
+def test_demo_rebuilds_only_what_is_missing(demo_root, monkeypatch):
+    victim = os.path.join(demo.demo_paths(demo_root)['val']['X3'], demo.VAL_IMAGES[0] + '.png')
+    before = open(victim, 'rb').read()
+    os.remove(victim)
+    written = []
+    real_write = image_files.write_png_atomic
+    monkeypatch.setattr(demo, 'write_png_atomic', lambda path, img: (written.append(path), real_write(path, img)))
+    demo.ensure_demo_data(demo_root, verbose=False)
+    assert written == [victim] and open(victim, 'rb').read() == before
+
+
+def test_demo_is_found_from_option_paths(demo_root):
+    opt = {'datasets': {'train': {'dataroot_gt': os.path.join(demo_root, 'train', 'HR'),
+                                  'dataroot_lq': os.path.join(demo_root, 'train', 'LR_bicubic', 'X2')},
+                        'val': {'dataroot_gt': 'datasets/Benchmarks/Set5/HR'}}}
+    assert demo.ensure_demo_data_for_options(opt) == [demo_root]
+    assert demo.ensure_demo_data_for_options({'demo_root': demo_root, 'datasets': {}}) == [demo_root]
+    assert demo.ensure_demo_data_for_options({'datasets': {'val': {'dataroot_gt': 'elsewhere/train/HR'}}}) == []
+
+
+def test_bicubic_baseline_matches_a_direct_computation(demo_root):
+    from basicsr.metrics.psnr_ssim import calculate_psnr
+
+    scores = demo.bicubic_baseline(demo_root, scale=4)
+    name = demo.VAL_IMAGES[1]
+    paths = demo.demo_paths(demo_root)['val']
+    hr = cv2.imread(os.path.join(paths['HR'], name + '.png'))
+    lr = cv2.imread(os.path.join(paths['X4'], name + '.png'))
+    up = cv2.resize(lr, (hr.shape[1], hr.shape[0]), interpolation=cv2.INTER_CUBIC)
+    # OpenCV's bicubic (a = -0.75) differs from MATLAB's (a = -0.5) but must land within ~1 dB.
+    direct = calculate_psnr(up, hr, crop_border=4, test_y_channel=True)
+    assert set(scores) == set(demo.VAL_IMAGES)
+    assert abs(scores[name] - direct) < 1.0 and 20 < scores[name] < 45
