@@ -16,14 +16,11 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from .archs import layers
 
 ONNX_TOLERANCE = {'fp32': 1e-4, 'fp16': 1e-2}
 EXPORT_ATTN_TYPES = ('naive', 'sdpa')
@@ -63,38 +60,6 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def _depthwise_by_shifts(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """``layers.per_sample_depthwise`` without batch-dependent conv groups (for tracing)."""
-    _, c, h, w = x.shape
-    k = kernel.shape[-1]
-    kernel = kernel.reshape(-1, c, k * k, 1, 1)
-    padded = F.pad(x, [k // 2] * 4)
-    out = None
-    for i in range(k):
-        for j in range(k):
-            term = padded[:, :, i:i + h, j:j + w] * kernel[:, :, i * k + j]
-            out = term if out is None else out + term
-    return out
-
-
-@contextmanager
-def traceable_layers():
-    """While tracing: the per-sample depthwise conv as shifted products (any batch), and the
-    dense large-kernel conv without an FFT path (no FFT in the exported graph)."""
-    patches = [(layers, 'per_sample_depthwise', _depthwise_by_shifts)]
-    large_kernel = getattr(layers, 'LargeKernel', None)
-    if large_kernel is not None and hasattr(large_kernel, 'use_fft'):
-        patches.append((large_kernel, 'use_fft', lambda self, x: False))
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    try:
-        for owner, name, value in patches:
-            setattr(owner, name, value)
-        yield
-    finally:
-        for owner, name, value in originals:
-            setattr(owner, name, value)
-
-
 class PadRunCrop(nn.Module):
     """Reflect-pad H, W to a multiple of the window size, run ``model``, crop to scale x input.
 
@@ -130,7 +95,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, fp16
     sample = torch.rand(1, 3, 2 * window, 2 * window, dtype=dtype)
     tmp = _temp_path(path)
     try:
-        with traceable_layers(), warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter('ignore')  # TracerWarnings on the shape arithmetic, checked by verify_onnx
             torch.onnx.export(wrapper, (sample, ), os.fspath(tmp), dynamo=False, opset_version=opset,
                               input_names=['input'], output_names=['output'],

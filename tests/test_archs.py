@@ -304,3 +304,13 @@ def test_standalone_conv_attn_leaves_input_alone():
     with torch.no_grad():
         attn(x)
     assert torch.equal(x, before)
+
+
+def test_traceable_depthwise_matches_grouped_conv(monkeypatch):
+    from esc_arch.archs import layers
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    kernel = torch.randn(6, 1, 3, 3, dtype=torch.float64)
+    grouped = layers.per_sample_depthwise(x, kernel)
+    monkeypatch.setattr(layers, 'tracing', lambda: True)
+    assert torch.allclose(layers.per_sample_depthwise(x, kernel), grouped, atol=1e-12)
+    assert not layers.LargeKernel(kernel).use_fft(torch.randn(1, 1, 64, 64, dtype=torch.float64))

@@ -47,13 +47,26 @@ def symmetrize_filter(kernel: torch.Tensor) -> torch.Tensor:
     return torch.stack(images).mean(0)
 
 
+def tracing() -> bool:
+    """True while exporting (ONNX / TorchScript): graph-friendly code paths are used."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def per_sample_depthwise(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Depthwise conv where every sample has its own kernel.
 
-    x: (B, C, H, W); kernel: (B*C, 1, k, k), sample-major. Padding k//2.
+    x: (B, C, H, W); kernel: (B*C, 1, k, k), sample-major. Padding k//2. The batch is folded
+    into the conv groups; while tracing, where groups cannot depend on the batch size, the
+    same sum is written as k*k shifted products.
     """
     b, c, h, w = x.shape
-    out = F.conv2d(x.reshape(1, b * c, h, w), kernel, padding=kernel.shape[-1] // 2, groups=b * c)
+    k = kernel.shape[-1]
+    if tracing():
+        weights = kernel.reshape(-1, c, k * k, 1, 1)
+        padded = F.pad(x, [k // 2] * 4)
+        terms = [padded[:, :, i:i + h, j:j + w] * weights[:, :, i * k + j] for i in range(k) for j in range(k)]
+        return torch.stack(terms).sum(0)
+    out = F.conv2d(x.reshape(1, b * c, h, w), kernel, padding=k // 2, groups=b * c)
     return out.view(b, c, h, w)
 
 
@@ -86,7 +99,7 @@ class LargeKernel:
         self._spectra = {}
 
     def use_fft(self, x: torch.Tensor) -> bool:
-        return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
+        return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64) and not tracing()
                 and x.shape[-2] * x.shape[-1] >= self.FFT_MIN_PIXELS
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
 
@@ -101,8 +114,15 @@ class LargeKernel:
         size = (_fft_friendly(h + k - 1), _fft_friendly(w + k - 1))  # linear, not circular
         key = (size, x.dtype)
         if key not in self._spectra:  # conv2d is a correlation: convolve with the flipped filter
-            self._spectra[key] = torch.fft.rfft2(self.weight.to(x.dtype).flip(-2, -1), s=size)
-        spectrum = torch.einsum('bihw,oihw->bohw', torch.fft.rfft2(x, s=size), self._spectra[key])
+            flipped = self.weight.to(x.dtype).flip(-2, -1).transpose(0, 1)  # (in, out, K, K)
+            self._spectra[key] = torch.fft.rfft2(flipped, s=size)
+        kernel = self._spectra[key]
+        signal = torch.fft.rfft2(x, s=size)  # (B, in, h, w)
+        # sum over input channels as broadcast multiply-adds: a batched matmul would first
+        # copy the (large) kernel spectrum into matmul layout on every call
+        spectrum = signal[:, :1] * kernel[0]
+        for i in range(1, kernel.shape[0]):
+            spectrum.add_(signal[:, i:i + 1] * kernel[i])
         pad = k // 2
         return torch.fft.irfft2(spectrum, s=size)[..., pad:pad + h, pad:pad + w]
 
@@ -129,7 +149,9 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        # back to plain NCHW: a channels-last view here would drag the following convs and
+        # GELUs onto much slower CPU kernels
+        return x.permute(0, 3, 1, 2).contiguous()
 
 
 class ConvFFN(nn.Module):
