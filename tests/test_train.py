@@ -1,0 +1,307 @@
+"""`basicsr train` / `basicsr test` through the real command, on tiny generated data (CPU).
+
+The subprocess tests run ``python -m esc_arch.cli`` (what the ``basicsr`` script runs) in a
+temporary folder; the in-process tests check the model's pieces directly.
+"""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from esc_arch import ESC
+from esc_arch.archs.layers import reflect_pad_to_multiple, resample_subpixel_conv
+from esc_arch.cli import main as cli_main
+from esc_arch.models.esr_model import ESCSRModel, atomic_torch_save, resolve_amp
+
+SCALE = 4
+TINY_ESC = dict(type='ESC', dim=16, pdim=4, kernel_size=7, n_blocks=1, conv_blocks=1, window_size=4, num_heads=2,
+                upscaling_factor=SCALE, exp_ratio=1.25)
+ENV = dict(os.environ, OMP_NUM_THREADS='2', PYTHONWARNINGS='ignore')
+
+
+def make_pairs(root: Path) -> Path:
+    """4 pairs: HR 32x32, LR 8x8 (area-downscaled HR), as PairedImageDataset reads them."""
+    rng = np.random.default_rng(0)
+    (root / 'hr').mkdir(parents=True)
+    (root / 'lr').mkdir()
+    for index in range(4):
+        base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        hr = cv2.resize(base, (32, 32), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(root / 'hr' / f'{index:03d}.png'), hr)
+        cv2.imwrite(str(root / 'lr' / f'{index:03d}.png'), cv2.resize(hr, (8, 8), interpolation=cv2.INTER_AREA))
+    return root
+
+
+def paired(name: str, data: Path, **extra) -> dict:
+    return dict(name=name, type='PairedImageDataset', dataroot_gt=str(data / 'hr'), dataroot_lq=str(data / 'lr'),
+                io_backend=dict(type='disk'), **extra)
+
+
+def train_options(data: Path, name: str = 'tiny', **train) -> dict:
+    train_opt = dict(ema_decay=0.999, optim_g=dict(type='AdamW', lr=5e-4, weight_decay=0, betas=[0.9, 0.9]),
+                     scheduler=dict(type='MultiStepLR', milestones=[1000], gamma=0.5), total_iter=4, warmup_iter=2,
+                     grad_clip=1.0, pixel_opt=dict(type='L1Loss', loss_weight=1.0, reduction='mean'))
+    train_opt.update(train)
+    return dict(
+        name=name, model_type='ESCSRModel', scale=SCALE, num_gpu=0, manual_seed=0,
+        datasets=dict(train=paired('tiny', data, gt_size=16, use_hflip=True, use_rot=True, num_worker_per_gpu=0,
+                                   batch_size_per_gpu=2, dataset_enlarge_ratio=1),
+                      val=paired('tinyval', data)),
+        network_g=dict(TINY_ESC), path=dict(pretrain_network_g=None, strict_load_g=True, resume_state=None),
+        train=train_opt,
+        val=dict(val_freq=2, save_img=False,
+                 metrics=dict(psnr=dict(type='calculate_psnr', crop_border=SCALE, test_y_channel=True))),
+        logger=dict(print_freq=1, save_checkpoint_freq=2, use_tb_logger=False))
+
+
+def write_yaml(path: Path, opt: dict) -> Path:
+    path.write_text(yaml.safe_dump(opt, sort_keys=False))
+    return path
+
+
+def basicsr(*args, cwd, timeout=120):
+    return subprocess.run([sys.executable, '-m', 'esc_arch.cli', *map(str, args)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def newest_log(folder: Path) -> str:
+    return max(folder.glob('*.log'), key=lambda p: p.stat().st_mtime).read_text()
+
+
+# ---------------------------------------------------------------------------------- subprocess
+def test_train_kill_resume_then_test(tmp_path):
+    data = make_pairs(tmp_path / 'data')
+    opt = train_options(data, total_iter=100000)
+    opt['logger']['save_checkpoint_freq'] = 1
+    opt_file = write_yaml(tmp_path / 'train.yml', opt)
+    experiment = tmp_path / 'experiments' / 'tiny'
+    states = experiment / 'training_states'
+
+    # 1. train until a state is saved, then kill -9 (no chance to clean up)
+    proc = subprocess.Popen([sys.executable, '-m', 'esc_arch.cli', 'train', '-opt', str(opt_file)], cwd=tmp_path,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(states.glob('*.state')) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, f'training ended early (rc {proc.returncode})'
+        assert list(states.glob('*.state')), 'no training state within 60 s'
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = sorted(int(p.stem) for p in states.glob('*.state'))
+    for it in saved:  # atomic writes: every visible file is complete
+        state = torch.load(states / f'{it}.state', weights_only=True)
+        assert state['iter'] == it
+        net = torch.load(experiment / 'models' / f'net_g_{it}.pth', weights_only=True)
+        assert set(net) == {'params', 'params_ema'}
+    last = saved[-1]
+
+    # 2. --auto_resume continues from the newest state
+    result = basicsr('train', '-opt', opt_file, '--auto_resume', '--force_yml', f'train:total_iter={last + 2}',
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = newest_log(experiment)
+    assert re.search(rf'Resuming training from epoch: \d+, iter: {last}\.', log)
+    assert re.search(rf'Start training from epoch: \d+, iter: {last}\n', log)
+    assert re.search(rf'iter:\s+{last + 1},', log)
+    assert not re.search(r'iter:\s+1,', log)  # did not start over
+    assert re.search(r'# psnr: \d+\.\d+', log)
+    assert (experiment / 'models' / 'net_g_latest.pth').is_file()
+    assert (states / f'{last + 2}.state').is_file()
+
+    # 3. basicsr test on the trained model: images and a PSNR line
+    test_opt = dict(name='tiny_test', model_type='ESRModel', scale=SCALE, num_gpu=0,
+                    datasets=dict(test_1=paired('tinytest', data)), network_g=dict(TINY_ESC),
+                    path=dict(pretrain_network_g=str(experiment / 'models' / 'net_g_latest.pth'),
+                              param_key_g='params_ema', strict_load_g=True),
+                    val=dict(save_img=True, suffix=None,
+                             metrics=dict(psnr=dict(type='calculate_psnr', crop_border=SCALE, test_y_channel=True))))
+    result = basicsr('test', '-opt', write_yaml(tmp_path / 'test.yml', test_opt), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r'# psnr: \d+\.\d+', result.stdout + result.stderr)
+    images = sorted((tmp_path / 'results' / 'tiny_test' / 'visualization' / 'tinytest').glob('*.png'))
+    assert len(images) == 4
+    assert cv2.imread(str(images[0])).shape == (32, 32, 3)
+
+
+def test_nan_loss_stops_with_message(tmp_path):
+    data = make_pairs(tmp_path / 'data')
+    opt = train_options(data, name='diverge', total_iter=50, warmup_iter=-1, grad_clip=None, ema_decay=0,
+                        optim_g=dict(type='Adam', lr=1e30))  # a real divergence: weights overflow
+    opt['logger']['save_checkpoint_freq'] = 1
+    opt.pop('val')
+    opt['datasets'].pop('val')
+    result = basicsr('train', '-opt', write_yaml(tmp_path / 'diverge.yml', opt), cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    match = re.search(r'loss is (nan|inf) at iteration (\d+); stopping \(last good state: (\S+)\)', output)
+    assert match, output[-3000:]
+    iteration, state = int(match.group(2)), Path(match.group(3))
+    assert iteration > 1 and state.name == f'{iteration - 1}.state' and state.is_file()
+    assert 'Traceback' not in output
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason='torch without distributed')
+def test_cpu_ddp_with_torchrun(tmp_path):
+    data = make_pairs(tmp_path / 'data')
+    opt = train_options(data, name='ddp', total_iter=2, amp='bf16')
+    opt['logger']['save_checkpoint_freq'] = 2
+    opt_file = write_yaml(tmp_path / 'ddp.yml', opt)
+    torchrun = shutil.which('torchrun', path=os.path.dirname(sys.executable)) or 'torchrun'
+    result = subprocess.run([torchrun, '--standalone', '--nproc_per_node=2', '-m', 'esc_arch.cli', 'train', '-opt',
+                             str(opt_file), '--launcher', 'pytorch'], cwd=tmp_path, env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    log = newest_log(tmp_path / 'experiments' / 'ddp')
+    assert re.search(r'World size \(gpu number\): 2', log)
+    assert 'Mixed precision: bfloat16 autocast' in log
+    assert re.search(r'iter:\s+2,', log)
+    assert (tmp_path / 'experiments' / 'ddp' / 'models' / 'net_g_latest.pth').is_file()
+
+
+# ---------------------------------------------------------------------------------- in-process
+def run_cli(capsys, *argv):
+    code = cli_main(list(map(str, argv)))
+    return code, capsys.readouterr().err.strip()
+
+
+def test_option_errors_name_the_problem(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = make_pairs(tmp_path / 'data')
+    bad = tmp_path / 'broken.yml'
+    bad.write_text('name: x\n  model_type: [\n')
+    code, err = run_cli(capsys, 'train', '-opt', bad)
+    assert code == 2 and err.count('\n') == 0 and 'broken.yml' in err and 'line 2' in err
+
+    opt = train_options(data)
+    opt['datasets']['train']['dataroot_lq'] = str(tmp_path / 'nowhere' / 'lr')
+    code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'missing.yml', opt))
+    assert code == 2 and str(tmp_path / 'nowhere' / 'lr') in err and err.count('\n') == 0
+
+    opt = train_options(data)
+    opt['network_g']['type'] = 'NoSuchNet'
+    code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'arch.yml', opt))
+    assert code == 2 and err.count('\n') == 0, err
+    assert "unknown arch 'NoSuchNet'" in err and 'arch.yml' in err
+    for name in ('ESC', 'ESCFP', 'SwinIR', 'EDSR', 'RCAN'):
+        assert re.search(rf'\b{name}\b', err)
+
+    opt = train_options(data)
+    opt['network_g']['deployment'] = True  # not an ESC argument: named, with the ones it takes
+    code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'kwarg.yml', opt))
+    assert code == 2 and 'unknown option(s) deployment' in err and 'window_size' in err
+
+    opt = train_options(data)
+    opt['model_type'] = 'NoSuchModel'
+    code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'model.yml', opt))
+    assert code == 2 and "'NoSuchModel'" in err and 'ESCSRModel' in err and 'ESRModel' in err
+
+    code, err = run_cli(capsys, 'test', '-opt', tmp_path / 'absent.yml')
+    assert code == 2 and 'absent.yml' in err
+    assert not (tmp_path / 'experiments').exists()
+
+
+def model_options(tmp_path, is_train=True, network=None, **train):
+    opt = train_options(Path('unused'), **train)
+    opt.update(is_train=is_train, dist=False, rank=0, world_size=1, auto_resume=False,
+               network_g=network or dict(TINY_ESC))
+    opt['path'].update(models=str(tmp_path), training_states=str(tmp_path))
+    return opt
+
+
+@pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
+def test_warmup_is_linear_and_ends_at_the_base_lr(tmp_path):
+    model = ESCSRModel(model_options(tmp_path, warmup_iter=4, scheduler=dict(type='MultiStepLR', milestones=[6],
+                                                                             gamma=0.5)))
+    lrs = []
+    for it in range(1, 9):
+        model.update_learning_rate(it, warmup_iter=4)
+        lrs.append(model.get_current_learning_rate()[0] / 5e-4)
+    # BasicSR's own version stays at 3/4 after the warm-up with MultiStepLR; a milestone m
+    # takes effect at iteration m + 1 (BasicSR steps the scheduler from iteration 2 on)
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1, 0.5, 0.5])
+
+
+def test_optimizers_and_amp_settings(tmp_path):
+    model = ESCSRModel(model_options(tmp_path, optim_g=dict(type='Adam', lr=1e-3)))
+    assert type(model.optimizer_g) is torch.optim.Adam
+    assert type(ESCSRModel(model_options(tmp_path)).optimizer_g) is torch.optim.AdamW
+    with pytest.raises(ValueError, match='AdamW'):
+        ESCSRModel(model_options(tmp_path, optim_g=dict(type='Adamm', lr=1e-3)))
+    cpu = torch.device('cpu')
+    assert resolve_amp(False, cpu) == (None, False) and resolve_amp(None, cpu) == (None, False)
+    assert resolve_amp('bf16', cpu) == (torch.bfloat16, False)
+    assert resolve_amp('fp16', cpu) == (torch.bfloat16, False)  # no fp16 autocast on CPU
+    with pytest.raises(ValueError, match='bf16, fp16 or false'):
+        resolve_amp('int8', cpu)
+
+
+def test_validation_pads_to_the_window_and_crops_back(tmp_path):
+    model = ESCSRModel(model_options(tmp_path, is_train=False))
+    net = model.net_g
+    model.lq = torch.rand(1, 3, 10, 9)
+    model.test()
+    assert model.output.shape == (1, 3, 10 * SCALE, 9 * SCALE)
+    with torch.no_grad():
+        expected = net.eval()(reflect_pad_to_multiple(model.lq, 4))[..., :10 * SCALE, :9 * SCALE]
+    torch.testing.assert_close(model.output, expected)
+
+
+@pytest.mark.parametrize('strict', [True, False])
+def test_pretrained_network_from_another_scale_loads(tmp_path, strict):
+    x2 = ESC(**{**{k: v for k, v in TINY_ESC.items() if k != 'type'}, 'upscaling_factor': 2})
+    path = tmp_path / 'x2.pth'
+    torch.save({'params': x2.state_dict(), 'params_ema': x2.state_dict()}, path)
+    opt = model_options(tmp_path, is_train=False)
+    opt['path'].update(pretrain_network_g=str(path), param_key_g='params_ema', strict_load_g=strict)
+    model = ESCSRModel(opt)
+    resampled = {k: v.clone() for k, v in x2.state_dict().items()}
+    resample_subpixel_conv(resampled, '', 3, SCALE)
+    assert model.net_g.to_img.weight.shape[0] == 3 * SCALE**2
+    torch.testing.assert_close(model.net_g.state_dict()['to_img.weight'], resampled['to_img.weight'])
+    torch.testing.assert_close(model.net_g.state_dict()['proj.weight'], x2.state_dict()['proj.weight'])
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    target = tmp_path / 'net_g_1.pth'
+    atomic_torch_save({'params': {'w': torch.ones(2)}}, str(target))
+    real_save = torch.save
+
+    def dies_halfway(obj, file, *args, **kwargs):
+        file.write(b'partial')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(torch, 'save', dies_halfway)
+    with pytest.raises(OSError, match='disk full'):
+        atomic_torch_save({'params': {'w': torch.zeros(2)}}, str(target))
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert torch.load(target, weights_only=True)['params']['w'].tolist() == [1, 1]
+    assert [p.name for p in tmp_path.iterdir()] == ['net_g_1.pth']  # no temp file left
+
+
+def test_auto_resume_skips_an_unreadable_newest_state(tmp_path, capsys):
+    from esc_arch.commands._pipeline import load_resume_state
+    states, models = tmp_path / 'training_states', tmp_path / 'models'
+    states.mkdir()
+    models.mkdir()
+    atomic_torch_save({'epoch': 0, 'iter': 2, 'optimizers': [], 'schedulers': []}, str(states / '2.state'))
+    atomic_torch_save({'params': {}}, str(models / 'net_g_2.pth'))
+    (states / '4.state').write_bytes(b'truncated by a crash')  # e.g. written by a non-atomic save
+    opt = dict(auto_resume=True, num_gpu=0, network_g=dict(TINY_ESC),
+               path=dict(training_states=str(states), models=str(models), resume_state=None))
+    state = load_resume_state(opt)
+    assert state['iter'] == 2 and opt['path']['resume_state'] == str(states / '2.state')
+    assert opt['path']['pretrain_network_g'] == str(models / 'net_g_2.pth')
+    assert '4.state' in capsys.readouterr().out
