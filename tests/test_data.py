@@ -4,6 +4,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+import torch
 from basicsr.data.paired_image_dataset import PairedImageDataset
 from basicsr.utils.matlab_functions import imresize
 
@@ -195,3 +196,30 @@ def test_bicubic_baseline_matches_a_direct_computation(demo_root):
     direct = calculate_psnr(up, hr, crop_border=4, test_y_channel=True)
     assert set(scores) == set(demo.VAL_IMAGES)
     assert abs(scores[name] - direct) < 1.0 and 20 < scores[name] < 45
+
+
+def test_model_report_matches_a_direct_computation(demo_root, tmp_path, capsys):
+    from basicsr.metrics.psnr_ssim import calculate_psnr
+
+    from esc_arch import ESC
+
+    # With a zero `to_img`, ESC's output is exactly its nearest-neighbour image skip.
+    net = ESC(dim=16, pdim=4, kernel_size=7, n_blocks=1, conv_blocks=1, window_size=8, num_heads=2,
+              upscaling_factor=2)
+    torch.nn.init.zeros_(net.to_img.weight)
+    torch.nn.init.zeros_(net.to_img.bias)
+    checkpoint = str(tmp_path / 'nearest.pth')
+    torch.save({'params_ema': net.state_dict()}, checkpoint)
+    scale, scores = demo.model_psnr(checkpoint, demo_root)
+    assert scale == 2 and set(scores) == set(demo.VAL_IMAGES)
+    paths = demo.demo_paths(demo_root)['val']
+    for name in demo.VAL_IMAGES:
+        hr = cv2.imread(os.path.join(paths['HR'], name + '.png'))
+        lr = cv2.imread(os.path.join(paths['X2'], name + '.png'))
+        nearest = cv2.resize(lr, (hr.shape[1], hr.shape[0]), interpolation=cv2.INTER_NEAREST)
+        assert scores[name] == pytest.approx(calculate_psnr(nearest, hr, crop_border=2, test_y_channel=True),
+                                             abs=1e-6)
+    rc = cli_main(['prepare', '--demo', '-o', demo_root, '--report-model', checkpoint])
+    out = capsys.readouterr().out
+    assert rc == 0 and 'bicubic x2 PSNR-Y' in out and f'{demo.VAL_IMAGES[0]} {scores[demo.VAL_IMAGES[0]]:.2f}' in out
+    assert cli_main(['prepare', '--demo', '-o', demo_root, '--report-model', str(tmp_path / 'none.pth')]) == 2

@@ -20,6 +20,14 @@ def add_arguments(parser):
                         help='build the embedded demo data set (scikit-image photographs) instead')
     parser.add_argument('--report-bicubic', action='store_true',
                         help='with --demo: print the bicubic PSNR (Y, crop = scale) of the validation images')
+    parser.add_argument('--report-model', metavar='CHECKPOINT',
+                        help='with --demo: print the PSNR of a trained checkpoint on the validation images, next to '
+                             'bicubic at its scale (e.g. experiments/train_ESC_demo/models/net_g_latest.pth)')
+
+
+def _print_scores(label: str, scores: dict) -> None:
+    per_image = ', '.join(f'{name} {psnr:.2f}' for name, psnr in scores.items())
+    print(f'{label} PSNR-Y (dB): {per_image}; mean {sum(scores.values()) / len(scores):.2f}')
 
 
 def run(args) -> int:
@@ -32,9 +40,17 @@ def run(args) -> int:
         print(f'train: {paths["train"]["HR"]}  val: {paths["val"]["HR"]}  (LR in .../LR_bicubic/X2, X3, X4)')
         if args.report_bicubic:
             for scale in args.scales:
-                scores = bicubic_baseline(root, scale)
-                per_image = ', '.join(f'{name} {psnr:.2f}' for name, psnr in scores.items())
-                print(f'bicubic x{scale} PSNR-Y (dB): {per_image}; mean {sum(scores.values()) / len(scores):.2f}')
+                _print_scores(f'bicubic x{scale}', bicubic_baseline(root, scale))
+        if args.report_model:
+            from esc_arch.data.demo import model_psnr
+            from esc_arch.loading import CheckpointError
+            try:
+                scale, scores = model_psnr(args.report_model, root)
+            except (CheckpointError, FileNotFoundError) as err:
+                print(f'basicsr prepare: {err}', file=sys.stderr)
+                return 2
+            _print_scores(f'bicubic x{scale}', bicubic_baseline(root, scale))
+            _print_scores(f'model   x{scale}', scores)
         return 0
     if not args.input:
         print('basicsr prepare: give -i HR_FOLDER (or --demo)', file=sys.stderr)

@@ -120,21 +120,42 @@ def ensure_demo_data_for_options(opt: dict) -> list[str]:
     return roots
 
 
-def bicubic_baseline(root: str = DEFAULT_DEMO_ROOT, scale: int = 4, split: str = 'val') -> dict[str, float]:
-    """PSNR (Y channel, crop = scale, BasicSR's ``calculate_psnr``) of bicubic up-scaling per image.
-
-    Bicubic here is the same MATLAB-style kernel used to make the LR, applied upwards.
-    """
+def validation_psnr(upscale, root: str = DEFAULT_DEMO_ROOT, scale: int = 2, split: str = 'val') -> dict[str, float]:
+    """Per-image PSNR (Y channel, crop = scale, BasicSR's ``calculate_psnr``) of ``upscale(lr_bgr_uint8)``."""
     import cv2
     from basicsr.metrics.psnr_ssim import calculate_psnr
-    from basicsr.utils.matlab_functions import imresize
 
     paths = ensure_demo_data(root, verbose=False)[split]
     scores = {}
     for name in SPLITS[split]:
         hr = cv2.imread(os.path.join(paths['HR'], name + '.png'), cv2.IMREAD_COLOR)
         lr = cv2.imread(os.path.join(paths[f'X{scale}'], name + '.png'), cv2.IMREAD_COLOR)
-        up = imresize(lr.astype(np.float32) / 255.0, scale)
-        up = np.clip(np.round(up * 255.0), 0, 255).astype(np.uint8)
-        scores[name] = float(calculate_psnr(up, hr, crop_border=scale, input_order='HWC', test_y_channel=True))
+        scores[name] = float(calculate_psnr(upscale(lr), hr, crop_border=scale, input_order='HWC',
+                                            test_y_channel=True))
     return scores
+
+
+def bicubic_baseline(root: str = DEFAULT_DEMO_ROOT, scale: int = 4, split: str = 'val') -> dict[str, float]:
+    """:func:`validation_psnr` of MATLAB-style bicubic up-scaling (the kernel that made the LR)."""
+    from basicsr.utils.matlab_functions import imresize
+
+    def upscale(lr):
+        up = imresize(lr.astype(np.float32) / 255.0, scale)
+        return np.clip(np.round(up * 255.0), 0, 255).astype(np.uint8)
+
+    return validation_psnr(upscale, root, scale, split)
+
+
+def model_psnr(checkpoint: str, root: str = DEFAULT_DEMO_ROOT, split: str = 'val') -> tuple[int, dict[str, float]]:
+    """(scale, :func:`validation_psnr`) of a trained checkpoint (``params_ema`` preferred), whole-image inference
+    with the LR reflect-padded to the window size as in validation."""
+    import torch
+
+    from ..inference import Upscaler
+    from ..loading import load_model
+
+    model = load_model(checkpoint)
+    scale = int(model.upscaling_factor)
+    upscaler = Upscaler(model)
+    with torch.inference_mode():
+        return scale, validation_psnr(upscaler.upscale_image, root, scale, split)
