@@ -207,14 +207,28 @@ def test_deploy_is_exact_and_reversible():
     with torch.no_grad():
         reference = model(x)
         model.deploy()
-        assert not model.symmetrize
+        assert model.deployed
         deployed = model(x)
         assert (deployed - reference).abs().max().item() <= 1e-6
         fresh = ESC(**tiny_config(upscaling_factor=3)).double().eval()
         fresh.load_state_dict(model.state_dict(), strict=True)
         assert (fresh(x) - reference).abs().max().item() <= 1e-6
     model.train()
-    assert model.symmetrize and model.blocks[0].attn._bias_cache is None
+    assert not model.deployed and model.blocks[0].attn._bias_cache is None
+
+
+def test_deployment_flag_and_loading_after_deploy():
+    reference = randomize_(ESC(**tiny_config()), seed=3).double().eval()
+    x = torch.rand(1, 3, 7, 9, dtype=torch.float64)
+    model = ESC(**tiny_config(), deployment=True).double().eval()  # the authors' test-option key
+    model.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max().item() <= 1e-12
+        assert model.deployed
+        other = randomize_(ESC(**tiny_config()), seed=4).double().eval()
+        model.load_state_dict(other.state_dict())  # raw (unsymmetrised) weights into a deployed model
+        assert not model.deployed
+        assert (model(x) - other(x)).abs().max().item() <= 1e-12
 
 
 def test_tiny_inputs_smaller_than_a_window():

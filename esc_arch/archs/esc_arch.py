@@ -29,29 +29,25 @@ class SharedFilterTrunk(ESCTrunk):
     """An ESC trunk whose ConvAttns share one dense, symmetrised ``plk_filter``."""
 
     def __init__(self, dim, pdim, kernel_size, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, use_ln,
-                 attn_type):
+                 attn_type, deployment):
         super().__init__(dim, pdim, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, proj_ratio=2,
-                         use_ln=use_ln, make_plk=ConvolutionalAttention, attn_type=attn_type, ln_last=False)
+                         use_ln=use_ln, make_plk=ConvolutionalAttention, attn_type=attn_type, ln_last=False,
+                         deployment=deployment)
         self.kernel_size = kernel_size
         self.plk_filter = _orthogonal_filter(pdim, kernel_size)
-        self.symmetrize = True  # False once deploy() stored the symmetrised filter
 
     def large_kernel_filters(self):
-        return (LargeKernel(symmetrize_filter(self.plk_filter) if self.symmetrize else self.plk_filter), )
+        # once deployed, plk_filter holds the symmetrised filter itself
+        return (LargeKernel(self.plk_filter if self.deployed else symmetrize_filter(self.plk_filter)), )
 
     @torch.no_grad()
     def deploy(self):
         # Symmetrisation is idempotent: the stored filter gives the same output whether or not
-        # a later model symmetrises it again, so deployed weights stay interchangeable.
-        if self.symmetrize:
+        # a later model symmetrises it again, so deployed weights stay interchangeable (and
+        # training after undeploy() goes on from the same function).
+        if not self.deployed:
             self.plk_filter.copy_(symmetrize_filter(self.plk_filter))
-            self.symmetrize = False
         return super().deploy()
-
-    def train(self, mode: bool = True):
-        if mode:
-            self.symmetrize = True  # training must keep the filter in the symmetric subspace
-        return super().train(mode)
 
 
 @ARCH_REGISTRY.register()
@@ -65,15 +61,16 @@ class ESC(SharedFilterTrunk):
         window_size: attention window side. num_heads: attention heads.
         upscaling_factor: scale. exp_ratio: ConvFFN expansion.
         use_ln: LayerNorm before each ConvFFN (ESC-XL). attn_type: 'auto', 'naive', 'sdpa', 'flex'.
+        deployment: call ``deploy()`` by itself on the first inference forward (the authors' key).
 
     A state dict trained at another scale loads: its ``to_img`` is re-sampled (one log line).
     """
 
     def __init__(self, dim: int, pdim: int, kernel_size: int, n_blocks: int, conv_blocks: int, window_size: int,
                  num_heads: int, upscaling_factor: int, exp_ratio: float = 2, use_ln: bool = False,
-                 attn_type: str = 'auto'):
+                 attn_type: str = 'auto', deployment: bool = False):
         super().__init__(dim, pdim, kernel_size, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, use_ln,
-                         attn_type)
+                         attn_type, deployment)
         self.upscaling_factor = upscaling_factor
         self.to_img = nn.Conv2d(dim, 3 * upscaling_factor**2, 3, padding=1)
         self.register_load_state_dict_pre_hook(_resample_to_img_hook)

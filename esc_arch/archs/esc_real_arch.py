@@ -16,11 +16,12 @@ class ESCReal(SharedFilterTrunk):
     """
 
     def __init__(self, dim: int, pdim: int, kernel_size: int, n_blocks: int, conv_blocks: int, window_size: int,
-                 num_heads: int, upscaling_factor: int = 4, exp_ratio: float = 2, attn_type: str = 'auto'):
+                 num_heads: int, upscaling_factor: int = 4, exp_ratio: float = 2, attn_type: str = 'auto',
+                 deployment: bool = False):
         if upscaling_factor != 4:
             raise ValueError(f'ESCReal supports upscaling_factor 4 only, got {upscaling_factor}')
         super().__init__(dim, pdim, kernel_size, n_blocks, conv_blocks, window_size, num_heads, exp_ratio,
-                         use_ln=True, attn_type=attn_type)
+                         use_ln=True, attn_type=attn_type, deployment=deployment)
         self.upscaling_factor = upscaling_factor
         self.to_img = nn.Sequential(
             nn.Upsample(scale_factor=2, mode='nearest'),

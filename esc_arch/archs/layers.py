@@ -404,8 +404,11 @@ class ESCTrunk(nn.Module):
 
     def __init__(self, dim: int, pdim: int, n_blocks: int, conv_blocks: int, window_size: int,
                  num_heads: int, exp_ratio: float, proj_ratio: float, use_ln: bool,
-                 make_plk: Callable[[int], nn.Module], attn_type: str, ln_last: bool):
+                 make_plk: Callable[[int], nn.Module], attn_type: str, ln_last: bool, deployment: bool = False):
         super().__init__()
+        self.deployment = deployment  # deploy() automatically on the first inference forward
+        self.deployed = False
+        self.register_load_state_dict_post_hook(_undeploy_after_load)
         if not 0 < pdim <= dim:
             raise ValueError(f'pdim ({pdim}) must be in 1..dim ({dim})')
         self.dim, self.pdim, self.window_size = dim, pdim, window_size
@@ -422,6 +425,8 @@ class ESCTrunk(nn.Module):
         raise NotImplementedError
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deployment and not self.training and not self.deployed:
+            self.deploy()
         feat = self.proj(x)
         skip = feat
         filters = self.large_kernel_filters()
@@ -444,13 +449,29 @@ class ESCTrunk(nn.Module):
         """Fold per-forward constant work for inference (outputs unchanged up to rounding).
 
         The state dict keeps its layout and meaning, so a deployed model saves and loads like
-        any other. Calling ``train()`` afterwards drops the caches again.
+        any other. ``train()`` or loading a state dict undoes it.
         """
         self.eval()
         for module in self.modules():
             if isinstance(module, WindowAttention):
                 module.deploy()
+        self.deployed = True
         return self
+
+    def undeploy(self):
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module._bias_cache = None
+        self.deployed = False
+
+    def train(self, mode: bool = True):
+        if mode and self.deployed:
+            self.undeploy()
+        return super().train(mode)
+
+
+def _undeploy_after_load(module, incompatible_keys):
+    module.undeploy()  # loaded weights are raw: fold them again when deploying
 
 
 def resample_subpixel_conv(state_dict: dict, prefix: str, channels: int, scale: int, log=None) -> None:
