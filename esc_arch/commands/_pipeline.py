@@ -297,6 +297,8 @@ def run(command: str, args) -> int:
     is_train = command == 'train'
     try:
         opt = load_options(args.opt, args.force_yml)
+        from esc_arch.data.demo import ensure_demo_data_for_options
+        ensure_demo_data_for_options(opt)  # the embedded demo set is built on first use (idempotent)
         check_options(opt, args.opt, is_train, args)
     except OptionError as exc:
         print(f'basicsr {command}: error: {exc}', file=sys.stderr)
