@@ -7,8 +7,9 @@ Method, as written into every record:
 
 * **params**: ``sum(p.numel() for p in model.parameters())``.
 * **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matmuls, one
-  multiply-add = 2 FLOPs) on a copy of the model moved to the ``meta`` device, so the exact count
-  at full size costs no compute. FlopCounterMode has no formula for the CPU kernel of
+  multiply-add = 2 FLOPs; ``macs`` = flops / 2, the unit many SR papers call "FLOPs") on a copy
+  of the model moved to the ``meta`` device, so the exact count at full size costs no compute.
+  FlopCounterMode has no formula for the CPU kernel of
   ``scaled_dot_product_attention``, so models with ``set_attn_type`` (the ESC family) are counted
   on a copy switched to the ``'naive'`` backend (identical maths, explicit matmuls); any attention
   op that still went uncounted is listed in ``flops_uncounted_ops``.
@@ -24,7 +25,8 @@ Method, as written into every record:
   on the same input. Done after the memory reading so it does not affect it.
 
 Inputs are padded (reflect, bottom/right) to a multiple of the arch's ``window_size`` when it has
-one, for every arch alike; ``input_size`` in the record is the padded size.
+one, for every arch alike (``--no-pad`` turns this off for archs that pad themselves, like ESC);
+``input_size`` in the record is the padded size.
 """
 from __future__ import annotations
 
@@ -325,7 +327,7 @@ def measure(spec: dict, settings: dict) -> dict:
     lr_h, lr_w = settings['lr_size']
     generator = torch.Generator().manual_seed(settings.get('seed', 0))
     x = torch.rand(1, 3, lr_h, lr_w, generator=generator)
-    multiple = window_multiple(model, spec)
+    multiple = window_multiple(model, spec) if settings.get('pad', True) else 1
     x = reflect_pad_to_multiple(x, multiple)
     inp = x.to(device, dtype)
 
@@ -369,7 +371,7 @@ def measure(spec: dict, settings: dict) -> dict:
 
     return {
         'arch': spec['label'], 'type': spec['type'], 'options': spec['options'], 'source': spec['source'],
-        'params': params, **flops, 'gflops': flops['flops'] / 1e9,
+        'params': params, **flops, 'gflops': flops['flops'] / 1e9, 'macs': flops['flops'] // 2,
         'lr_size': [lr_h, lr_w], 'input_size': list(x.shape[-2:]), 'pad_multiple': multiple,
         'output_size': list(out.shape[-2:]), 'scale': out.shape[-1] / x.shape[-1],
         'device': str(device), 'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument('--threads', type=int, help=f'torch threads (default: all cores, {os.cpu_count()})')
     how.add_argument('--check', action='store_true',
                      help='also report the max abs error against the same model in float64')
+    how.add_argument('--no-pad', action='store_true',
+                     help="do not pad the input to the arch's window_size (by default every arch that has one is "
+                     'padded, and the padded size is reported)')
     how.add_argument('--seed', type=int, default=0, help='seed of the random input (default 0)')
     how.add_argument('--timeout', type=float, help='seconds allowed per measurement (default: none)')
     out = parser.add_argument_group('output')
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
                                        f"(presets: {', '.join(benchmark.PRESETS)})")
         lr_size = benchmark.parse_size(args.lr_size) if args.lr_size else benchmark.default_lr_size(args.scale)
         settings = {'lr_size': lr_size, 'device': args.device, 'dtype': args.dtype, 'runs': args.runs,
-                    'warmup': args.warmup, 'threads': args.threads, 'check': args.check, 'seed': args.seed}
+                    'warmup': args.warmup, 'threads': args.threads, 'check': args.check, 'seed': args.seed,
+                    'pad': not args.no_pad}
         records = benchmark.run_benchmarks(specs, settings, out_dir=args.out, progress=not args.no_progress,
                                            timeout=args.timeout)
     except benchmark.BenchError as err:

@@ -1,0 +1,151 @@
+"""Tests of ``basicsr bench`` (esc_arch.benchmark); tiny models and inputs only."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from esc_arch import benchmark
+from esc_arch.cli import main as cli_main
+
+TINY_ESC = 'ESC:dim=16,pdim=4,kernel_size=13,n_blocks=1,conv_blocks=1,window_size=8,num_heads=2,upscaling_factor=4'
+TINY_EDSR = 'EDSR:num_in_ch=3,num_out_ch=3,num_feat=8,num_block=1,upscale=2'
+RECORD_FIELDS = ('arch', 'type', 'options', 'params', 'flops', 'lr_size', 'input_size', 'output_size', 'device',
+                 'dtype', 'threads', 'torch_version', 'cpu_model', 'latencies_ms', 'median_ms', 'min_ms', 'max_ms',
+                 'peak_memory_mb', 'timestamp')
+
+
+def settings(**changes):
+    base = {'lr_size': (16, 16), 'device': 'cpu', 'dtype': 'fp32', 'runs': 3, 'warmup': 1, 'threads': 1,
+            'check': False, 'seed': 0}
+    return {**base, **changes}
+
+
+@pytest.fixture(scope='module')
+def esc_record():
+    # 12x20 is not a multiple of the window (8): the harness pads it to 16x24
+    return benchmark.measure(benchmark.arch_spec(TINY_ESC), settings(lr_size=(12, 20), check=True))
+
+
+@pytest.fixture(scope='module')
+def edsr_record():
+    return benchmark.measure(benchmark.arch_spec(TINY_EDSR), settings())
+
+
+def test_params_are_the_parameter_count(esc_record, edsr_record):
+    from basicsr.utils.registry import ARCH_REGISTRY
+    for record, text in ((esc_record, TINY_ESC), (edsr_record, TINY_EDSR)):
+        spec = benchmark.arch_spec(text)
+        model = ARCH_REGISTRY.get(spec['type'])(**spec['options'])
+        assert record['params'] == sum(p.numel() for p in model.parameters())
+
+
+def test_flops_of_a_conv_match_the_analytic_count():
+    cin, cout, k, h, w = 3, 8, 3, 10, 12
+    model = nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2))
+    result = benchmark.count_flops(model, torch.rand(1, cin, h, w))
+    assert result['flops'] == 2 * cin * cout * k * k * h * w
+    assert result['flops_uncounted_ops'] == []
+
+
+def test_window_attention_flops_are_counted():
+    # ESC's default attention uses SDPA, which FlopCounterMode misses on CPU; the harness counts
+    # on a 'naive' copy, so the total must exceed the convolutions-only count by exactly the two
+    # attention matmuls: per block 2 * (2 * N * N * c) per window and head, N = window**2.
+    spec = benchmark.arch_spec(TINY_ESC)
+    model = benchmark.build_model(spec)
+    x = torch.rand(1, 3, 16, 16)
+    from torch.utils.flop_counter import FlopCounterMode
+    model.set_attn_type('sdpa')
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    conv_only = counter.get_flop_counts()['Global'][torch.ops.aten.convolution]
+    result = benchmark.count_flops(model, x)
+    windows, tokens, dim = (16 // 8) * (16 // 8), 8 * 8, 16
+    assert result['flops_attn_type'] == 'naive'
+    assert result['flops'] - conv_only == 4 * tokens * tokens * dim * windows
+    assert model.blocks[0].attn.attn_type == 'sdpa'  # the measured model itself is untouched
+
+
+def test_latency_stats_padding_and_check(esc_record):
+    lat = esc_record['latencies_ms']
+    assert len(lat) == 3
+    assert esc_record['min_ms'] <= esc_record['median_ms'] <= esc_record['max_ms']
+    assert esc_record['min_ms'] == min(lat) and esc_record['max_ms'] == max(lat)
+    assert esc_record['input_size'] == [16, 24] and esc_record['lr_size'] == [12, 20]
+    assert esc_record['output_size'] == [64, 96]
+    assert esc_record['check_max_abs_err'] <= 1e-4
+
+
+def test_record_json_and_plot(tmp_path, esc_record, edsr_record):
+    path = benchmark.write_record(str(tmp_path), esc_record)
+    with open(path, encoding='utf-8') as handle:
+        loaded = json.load(handle)
+    for field in RECORD_FIELDS:
+        assert field in loaded, field
+    assert loaded['params'] == esc_record['params'] and loaded['latencies_ms'] == esc_record['latencies_ms']
+    assert not [name for name in os.listdir(tmp_path) if name.startswith('.tmp-')]
+    plot = benchmark.plot_records([esc_record, edsr_record], str(tmp_path / 'plot.png'))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert plot is None
+    else:
+        with open(plot, 'rb') as handle:
+            assert handle.read(8) == b'\x89PNG\r\n\x1a\n'
+    table = benchmark.format_table([esc_record, edsr_record])
+    assert 'median ms' in table and 'EDSR' in table
+
+
+def test_option_parsing_and_opt_file(tmp_path):
+    assert benchmark.parse_options('depths=[6,6],embed_dim=60,img_range=1.,upsampler=pixelshuffledirect') == {
+        'depths': [6, 6], 'embed_dim': 60, 'img_range': 1.0, 'upsampler': 'pixelshuffledirect'}
+    opt = tmp_path / 'net.yml'
+    opt.write_text('name: tiny_edsr\nnetwork_g:\n  type: EDSR\n  num_in_ch: 3\n  num_out_ch: 3\n  num_feat: 8\n')
+    spec = benchmark.opt_spec(str(opt))
+    assert spec['type'] == 'EDSR' and spec['options']['num_feat'] == 8 and spec['label'] == 'tiny_edsr'
+    assert benchmark.preset_spec('esc-light', 4)['options']['n_blocks'] == 3
+    assert benchmark.default_lr_size(4) == (180, 320)
+    with pytest.raises(benchmark.BenchError, match='x4'):
+        benchmark.preset_spec('esc-real', 2)
+
+
+def test_bad_arch_name_lists_registered_names(capsys):
+    assert cli_main(['bench', '--arch', 'NoSuchNet:dim=4']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert 'NoSuchNet' in err and 'ESC' in err and 'EDSR' in err and 'SwinIR' in err
+
+
+def test_fp16_on_cpu_is_a_clear_error(capsys):
+    assert cli_main(['bench', '--arch', TINY_EDSR, '--dtype', 'fp16', '--device', 'cpu']) == 2
+    err = capsys.readouterr().err
+    assert 'fp16' in err and 'CUDA' in err and 'Traceback' not in err
+
+
+def test_child_process_memory_is_positive():
+    # x4 from 128x128: the 512x512x3 fp32 output alone must be resident at the peak
+    spec = benchmark.arch_spec('EDSR:num_in_ch=3,num_out_ch=3,num_feat=8,num_block=1,upscale=4')
+    record = benchmark.run_in_child(spec, settings(lr_size=(128, 128), runs=1, warmup=0), timeout=120)
+    assert record['peak_memory_mb'] > 3 * 512 * 512 * 4 / 2**20
+    assert record['output_size'] == [512, 512]
+
+
+def test_cli_end_to_end_with_preset(tmp_path):
+    out = tmp_path / 'bench'
+    preset = 'esc:dim=16,pdim=4,n_blocks=1,conv_blocks=1,window_size=8,num_heads=2'
+    proc = subprocess.run([sys.executable, '-m', 'esc_arch.cli', 'bench', '--preset', preset, '--lr-size', '16x16',
+                           '--runs', '2', '--warmup', '0', '--threads', '1', '--out', str(out), '--no-progress'],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert 'median ms' in proc.stdout and 'esc' in proc.stdout
+    records = [name for name in os.listdir(out) if name.endswith('.json')]
+    assert len(records) == 1
+    with open(out / records[0], encoding='utf-8') as handle:
+        record = json.load(handle)
+    assert record['arch'] == 'esc' and record['type'] == 'ESC' and record['options']['upscaling_factor'] == 4
+    assert record['output_size'] == [64, 64] and len(record['latencies_ms']) == 2
+    assert record['peak_memory_mb'] is not None
