@@ -66,7 +66,8 @@ setup(
         'scikit-image',
     ],
     extras_require={
-        'dev': ['pytest', 'ruff'],
+        'dev': ['pytest', 'ruff', 'matplotlib'],
+        'bench': ['matplotlib'],
         'export': ['onnx', 'onnxruntime'],
     },
     entry_points={'console_scripts': ['basicsr = esc_arch.cli:main']},
