@@ -45,6 +45,8 @@ import time
 
 import yaml
 
+from .fileio import atomic_path, atomic_write_bytes
+
 DEFAULT_OUTPUT_SIZE = (720, 1280)  # H, W of the SR output the default LR size is derived from
 DTYPES = ('fp32', 'bf16', 'fp16')
 SCALE_KEYS = ('upscaling_factor', 'upscale', 'scale')
@@ -389,19 +391,6 @@ def measure(spec: dict, settings: dict) -> dict:
 # --------------------------------------------------------------------------------------
 # driver (parent process)
 # --------------------------------------------------------------------------------------
-def atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, 'wb') as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run_in_child(spec: dict, settings: dict, timeout: float | None = None) -> dict:
     """``measure`` in a fresh ``python -m esc_arch.benchmark --worker`` process."""
     with tempfile.TemporaryDirectory(prefix='esc-bench-') as tmp:
@@ -437,7 +426,7 @@ def record_path(out_dir: str, record: dict) -> str:
 def write_record(out_dir: str, record: dict) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = record_path(out_dir, record)
-    atomic_write(path, (json.dumps(record, indent=2) + '\n').encode('utf-8'))
+    atomic_write_bytes(path, (json.dumps(record, indent=2) + '\n').encode('utf-8'))
     return path
 
 
@@ -461,16 +450,11 @@ def plot_records(records: list[dict], path: str) -> str | None:
                  f"(each arch padded to its window), {first['threads']} threads", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.png')
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format='png')
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -519,7 +503,7 @@ def _worker_main(job_path: str, result_path: str) -> int:
     except (RuntimeError, ValueError, TypeError, MemoryError) as err:  # e.g. an arch that rejects the size
         first_line = (str(err).strip().splitlines() or [''])[0]
         answer = {'error': f"{job['spec']['label']}: {type(err).__name__}: {first_line}"}
-    atomic_write(result_path, json.dumps(answer).encode('utf-8'))
+    atomic_write_bytes(result_path, json.dumps(answer).encode('utf-8'))
     return 0
 
 

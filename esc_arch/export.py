@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fileio import atomic_path
+
 ONNX_TOLERANCE = {'fp32': 1e-4, 'fp16': 1e-2}
 EXPORT_ATTN_TYPES = ('naive', 'sdpa')
 
@@ -40,23 +42,14 @@ def require_onnx():
     return onnxruntime
 
 
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f'.{path.stem}.{os.getpid()}.tmp{path.suffix}')
-
-
 def save_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
     """The model's plain state dict as ``.safetensors`` (readable by ``esc_arch.load_model``)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = _temp_path(path)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    try:
-        save_file(state, os.fspath(tmp), metadata={'format': 'pt', 'arch': type(model).__name__})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata={'format': 'pt', 'arch': type(model).__name__})
     return path
 
 
@@ -93,18 +86,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, fp16
     wrapper = PadRunCrop(model).to(dtype).eval()
     window = wrapper.window
     sample = torch.rand(1, 3, 2 * window, 2 * window, dtype=dtype)
-    tmp = _temp_path(path)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter('ignore')  # TracerWarnings on the shape arithmetic, checked by verify_onnx
-            torch.onnx.export(wrapper, (sample, ), os.fspath(tmp), dynamo=False, opset_version=opset,
-                              input_names=['input'], output_names=['output'],
-                              dynamic_axes={'input': {0: 'batch', 2: 'height', 3: 'width'},
-                                            'output': {0: 'batch', 2: 'out_height', 3: 'out_width'}})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter('ignore')  # TracerWarnings on the shape arithmetic, checked by verify_onnx
+        torch.onnx.export(wrapper, (sample, ), tmp, dynamo=False, opset_version=opset,
+                          input_names=['input'], output_names=['output'],
+                          dynamic_axes={'input': {0: 'batch', 2: 'height', 3: 'width'},
+                                        'output': {0: 'batch', 2: 'out_height', 3: 'out_width'}})
     return path
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .archs.layers import reflect_pad_to_multiple
+from .fileio import atomic_path
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.tif', '.tiff', '.bmp')
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -84,18 +85,13 @@ def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
     """Write atomically: a temp file in the same folder (same extension, so OpenCV picks the
     format), then ``os.replace``; a failed write leaves no partial file behind."""
     path = Path(path)
-    tmp = path.with_name(f'.{path.stem}.{os.getpid()}.tmp{path.suffix}')
     try:
-        ok = cv2.imwrite(os.fspath(tmp), img)
-        if not ok:
-            raise InferenceError(f'cannot write {path} (OpenCV could not encode {img.dtype} {img.shape} '
-                                 f'as {path.suffix})')
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            if not cv2.imwrite(tmp, img):
+                raise InferenceError(f'cannot write {path} (OpenCV could not encode {img.dtype} {img.shape} '
+                                     f'as {path.suffix})')
     except cv2.error as exc:
         raise InferenceError(f'cannot write {path}: {exc}'.splitlines()[0]) from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def image_to_tensor(img: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None]:

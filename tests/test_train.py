@@ -199,9 +199,9 @@ def test_option_errors_name_the_problem(tmp_path, capsys, monkeypatch):
         assert re.search(rf'\b{name}\b', err)
 
     opt = train_options(data)
-    opt['network_g']['deployment'] = True  # not an ESC argument: named, with the ones it takes
+    opt['network_g']['windowsize'] = 16  # not an ESC argument: named, with the ones it takes
     code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'kwarg.yml', opt))
-    assert code == 2 and 'unknown option(s) deployment' in err and 'window_size' in err
+    assert code == 2 and 'unknown option(s) windowsize' in err and 'window_size' in err
 
     opt = train_options(data)
     opt['model_type'] = 'NoSuchModel'

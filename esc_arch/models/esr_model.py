@@ -21,7 +21,6 @@ import contextlib
 import math
 import os
 import re
-import tempfile
 import time
 from collections import OrderedDict
 
@@ -34,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..archs import ESC, ESCFP
 from ..archs.layers import reflect_pad_to_multiple, resample_subpixel_conv
+from ..fileio import atomic_path
 from ..loading import read_state_dict
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16,
@@ -46,32 +46,9 @@ class TrainingDivergedError(RuntimeError):
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``: temp file, fsync, rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
-    try:
-        with os.fdopen(fd, 'wb') as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; keep the permissions torch.save gives
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """``torch.save`` that never leaves a partial file at ``path`` (a kill mid-save is safe)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def remove_stale_temp_files(directory: str) -> None:

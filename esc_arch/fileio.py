@@ -1,0 +1,40 @@
+"""Atomic file writes: the one place every command writes results through.
+
+A kill or an error during a write never leaves a partial file at the destination: data goes to
+a temporary file in the same folder (same extension, so writers that pick the format by name,
+like OpenCV, still work), is flushed to disk, and is then renamed over the destination.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.stem}.', suffix=f'.tmp{path.suffix}', dir=path.parent or '.')
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, 'rb+') as handle:  # make the bytes durable before the rename
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what a plain open() would
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, 'wb') as handle:
+        handle.write(data)
