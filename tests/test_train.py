@@ -280,7 +280,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     real_save = torch.save
 
     def dies_halfway(obj, file, *args, **kwargs):
-        file.write(b'partial')
+        with open(file, 'wb') as handle:
+            handle.write(b'partial')
         raise OSError('disk full')
 
     monkeypatch.setattr(torch, 'save', dies_halfway)
