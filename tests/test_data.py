@@ -111,7 +111,7 @@ def test_rerun_is_a_no_op_and_repairs_missing_or_truncated_files(prepared):
     repaired = prepare_dataset(hr, out, scales=(2, 3, 4), crop=CROP, step=STEP, thresh=THRESH, progress=False)
     assert repaired.num_written == 2
     assert cv2.imread(truncated).shape == (CROP, CROP, 3)
-    assert not [n for n in os.listdir(hr_sub) if n.endswith('.tmp')]
+    assert not [n for n in os.listdir(hr_sub) if n.startswith('.')]  # no temporary files left
 
 
 def test_corrupt_image_is_named_skipped_and_fails_the_command(tmp_path, capsys):

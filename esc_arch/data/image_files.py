@@ -1,16 +1,17 @@
 """Image-file helpers shared by the data preparation and the demo data set.
 
-One place for: reading an image with a clear error, writing a PNG atomically, telling whether a
-PNG on disk is complete, and MATLAB-style bicubic down-scaling (BasicSR's ``imresize``).
+Reading an image with a clear error, writing a PNG atomically (through esc_arch.fileio), telling
+whether a PNG on disk is complete, and MATLAB-style bicubic down-scaling (BasicSR's ``imresize``).
 """
 from __future__ import annotations
 
 import os
-import tempfile
 
 import cv2
 import numpy as np
 from basicsr.utils.matlab_functions import imresize
+
+from ..fileio import atomic_write_bytes
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 PNG_END = b'IEND\xaeB`\x82'  # the IEND chunk (type + CRC) that closes every PNG
@@ -24,8 +25,9 @@ class ImageReadError(ValueError):
 
 def list_images(folder: str) -> list[str]:
     """Sorted names of the image files directly inside ``folder``."""
-    return sorted(name for name in os.listdir(folder)
-                  if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, name)))
+    return sorted(name for name in os.listdir(folder)  # hidden names: temporary files of atomic writes
+                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
+                  and os.path.isfile(os.path.join(folder, name)))
 
 
 def read_image_bgr(path: str) -> np.ndarray:
@@ -55,26 +57,12 @@ def png_complete(path: str) -> bool:
     return head == PNG_SIGNATURE and tail == PNG_END
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then rename it into place."""
-    folder = os.path.dirname(path) or '.'
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_png_atomic(path: str, img: np.ndarray, compression: int = PNG_COMPRESSION) -> None:
     """Encode ``img`` (uint8, HxWxC BGR or HxW) as PNG and write it atomically."""
     ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, compression])
     if not ok:
         raise RuntimeError(f'PNG encoding failed for {path}')
-    write_bytes_atomic(path, buf.tobytes())
+    atomic_write_bytes(path, buf.tobytes())
 
 
 def mod_crop(img: np.ndarray, multiple: int) -> np.ndarray:
