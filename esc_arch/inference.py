@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from .archs.layers import reflect_pad_to_multiple
+from .data.image_files import IMAGE_EXTENSIONS
 from .fileio import atomic_path
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.tif', '.tiff', '.bmp')
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # What a full-scale pixel value is for each supported storage type (float images are in [0, 1]).
 DTYPE_RANGE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.float32): 1.0}
