@@ -292,8 +292,8 @@ def test_fft_large_kernel_matches_direct():
 
 @pytest.mark.parametrize('fixture', PARITY)
 def test_parity_through_the_fft_path(fixture, monkeypatch):
-    from esc_arch.archs.layers import LargeKernel
-    monkeypatch.setattr(LargeKernel, 'FFT_MIN_PIXELS', 0)
+    from esc_arch.archs import layers
+    monkeypatch.setattr(layers, 'FFT_MIN_PIXELS', 0)
     data = load_fixture(fixture)
     model = ARCHS[data['type']](**data['config']).double().eval()
     model.load_state_dict(data['state_dict'], strict=True)
@@ -320,6 +320,16 @@ def test_standalone_conv_attn_leaves_input_alone():
     assert torch.equal(x, before)
 
 
+def test_fft_per_sample_depthwise_matches_grouped_conv():
+    from esc_arch.archs import layers
+    x = torch.randn(2, 4, 37, 45, dtype=torch.float64)
+    kernel = torch.randn(8, 1, 13, 13, dtype=torch.float64)
+    assert layers.use_fft(x, kernel)
+    grouped = F.conv2d(x.reshape(1, 8, 37, 45), kernel, padding=6, groups=8).view(2, 4, 37, 45)
+    assert (layers.per_sample_depthwise(x, kernel) - grouped).abs().max().item() < 1e-10
+    assert not layers.use_fft(x, kernel[..., 5:8, 5:8])  # small kernels stay direct
+
+
 def test_traceable_depthwise_matches_grouped_conv(monkeypatch):
     from esc_arch.archs import layers
     x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
@@ -327,4 +337,5 @@ def test_traceable_depthwise_matches_grouped_conv(monkeypatch):
     grouped = layers.per_sample_depthwise(x, kernel)
     monkeypatch.setattr(layers, 'tracing', lambda: True)
     assert torch.allclose(layers.per_sample_depthwise(x, kernel), grouped, atol=1e-12)
-    assert not layers.LargeKernel(kernel).use_fft(torch.randn(1, 1, 64, 64, dtype=torch.float64))
+    big = torch.randn(1, 1, 13, 13, dtype=torch.float64)
+    assert not layers.LargeKernel(big).use_fft(torch.randn(1, 1, 64, 64, dtype=torch.float64))

@@ -52,24 +52,6 @@ def tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
-def per_sample_depthwise(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Depthwise conv where every sample has its own kernel.
-
-    x: (B, C, H, W); kernel: (B*C, 1, k, k), sample-major. Padding k//2. The batch is folded
-    into the conv groups; while tracing, where groups cannot depend on the batch size, the
-    same sum is written as k*k shifted products.
-    """
-    b, c, h, w = x.shape
-    k = kernel.shape[-1]
-    if tracing():
-        weights = kernel.reshape(-1, c, k * k, 1, 1)
-        padded = F.pad(x, [k // 2] * 4)
-        terms = [padded[:, :, i:i + h, j:j + w] * weights[:, :, i * k + j] for i in range(k) for j in range(k)]
-        return torch.stack(terms).sum(0)
-    out = F.conv2d(x.reshape(1, b * c, h, w), kernel, padding=k // 2, groups=b * c)
-    return out.view(b, c, h, w)
-
-
 def _fft_friendly(n: int) -> int:
     """Smallest m >= n whose prime factors are 2, 3, 5, 7 (fast FFT sizes)."""
     while True:
@@ -82,26 +64,68 @@ def _fft_friendly(n: int) -> int:
         n += 1
 
 
+# Inference on the CPU convolves large kernels (>= FFT_MIN_KERNEL) through the FFT on images of
+# at least FFT_MIN_PIXELS pixels; training (autograd), other devices/dtypes and export keep the
+# direct convolution.
+FFT_MIN_PIXELS = 32 * 32
+FFT_MIN_KERNEL = 7
+
+
+def use_fft(x: torch.Tensor, kernel: torch.Tensor) -> bool:
+    return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64) and not tracing()
+            and kernel.shape[-1] >= FFT_MIN_KERNEL and x.shape[-2] * x.shape[-1] >= FFT_MIN_PIXELS
+            and not (torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)))
+
+
+def _fft_plan(x: torch.Tensor, k: int):
+    """FFT size for a linear (not circular) 'same' convolution, and the crop back to H x W."""
+    h, w = x.shape[-2:]
+    pad = k // 2
+    return (_fft_friendly(h + k - 1), _fft_friendly(w + k - 1)), (..., slice(pad, pad + h), slice(pad, pad + w))
+
+
+def _kernel_spectrum(kernel: torch.Tensor, size) -> torch.Tensor:
+    return torch.fft.rfft2(kernel.flip(-2, -1), s=size)  # conv2d is a correlation: flip
+
+
+def per_sample_depthwise(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Depthwise conv where every sample has its own kernel.
+
+    x: (B, C, H, W); kernel: (B*C, 1, k, k), sample-major. Padding k//2. The batch is folded
+    into the conv groups; large kernels at inference go through the FFT (ESC-FP's 13x13);
+    while tracing, where groups cannot depend on the batch size, the same sum is written as
+    k*k shifted products.
+    """
+    b, c, h, w = x.shape
+    k = kernel.shape[-1]
+    if tracing():
+        weights = kernel.reshape(-1, c, k * k, 1, 1)
+        padded = F.pad(x, [k // 2] * 4)
+        terms = [padded[:, :, i:i + h, j:j + w] * weights[:, :, i * k + j] for i in range(k) for j in range(k)]
+        return torch.stack(terms).sum(0)
+    if use_fft(x, kernel):
+        size, crop = _fft_plan(x, k)
+        spectrum = torch.fft.rfft2(x, s=size) * _kernel_spectrum(kernel.view(b, c, k, k).to(x.dtype), size)
+        return torch.fft.irfft2(spectrum, s=size)[crop]
+    out = F.conv2d(x.reshape(1, b * c, h, w), kernel, padding=k // 2, groups=b * c)
+    return out.view(b, c, h, w)
+
+
 class LargeKernel:
     """A dense K x K filter shared by many convolutions of one forward pass.
 
-    ``lk(x)`` equals ``F.conv2d(x, weight, padding=K//2)``. On the CPU, for inference on
-    images of at least ``FFT_MIN_PIXELS`` pixels, it convolves through the FFT instead: the
-    filter's spectrum is computed once per image size and reused by every ConvAttn (ESC has
-    25 of them), which turns ~0.1 s dense 13x13 convolutions into a few ms each. Training
-    (autograd) and other devices/dtypes use the direct convolution.
+    ``lk(x)`` equals ``F.conv2d(x, weight, padding=K//2)``. At inference on the CPU (see
+    ``use_fft``) it convolves through the FFT instead, with the filter's spectrum computed once
+    per image size and reused by every ConvAttn (ESC has 25), which turns ~0.1 s dense 13x13
+    convolutions into a few ms each.
     """
-
-    FFT_MIN_PIXELS = 32 * 32
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         self._spectra = {}
 
     def use_fft(self, x: torch.Tensor) -> bool:
-        return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64) and not tracing()
-                and x.shape[-2] * x.shape[-1] >= self.FFT_MIN_PIXELS
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+        return use_fft(x, self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fft(x):
@@ -109,13 +133,10 @@ class LargeKernel:
         return F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2)
 
     def fft_conv(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.weight.shape[-1]
-        h, w = x.shape[-2:]
-        size = (_fft_friendly(h + k - 1), _fft_friendly(w + k - 1))  # linear, not circular
+        size, crop = _fft_plan(x, self.weight.shape[-1])
         key = (size, x.dtype)
-        if key not in self._spectra:  # conv2d is a correlation: convolve with the flipped filter
-            flipped = self.weight.to(x.dtype).flip(-2, -1).transpose(0, 1)  # (in, out, K, K)
-            self._spectra[key] = torch.fft.rfft2(flipped, s=size)
+        if key not in self._spectra:
+            self._spectra[key] = _kernel_spectrum(self.weight.to(x.dtype).transpose(0, 1), size)  # (in, out, .)
         kernel = self._spectra[key]
         signal = torch.fft.rfft2(x, s=size)  # (B, in, h, w)
         # sum over input channels as broadcast multiply-adds: a batched matmul would first
@@ -123,8 +144,7 @@ class LargeKernel:
         spectrum = signal[:, :1] * kernel[0]
         for i in range(1, kernel.shape[0]):
             spectrum.add_(signal[:, i:i + 1] * kernel[i])
-        pad = k // 2
-        return torch.fft.irfft2(spectrum, s=size)[..., pad:pad + h, pad:pad + w]
+        return torch.fft.irfft2(spectrum, s=size)[crop]
 
 
 def dynamic_kernel_head(pdim: int, reduction: int, kernel_size: int = 3) -> nn.Sequential:
