@@ -10,7 +10,8 @@ from . import (  # noqa: E402,F401  (registration)
 )
 from .archs import ESC, ESCFP, ConvAttn, ESCReal, WindowAttention  # noqa: E402
 from .loading import build_from_state_dict, infer_config, load_model  # noqa: E402
+from .runtime import tune_cpu_allocator  # noqa: E402
 
 __version__ = '0.1.0'
 __all__ = ['ESC', 'ESCFP', 'ESCReal', 'ConvAttn', 'WindowAttention', 'load_model', 'infer_config',
-           'build_from_state_dict']
+           'build_from_state_dict', 'tune_cpu_allocator']

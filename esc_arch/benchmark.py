@@ -494,6 +494,8 @@ def run_benchmarks(specs: list[dict], settings: dict, out_dir: str | None = None
 
 
 def _worker_main(job_path: str, result_path: str) -> int:
+    from .runtime import tune_cpu_allocator
+    tune_cpu_allocator()  # as in every `basicsr` command; the same for every arch measured
     with open(job_path, encoding='utf-8') as handle:
         job = json.load(handle)
     try:

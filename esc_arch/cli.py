@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2 if args.command is None and argv else 0
     name, rest = argv[0], argv[1:]
+    from esc_arch.runtime import tune_cpu_allocator
+    tune_cpu_allocator()  # every subcommand runs big CPU tensors: reuse freed memory
     module = importlib.import_module(f'esc_arch.commands.{name}')
     sub_parser = argparse.ArgumentParser(prog=f'basicsr {name}', description=SUBCOMMANDS[name])
     module.add_arguments(sub_parser)

@@ -1,0 +1,33 @@
+"""Process-level settings that make CPU inference faster."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_tuned = None
+
+
+def tune_cpu_allocator() -> bool:
+    """Let glibc keep freed large blocks for reuse instead of unmapping them.
+
+    PyTorch's CPU tensors come straight from ``malloc``; glibc serves every block above 128 KiB
+    (its default mmap threshold) with a fresh ``mmap`` and unmaps it on free, so each
+    activation of a forward pass is page-faulted and zeroed by the kernel again. ESC x4 on a
+    180x320 image made ~3 million page faults per forward; with these two settings ~0.2
+    million, and a forward took ~4.0 s instead of ~5.3 s on 2 cores (peak RSS about the
+    same). Returns True when the settings were applied (Linux with glibc), else False.
+    """
+    global _tuned
+    if _tuned is None:
+        _tuned = False
+        if sys.platform.startswith('linux'):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+                _tuned = (libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1
+                          and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1)
+            except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+                _tuned = False
+    return _tuned
