@@ -430,6 +430,26 @@ def write_record(out_dir: str, record: dict) -> str:
     return path
 
 
+def collect_records(out_dir: str, like: dict) -> list[dict]:
+    """The newest record per arch in ``out_dir`` measured like ``like`` (device, dtype, LR size,
+    threads), so separate ``basicsr bench`` runs into one folder share one plot."""
+    key = ('device', 'dtype', 'lr_size', 'threads')
+    newest = {}
+    for name in sorted(os.listdir(out_dir)):
+        if not name.endswith('.json') or name.startswith('.'):
+            continue
+        try:
+            with open(os.path.join(out_dir, name), encoding='utf-8') as handle:
+                record = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or any(record.get(k) != like.get(k) for k in key):
+            continue
+        if record['arch'] not in newest or record['timestamp'] >= newest[record['arch']]['timestamp']:
+            newest[record['arch']] = record
+    return list(newest.values())
+
+
 def plot_records(records: list[dict], path: str) -> str | None:
     """Latency vs parameters, one labelled point per arch; None when matplotlib is missing."""
     try:

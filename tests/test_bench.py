@@ -70,6 +70,21 @@ def test_window_attention_flops_are_counted():
     assert model.blocks[0].attn.attn_type == 'sdpa'  # the measured model itself is untouched
 
 
+def test_separate_runs_share_one_plot(tmp_path, esc_record, edsr_record):
+    import copy
+    older = copy.deepcopy(esc_record)
+    older['timestamp'], older['median_ms'] = '2000-01-01T00:00:00+00:00', 1e9
+    edsr = copy.deepcopy(edsr_record)
+    edsr['lr_size'] = esc_record['lr_size']
+    other_size = copy.deepcopy(edsr_record)
+    other_size['lr_size'], other_size['arch'] = [1, 1], 'elsewhere'
+    for record in (older, esc_record, edsr, other_size):
+        benchmark.write_record(str(tmp_path), record)
+    collected = benchmark.collect_records(str(tmp_path), esc_record)
+    assert sorted(r['arch'] for r in collected) == sorted([esc_record['arch'], edsr_record['arch']])
+    assert [r['median_ms'] for r in collected if r['arch'] == esc_record['arch']] == [esc_record['median_ms']]
+
+
 def test_latency_stats_padding_and_check(esc_record):
     lat = esc_record['latencies_ms']
     assert len(lat) == 3
@@ -87,7 +102,7 @@ def test_record_json_and_plot(tmp_path, esc_record, edsr_record):
     for field in RECORD_FIELDS:
         assert field in loaded, field
     assert loaded['params'] == esc_record['params'] and loaded['latencies_ms'] == esc_record['latencies_ms']
-    assert not [name for name in os.listdir(tmp_path) if name.startswith('.tmp-')]
+    assert not [name for name in os.listdir(tmp_path) if name.startswith('.')]  # no temp files left
     plot = benchmark.plot_records([esc_record, edsr_record], str(tmp_path / 'plot.png'))
     try:
         import matplotlib  # noqa: F401

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {record['arch']}: FLOPs miss {', '.join(record['flops_uncounted_ops'])}")
     print(f'records written to {args.out}/')
     if args.plot:
-        plot = benchmark.plot_records(records, os.path.join(args.out, args.plot))
+        everything = benchmark.collect_records(args.out, records[0]) or records
+        plot = benchmark.plot_records(everything, os.path.join(args.out, args.plot))
         print(f'plot: {plot}' if plot else 'plot skipped: matplotlib is not installed (pip install matplotlib)')
     return 0
