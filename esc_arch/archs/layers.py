@@ -301,8 +301,9 @@ def _flex_attention(q, k, v, table, window_size):
         return flex_attention(q, k, v, score_mod=score_mod)
 
 
-def resolve_attn_type(attn_type: str, device: torch.device) -> str:
-    """Map the user's value (any case) to a backend; ``auto`` picks the fastest exact one."""
+def resolve_attn_type(attn_type: str) -> str:
+    """Map the user's value (any case) to a backend; ``auto`` picks the fastest exact one
+    measured so far: SDPA with the bias as a float mask (flex on CUDA is not measured yet)."""
     name = attn_type.lower()
     if name not in ATTN_TYPES:
         raise ValueError(f"attn_type must be one of {', '.join(ATTN_TYPES)} (any case), got {attn_type!r}")
@@ -340,7 +341,7 @@ class WindowAttention(nn.Module):
         self.window_size = window_size
         self.num_heads = num_heads
         self.attn_type = attn_type
-        resolve_attn_type(attn_type, torch.device('cpu'))  # validate early
+        resolve_attn_type(attn_type)  # validate early
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.to_out = nn.Conv2d(dim, dim, 1)
         self.relative_position_bias = nn.Parameter(torch.randn(num_heads, (2 * window_size - 1)**2) * 0.001)
@@ -350,9 +351,12 @@ class WindowAttention(nn.Module):
         with torch.no_grad():
             self._bias_cache = relative_position_bias(self.relative_position_bias, self.window_size).clone()
 
+    def undeploy(self):
+        self._bias_cache = None
+
     def train(self, mode: bool = True):
         if mode:
-            self._bias_cache = None
+            self.undeploy()
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):  # keep the cache on the module's device/dtype
@@ -368,7 +372,7 @@ class WindowAttention(nn.Module):
         nh, nw = hp // ws, wp // ws
         qkv = self.to_qkv(x).view(b, 3, heads, c, nh, ws, nw, ws)
         qkv = qkv.permute(1, 0, 4, 6, 2, 5, 7, 3).reshape(3, b * nh * nw, heads, ws * ws, c)
-        backend = resolve_attn_type(self.attn_type, x.device)
+        backend = resolve_attn_type(self.attn_type)
         out = windowed_attention(qkv[0], qkv[1], qkv[2], self.relative_position_bias, ws, backend,
                                  bias=self._bias_cache)
         out = out.view(b, nh, nw, heads, ws, ws, c).permute(0, 3, 6, 1, 4, 2, 5).reshape(b, self.dim, hp, wp)
@@ -458,7 +462,7 @@ class ESCTrunk(nn.Module):
 
     def set_attn_type(self, attn_type: str):
         """Switch every window attention to another backend (e.g. 'flex' on CUDA)."""
-        resolve_attn_type(attn_type, torch.device('cpu'))
+        resolve_attn_type(attn_type)
         for module in self.modules():
             if isinstance(module, WindowAttention):
                 module.attn_type = attn_type
@@ -481,7 +485,7 @@ class ESCTrunk(nn.Module):
     def undeploy(self):
         for module in self.modules():
             if isinstance(module, WindowAttention):
-                module._bias_cache = None
+                module.undeploy()
         self.deployed = False
 
     def train(self, mode: bool = True):
