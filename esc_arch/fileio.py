@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
+
+# temp files are '.<stem>.<random>.tmp<suffix>': hidden, and never matching '<name><suffix>' patterns
+# that readers look for (e.g. '<iter>.state'), whose stem must be the bare name.
+_TEMP_NAME = re.compile(r'^\..+\.tmp(\.[^.]+)?$')
 
 
 def _umask() -> int:
@@ -33,6 +38,23 @@ def atomic_path(path: str | os.PathLike):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temporary file :func:`atomic_path` makes."""
+    return bool(_TEMP_NAME.match(name))
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
+    """Delete the temp files a killed writer left in ``directory``; returns their names."""
+    removed = []
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if is_temp_name(name):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+                    removed.append(name)
+    return sorted(removed)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -21,7 +21,8 @@ import yaml
 from esc_arch import ESC
 from esc_arch.archs.layers import reflect_pad_to_multiple, resample_subpixel_conv
 from esc_arch.cli import main as cli_main
-from esc_arch.models.esr_model import ESCSRModel, atomic_torch_save, resolve_amp
+from esc_arch.fileio import is_temp_name
+from esc_arch.models.esr_model import ESCSRModel, atomic_torch_save, resolve_amp, saved_iterations
 
 SCALE = 4
 TINY_ESC = dict(type='ESC', dim=16, pdim=4, kernel_size=7, n_blocks=1, conv_blocks=1, window_size=4, num_heads=2,
@@ -92,15 +93,20 @@ def test_train_kill_resume_then_test(tmp_path):
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while not list(states.glob('*.state')) and time.monotonic() < deadline and proc.poll() is None:
+        while not saved_iterations(states) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert proc.poll() is None, f'training ended early (rc {proc.returncode})'
-        assert list(states.glob('*.state')), 'no training state within 60 s'
+        assert saved_iterations(states), 'no training state within 60 s'
         time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    saved = sorted(int(p.stem) for p in states.glob('*.state'))
+    # the kill may land mid-save: a hidden temp file then sits next to the complete states
+    saved = saved_iterations(states)
+    names = os.listdir(states)
+    assert all(name in {f'{it}.state' for it in saved} or is_temp_name(name) for name in names), names
+    stale = experiment / 'models' / '.net_g_999.abcd1234.tmp.pth'
+    stale.write_bytes(b'partial')  # as a kill mid-save of a model leaves it
     for it in saved:  # atomic writes: every visible file is complete
         state = torch.load(states / f'{it}.state', weights_only=True)
         assert state['iter'] == it
@@ -120,6 +126,8 @@ def test_train_kill_resume_then_test(tmp_path):
     assert re.search(r'# psnr: \d+\.\d+', log)
     assert (experiment / 'models' / 'net_g_latest.pth').is_file()
     assert (states / f'{last + 2}.state').is_file()
+    assert not stale.exists()  # resume cleared what the killed run left half-written
+    assert not [n for d in (states, experiment / 'models') for n in os.listdir(d) if is_temp_name(n)]
 
     # 3. basicsr test on the trained model: images and a PSNR line
     test_opt = dict(name='tiny_test', model_type='ESRModel', scale=SCALE, num_gpu=0,
@@ -290,6 +298,25 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, 'save', real_save)
     assert torch.load(target, weights_only=True)['params']['w'].tolist() == [1, 1]
     assert [p.name for p in tmp_path.iterdir()] == ['net_g_1.pth']  # no temp file left
+
+
+def test_stale_temp_files_are_recognised_and_only_they_are_removed(tmp_path):
+    from esc_arch.fileio import atomic_path, remove_stale_temp_files
+    temps = []
+    for name in ('13.state', 'net_g_13.pth', 'net_g_latest.pth', 'out.png'):
+        with atomic_path(tmp_path / name) as tmp:  # the names a kill mid-write would leave behind
+            temps.append(os.path.basename(tmp))
+            shutil.copy(tmp, tmp_path / ('kept_' + os.path.basename(tmp)))
+    assert all(is_temp_name(name) for name in temps)
+    kept = ['13.state', 'net_g_13.pth', 'net_g_latest.pth', '.hidden', 'notes.tmp.txt.bak', '2.state']
+    for name in kept:
+        (tmp_path / name).write_bytes(b'x')
+        assert not is_temp_name(name)
+    for name in temps:
+        os.replace(tmp_path / ('kept_' + name), tmp_path / name)
+    assert remove_stale_temp_files(tmp_path) == sorted(temps)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ['out.png'])
+    assert saved_iterations(str(tmp_path)) == [2, 13]
 
 
 def test_auto_resume_skips_an_unreadable_newest_state(tmp_path, capsys):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import time
 from collections import OrderedDict
 
@@ -33,12 +32,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..archs import ESC, ESCFP
 from ..archs.layers import reflect_pad_to_multiple, resample_subpixel_conv
-from ..fileio import atomic_path
+from ..fileio import atomic_path, remove_stale_temp_files
 from ..loading import read_state_dict
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16,
               'half': torch.float16}
-_TEMP_NAME = re.compile(r'^\..+\.(pth|state)\..*\.tmp$')
 
 
 class TrainingDivergedError(RuntimeError):
@@ -49,15 +47,6 @@ def atomic_torch_save(obj, path: str) -> None:
     """``torch.save`` that never leaves a partial file at ``path`` (a kill mid-save is safe)."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-def remove_stale_temp_files(directory: str) -> None:
-    """Drop temp files a killed save left behind (they are hidden and never resumed from)."""
-    if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if _TEMP_NAME.match(name):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(directory, name))
 
 
 def saved_iterations(directory: str) -> list[int]:
