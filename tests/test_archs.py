@@ -291,9 +291,10 @@ def test_fft_large_kernel_matches_direct():
 
 
 @pytest.mark.parametrize('fixture', PARITY)
-def test_parity_through_the_fft_path(fixture, monkeypatch):
+def test_parity_through_the_cpu_fast_paths(fixture, monkeypatch):
     from esc_arch.archs import layers
-    monkeypatch.setattr(layers, 'FFT_MIN_PIXELS', 0)
+    monkeypatch.setattr(layers, 'FFT_MIN_PIXELS', 0)  # FFT convolutions at any size
+    monkeypatch.setattr(layers, '_TRANSPOSE_CHUNK', 7)  # chunked NHWC -> NCHW copies, ragged last chunk
     data = load_fixture(fixture)
     model = ARCHS[data['type']](**data['config']).double().eval()
     model.load_state_dict(data['state_dict'], strict=True)
@@ -309,6 +310,29 @@ def test_inference_paths_match_training_path_on_large_input():
         fast = model.eval()(x)  # FFT large kernel, in-place ConvAttn
     slow = model.train()(x.requires_grad_())  # direct convolution, autograd-safe concatenation
     assert (fast - slow.detach()).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_to_channels_first_is_a_plain_transpose(dtype):
+    from esc_arch.archs.layers import to_channels_first
+    for shape in [(1, 37, 45, 64), (3, 50, 51, 16), (2, 4, 4, 3)]:  # ragged chunks, many chunks, one chunk
+        x = torch.randn(shape, dtype=dtype)
+        with torch.no_grad():
+            out = to_channels_first(x)
+        assert out.is_contiguous() and torch.equal(out, x.permute(0, 3, 1, 2))
+    x = torch.randn(1, 40, 40, 8, requires_grad=True)
+    to_channels_first(x).sum().backward()  # autograd keeps the plain copy
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_window_attention_norm_argument_equals_norm_first():
+    from esc_arch.archs.layers import LayerNorm2d
+    torch.manual_seed(0)
+    window = WindowAttention(dim=8, window_size=4, num_heads=2).double()
+    norm = randomize_(LayerNorm2d(8), scale=0.5).double()
+    x = torch.randn(2, 8, 7, 10, dtype=torch.float64)  # padded to 8 x 12 inside
+    with torch.no_grad():
+        assert (window(x, norm=norm) - window(norm(x))).abs().max().item() < 1e-12
 
 
 def test_standalone_conv_attn_leaves_input_alone():

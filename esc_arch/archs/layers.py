@@ -52,6 +52,24 @@ def tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
+# elements per chunk of to_channels_first: a (chunk, C) -> (C, chunk) transpose that stays in
+# cache is ~2.5x faster on the CPU than PyTorch's one-shot NHWC -> NCHW copy
+_TRANSPOSE_CHUNK = 1 << 16
+
+
+def to_channels_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> contiguous (B, C, H, W), the same values."""
+    b, h, w, c = x.shape
+    rows = max(_TRANSPOSE_CHUNK // max(b * c, 1), 1)
+    if x.device.type != 'cpu' or tracing() or h * w <= rows or (torch.is_grad_enabled() and x.requires_grad):
+        return x.permute(0, 3, 1, 2).contiguous()
+    src = x.reshape(b, h * w, c)
+    out = x.new_empty(b, c, h * w)
+    for start in range(0, h * w, rows):
+        out[:, :, start:start + rows].copy_(src[:, start:start + rows].transpose(1, 2))
+    return out.view(b, c, h, w)
+
+
 def _fft_friendly(n: int) -> int:
     """Smallest m >= n whose prime factors are 2, 3, 5, 7 (fast FFT sizes)."""
     while True:
@@ -120,6 +138,8 @@ class LargeKernel:
     convolutions into a few ms each.
     """
 
+    max_spectra = 4  # sizes kept (a tiled image has up to 4 tile sizes)
+
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         self._spectra = {}
@@ -135,9 +155,12 @@ class LargeKernel:
     def fft_conv(self, x: torch.Tensor) -> torch.Tensor:
         size, crop = _fft_plan(x, self.weight.shape[-1])
         key = (size, x.dtype)
-        if key not in self._spectra:
-            self._spectra[key] = _kernel_spectrum(self.weight.to(x.dtype).transpose(0, 1), size)  # (in, out, .)
-        kernel = self._spectra[key]
+        kernel = self._spectra.pop(key, None)  # re-inserted last: least recently used go first
+        if kernel is None:
+            kernel = _kernel_spectrum(self.weight.to(x.dtype).transpose(0, 1), size)  # (in, out, .)
+            while len(self._spectra) >= self.max_spectra:
+                del self._spectra[next(iter(self._spectra))]
+        self._spectra[key] = kernel
         signal = torch.fft.rfft2(x, s=size)  # (B, in, h, w)
         # sum over input channels as broadcast multiply-adds: a batched matmul would first
         # copy the (large) kernel spectrum into matmul layout on every call
@@ -168,10 +191,13 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
         # back to plain NCHW: a channels-last view here would drag the following convs and
         # GELUs onto much slower CPU kernels
-        return x.permute(0, 3, 1, 2).contiguous()
+        return to_channels_first(self.channels_last(x.permute(0, 2, 3, 1)))
+
+    def channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The same normalisation on a (..., C) tensor."""
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class ConvFFN(nn.Module):
@@ -364,19 +390,28 @@ class WindowAttention(nn.Module):
             self._bias_cache = fn(self._bias_cache)
         return super()._apply(fn, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: LayerNorm2d | None = None) -> torch.Tensor:
+        """x: (B, dim, H, W). ``norm``: a LayerNorm2d applied to x first (per pixel, so it is
+        applied to the windows, where the channels are contiguous)."""
         b, _, h, w = x.shape
         ws, heads, c = self.window_size, self.num_heads, self.dim // self.num_heads
         x = reflect_pad_to_multiple(x, ws)
         hp, wp = x.shape[-2:]
         nh, nw = hp // ws, wp // ws
-        qkv = self.to_qkv(x).view(b, 3, heads, c, nh, ws, nw, ws)
-        qkv = qkv.permute(1, 0, 4, 6, 2, 5, 7, 3).reshape(3, b * nh * nw, heads, ws * ws, c)
+        # one gather into (windows, ws*ws, dim): everything up to the output projection is per
+        # pixel or per window
+        x = x.permute(0, 2, 3, 1).contiguous().view(b, nh, ws, nw, ws, self.dim)
+        x = x.transpose(2, 3).reshape(b * nh * nw, ws * ws, self.dim)
+        if norm is not None:
+            x = norm.channels_last(x)
+        qkv = F.linear(x, self.to_qkv.weight.view(3 * self.dim, self.dim), self.to_qkv.bias)
+        q, k, v = qkv.view(b * nh * nw, ws * ws, 3, heads, c).permute(2, 0, 3, 1, 4)
         backend = resolve_attn_type(self.attn_type)
-        out = windowed_attention(qkv[0], qkv[1], qkv[2], self.relative_position_bias, ws, backend,
-                                 bias=self._bias_cache)
-        out = out.view(b, nh, nw, heads, ws, ws, c).permute(0, 3, 6, 1, 4, 2, 5).reshape(b, self.dim, hp, wp)
-        return self.to_out(out[:, :, :h, :w])
+        out = windowed_attention(q, k, v, self.relative_position_bias, ws, backend, bias=self._bias_cache)
+        out = out.transpose(1, 2).reshape(b * nh * nw, ws * ws, self.dim)
+        out = F.linear(out, self.to_out.weight.view(self.dim, self.dim), self.to_out.bias)
+        out = out.view(b, nh, nw, ws, ws, self.dim).transpose(2, 3).reshape(b, hp, wp, self.dim)
+        return to_channels_first(out)[:, :, :h, :w]
 
     def extra_repr(self):
         return f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, attn_type={self.attn_type}'
@@ -413,7 +448,7 @@ class ESCBlock(nn.Module):
     def forward(self, x: torch.Tensor, *filters: torch.Tensor) -> torch.Tensor:
         skip = x
         x = self.proj(self.ln_proj(x))
-        x = x + self.attn(self.ln_attn(x))
+        x = x + self.attn(x, norm=self.ln_attn)
         for ln, pconv, convffn in zip(self.lns, self.pconvs, self.convffns):
             x = x + pconv(convffn(ln(x)), *filters, overwrite_input=True)
         return self.conv_out(self.ln_out(x)) + skip
