@@ -166,7 +166,7 @@ class LargeKernel:
         # copy the (large) kernel spectrum into matmul layout on every call
         spectrum = signal[:, :1] * kernel[0]
         for i in range(1, kernel.shape[0]):
-            spectrum.add_(signal[:, i:i + 1] * kernel[i])
+            spectrum.addcmul_(signal[:, i:i + 1], kernel[i])
         return torch.fft.irfft2(spectrum, s=size)[crop]
 
 
@@ -407,14 +407,55 @@ class WindowAttention(nn.Module):
         qkv = F.linear(x, self.to_qkv.weight.view(3 * self.dim, self.dim), self.to_qkv.bias)
         q, k, v = qkv.view(b * nh * nw, ws * ws, 3, heads, c).permute(2, 0, 3, 1, 4)
         backend = resolve_attn_type(self.attn_type)
-        out = windowed_attention(q, k, v, self.relative_position_bias, ws, backend, bias=self._bias_cache)
-        out = out.transpose(1, 2).reshape(b * nh * nw, ws * ws, self.dim)
+        if backend == 'flex' and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+            backend = 'sdpa'  # flex_attention has no backward on the CPU; SDPA computes the same
+        if backend == 'flex' or tracing() or (hp, wp) == (h, w):
+            out = windowed_attention(q, k, v, self.relative_position_bias, ws, backend, bias=self._bias_cache)
+            out = out.transpose(1, 2).reshape(b * nh * nw, ws * ws, self.dim)
+        else:
+            out = self._attend_inside(q, k, v, backend, b, h, w).view(b * nh * nw, ws * ws, self.dim)
         out = F.linear(out, self.to_out.weight.view(self.dim, self.dim), self.to_out.bias)
         out = out.view(b, nh, nw, ws, ws, self.dim).transpose(2, 3).reshape(b, hp, wp, self.dim)
         return to_channels_first(out)[:, :, :h, :w]
 
+    def _attend_inside(self, q, k, v, backend, b, h, w):
+        """Attention for the queries inside the unpadded H x W only (keys: whole windows).
+
+        Windows that hang over the padded bottom/right edge compute just their queries inside
+        the image; the rest of the output stays zero and is cropped away. Returns
+        (B, nh, nw, N, heads, c).
+        """
+        ws, heads, c = self.window_size, self.num_heads, self.dim // self.num_heads
+        nh, nw, n = -(-h // ws), -(-w // ws), ws * ws
+        bias = self._bias_cache if self._bias_cache is not None else relative_position_bias(
+            self.relative_position_bias, ws)
+        q, k, v = (t.view(b, nh, nw, heads, n, c) for t in (q, k, v))
+        out = q.new_zeros(b, nh, nw, n, heads, c)
+        for rows, q_rows in _window_groups(nh, ws, h):
+            for cols, q_cols in _window_groups(nw, ws, w):
+                if q_cols == ws:  # whole rows of the window: a prefix of its tokens
+                    tokens = slice(0, q_rows * ws)
+                else:
+                    tokens = (torch.arange(q_rows, device=q.device)[:, None] * ws
+                              + torch.arange(q_cols, device=q.device)).flatten()
+                n_q = q_rows * q_cols
+                q_g = q[:, rows, cols][..., tokens, :].reshape(-1, heads, n_q, c)
+                k_g, v_g = (t[:, rows, cols].reshape(-1, heads, n, c) for t in (k, v))
+                o = windowed_attention(q_g, k_g, v_g, None, ws, backend, bias=bias[:, tokens])
+                out[:, rows, cols, tokens] = o.view(b, rows.stop - rows.start, cols.stop - cols.start, heads, n_q,
+                                                    c).transpose(3, 4)
+        return out
+
     def extra_repr(self):
         return f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, attn_type={self.attn_type}'
+
+
+def _window_groups(n: int, ws: int, size: int) -> list:
+    """Along one axis of n windows covering ``size`` pixels: (window slice, query rows needed)."""
+    last = size - (n - 1) * ws
+    if last == ws:
+        return [(slice(0, n), ws)]
+    return ([(slice(0, n - 1), ws)] if n > 1 else []) + [(slice(n - 1, n), last)]
 
 
 # --------------------------------------------------------------------------------------
