@@ -193,9 +193,9 @@ class LayerNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # back to plain NCHW: a channels-last view here would drag the following convs and
         # GELUs onto much slower CPU kernels
-        return to_channels_first(self.channels_last(x.permute(0, 2, 3, 1)))
+        return to_channels_first(self.normalize_last_dim(x.permute(0, 2, 3, 1)))
 
-    def channels_last(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """The same normalisation on a (..., C) tensor."""
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
@@ -403,13 +403,13 @@ class WindowAttention(nn.Module):
         x = x.permute(0, 2, 3, 1).contiguous().view(b, nh, ws, nw, ws, self.dim)
         x = x.transpose(2, 3).reshape(b * nh * nw, ws * ws, self.dim)
         if norm is not None:
-            x = norm.channels_last(x)
+            x = norm.normalize_last_dim(x)
         qkv = F.linear(x, self.to_qkv.weight.view(3 * self.dim, self.dim), self.to_qkv.bias)
         q, k, v = qkv.view(b * nh * nw, ws * ws, 3, heads, c).permute(2, 0, 3, 1, 4)
         backend = resolve_attn_type(self.attn_type)
         if backend == 'flex' and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
             backend = 'sdpa'  # flex_attention has no backward on the CPU; SDPA computes the same
-        if backend == 'flex' or tracing() or (hp, wp) == (h, w):
+        if backend == 'flex' or tracing():  # whole windows (flex's score_mod indexes all queries)
             out = windowed_attention(q, k, v, self.relative_position_bias, ws, backend, bias=self._bias_cache)
             out = out.transpose(1, 2).reshape(b * nh * nw, ws * ws, self.dim)
         else:
@@ -423,14 +423,15 @@ class WindowAttention(nn.Module):
 
         Windows that hang over the padded bottom/right edge compute just their queries inside
         the image; the rest of the output stays zero and is cropped away. Returns
-        (B, nh, nw, N, heads, c).
+        (B, nh, nw, N, heads, c): the token-major layout the output projection reads.
         """
         ws, heads, c = self.window_size, self.num_heads, self.dim // self.num_heads
         nh, nw, n = -(-h // ws), -(-w // ws), ws * ws
         bias = self._bias_cache if self._bias_cache is not None else relative_position_bias(
             self.relative_position_bias, ws)
         q, k, v = (t.view(b, nh, nw, heads, n, c) for t in (q, k, v))
-        out = q.new_zeros(b, nh, nw, n, heads, c)
+        padded = (nh * ws, nw * ws) != (h, w)
+        out = q.new_zeros(b, nh, nw, n, heads, c) if padded else q.new_empty(b, nh, nw, n, heads, c)
         for rows, q_rows in _window_groups(nh, ws, h):
             for cols, q_cols in _window_groups(nw, ws, w):
                 if q_cols == ws:  # whole rows of the window: a prefix of its tokens
