@@ -51,22 +51,27 @@ def test_flops_of_a_conv_match_the_analytic_count():
     assert result['flops_uncounted_ops'] == []
 
 
-def test_window_attention_flops_are_counted():
+# 8x8 windows; queries computed: whole windows, then windows over the padded bottom / right edge
+@pytest.mark.parametrize('size, queries', [((16, 16), 4 * 64), ((12, 16), 2 * 64 + 2 * 4 * 8),
+                                           ((12, 13), 64 + 8 * 5 + 4 * 8 + 4 * 5)])
+def test_window_attention_flops_are_counted(size, queries):
     # ESC's default attention uses SDPA, which FlopCounterMode misses on CPU; the harness counts
-    # on a 'naive' copy, so the total must exceed the convolutions-only count by exactly the two
-    # attention matmuls: per block 2 * (2 * N * N * c) per window and head, N = window**2.
+    # on a 'naive' copy, so the total must exceed the SDPA run's count (convolutions and the qkv/out
+    # projections) by exactly the two attention matmuls: per block 2 * (2 * n_q * N * c) per window
+    # and head, N = window**2 keys, n_q = the window's queries inside the image.
     spec = benchmark.arch_spec(TINY_ESC)
     model = benchmark.build_model(spec)
-    x = torch.rand(1, 3, 16, 16)
+    x = torch.rand(1, 3, *size)
     from torch.utils.flop_counter import FlopCounterMode
     model.set_attn_type('sdpa')
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(x)
-    conv_only = counter.get_flop_counts()['Global'][torch.ops.aten.convolution]
+    without_attention = counter.get_total_flops()
+    assert counter.get_flop_counts()['Global'][torch.ops.aten.convolution] < without_attention  # + projections
     result = benchmark.count_flops(model, x)
-    windows, tokens, dim = (16 // 8) * (16 // 8), 8 * 8, 16
+    tokens, dim = 8 * 8, 16
     assert result['flops_attn_type'] == 'naive'
-    assert result['flops'] - conv_only == 4 * tokens * tokens * dim * windows
+    assert result['flops'] - without_attention == 4 * tokens * dim * queries
     assert model.blocks[0].attn.attn_type == 'sdpa'  # the measured model itself is untouched
 
 
