@@ -290,6 +290,40 @@ def test_fft_large_kernel_matches_direct():
     assert not LargeKernel(weight.float()).use_fft(x)  # training keeps the direct convolution
 
 
+def test_large_kernel_spectra_are_kept_least_recently_used_first():
+    from esc_arch.archs.layers import LargeKernel
+    lk = LargeKernel(torch.randn(2, 2, 7, 7, dtype=torch.float64))
+    lk.max_spectra = 2
+    inputs = {size: torch.randn(1, 2, size, size, dtype=torch.float64) for size in (40, 44, 50)}  # FFT 48, 50, 56
+    with torch.no_grad():
+        lk(inputs[40]), lk(inputs[44])
+        first = lk._spectra[next(iter(lk._spectra))]
+        lk(inputs[40])  # reused (same tensor), and now the most recent
+        assert lk._spectra[next(reversed(lk._spectra))] is first
+        lk(inputs[50])  # evicts 44's, the least recently used
+        assert [key[0] for key in lk._spectra] == [(48, 48), (56, 56)]
+        lk.max_spectra_bytes = 1  # over budget: only the newest stays
+        lk(inputs[44])
+        assert [key[0] for key in lk._spectra] == [(50, 50)]
+        assert (lk(inputs[44]) - F.conv2d(inputs[44], lk.weight, padding=3)).abs().max().item() < 1e-10
+
+
+def test_deployed_esc_keeps_its_spectra_across_images_until_changed():
+    model = randomize_(ESC(**tiny_config(kernel_size=13)), scale=0.1).eval()
+    x = torch.rand(1, 3, 40, 40)
+    with torch.no_grad():
+        model.deploy()
+        first = model(x)
+        cached = model.large_kernel_filters()[0]
+        assert len(cached._spectra) == 1
+        assert torch.equal(model(x), first) and model.large_kernel_filters()[0] is cached
+        model.double()  # new dtype: spectra are recomputed
+        assert model.large_kernel_filters()[0] is not cached
+        assert (model(x.double()) - first.double()).abs().max().item() < 1e-4
+    model.train()
+    assert model._deployed_filter is None
+
+
 @pytest.mark.parametrize('fixture', PARITY)
 def test_parity_through_the_cpu_fast_paths(fixture, monkeypatch):
     from esc_arch.archs import layers

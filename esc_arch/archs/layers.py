@@ -138,7 +138,8 @@ class LargeKernel:
     convolutions into a few ms each.
     """
 
-    max_spectra = 4  # sizes kept (a tiled image has up to 4 tile sizes)
+    max_spectra = 4  # sizes kept (a tiled image has up to 4 tile sizes) ...
+    max_spectra_bytes = 512 << 20  # ... within this much memory; the newest is always kept
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
@@ -158,9 +159,10 @@ class LargeKernel:
         kernel = self._spectra.pop(key, None)  # re-inserted last: least recently used go first
         if kernel is None:
             kernel = _kernel_spectrum(self.weight.to(x.dtype).transpose(0, 1), size)  # (in, out, .)
-            while len(self._spectra) >= self.max_spectra:
-                del self._spectra[next(iter(self._spectra))]
         self._spectra[key] = kernel
+        while len(self._spectra) > 1 and (len(self._spectra) > self.max_spectra or sum(
+                t.numel() * t.element_size() for t in self._spectra.values()) > self.max_spectra_bytes):
+            del self._spectra[next(iter(self._spectra))]
         signal = torch.fft.rfft2(x, s=size)  # (B, in, h, w)
         # sum over input channels as broadcast multiply-adds: a batched matmul would first
         # copy the (large) kernel spectrum into matmul layout on every call
