@@ -337,6 +337,26 @@ def test_parity_through_the_cpu_fast_paths(fixture, monkeypatch):
     assert (out - data['output_float64']).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize('fixture', PARITY)
+def test_parity_in_both_memory_layouts(fixture):
+    """CPU inference runs channels-last, autograd runs NCHW: both give the authors' output."""
+    data = load_fixture(fixture)
+    model = ARCHS[data['type']](**data['config']).double()
+    model.load_state_dict(data['state_dict'], strict=True)
+    model.train(data['mode'] == 'train')
+    layouts = []
+    model.blocks[0].register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = data['input'].double()
+    with torch.no_grad():
+        fast = model(x)
+    slow = model(x).detach()
+    assert layouts == [True, False]
+    for out in (fast, slow):
+        assert out.is_contiguous()
+        assert (out - data['output_float64']).abs().max().item() <= 1e-6
+
+
 def test_inference_paths_match_training_path_on_large_input():
     model = randomize_(ESC(**tiny_config(kernel_size=13, window_size=8)), scale=0.1).double()
     x = torch.rand(1, 3, 48, 40, dtype=torch.float64)

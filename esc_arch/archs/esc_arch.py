@@ -90,7 +90,7 @@ class ESC(SharedFilterTrunk):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.upscaling_factor
         out = self.to_img(self.features(x)) + torch.repeat_interleave(x, scale * scale, dim=1)
-        return F.pixel_shuffle(out, scale)
+        return F.pixel_shuffle(out, scale).contiguous()
 
 
 def _resample_to_img_hook(module, state_dict, prefix, *args):

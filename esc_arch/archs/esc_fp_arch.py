@@ -36,4 +36,4 @@ class ESCFP(ESCTrunk):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.upscaling_factor
         out = F.pixel_shuffle(self.to_img(self.features(x)), scale)
-        return out + F.interpolate(x, scale_factor=scale, mode='bicubic')
+        return (out + F.interpolate(x, scale_factor=scale, mode='bicubic')).contiguous()

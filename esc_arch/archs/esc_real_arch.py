@@ -4,6 +4,7 @@ import torch.nn as nn
 from basicsr.utils.registry import ARCH_REGISTRY
 
 from .esc_arch import SharedFilterTrunk
+from .layers import inference_layout
 
 
 @ARCH_REGISTRY.register()
@@ -42,4 +43,5 @@ class ESCReal(SharedFilterTrunk):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_img(self.features(x) + self.skip(x))
+        x = inference_layout(x)
+        return self.to_img(self.features(x) + self.skip(x)).contiguous()
