@@ -357,12 +357,15 @@ def test_parity_in_both_memory_layouts(fixture):
         assert (out - data['output_float64']).abs().max().item() <= 1e-6
 
 
-def test_inference_paths_match_training_path_on_large_input():
-    model = randomize_(ESC(**tiny_config(kernel_size=13, window_size=8)), scale=0.1).double()
-    x = torch.rand(1, 3, 48, 40, dtype=torch.float64)
+@pytest.mark.parametrize('arch', ['ESC', 'ESCFP', 'ESCReal'])
+@pytest.mark.parametrize('batch', [1, 2])
+def test_inference_paths_match_training_path_on_large_input(arch, batch):
+    config = tiny_config(kernel_size=13, window_size=8, upscaling_factor=4 if arch == 'ESCReal' else 2)
+    model = randomize_(ARCHS[arch](**config), scale=0.1).double()
+    x = torch.rand(batch, 3, 48, 40, dtype=torch.float64)
     with torch.no_grad():
-        fast = model.eval()(x)  # FFT large kernel, in-place ConvAttn
-    slow = model.train()(x.requires_grad_())  # direct convolution, autograd-safe concatenation
+        fast = model.eval()(x)  # channels-last, FFT large kernels, in-place ConvAttn/GELU/adds
+    slow = model.train()(x.requires_grad_())  # NCHW, direct convolution, autograd-safe ops
     assert (fast - slow.detach()).abs().max().item() < 1e-9
 
 
