@@ -214,7 +214,28 @@ def test_deploy_is_exact_and_reversible():
         fresh.load_state_dict(model.state_dict(), strict=True)
         assert (fresh(x) - reference).abs().max().item() <= 1e-6
     model.train()
-    assert not model.deployed and model.blocks[0].attn._bias_cache is None
+    assert not model.deployed and model.blocks[0].attn._bias is None
+
+
+def test_eval_keeps_the_attention_bias_until_the_table_changes():
+    model = randomize_(ESC(**tiny_config())).double().eval()
+    attn = model.blocks[0].attn
+    x = torch.rand(1, 3, 9, 10, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)
+        cached = attn._bias
+        model(x)
+        assert attn._bias is cached  # not rebuilt per forward
+        for param in model.parameters():
+            param.mul_(0.9)  # an in-place update, as an optimizer or EMA step makes
+        updated = model(x)
+    assert attn._bias is not cached
+    fresh = ESC(**tiny_config()).double()
+    fresh.load_state_dict(model.state_dict())
+    reference = fresh.eval()(x).detach()  # autograd on: the bias is built in the graph
+    assert (updated - reference).abs().max().item() <= 1e-12
+    model.float()
+    assert attn._bias is None
 
 
 def test_deployment_flag_and_loading_after_deploy():

@@ -404,23 +404,35 @@ class WindowAttention(nn.Module):
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.to_out = nn.Conv2d(dim, dim, 1)
         self.relative_position_bias = nn.Parameter(torch.randn(num_heads, (2 * window_size - 1)**2) * 0.001)
-        self._bias_cache = None  # dense bias, set by deploy()
+        self._bias = None  # the dense bias outside autograd, and (table, its state) it came from
+        self._bias_source = (None, None)
+
+    def dense_bias(self) -> torch.Tensor:
+        """The (heads, N, N) bias. Outside autograd it is kept until the table changes (updated
+        in place, reloaded, moved), so evaluation does not rebuild it on every forward."""
+        table = self.relative_position_bias
+        if torch.is_grad_enabled() and table.requires_grad:
+            return relative_position_bias(table, self.window_size)
+        state = (table.data_ptr(), table._version, table.dtype, table.device)
+        if self._bias is None or self._bias_source[0] is not table or self._bias_source[1] != state:
+            self._bias = relative_position_bias(table.detach(), self.window_size)
+            self._bias_source = (table, state)  # a tuple: not registered as a parameter
+        return self._bias
 
     def deploy(self):
         with torch.no_grad():
-            self._bias_cache = relative_position_bias(self.relative_position_bias, self.window_size).clone()
+            self.dense_bias()  # computed now rather than on the first forward
 
     def undeploy(self):
-        self._bias_cache = None
+        self._bias, self._bias_source = None, (None, None)
 
     def train(self, mode: bool = True):
         if mode:
-            self.undeploy()
+            self.undeploy()  # training rebuilds the bias in the graph: free the cached one
         return super().train(mode)
 
-    def _apply(self, fn, *args, **kwargs):  # keep the cache on the module's device/dtype
-        if self._bias_cache is not None:
-            self._bias_cache = fn(self._bias_cache)
+    def _apply(self, fn, *args, **kwargs):  # a move or cast may keep the table's identity and version
+        self.undeploy()
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, norm: LayerNorm2d | None = None) -> torch.Tensor:
@@ -444,7 +456,8 @@ class WindowAttention(nn.Module):
         if backend == 'flex' and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
             backend = 'sdpa'  # flex_attention has no backward on the CPU; SDPA computes the same
         if backend == 'flex' or tracing():  # whole windows (flex's score_mod indexes all queries)
-            out = windowed_attention(q, k, v, self.relative_position_bias, ws, backend, bias=self._bias_cache)
+            bias = None if backend == 'flex' else self.dense_bias()  # flex reads the table
+            out = windowed_attention(q, k, v, self.relative_position_bias, ws, backend, bias=bias)
             out = out.transpose(1, 2).reshape(b * nh * nw, ws * ws, self.dim)
         else:
             out = self._attend_inside(q, k, v, backend, b, h, w).view(b * nh * nw, ws * ws, self.dim)
@@ -462,8 +475,7 @@ class WindowAttention(nn.Module):
         """
         ws, heads, c = self.window_size, self.num_heads, self.dim // self.num_heads
         nh, nw, n = -(-h // ws), -(-w // ws), ws * ws
-        bias = self._bias_cache if self._bias_cache is not None else relative_position_bias(
-            self.relative_position_bias, ws)
+        bias = self.dense_bias()
         q, k, v = (t.view(b, nh, nw, heads, n, c) for t in (q, k, v))
         padded = (nh * ws, nw * ws) != (h, w)
         out = q.new_zeros(b, nh, nw, n, heads, c) if padded else q.new_empty(b, nh, nw, n, heads, c)
