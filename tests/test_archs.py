@@ -236,6 +236,14 @@ def test_eval_keeps_the_attention_bias_until_the_table_changes():
     assert (updated - reference).abs().max().item() <= 1e-12
     model.float()
     assert attn._bias is None
+    attn.max_kept_bias_bytes = 0  # too large to keep un-deployed (as ESC-XL's) ...
+    with torch.no_grad():
+        model(x.float())
+        assert attn._bias is None
+        model.deploy()  # ... but kept once deployed, also after a cast
+        assert attn._bias is not None
+        model.double()(x)
+        assert attn._bias is not None and attn._bias.dtype == torch.float64
 
 
 def test_deployment_flag_and_loading_after_deploy():

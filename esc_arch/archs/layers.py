@@ -404,8 +404,12 @@ class WindowAttention(nn.Module):
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.to_out = nn.Conv2d(dim, dim, 1)
         self.relative_position_bias = nn.Parameter(torch.randn(num_heads, (2 * window_size - 1)**2) * 0.001)
-        self._bias = None  # the dense bias outside autograd, and (table, its state) it came from
-        self._bias_source = (None, None)
+        self._deployed = False
+        self._drop_bias()  # the dense bias kept outside autograd, and (table, its state) it came from
+
+    # un-deployed (e.g. BasicSR validating its EMA model) keeps biases up to this size between
+    # forwards (ESC: 16 MB per layer); larger ones (ESC-XL: 255 MB) only once deployed
+    max_kept_bias_bytes = 64 << 20
 
     def dense_bias(self) -> torch.Tensor:
         """The (heads, N, N) bias. Outside autograd it is kept until the table changes (updated
@@ -414,16 +418,23 @@ class WindowAttention(nn.Module):
         if torch.is_grad_enabled() and table.requires_grad:
             return relative_position_bias(table, self.window_size)
         state = (table.data_ptr(), table._version, table.dtype, table.device)
-        if self._bias is None or self._bias_source[0] is not table or self._bias_source[1] != state:
-            self._bias = relative_position_bias(table.detach(), self.window_size)
-            self._bias_source = (table, state)  # a tuple: not registered as a parameter
-        return self._bias
+        if self._bias is not None and self._bias_source[0] is table and self._bias_source[1] == state:
+            return self._bias
+        bias = relative_position_bias(table.detach(), self.window_size)
+        if self._deployed or bias.numel() * bias.element_size() <= self.max_kept_bias_bytes:
+            self._bias, self._bias_source = bias, (table, state)  # a tuple: not registered as a parameter
+        return bias
 
     def deploy(self):
+        self._deployed = True
         with torch.no_grad():
             self.dense_bias()  # computed now rather than on the first forward
 
     def undeploy(self):
+        self._deployed = False
+        self._drop_bias()
+
+    def _drop_bias(self):
         self._bias, self._bias_source = None, (None, None)
 
     def train(self, mode: bool = True):
@@ -432,7 +443,7 @@ class WindowAttention(nn.Module):
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):  # a move or cast may keep the table's identity and version
-        self.undeploy()
+        self._drop_bias()
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, norm: LayerNorm2d | None = None) -> torch.Tensor:
