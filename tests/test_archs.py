@@ -357,7 +357,6 @@ def test_deployed_esc_keeps_its_spectra_across_images_until_changed():
 def test_parity_through_the_cpu_fast_paths(fixture, monkeypatch):
     from esc_arch.archs import layers
     monkeypatch.setattr(layers, 'FFT_MIN_PIXELS', 0)  # FFT convolutions at any size
-    monkeypatch.setattr(layers, '_TRANSPOSE_CHUNK', 7)  # chunked NHWC -> NCHW copies, ragged last chunk
     data = load_fixture(fixture)
     model = ARCHS[data['type']](**data['config']).double().eval()
     model.load_state_dict(data['state_dict'], strict=True)

@@ -372,11 +372,10 @@ def resolve_attn_type(attn_type: str) -> str:
 
 
 def windowed_attention(q, k, v, table, window_size, backend, bias=None):
-    """softmax(q k^T / sqrt(c) + B) v over windows; q/k/v: (windows, heads, N, c)."""
+    """softmax(q k^T / sqrt(c) + B) v over windows; q/k/v: (windows, heads, N, c). Flex builds
+    B from ``table``; naive and SDPA take the dense ``bias`` (heads, Nq, Nk)."""
     if backend == 'flex':
         return _flex_attention(q, k, v, table, window_size)
-    if bias is None:
-        bias = relative_position_bias(table, window_size)
     bias = bias.to(q.dtype).unsqueeze(0)
     if backend == 'sdpa':
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
