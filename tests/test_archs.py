@@ -241,6 +241,7 @@ def test_eval_keeps_the_attention_bias_until_the_table_changes():
         model(x.float())
         assert attn._bias is None
         model.deploy()  # ... but kept once deployed, also after a cast
+        model(x.float())  # (window 4: SDPA, which builds it; the fused CPU kernel never does)
         assert attn._bias is not None
         model.double()(x)
         assert attn._bias is not None and attn._bias.dtype == torch.float64

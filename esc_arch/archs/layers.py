@@ -430,9 +430,9 @@ class WindowAttention(nn.Module):
         return bias
 
     def deploy(self):
+        """Allow keeping a dense bias of any size (built by the first SDPA/naive forward; the
+        fused CPU kernel reads the table and never builds it)."""
         self._deployed = True
-        with torch.no_grad():
-            self.dense_bias()  # computed now rather than on the first forward
 
     def undeploy(self):
         self._deployed = False

@@ -1,0 +1,135 @@
+"""The fused CPU window-attention kernel (esc_arch/kernels) against written-out references."""
+import math
+
+import pytest
+import torch
+from conftest import load_fixture, randomize_, tiny_config
+
+import esc_arch.archs.layers as layers
+from esc_arch import ESC, ESCFP
+from esc_arch.archs.layers import relative_position_bias
+from esc_arch.kernels import ENV_SWITCH, _build, cpu_supports_kernel, window_attention_op
+
+pytestmark = pytest.mark.skipif(not cpu_supports_kernel(), reason='the fused kernel needs an x86-64 CPU with AVX2')
+
+
+@pytest.fixture(scope='module')
+def op():
+    kernel = window_attention_op()
+    assert kernel is not None, 'the fused CPU attention kernel did not build (see the warning above)'
+    return kernel
+
+
+def reference(q, k, v, table, ws, tokens):
+    """softmax(q k^T / sqrt(c) + B[:, tokens]) v in float64, written out."""
+    q, k, v = q.double(), k.double(), v.double()
+    bias = relative_position_bias(table.double().flatten(1), ws)[:, tokens]
+    score = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias
+    return score.softmax(-1) @ v
+
+
+def window_qkv(windows, ws, heads, c, seed=0):
+    """q, k, v as the model makes them: strided views of one (..., tokens, 3, heads, c) tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(*windows, ws * ws, 3, heads, c, generator=gen)
+    n = len(windows)
+    return qkv.permute(n + 1, *range(n), n + 2, n, n + 3).unbind(0)  # each (*windows, heads, N, c)
+
+
+@pytest.mark.parametrize('c', [8, 16, 24, 32])
+@pytest.mark.parametrize('ws', [8, 16])
+def test_kernel_matches_written_out_attention(op, c, ws):
+    heads = 2
+    q, k, v = window_qkv((2, 3), ws, heads, c)
+    table = torch.randn(heads, 2 * ws - 1, 2 * ws - 1)
+    out = torch.full((2, 3, ws * ws, heads, c), float('nan')).transpose(-3, -2)  # a strided output
+    op(q, k, v, table, ws, ws, c**-0.5, out)
+    expected = reference(q, k, v, table, ws, slice(None))
+    assert (out.double() - expected).abs().max().item() < 2e-5
+
+
+@pytest.mark.parametrize('query_rows, query_cols', [(3, 16), (5, 7), (1, 1)])
+def test_kernel_computes_the_queries_inside_an_edge_window(op, query_rows, query_cols):
+    ws, heads, c = 16, 3, 16
+    q, k, v = window_qkv((4,), ws, heads, c, seed=1)
+    table = torch.randn(heads, 2 * ws - 1, 2 * ws - 1)
+    tokens = (torch.arange(query_rows)[:, None] * ws + torch.arange(query_cols)).flatten()
+    q_in = q[..., tokens, :]
+    out = torch.empty_like(q_in)
+    op(q_in, k, v, table, ws, query_cols, c**-0.5, out)
+    assert (out.double() - reference(q_in, k, v, table, ws, tokens)).abs().max().item() < 2e-5
+
+
+def test_kernel_rejects_what_it_cannot_compute(op):
+    q, k, v = window_qkv((2,), 8, 2, 16)
+    table = torch.randn(2, 15, 15)
+    out = torch.empty_like(q)
+    with pytest.raises(RuntimeError, match='float32 CPU tensors only'):
+        op(q.double(), k.double(), v.double(), table.double(), 8, 8, 0.25, out.double())
+    q4, k4, v4 = window_qkv((2,), 4, 2, 16)
+    with pytest.raises(RuntimeError, match='window size must be a multiple of 8'):
+        op(q4, k4, v4, torch.randn(2, 7, 7), 4, 4, 0.25, torch.empty_like(q4))
+    q12, k12, v12 = window_qkv((2,), 8, 2, 12)
+    with pytest.raises(RuntimeError, match='head dim must be 8, 16, 24 or 32'):
+        op(q12, k12, v12, table, 8, 8, 0.25, torch.empty_like(q12))
+    with pytest.raises(RuntimeError, match=r'table must be a contiguous \(heads, 2w - 1, 2w - 1\)'):
+        op(q, k, v, torch.randn(2, 13, 13), 8, 8, 0.25, out)
+    with pytest.raises(RuntimeError, match='queries must fit'):
+        op(q, k, v, table, 8, 3, 0.25, out)  # 64 queries do not fit 3 columns of 8 rows
+
+
+def counting(monkeypatch):
+    calls = []
+    real = window_attention_op()
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(layers, 'window_attention_op', lambda: counted)
+    return calls
+
+
+@pytest.mark.parametrize('arch', [ESC, ESCFP])
+def test_model_inference_uses_the_kernel_and_matches_sdpa(op, arch, monkeypatch):
+    calls = counting(monkeypatch)
+    model = randomize_(arch(**tiny_config(dim=32, window_size=8)), seed=2, scale=0.1).eval()
+    x = torch.rand(2, 3, 21, 13)  # edge windows: partial rows and partial columns
+    with torch.no_grad():
+        model.set_attn_type('sdpa')
+        expected = model(x)
+        assert not calls
+        model.set_attn_type('auto')
+        fused = model(x)
+    assert len(calls) == 4  # one block; whole windows, right column, bottom row, corner
+    assert (fused - expected).abs().max().item() < 1e-5
+    reference64 = model.double()(x.double()).detach()  # autograd on: SDPA in float64
+    assert (fused.double() - reference64).abs().max().item() < 1e-4
+
+
+def test_training_never_uses_the_kernel(op, monkeypatch):
+    calls = counting(monkeypatch)
+    model = randomize_(ESC(**tiny_config(dim=32, window_size=8)), seed=4, scale=0.1).train()
+    model(torch.rand(1, 3, 16, 16)).mean().backward()
+    assert not calls
+    assert model.blocks[0].attn.relative_position_bias.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('fixture', ['parity_esc_x4.pt', 'parity_escfp_x2.pt'])
+def test_authors_fixtures_in_float32_through_the_kernel(op, fixture, monkeypatch):
+    """The released computation through the kernel (fixture windows are 8x8) in float32."""
+    calls = counting(monkeypatch)
+    data = load_fixture(fixture)
+    model = {'ESC': ESC, 'ESCFP': ESCFP}[data['type']](**data['config'])
+    model.load_state_dict(data['state_dict'], strict=True)
+    model.eval().float()
+    with torch.no_grad():
+        out = model(data['input'].float())
+    assert calls
+    assert (out.double() - data['output_float64']).abs().max().item() < 1e-4
+
+
+def test_switch_off_by_environment(monkeypatch):
+    monkeypatch.setenv(ENV_SWITCH, '0')
+    op, why = _build()
+    assert op is None and why == f'{ENV_SWITCH}=0'
