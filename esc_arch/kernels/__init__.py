@@ -45,7 +45,8 @@ def _build():
             warnings.simplefilter('ignore')
             from torch.utils import cpp_extension
             cpp_extension.load(name='esc_arch_window_attention', sources=[str(SOURCE)],
-                               extra_cflags=['-O3', '-mavx2', '-mfma'], is_python_module=False)
+                               extra_cflags=['-O3', '-mavx2', '-mfma', '-fopenmp'],
+                               extra_ldflags=['-fopenmp'], is_python_module=False)
     except Exception as err:  # no compiler / ninja, or a failed build: fall back, say why
         lines = str(err).strip().splitlines() or [type(err).__name__]
         return None, f'building it failed: {lines[-1]}'

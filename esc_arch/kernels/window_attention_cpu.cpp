@@ -17,7 +17,6 @@
 #include <initializer_list>
 #include <limits>
 #include <algorithm>
-#include <thread>
 #include <vector>
 
 namespace {
@@ -231,14 +230,9 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
       }
     }
   };
-  // PyTorch's intra-op thread count; plain threads (ATen's OpenMP pool is not reachable from
-  // an extension built without OpenMP), one contiguous range of (window, head) pairs each
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pairs));
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t)
-    pool.emplace_back(work, pairs * t / threads, pairs * (t + 1) / threads);
-  work(0, pairs / threads);
-  for (auto& th : pool) th.join();
+  // PyTorch's own intra-op pool (built with -fopenmp, this library shares torch's OpenMP
+  // runtime): no second set of threads competing with the pool's spinning workers
+  at::parallel_for(0, pairs, 1, work);
 }
 
 void window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
