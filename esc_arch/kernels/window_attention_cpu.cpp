@@ -16,7 +16,6 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
-#include <algorithm>
 #include <vector>
 
 namespace {
