@@ -174,7 +174,7 @@ std::vector<int64_t> leading_offsets(const at::Tensor& t) {
   return offsets;
 }
 
-constexpr int kRows = 8;
+constexpr int kRows = 4;  // query rows per block: 4 x 2 score accumulators + 2 key vectors fit the 16 ymm registers
 
 template <int C>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table, int64_t w,
