@@ -352,6 +352,10 @@ def measure(spec: dict, settings: dict) -> dict:
             if index >= settings['warmup']:
                 latencies.append(elapsed)
 
+    # which window-attention backends the timed forwards ran (ESC family; e.g. ['fused'] or, where
+    # the fused CPU kernel could not be built, ['sdpa']); None for archs without them
+    attention = sorted({m.last_backend for m in model.modules() if getattr(m, 'last_backend', None)}) or None
+
     if device.type == 'cuda':
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
         memory = {'peak_memory_mb': peak_mb, 'memory_baseline_mb': baseline_kb / 1024,
@@ -377,7 +381,7 @@ def measure(spec: dict, settings: dict) -> dict:
         'lr_size': [lr_h, lr_w], 'input_size': list(x.shape[-2:]), 'pad_multiple': multiple,
         'output_size': list(out.shape[-2:]), 'scale': out.shape[-1] / x.shape[-1],
         'device': str(device), 'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
-        'dtype': settings['dtype'], 'threads': threads, 'deployed': deployed,
+        'dtype': settings['dtype'], 'threads': threads, 'deployed': deployed, 'attention_backends': attention,
         'torch_version': torch.__version__, 'esc_arch_version': esc_arch.__version__,
         'python': platform.python_version(),
         'cpu_model': cpu_model(), 'hostname': platform.node(),

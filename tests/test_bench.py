@@ -100,6 +100,13 @@ def test_latency_stats_padding_and_check(esc_record):
     assert esc_record['check_max_abs_err'] <= 1e-4
 
 
+def test_record_names_the_attention_backend(esc_record, edsr_record):
+    from esc_arch.kernels import window_attention_op
+    # CPU float32 inference with 8x8 windows and head dim 8: the fused kernel wherever it builds
+    assert esc_record['attention_backends'] == (['fused'] if window_attention_op() is not None else ['sdpa'])
+    assert edsr_record['attention_backends'] is None
+
+
 def test_record_json_and_plot(tmp_path, esc_record, edsr_record):
     path = benchmark.write_record(str(tmp_path), esc_record)
     with open(path, encoding='utf-8') as handle:

@@ -411,6 +411,7 @@ class WindowAttention(nn.Module):
         self.relative_position_bias = nn.Parameter(torch.randn(num_heads, (2 * window_size - 1)**2) * 0.001)
         self._deployed = False
         self._drop_bias()  # the dense bias kept outside autograd, and (table, its state) it came from
+        self.last_backend = None  # what the latest forward ran ('fused', 'sdpa', ...): for benchmarks
 
     # un-deployed (e.g. BasicSR validating its EMA model) keeps biases up to this size between
     # forwards (ESC: 16 MB per layer); larger ones (ESC-XL: 255 MB) only once deployed
@@ -473,6 +474,7 @@ class WindowAttention(nn.Module):
             backend = 'sdpa'  # flex_attention has no backward on the CPU; SDPA computes the same
         if backend == 'sdpa' and self.attn_type.lower() == 'auto' and not tracing() and fused_attention_applies(q, ws):
             backend = 'fused'  # the CPU inference kernel (esc_arch/kernels): same values, no dense bias
+        self.last_backend = backend
         if backend == 'flex' or tracing():  # whole windows (flex's score_mod indexes all queries)
             bias = None if backend == 'flex' else self.dense_bias()  # flex reads the table
             out = windowed_attention(q, k, v, self.relative_position_bias, ws, backend, bias=bias)
