@@ -311,6 +311,7 @@ def measure(spec: dict, settings: dict) -> dict:
 
     import esc_arch
     from esc_arch.archs.layers import reflect_pad_to_multiple
+    from esc_arch.kernels import kernel_isa
 
     validate_settings(settings)
     threads = settings.get('threads') or os.cpu_count()
@@ -355,6 +356,7 @@ def measure(spec: dict, settings: dict) -> dict:
     # which window-attention backends the timed forwards ran (ESC family; e.g. ['fused'] or, where
     # the fused CPU kernel could not be built, ['sdpa']); None for archs without them
     attention = sorted({m.last_backend for m in model.modules() if getattr(m, 'last_backend', None)}) or None
+    fused_isa = kernel_isa() if attention and 'fused' in attention else None
 
     if device.type == 'cuda':
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
@@ -382,6 +384,7 @@ def measure(spec: dict, settings: dict) -> dict:
         'output_size': list(out.shape[-2:]), 'scale': out.shape[-1] / x.shape[-1],
         'device': str(device), 'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
         'dtype': settings['dtype'], 'threads': threads, 'deployed': deployed, 'attention_backends': attention,
+        'fused_kernel_isa': fused_isa,
         'torch_version': torch.__version__, 'esc_arch_version': esc_arch.__version__,
         'python': platform.python_version(),
         'cpu_model': cpu_model(), 'hostname': platform.node(),

@@ -101,10 +101,13 @@ def test_latency_stats_padding_and_check(esc_record):
 
 
 def test_record_names_the_attention_backend(esc_record, edsr_record):
-    from esc_arch.kernels import window_attention_op
+    from esc_arch.kernels import kernel_isa, window_attention_op
     # CPU float32 inference with 8x8 windows and head dim 8: the fused kernel wherever it builds
-    assert esc_record['attention_backends'] == (['fused'] if window_attention_op() is not None else ['sdpa'])
-    assert edsr_record['attention_backends'] is None
+    fused = window_attention_op() is not None
+    assert esc_record['attention_backends'] == (['fused'] if fused else ['sdpa'])
+    assert esc_record['fused_kernel_isa'] == (kernel_isa() if fused else None)
+    assert esc_record['fused_kernel_isa'] in ((None, ) if not fused else ('avx2', 'avx512'))
+    assert edsr_record['attention_backends'] is None and edsr_record['fused_kernel_isa'] is None
 
 
 def test_record_json_and_plot(tmp_path, esc_record, edsr_record):

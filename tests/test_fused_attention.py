@@ -2,6 +2,9 @@
 import math
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -10,7 +13,14 @@ from conftest import load_fixture, randomize_, tiny_config
 import esc_arch.archs.layers as layers
 from esc_arch import ESC, ESCFP
 from esc_arch.archs.layers import relative_position_bias
-from esc_arch.kernels import ENV_SWITCH, _build, cpu_supports_kernel, unavailable_reason, window_attention_op
+from esc_arch.kernels import (
+    ENV_SWITCH,
+    _build,
+    cpu_supports_kernel,
+    kernel_isa,
+    unavailable_reason,
+    window_attention_op,
+)
 
 pytestmark = pytest.mark.skipif(not cpu_supports_kernel(), reason='the fused kernel needs an x86-64 CPU with AVX2')
 
@@ -41,7 +51,7 @@ def window_qkv(windows, ws, heads, c, seed=0):
 
 
 @pytest.mark.parametrize('c', [8, 16, 24, 32])
-@pytest.mark.parametrize('ws', [8, 16])
+@pytest.mark.parametrize('ws', [8, 16, 24])  # 8, 24: runs of 16 keys cross key rows
 def test_kernel_matches_written_out_attention(op, c, ws):
     heads = 2
     q, k, v = window_qkv((2, 3), ws, heads, c)
@@ -137,3 +147,38 @@ def test_switch_off_by_environment(monkeypatch):
     monkeypatch.setenv(ENV_SWITCH, '0')
     op, why = _build()
     assert op is None and why == f'{ENV_SWITCH}=0'
+    assert kernel_isa() is None
+
+
+def test_the_avx2_build_on_an_avx512_cpu(op):
+    """Where this process runs the AVX-512 build, the AVX2 one (other CPUs' kernel) must be
+    right too: it is built and checked in a child process (one build per process)."""
+    if kernel_isa() != 'avx512':
+        pytest.skip('this CPU runs the AVX2 build, which the other tests check')
+    script = textwrap.dedent('''
+        import math, torch
+        from esc_arch.kernels import kernel_isa, window_attention_op
+        from esc_arch.archs.layers import relative_position_bias
+        assert kernel_isa() == 'avx2', kernel_isa()
+        op = window_attention_op()
+        assert op is not None
+        worst = 0.0
+        for c in (8, 16, 24, 32):
+            for ws, query_cols in ((8, 8), (16, 16), (16, 5)):
+                gen = torch.Generator().manual_seed(c + ws)
+                q, k, v = torch.randn(3, 2, 2, ws * ws, c, generator=gen).unbind(0)
+                q = q[..., :ws * query_cols - 3, :]  # the last row of queries is partial
+                tokens = (torch.arange(ws)[:, None] * ws + torch.arange(query_cols)).flatten()[:q.shape[-2]]
+                table = torch.randn(2, 2 * ws - 1, 2 * ws - 1, generator=gen)
+                out = torch.empty_like(q)
+                op(q, k, v, table, ws, query_cols, c ** -0.5, out)
+                bias = relative_position_bias(table.double().flatten(1), ws)[:, tokens]
+                score = q.double() @ k.double().transpose(-2, -1) / math.sqrt(c) + bias
+                worst = max(worst, (out.double() - score.softmax(-1) @ v.double()).abs().max().item())
+        print('max error', worst)
+        assert worst < 2e-5
+    ''')
+    env = dict(os.environ, **{ENV_SWITCH: 'avx2'})
+    result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'max error' in result.stdout

@@ -1,8 +1,10 @@
 """Native kernels, compiled on first use with PyTorch's C++ extension loader.
 
 ``window_attention`` is a fused CPU kernel for ESC's window attention at inference
-(``window_attention_cpu.cpp``): float32, AVX2 + FMA, the relative position bias read from its
-(2w-1)^2 table instead of a dense (heads, w^2, w^2) tensor. The first call on a machine
+(``window_attention_cpu.cpp``): float32, the relative position bias read from its (2w-1)^2
+table instead of a dense (heads, w^2, w^2) tensor. It is built for the CPU's vector ISA: AVX-512
+where PyTorch itself runs AVX-512 code, else AVX2 + FMA (``ESC_FUSED_ATTENTION=avx2`` forces
+the AVX2 build, e.g. to compare the two). The first call on a machine
 compiles it (about 15 s with g++; cached in PyTorch's extensions folder, ``TORCH_EXTENSIONS_DIR``
 moves it); later processes load the cached library. Where it cannot be built or run (no C++
 compiler, a CPU without AVX2, ``ESC_FUSED_ATTENTION=0``) ``window_attention_op()`` returns
@@ -31,12 +33,33 @@ def cpu_supports_kernel() -> bool:
     return platform.machine().lower() in ('x86_64', 'amd64') and capability.startswith(('AVX2', 'AVX512'))
 
 
+# compiler flags of each build; the source picks its vector width from the macros they define
+ISA_FLAGS = {'avx2': ['-mavx2', '-mfma'], 'avx512': ['-mavx512f', '-mavx2', '-mfma']}
+
+
+_OFF = ('0', 'false', 'no', 'off')
+
+
+def _switch() -> str:
+    return os.environ.get(ENV_SWITCH, '1').strip().lower()
+
+
+def kernel_isa() -> str | None:
+    """The build this process uses: 'avx512', 'avx2', or None (switched off or no AVX2)."""
+    if _switch() in _OFF or not cpu_supports_kernel():
+        return None
+    if _switch() == 'avx2' or not torch.backends.cpu.get_cpu_capability().startswith('AVX512'):
+        return 'avx2'
+    return 'avx512'
+
+
 def _build():
-    if os.environ.get(ENV_SWITCH, '1').strip().lower() in ('0', 'false', 'no', 'off'):
-        return None, f'{ENV_SWITCH}=0'
+    if _switch() in _OFF:
+        return None, f'{ENV_SWITCH}={_switch()}'
     if not cpu_supports_kernel():
         return None, f'this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) has no AVX2'
-    logger.info('esc_arch: loading the fused CPU window-attention kernel (compiled once per machine, ~15 s)')
+    isa = kernel_isa()
+    logger.info(f'esc_arch: loading the fused CPU window-attention kernel ({isa}; compiled once per machine, ~15 s)')
     quiet = logging.getLogger('torch.utils.cpp_extension')  # "No CUDA runtime is found" on CPU machines
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -44,8 +67,8 @@ def _build():
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             from torch.utils import cpp_extension
-            cpp_extension.load(name='esc_arch_window_attention', sources=[str(SOURCE)],
-                               extra_cflags=['-O3', '-mavx2', '-mfma', '-fopenmp'],
+            cpp_extension.load(name=f'esc_arch_window_attention_{isa}', sources=[str(SOURCE)],
+                               extra_cflags=['-O3', *ISA_FLAGS[isa], '-fopenmp'],
                                extra_ldflags=['-fopenmp'], is_python_module=False)
     except Exception as err:  # no compiler / ninja, or a failed build: fall back, say why
         lines = str(err).strip().splitlines() or [type(err).__name__]

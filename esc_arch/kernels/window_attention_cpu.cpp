@@ -1,13 +1,16 @@
-// Fused window attention with a relative position bias, for CPU inference (float32, AVX2 + FMA):
+// Fused window attention with a relative position bias, for CPU inference (float32):
 //   out = softmax(scale * q k^T + B) v,  B[h, i, j] = table[h, kh - qh + w - 1, kw - qw + w - 1]
 // where query i sits at (qh, qw) = (i / query_cols, i % query_cols) of a w x w window and key j
 // at (kh, kw) = (j / w, j % w) (every key of the window). Head dims 8, 16, 24 or 32; w a
-// multiple of 8 (so w * w is a multiple of 16 and no run of 8 keys crosses a key row).
+// multiple of 8 (so w * w is a multiple of 64 and no run of 8 keys crosses a key row).
 // PyTorch's SDPA spends most of its time here in tiny GEMM calls and online-softmax
 // bookkeeping, and reads a dense (heads, w^2, w^2) bias from memory for every window; this
 // reads B straight from the (2w-1)^2 table, which stays in L1. One (window, head) pair at a
 // time per thread: K goes into panels and V is packed (L2-sized buffers), then blocks of R
 // query rows compute their scores, an exact row softmax and the weighted sum of V.
+// One source, two builds (esc_arch/kernels/__init__.py picks by CPU): AVX2 + FMA (8 floats per
+// vector, 16 registers) and, where the compiler is given -mavx512f, AVX-512 (16 floats, 32
+// registers); the algorithm is the same, only the vector type and the block sizes change.
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -16,148 +19,216 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 // exp(x) for x <= 0 (the row maximum is subtracted first). Range reduction x = n ln2 + r with
 // ln2 split in two parts, a degree-6 minimax polynomial for exp(r) on |r| <= ln2 / 2 (the
-// classical single-precision coefficients, ~1 ulp), then 2^n through the exponent bits.
-// Inputs below -87 give exp(-87) ~ 1.6e-38 instead of 0: nothing a softmax sum can see.
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+// classical single-precision coefficients, ~1 ulp), then the product with 2^n. Inputs below
+// -87 give exp(-87) ~ 1.6e-38 instead of 0: nothing a softmax sum can see.
+template <class F>
+inline typename F::T exp_nonpositive(typename F::T x) {
+  x = F::max(x, F::set1(-87.0f));
+  const auto n = F::round(F::mul(x, F::set1(1.44269504088896341f)));
+  auto r = F::fnmadd(n, F::set1(0.693359375f), x);
+  r = F::fnmadd(n, F::set1(-2.12194440e-4f), r);
+  auto p = F::set1(1.9875691500e-4f);
+  p = F::fmadd(p, r, F::set1(1.3981999507e-3f));
+  p = F::fmadd(p, r, F::set1(8.3334519073e-3f));
+  p = F::fmadd(p, r, F::set1(4.1665795894e-2f));
+  p = F::fmadd(p, r, F::set1(1.6666665459e-1f));
+  p = F::fmadd(p, r, F::set1(5.0000001201e-1f));
+  p = F::fmadd(p, F::mul(r, r), F::add(r, F::set1(1.0f)));
+  return F::times_pow2(p, n);
 }
 
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
+// 8 floats (AVX2 + FMA)
+struct F8 {
+  using T = __m256;
+  static constexpr int n = 8;
+  static T load(const float* p) { return _mm256_load_ps(p); }
+  static T loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, T v) { _mm256_store_ps(p, v); }
+  static void storeu(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static T set1(float x) { return _mm256_set1_ps(x); }
+  static T zero() { return _mm256_setzero_ps(); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
+  static T round(T x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static T times_pow2(T p, T n) {  // n integral in [-126, 127]: build 2^n in the exponent bits
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+  static float hmax(T v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+  }
+  static float hsum(T v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // the bias of n consecutive keys: one run of 8 starting at row[run[0]]
+  static T bias(const float* row, const int64_t* run) { return _mm256_loadu_ps(row + run[0]); }
+};
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+#if defined(__AVX512F__)
+// 16 floats (AVX-512F)
+struct F16 {
+  using T = __m512;
+  static constexpr int n = 16;
+  static T load(const float* p) { return _mm512_load_ps(p); }
+  static T loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T v) { _mm512_store_ps(p, v); }
+  static void storeu(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T set1(float x) { return _mm512_set1_ps(x); }
+  static T zero() { return _mm512_setzero_ps(); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
+  static T round(T x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static T times_pow2(T p, T n) { return _mm512_scalef_ps(p, n); }
+  static float hmax(T v) { return _mm512_reduce_max_ps(v); }
+  static float hsum(T v) { return _mm512_reduce_add_ps(v); }
+  // two runs of 8 keys; within one key row (w % 16 == 0) they are adjacent in the table
+  static T bias(const float* row, const int64_t* run) {
+    if (run[1] == run[0] + 8) return _mm512_loadu_ps(row + run[0]);
+    const __m512 lo = _mm512_castps256_ps512(_mm256_loadu_ps(row + run[0]));
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(lo), _mm256_castps_pd(_mm256_loadu_ps(row + run[1])), 1));
+  }
+};
+using Wide = F16;  // scores and softmax; V rows too where the head dim is a multiple of 16
+constexpr int kRows = 8;  // query rows per block: 8 x 2 score accumulators + 8 maxima fit 32 registers
+#else
+using Wide = F8;
+// query rows per block: 4 x 2 score accumulators, 4 maxima and 2 key vectors fit the 16 ymm
+// registers (5 or 6 rows measured the same; 8 spill and were ~20% slower)
+constexpr int kRows = 4;
+#endif
 
-// R query rows (pre-scaled, each element broadcast to a vector: q[r * C + d]) against the w * w
-// keys: scores plus bias into s (R rows of stride ss), then each row becomes exp(s - max) and
-// its sum. bias[r] points at table[h, w - 1 - qh, w - 1 - qw] for row r: key (kh, kw) adds
-// bias[r][kh * (2w - 1) + kw], contiguous along kw. Keys come in panels of 16: kp[j / 16][d][j % 16].
-template <int R, int C>
-inline void scores_softmax(const __m256* q, const float* kp, int64_t w, const float* const* bias, float* s,
+// R query rows q (pre-scaled, R x C floats) against the w * w keys: scores plus bias into s
+// (R rows of stride ss), then each row becomes exp(s - max) and its sum. bias[r] points at
+// table[h, w - 1 - qh, w - 1 - qw] for row r: key (kh, kw) adds bias[r][kh * (2w - 1) + kw],
+// contiguous along kw. Keys come in panels of P = 2n: kp[j / P][d][j % P].
+template <class F, int R, int C>
+inline void scores_softmax(const float* q, const float* kp, int64_t w, const float* const* bias, float* s,
                            int64_t ss, float* row_sum) {
+  using T = typename F::T;
+  constexpr int N = F::n, P = 2 * N, RUNS = N / 8;
   const int64_t nk = w * w;
-  __m256 mx[R];
+  T mx[R];
 #pragma GCC unroll 32
-  for (int r = 0; r < R; ++r) mx[r] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  // b: table offset of key j's run of 8 (w % 8 == 0, so a run never crosses a key row)
+  for (int r = 0; r < R; ++r) mx[r] = F::set1(-std::numeric_limits<float>::infinity());
+  // table offsets of the runs of 8 keys (w % 8 == 0, so a run never crosses a key row)
   int64_t b = 0, kw = 0;
   auto next_run = [&]() {
+    const int64_t at = b;
     b += 8;
     kw += 8;
     if (kw == w) {  // next key row: on to its run of the table
       kw = 0;
       b += w - 1;
     }
+    return at;
   };
-  for (int64_t j = 0; j < nk; j += 16) {
-    const int64_t b0 = b;
-    next_run();
-    const int64_t b1 = b;
-    next_run();
-    __m256 a0[R], a1[R];
+  for (int64_t j = 0; j < nk; j += P) {
+    int64_t run0[RUNS], run1[RUNS];
+    for (int t = 0; t < RUNS; ++t) run0[t] = next_run();
+    for (int t = 0; t < RUNS; ++t) run1[t] = next_run();
+    T a0[R], a1[R];
 #pragma GCC unroll 32
     for (int r = 0; r < R; ++r) {
-      a0[r] = _mm256_loadu_ps(bias[r] + b0);
-      a1[r] = _mm256_loadu_ps(bias[r] + b1);
+      a0[r] = F::bias(bias[r], run0);
+      a1[r] = F::bias(bias[r], run1);
     }
 #pragma GCC unroll 32
     for (int d = 0; d < C; ++d) {
-      const __m256 k0 = _mm256_load_ps(kp + j * C + d * 16);
-      const __m256 k1 = _mm256_load_ps(kp + j * C + d * 16 + 8);
+      const T k0 = F::load(kp + j * C + d * P);
+      const T k1 = F::load(kp + j * C + d * P + N);
 #pragma GCC unroll 32
       for (int r = 0; r < R; ++r) {
-        const __m256 qd = _mm256_load_ps(reinterpret_cast<const float*>(q + r * C + d));
-        a0[r] = _mm256_fmadd_ps(qd, k0, a0[r]);
-        a1[r] = _mm256_fmadd_ps(qd, k1, a1[r]);
+        const T qd = F::set1(q[r * C + d]);
+        a0[r] = F::fmadd(qd, k0, a0[r]);
+        a1[r] = F::fmadd(qd, k1, a1[r]);
       }
     }
 #pragma GCC unroll 32
     for (int r = 0; r < R; ++r) {
-      _mm256_store_ps(s + r * ss + j, a0[r]);
-      _mm256_store_ps(s + r * ss + j + 8, a1[r]);
-      mx[r] = _mm256_max_ps(mx[r], _mm256_max_ps(a0[r], a1[r]));
+      F::store(s + r * ss + j, a0[r]);
+      F::store(s + r * ss + j + N, a1[r]);
+      mx[r] = F::max(mx[r], F::max(a0[r], a1[r]));
     }
   }
 #pragma GCC unroll 32
   for (int r = 0; r < R; ++r) {
-    const __m256 m = _mm256_set1_ps(hmax(mx[r]));
+    const T m = F::set1(F::hmax(mx[r]));
     float* row = s + r * ss;
-    __m256 sum = _mm256_setzero_ps();
-    for (int64_t j = 0; j < nk; j += 8) {
-      const __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(row + j), m));
-      _mm256_store_ps(row + j, p);
-      sum = _mm256_add_ps(sum, p);
+    T sum = F::zero();
+    for (int64_t j = 0; j < nk; j += N) {
+      const T p = exp_nonpositive<F>(F::sub(F::load(row + j), m));
+      F::store(row + j, p);
+      sum = F::add(sum, p);
     }
-    row_sum[r] = hsum(sum);
+    row_sum[r] = F::hsum(sum);
   }
 }
 
 // out row r (stride os between rows) = sum_j p[r, j] v[j, :] / row_sum[r]; v packed nk x C.
-template <int R, int C>
+template <class F, int R, int C>
 inline void weighted_values(const float* p, int64_t ss, int64_t nk, const float* v, const float* row_sum, float* out,
                             int64_t os) {
-  constexpr int NV = C / 8;
-  __m256 acc[R][NV];
+  using T = typename F::T;
+  constexpr int NV = C / F::n;
+  T acc[R][NV];
 #pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 32
-    for (int t = 0; t < NV; ++t) acc[r][t] = _mm256_setzero_ps();
+    for (int t = 0; t < NV; ++t) acc[r][t] = F::zero();
   for (int64_t j = 0; j < nk; ++j) {
-    __m256 vj[NV];
+    T vj[NV];
 #pragma GCC unroll 32
-    for (int t = 0; t < NV; ++t) vj[t] = _mm256_load_ps(v + j * C + 8 * t);
+    for (int t = 0; t < NV; ++t) vj[t] = F::load(v + j * C + F::n * t);
 #pragma GCC unroll 32
     for (int r = 0; r < R; ++r) {
-      const __m256 pj = _mm256_broadcast_ss(p + r * ss + j);
+      const T pj = F::set1(p[r * ss + j]);
 #pragma GCC unroll 32
-      for (int t = 0; t < NV; ++t) acc[r][t] = _mm256_fmadd_ps(pj, vj[t], acc[r][t]);
+      for (int t = 0; t < NV; ++t) acc[r][t] = F::fmadd(pj, vj[t], acc[r][t]);
     }
   }
 #pragma GCC unroll 32
   for (int r = 0; r < R; ++r) {
-    const __m256 inv = _mm256_set1_ps(1.0f / row_sum[r]);
+    const T inv = F::set1(1.0f / row_sum[r]);
 #pragma GCC unroll 32
-    for (int t = 0; t < NV; ++t) _mm256_storeu_ps(out + r * os + 8 * t, _mm256_mul_ps(acc[r][t], inv));
+    for (int t = 0; t < NV; ++t) F::storeu(out + r * os + F::n * t, F::mul(acc[r][t], inv));
   }
 }
 
+// V rows in the widest vectors that divide the head dim
+template <int C>
+using ValueVec = typename std::conditional<C % Wide::n == 0, Wide, F8>::type;
+
 template <int R, int C>
 inline void row_block(const float* q, int64_t qs, float scale, const float* kp, const float* v, int64_t w,
-                      const float* const* bias, float* out, int64_t os, __m256* qbuf, float* s, int64_t ss) {
+                      const float* const* bias, float* out, int64_t os, float* qbuf, float* s, int64_t ss) {
 #pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 32
-    for (int d = 0; d < C; ++d) qbuf[r * C + d] = _mm256_set1_ps(q[r * qs + d] * scale);
+    for (int d = 0; d < C; ++d) qbuf[r * C + d] = q[r * qs + d] * scale;
   float row_sum[R];
-  scores_softmax<R, C>(qbuf, kp, w, bias, s, ss, row_sum);
-  weighted_values<R, C>(s, ss, w * w, v, row_sum, out, os);
+  scores_softmax<Wide, R, C>(qbuf, kp, w, bias, s, ss, row_sum);
+  weighted_values<ValueVec<C>, R, C>(s, ss, w * w, v, row_sum, out, os);
 }
 
 // Element offsets of every flattened leading index (all dims but the last three).
@@ -173,10 +244,6 @@ std::vector<int64_t> leading_offsets(const at::Tensor& t) {
   }
   return offsets;
 }
-
-// query rows per block: 4 x 2 score accumulators, 2 key vectors and a query fit the 16 ymm
-// registers (5 or 6 rows measured the same; 8 spill and were ~20% slower)
-constexpr int kRows = 4;
 
 template <int C>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table, int64_t w,
@@ -195,21 +262,22 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   const int64_t qh = q.stride(-3), qs = q.stride(-2), kh = k.stride(-3), ks = k.stride(-2);
   const int64_t vh = v.stride(-3), vs = v.stride(-2), oh = out.stride(-3), os = out.stride(-2);
   auto work = [&](int64_t begin, int64_t end) {
-    // 32-byte aligned scratch: key panels (nk x C), packed V (nk x C), scores, broadcast q
-    std::vector<__m256> buf((2 * C * nk + kRows * ss) / 8 + kRows * C);
+    // vector-aligned scratch: key panels (nk x C), packed V (nk x C), scores, scaled q
+    constexpr int64_t P = 2 * Wide::n;  // keys per panel
+    std::vector<Wide::T> buf((2 * C * nk + kRows * ss + kRows * C) / Wide::n + 1);
     float* kpan = reinterpret_cast<float*>(buf.data());
     float* vb = kpan + C * nk;
     float* s = vb + C * nk;
-    __m256* qbuf = reinterpret_cast<__m256*>(s + kRows * ss);
+    float* qbuf = s + kRows * ss;
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t g = pair / heads, h = pair % heads;
       const float* kg = kd + ok[g] + h * kh;
       const float* vg = vp + ov[g] + h * vh;
-      for (int64_t j = 0; j < nk; j += 16)
-        for (int64_t jj = 0; jj < 16; ++jj)
+      for (int64_t j = 0; j < nk; j += P)
+        for (int64_t jj = 0; jj < P; ++jj)
 #pragma GCC unroll 32
           for (int d = 0; d < C; ++d) {
-            kpan[j * C + d * 16 + jj] = kg[(j + jj) * ks + d];
+            kpan[j * C + d * P + jj] = kg[(j + jj) * ks + d];
             vb[(j + jj) * C + d] = vg[(j + jj) * vs + d];
           }
       const float* qg = qp + oq[g] + h * qh;
