@@ -49,7 +49,7 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['esc_arch', 'esc_arch.*']),
     py_modules=['_esc_arch_tv_alias'],
-    package_data={'esc_arch.kernels': ['*.cpp']},  # compiled on first use (esc_arch/kernels)
+    package_data={'esc_arch.kernels': ['*.cpp', '*.h']},  # compiled on first use (esc_arch/kernels)
     # Installed next to the package in site-packages: makes `import basicsr` work even
     # before `import esc_arch` (torchvision >= 0.17 removed a module basicsr imports).
     data_files=[(SITE_PACKAGES, [PTH_FILE])],

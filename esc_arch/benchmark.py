@@ -256,17 +256,20 @@ def count_flops(model, x) -> dict:
         method = f'exact, {x.device.type} device (meta failed)'
         result = _run_counter(counted, inp, FlopCounterMode, SeenOps)
     flops, seen, registry = result
-    uncounted = sorted(str(op) for op in seen if 'attention' in str(op) and op not in registry)
+    uncounted = sorted(str(op) for op in seen
+                       if ('attention' in str(op) or str(op).startswith('esc_arch.')) and op not in registry)
     return {'flops': flops, 'flops_method': method, 'flops_attn_type': attn_type, 'flops_uncounted_ops': uncounted}
 
 
 def _run_counter(model, x, counter_cls, seen_cls):
     import torch
+
+    from esc_arch.kernels import disabled
     # FlopCounterMode's module tracker hooks autograd for inputs that require grad (e.g. shared
     # filters passed between modules), which fails under inference_mode: count without grads.
     model.requires_grad_(False)
     counter, seen = counter_cls(display=False), seen_cls()
-    with torch.inference_mode(), counter, seen:
+    with torch.inference_mode(), disabled(), counter, seen:  # PyTorch's operators, which it counts
         model(x)
     return counter.get_total_flops(), seen.ops, counter.flop_registry
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import fused_attention_applies, window_attention_op
+from ..kernels import conv_ffn_op, fused_attention_applies, window_attention_op
 
 ATTN_TYPES = ('auto', 'naive', 'sdpa', 'flex')
 
@@ -236,7 +236,11 @@ class LayerNorm2d(nn.Module):
 
 
 class ConvFFN(nn.Module):
-    """1x1 expand -> GELU -> depthwise kxk -> GELU (+ its input) -> 1x1 project."""
+    """1x1 expand -> GELU -> depthwise kxk -> GELU (+ its input) -> 1x1 project.
+
+    CPU float32 inference on a channels-last input (see ``inference_layout``) with k = 3 runs the
+    fused kernel (esc_arch/kernels, ``conv_ffn``): the same values, its hidden maps in cache.
+    """
 
     def __init__(self, dim: int, kernel_size: int, exp_ratio: float):
         super().__init__()
@@ -246,8 +250,25 @@ class ConvFFN(nn.Module):
         self.aggr = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_applies(x):
+            return self._fused(x)
         x = gelu(self.proj(x), inplace=True)
         return self.aggr(accumulate(gelu(self.dwc(x), inplace=True), x))
+
+    def _fused_applies(self, x: torch.Tensor) -> bool:
+        return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and not tracing() and is_channels_last(x) and self.dwc.kernel_size == (3, 3)
+                and self.aggr.out_channels % 8 == 0 and self.proj.weight.dtype == torch.float32
+                and conv_ffn_op() is not None)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        hidden, dim = self.proj.out_channels, self.aggr.out_channels
+        out = x.new_empty(b, h, w, dim)
+        conv_ffn_op()(x.permute(0, 2, 3, 1), self.proj.weight.view(hidden, -1), self.proj.bias,
+                      self.dwc.weight.view(hidden, 9), self.dwc.bias, self.aggr.weight.view(dim, hidden),
+                      self.aggr.bias, out)
+        return out.permute(0, 3, 1, 2)  # channels-last, as the input
 
 
 # --------------------------------------------------------------------------------------

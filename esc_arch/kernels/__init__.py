@@ -1,17 +1,23 @@
-"""Native kernels, compiled on first use with PyTorch's C++ extension loader.
+"""Native CPU kernels for inference, compiled on first use with PyTorch's C++ extension loader.
 
-``window_attention`` is a fused CPU kernel for ESC's window attention at inference
-(``window_attention_cpu.cpp``): float32, the relative position bias read from its (2w-1)^2
-table instead of a dense (heads, w^2, w^2) tensor. It is built for the CPU's vector ISA: AVX-512
-where PyTorch itself runs AVX-512 code, else AVX2 + FMA (``ESC_FUSED_ATTENTION=avx2`` forces
-the AVX2 build, e.g. to compare the two). The first call on a machine
-compiles it (about 15 s with g++; cached in PyTorch's extensions folder, ``TORCH_EXTENSIONS_DIR``
-moves it); later processes load the cached library. Where it cannot be built or run (no C++
-compiler, a CPU without AVX2, ``ESC_FUSED_ATTENTION=0``) ``window_attention_op()`` returns
-None once with a warning, and the model uses PyTorch's SDPA, which computes the same values.
+One library, two float32 kernels:
+
+- ``window_attention`` (``window_attention_cpu.cpp``): ESC's window attention with the relative
+  position bias read from its (2w-1)^2 table instead of a dense (heads, w^2, w^2) tensor.
+- ``conv_ffn`` (``conv_ffn_cpu.cpp``): the ConvFFN (1x1 -> GELU -> depthwise 3x3 -> GELU +
+  residual -> 1x1) in one pass over rows of a channels-last image, its hidden maps kept in cache.
+
+The library is built for the CPU's vector ISA: AVX-512 where PyTorch itself runs AVX-512 code,
+else AVX2 + FMA (``ESC_CPU_KERNELS=avx2`` forces the AVX2 build, e.g. to compare the two). The
+first use on a machine compiles it (about 20 s with g++; cached in PyTorch's extensions folder,
+``TORCH_EXTENSIONS_DIR`` moves it); later processes load the cached library. Where it cannot be
+built or run (no C++ compiler, a CPU without AVX2, ``ESC_CPU_KERNELS=0``) the accessors return
+None after one warning and the layers use PyTorch's operators, which compute the same values.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import platform
@@ -20,24 +26,23 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name('window_attention_cpu.cpp')
-ENV_SWITCH = 'ESC_FUSED_ATTENTION'
+HERE = Path(__file__).parent
+SOURCES = [HERE / 'window_attention_cpu.cpp', HERE / 'conv_ffn_cpu.cpp']
+HEADERS = [HERE / 'vec.h']
+ENV_SWITCH = 'ESC_CPU_KERNELS'
 logger = logging.getLogger(__name__)
 
-_state: dict = {}  # 'op': the loaded op or None, 'why': why it is None
+_state: dict = {}  # 'ok': whether the library loaded, 'why': why not, 'disabled': see disabled()
+
+# compiler flags of each build; the sources pick their vector width from the macros they define
+ISA_FLAGS = {'avx2': ['-mavx2', '-mfma'], 'avx512': ['-mavx512f', '-mavx2', '-mfma']}
+_OFF = ('0', 'false', 'no', 'off')
 
 
 def cpu_supports_kernel() -> bool:
     """An x86-64 CPU on which PyTorch itself dispatches to AVX2 (or AVX-512) code."""
     capability = torch.backends.cpu.get_cpu_capability()
     return platform.machine().lower() in ('x86_64', 'amd64') and capability.startswith(('AVX2', 'AVX512'))
-
-
-# compiler flags of each build; the source picks its vector width from the macros they define
-ISA_FLAGS = {'avx2': ['-mavx2', '-mfma'], 'avx512': ['-mavx512f', '-mavx2', '-mfma']}
-
-
-_OFF = ('0', 'false', 'no', 'off')
 
 
 def _switch() -> str:
@@ -53,13 +58,15 @@ def kernel_isa() -> str | None:
     return 'avx512'
 
 
-def _build():
+def _build() -> tuple[bool, str | None]:
     if _switch() in _OFF:
-        return None, f'{ENV_SWITCH}={_switch()}'
+        return False, f'{ENV_SWITCH}={_switch()}'
     if not cpu_supports_kernel():
-        return None, f'this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) has no AVX2'
+        return False, f'this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) has no AVX2'
     isa = kernel_isa()
-    logger.info(f'esc_arch: loading the fused CPU window-attention kernel ({isa}; compiled once per machine, ~15 s)')
+    # the loader rebuilds when a source or a flag changes; the digest makes a header change one too
+    digest = hashlib.sha1(b''.join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
+    logger.info(f'esc_arch: loading the CPU kernels ({isa}; compiled once per machine, ~20 s)')
     quiet = logging.getLogger('torch.utils.cpp_extension')  # "No CUDA runtime is found" on CPU machines
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -67,15 +74,36 @@ def _build():
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             from torch.utils import cpp_extension
-            cpp_extension.load(name=f'esc_arch_window_attention_{isa}', sources=[str(SOURCE)],
-                               extra_cflags=['-O3', *ISA_FLAGS[isa], '-fopenmp'],
+            cpp_extension.load(name=f'esc_arch_cpu_kernels_{isa}', sources=[str(p) for p in SOURCES],
+                               extra_cflags=['-O3', *ISA_FLAGS[isa], '-fopenmp', f'-DESC_KERNELS_DIGEST={digest}'],
                                extra_ldflags=['-fopenmp'], is_python_module=False)
     except Exception as err:  # no compiler / ninja, or a failed build: fall back, say why
         lines = str(err).strip().splitlines() or [type(err).__name__]
-        return None, f'building it failed: {lines[-1]}'
+        return False, f'building it failed: {lines[-1]}'
     finally:
         quiet.setLevel(level)
-    return torch.ops.esc_arch.window_attention, None
+    return True, None
+
+
+def _loaded() -> bool:
+    if 'ok' not in _state:
+        _state['ok'], _state['why'] = _build()
+        if not _state['ok']:
+            warnings.warn(f'esc_arch: the CPU kernels are unavailable ({_state["why"]}); using PyTorch '
+                          'operators, which compute the same values more slowly', stacklevel=3)
+    return _state['ok']
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block the accessors return None, so the layers run PyTorch's operators (e.g.
+    to count FLOPs, which PyTorch's counter cannot see inside a custom kernel)."""
+    before = _state.get('disabled', False)
+    _state['disabled'] = True
+    try:
+        yield
+    finally:
+        _state['disabled'] = before
 
 
 def window_attention_op():
@@ -85,16 +113,22 @@ def window_attention_op():
     head_dim) float32 with contiguous last dims, k/v with all w*w tokens of their window, query
     i at (i // query_cols, i % query_cols) of it, table (heads, 2w-1, 2w-1); writes into out.
     """
-    if 'op' not in _state:
-        _state['op'], _state['why'] = _build()
-        if _state['op'] is None:
-            warnings.warn(f'esc_arch: fused CPU window attention unavailable ({_state["why"]}); '
-                          'using PyTorch SDPA, which computes the same values more slowly', stacklevel=2)
-    return _state['op']
+    return torch.ops.esc_arch.window_attention if not _state.get('disabled') and _loaded() else None
+
+
+def conv_ffn_op():
+    """The compiled ``torch.ops.esc_arch.conv_ffn`` or None (reason: ``unavailable_reason()``).
+
+    op(x, w1, b1, wd, bd, w2, b2, out): x (B, H, W, C) and out (B, H, W, C_out) contiguous
+    float32, C_out a multiple of 8; w1 (hidden, C), wd (hidden, 9) the depthwise 3x3 kernels,
+    w2 (C_out, hidden) and their biases; writes GELU(dw(h) + bd) + h, h = GELU(x w1^T + b1),
+    projected by w2, into out.
+    """
+    return torch.ops.esc_arch.conv_ffn if not _state.get('disabled') and _loaded() else None
 
 
 def unavailable_reason() -> str | None:
-    window_attention_op()
+    _loaded()
     return _state['why']
 
 

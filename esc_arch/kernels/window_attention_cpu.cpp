@@ -14,7 +14,6 @@
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <cstdint>
 #include <initializer_list>
@@ -22,97 +21,16 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-// exp(x) for x <= 0 (the row maximum is subtracted first). Range reduction x = n ln2 + r with
-// ln2 split in two parts, a degree-6 minimax polynomial for exp(r) on |r| <= ln2 / 2 (the
-// classical single-precision coefficients, ~1 ulp), then the product with 2^n. Inputs below
-// -87 give exp(-87) ~ 1.6e-38 instead of 0: nothing a softmax sum can see.
-template <class F>
-inline typename F::T exp_nonpositive(typename F::T x) {
-  x = F::max(x, F::set1(-87.0f));
-  const auto n = F::round(F::mul(x, F::set1(1.44269504088896341f)));
-  auto r = F::fnmadd(n, F::set1(0.693359375f), x);
-  r = F::fnmadd(n, F::set1(-2.12194440e-4f), r);
-  auto p = F::set1(1.9875691500e-4f);
-  p = F::fmadd(p, r, F::set1(1.3981999507e-3f));
-  p = F::fmadd(p, r, F::set1(8.3334519073e-3f));
-  p = F::fmadd(p, r, F::set1(4.1665795894e-2f));
-  p = F::fmadd(p, r, F::set1(1.6666665459e-1f));
-  p = F::fmadd(p, r, F::set1(5.0000001201e-1f));
-  p = F::fmadd(p, F::mul(r, r), F::add(r, F::set1(1.0f)));
-  return F::times_pow2(p, n);
-}
+using namespace esc_arch_vec;
 
-// 8 floats (AVX2 + FMA)
-struct F8 {
-  using T = __m256;
-  static constexpr int n = 8;
-  static T load(const float* p) { return _mm256_load_ps(p); }
-  static T loadu(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, T v) { _mm256_store_ps(p, v); }
-  static void storeu(float* p, T v) { _mm256_storeu_ps(p, v); }
-  static T set1(float x) { return _mm256_set1_ps(x); }
-  static T zero() { return _mm256_setzero_ps(); }
-  static T add(T a, T b) { return _mm256_add_ps(a, b); }
-  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
-  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
-  static T max(T a, T b) { return _mm256_max_ps(a, b); }
-  static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
-  static T round(T x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static T times_pow2(T p, T n) {  // n integral in [-126, 127]: build 2^n in the exponent bits
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  }
-  static float hmax(T v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
-  }
-  static float hsum(T v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  // the bias of n consecutive keys: one run of 8 starting at row[run[0]]
-  static T bias(const float* row, const int64_t* run) { return _mm256_loadu_ps(row + run[0]); }
-};
-
+// scores and softmax in Wide vectors; V rows too where the head dim is a multiple of their width
 #if defined(__AVX512F__)
-// 16 floats (AVX-512F)
-struct F16 {
-  using T = __m512;
-  static constexpr int n = 16;
-  static T load(const float* p) { return _mm512_load_ps(p); }
-  static T loadu(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, T v) { _mm512_store_ps(p, v); }
-  static void storeu(float* p, T v) { _mm512_storeu_ps(p, v); }
-  static T set1(float x) { return _mm512_set1_ps(x); }
-  static T zero() { return _mm512_setzero_ps(); }
-  static T add(T a, T b) { return _mm512_add_ps(a, b); }
-  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
-  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
-  static T max(T a, T b) { return _mm512_max_ps(a, b); }
-  static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
-  static T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
-  static T round(T x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static T times_pow2(T p, T n) { return _mm512_scalef_ps(p, n); }
-  static float hmax(T v) { return _mm512_reduce_max_ps(v); }
-  static float hsum(T v) { return _mm512_reduce_add_ps(v); }
-  // two runs of 8 keys; within one key row (w % 16 == 0) they are adjacent in the table
-  static T bias(const float* row, const int64_t* run) {
-    if (run[1] == run[0] + 8) return _mm512_loadu_ps(row + run[0]);
-    const __m512 lo = _mm512_castps256_ps512(_mm256_loadu_ps(row + run[0]));
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(lo), _mm256_castps_pd(_mm256_loadu_ps(row + run[1])), 1));
-  }
-};
-using Wide = F16;  // scores and softmax; V rows too where the head dim is a multiple of 16
 constexpr int kRows = 8;  // query rows per block: 8 x 2 score accumulators + 8 maxima fit 32 registers
 #else
-using Wide = F8;
 // query rows per block: 4 x 2 score accumulators, 4 maxima and 2 key vectors fit the 16 ymm
 // registers (5 or 6 rows measured the same; 8 spill and were ~20% slower)
 constexpr int kRows = 4;

@@ -1,4 +1,4 @@
-"""The fused CPU window-attention kernel (esc_arch/kernels) against written-out references."""
+"""The CPU kernels (esc_arch/kernels: window attention, ConvFFN) against written-out references."""
 import math
 import os
 import shutil
@@ -8,30 +8,37 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import load_fixture, randomize_, tiny_config
 
 import esc_arch.archs.layers as layers
 from esc_arch import ESC, ESCFP
-from esc_arch.archs.layers import relative_position_bias
+from esc_arch.archs.layers import ConvFFN, relative_position_bias
 from esc_arch.kernels import (
     ENV_SWITCH,
     _build,
+    conv_ffn_op,
     cpu_supports_kernel,
     kernel_isa,
     unavailable_reason,
     window_attention_op,
 )
 
-pytestmark = pytest.mark.skipif(not cpu_supports_kernel(), reason='the fused kernel needs an x86-64 CPU with AVX2')
+pytestmark = pytest.mark.skipif(not cpu_supports_kernel(), reason='the CPU kernels need an x86-64 CPU with AVX2')
 
 
 @pytest.fixture(scope='module')
 def op():
     if not any(shutil.which(cxx) for cxx in (os.environ.get('CXX', 'c++'), 'c++', 'g++')):
-        pytest.skip('no C++ compiler on PATH to build the fused kernel (the models fall back to SDPA)')
+        pytest.skip('no C++ compiler on PATH to build the CPU kernels (the models fall back to PyTorch)')
     kernel = window_attention_op()
-    assert kernel is not None, f'the fused CPU attention kernel did not build: {unavailable_reason()}'
+    assert kernel is not None, f'the CPU kernels did not build: {unavailable_reason()}'
     return kernel
+
+
+@pytest.fixture(scope='module')
+def ffn_op(op):
+    return conv_ffn_op()
 
 
 def reference(q, k, v, table, ws, tokens):
@@ -92,15 +99,16 @@ def test_kernel_rejects_what_it_cannot_compute(op):
         op(q, k, v, table, 8, 3, 0.25, out)  # 64 queries do not fit 3 columns of 8 rows
 
 
-def counting(monkeypatch):
+def counting(monkeypatch, accessor='window_attention_op'):
+    """Count the calls the layers make to one kernel (``accessor``: its function in layers)."""
     calls = []
-    real = window_attention_op()
+    real = getattr(layers, accessor)()
 
     def counted(*args):
         calls.append(args[0].shape)
         return real(*args)
 
-    monkeypatch.setattr(layers, 'window_attention_op', lambda: counted)
+    monkeypatch.setattr(layers, accessor, lambda: counted)
     return calls
 
 
@@ -130,35 +138,110 @@ def test_training_never_uses_the_kernel(op, monkeypatch):
 
 
 @pytest.mark.parametrize('fixture', ['parity_esc_x4.pt', 'parity_escfp_x2.pt'])
-def test_authors_fixtures_in_float32_through_the_kernel(op, fixture, monkeypatch):
-    """The released computation through the kernel (fixture windows are 8x8) in float32."""
+def test_authors_fixtures_in_float32_through_the_kernels(op, fixture, monkeypatch):
+    """The released computation through both kernels (fixture windows are 8x8) in float32."""
     calls = counting(monkeypatch)
+    ffn_calls = counting(monkeypatch, 'conv_ffn_op')
     data = load_fixture(fixture)
     model = {'ESC': ESC, 'ESCFP': ESCFP}[data['type']](**data['config'])
     model.load_state_dict(data['state_dict'], strict=True)
     model.eval().float()
     with torch.no_grad():
         out = model(data['input'].float())
-    assert calls
+    assert calls and ffn_calls
     assert (out.double() - data['output_float64']).abs().max().item() < 1e-4
+
+
+# ---- ConvFFN -------------------------------------------------------------------------
+def ffn_reference(module: ConvFFN, x: torch.Tensor) -> torch.Tensor:
+    """1x1 -> GELU -> depthwise 3x3 -> GELU + residual -> 1x1, written out in float64."""
+    weights = {name: t.detach().double() for name, t in module.named_parameters()}
+    h = F.gelu(F.conv2d(x.double(), weights['proj.weight'], weights['proj.bias']))
+    d = F.conv2d(h, weights['dwc.weight'], weights['dwc.bias'], padding=1, groups=h.shape[1])
+    return F.conv2d(F.gelu(d) + h, weights['aggr.weight'], weights['aggr.bias'])
+
+
+def ffn_args(module: ConvFFN):
+    hidden, dim = module.proj.out_channels, module.aggr.out_channels
+    return (module.proj.weight.view(hidden, -1), module.proj.bias, module.dwc.weight.view(hidden, 9), module.dwc.bias,
+            module.aggr.weight.view(dim, hidden), module.aggr.bias)
+
+
+@pytest.mark.parametrize('dim, exp_ratio, size', [
+    (64, 1.25, (2, 9, 13)),  # ESC's ConvFFN (hidden 80), two images
+    (32, 2, (1, 1, 1)),  # one pixel: every neighbour is padding
+    (48, 1.25, (1, 1, 7)),  # hidden 60: padded to the vector width
+    (24, 2.5, (1, 6, 1)),  # 24 outputs: not a multiple of 16
+    (16, 4, (3, 2, 3)),
+])
+def test_conv_ffn_kernel_matches_written_out_ffn(ffn_op, dim, exp_ratio, size):
+    torch.manual_seed(dim)
+    module = ConvFFN(dim, 3, exp_ratio)
+    for p in module.parameters():
+        p.data.normal_(0, 0.3)  # weights large enough that GELU's negative side matters
+    b, h, w = size
+    x = torch.randn(b, dim, h, w) * 2
+    out = torch.full((b, h, w, dim), float('nan'))
+    ffn_op(x.permute(0, 2, 3, 1).contiguous(), *ffn_args(module), out)
+    expected = ffn_reference(module, x)
+    scale = max(1.0, expected.abs().max().item())  # float32 rounding grows with the values
+    assert (out.permute(0, 3, 1, 2).double() - expected).abs().max().item() < 2e-6 * scale
+
+
+def test_conv_ffn_kernel_rejects_what_it_cannot_compute(ffn_op):
+    module = ConvFFN(12, 3, 2)  # 12 output channels: not a multiple of 8
+    x = torch.randn(1, 3, 4, 12)
+    with pytest.raises(RuntimeError, match='output channels must be a multiple of 8'):
+        ffn_op(x, *ffn_args(module), torch.empty(1, 3, 4, 12))
+    module = ConvFFN(16, 3, 2)
+    x = torch.randn(1, 3, 4, 16)
+    with pytest.raises(RuntimeError, match='contiguous tensors only'):
+        ffn_op(x.transpose(1, 2), *ffn_args(module), torch.empty(1, 4, 3, 16))
+    with pytest.raises(RuntimeError, match='float32 CPU tensors only'):
+        ffn_op(x.double(), *ffn_args(module.double()), torch.empty(1, 3, 4, 16, dtype=torch.float64))
+    module.float()
+    with pytest.raises(RuntimeError, match=r'out must be \(B, H, W, C_out\)'):
+        ffn_op(x, *ffn_args(module), torch.empty(1, 3, 5, 16))
+    with pytest.raises(RuntimeError, match='weights must be'):
+        ffn_op(torch.randn(1, 3, 4, 8), *ffn_args(module), torch.empty(1, 3, 4, 16))
+
+
+def test_conv_ffn_layer_uses_the_kernel_only_for_channels_last_inference(ffn_op, monkeypatch):
+    calls = counting(monkeypatch, 'conv_ffn_op')
+    torch.manual_seed(3)
+    module = ConvFFN(32, 3, 1.25)
+    for p in module.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(2, 32, 11, 6)
+    expected = ffn_reference(module, x)
+    with torch.no_grad():
+        planar = module(x)  # NCHW: PyTorch's operators
+        assert not calls
+        fused = module(x.contiguous(memory_format=torch.channels_last))
+    assert len(calls) == 1
+    assert fused.is_contiguous(memory_format=torch.channels_last) and fused.shape == planar.shape
+    assert (fused.double() - expected).abs().max().item() < 1e-4
+    assert (fused - planar).abs().max().item() < 1e-5
+    grad_out = module(x.contiguous(memory_format=torch.channels_last).requires_grad_())  # autograd: PyTorch
+    assert len(calls) == 1 and grad_out.requires_grad
 
 
 def test_switch_off_by_environment(monkeypatch):
     monkeypatch.setenv(ENV_SWITCH, '0')
-    op, why = _build()
-    assert op is None and why == f'{ENV_SWITCH}=0'
+    ok, why = _build()
+    assert not ok and why == f'{ENV_SWITCH}=0'
     assert kernel_isa() is None
 
 
 def test_the_avx2_build_on_an_avx512_cpu(op):
-    """Where this process runs the AVX-512 build, the AVX2 one (other CPUs' kernel) must be
+    """Where this process runs the AVX-512 build, the AVX2 one (other CPUs' kernels) must be
     right too: it is built and checked in a child process (one build per process)."""
     if kernel_isa() != 'avx512':
         pytest.skip('this CPU runs the AVX2 build, which the other tests check')
     script = textwrap.dedent('''
         import math, torch
         from esc_arch.kernels import kernel_isa, window_attention_op
-        from esc_arch.archs.layers import relative_position_bias
+        from esc_arch.archs.layers import ConvFFN, relative_position_bias
         assert kernel_isa() == 'avx2', kernel_isa()
         op = window_attention_op()
         assert op is not None
@@ -175,6 +258,19 @@ def test_the_avx2_build_on_an_avx512_cpu(op):
                 bias = relative_position_bias(table.double().flatten(1), ws)[:, tokens]
                 score = q.double() @ k.double().transpose(-2, -1) / math.sqrt(c) + bias
                 worst = max(worst, (out.double() - score.softmax(-1) @ v.double()).abs().max().item())
+        from esc_arch.kernels import conv_ffn_op
+        import torch.nn.functional as F
+        for dim, hidden in ((32, 40), (24, 60)):  # 24: output vectors of 8, hidden padded
+            gen = torch.Generator().manual_seed(dim)
+            x = torch.randn(2, 5, 7, dim, generator=gen)
+            w1, w2 = torch.randn(hidden, dim, generator=gen) * 0.3, torch.randn(dim, hidden, generator=gen) * 0.3
+            wd, b1, bd, b2 = (torch.randn(*s, generator=gen) * 0.3 for s in ((hidden, 9), (hidden,), (hidden,), (dim,)))
+            out = torch.empty(2, 5, 7, dim)
+            conv_ffn_op()(x, w1, b1, wd, bd, w2, b2, out)
+            h = F.gelu(x.double() @ w1.double().T + b1.double()).permute(0, 3, 1, 2)
+            d = F.conv2d(h, wd.double().view(hidden, 1, 3, 3), bd.double(), padding=1, groups=hidden)
+            ref = (F.gelu(d) + h).permute(0, 2, 3, 1) @ w2.double().T + b2.double()
+            worst = max(worst, (out.double() - ref).abs().max().item())
         print('max error', worst)
         assert worst < 2e-5
     ''')
