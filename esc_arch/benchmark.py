@@ -441,9 +441,9 @@ def write_record(out_dir: str, record: dict) -> str:
 
 
 def collect_records(out_dir: str, like: dict) -> list[dict]:
-    """The newest record per arch in ``out_dir`` measured like ``like`` (device, dtype, LR size,
-    threads), so separate ``basicsr bench`` runs into one folder share one plot."""
-    key = ('device', 'dtype', 'lr_size', 'threads')
+    """The newest record per arch in ``out_dir`` measured like ``like`` (device and its model,
+    dtype, LR size, threads), so separate ``basicsr bench`` runs into one folder share one plot."""
+    key = ('device', 'device_name', 'cpu_model', 'dtype', 'lr_size', 'threads')
     newest = {}
     for name in sorted(os.listdir(out_dir)):
         if not name.endswith('.json') or name.startswith('.'):
