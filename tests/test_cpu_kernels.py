@@ -13,13 +13,15 @@ from conftest import load_fixture, randomize_, tiny_config
 
 import esc_arch.archs.layers as layers
 from esc_arch import ESC, ESCFP
-from esc_arch.archs.layers import ConvFFN, relative_position_bias
+from esc_arch.archs.layers import ConvFFN, LargeKernel, relative_position_bias, symmetrize_filter
 from esc_arch.kernels import (
     ENV_SWITCH,
     _build,
     conv_ffn_op,
     cpu_supports_kernel,
+    disabled,
     kernel_isa,
+    spectral_mac_op,
     unavailable_reason,
     window_attention_op,
 )
@@ -232,6 +234,49 @@ def test_conv_ffn_layer_uses_the_kernel_only_for_channels_last_inference(ffn_op,
     assert len(calls) == 1 and grad_out.requires_grad
 
 
+# ---- spectral channel mixing ---------------------------------------------------------
+@pytest.mark.parametrize('batch, cin, cout, positions', [(1, 16, 16, 192 * 169), (2, 3, 5, 7 * 9), (1, 4, 2, 70)])
+def test_spectral_mac_matches_written_out_sum(op, batch, cin, cout, positions):
+    gen = torch.Generator().manual_seed(positions)
+    signal = torch.randn(batch, cin, positions, 2, generator=gen)
+    kernel = torch.randn(cin, cout, positions, generator=gen)
+    out = torch.full((batch, cout, positions, 2), float('nan'))
+    spectral_mac_op()(signal, kernel, out)
+    expected = (torch.view_as_complex(signal.double())[:, :, None] * kernel.double()[None]).sum(1)
+    assert (torch.view_as_complex(out).cdouble() - expected).abs().max().item() < 1e-5
+
+
+def test_spectral_mac_rejects_what_it_cannot_compute(op):
+    signal, kernel, out = torch.randn(1, 3, 8, 2), torch.randn(3, 2, 8), torch.empty(1, 2, 8, 2)
+    with pytest.raises(RuntimeError, match='must agree'):
+        spectral_mac_op()(signal, torch.randn(3, 2, 9), out)
+    with pytest.raises(RuntimeError, match='contiguous float32 CPU tensors only'):
+        spectral_mac_op()(signal.double(), kernel.double(), out.double())
+    with pytest.raises(RuntimeError, match=r'signal \(B, I, P, 2\)'):
+        spectral_mac_op()(signal[..., 0].contiguous(), kernel, out)
+
+
+def test_large_kernel_keeps_a_real_spectrum_for_a_symmetric_filter(op):
+    torch.manual_seed(5)
+    weight = torch.randn(6, 6, 13, 13)
+    for filt, real in ((symmetrize_filter(weight), True), (weight, False)):
+        lk = LargeKernel(filt)
+        for h, w in [(40, 40), (37, 53), (33, 64)]:
+            x = torch.randn(2, 6, h, w)
+            with torch.no_grad():
+                out = lk(x)
+            expected = F.conv2d(x.double(), filt.double(), padding=6)
+            assert (out.double() - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
+        assert all(key[2] == real and t.is_complex() != real for key, t in lk._spectra.items())
+    with disabled(), torch.no_grad():  # without the kernels: the complex spectrum, same values
+        lk = LargeKernel(symmetrize_filter(weight))
+        x = torch.randn(1, 6, 40, 40)
+        out = lk(x)
+        assert all(t.is_complex() for t in lk._spectra.values())
+    expected = F.conv2d(x.double(), lk.weight.double(), padding=6)
+    assert (out.double() - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
+
+
 def test_switch_off_by_environment(monkeypatch):
     monkeypatch.setenv(ENV_SWITCH, '0')
     ok, why = _build()
@@ -247,7 +292,7 @@ def test_the_avx2_build_on_an_avx512_cpu(op):
     script = textwrap.dedent('''
         import math, torch
         from esc_arch.kernels import kernel_isa, window_attention_op
-        from esc_arch.archs.layers import ConvFFN, relative_position_bias
+        from esc_arch.archs.layers import ConvFFN, LargeKernel, relative_position_bias, symmetrize_filter
         assert kernel_isa() == 'avx2', kernel_isa()
         op = window_attention_op()
         assert op is not None
@@ -277,6 +322,12 @@ def test_the_avx2_build_on_an_avx512_cpu(op):
             d = F.conv2d(h, wd.double().view(hidden, 1, 3, 3), bd.double(), padding=1, groups=hidden)
             ref = (F.gelu(d) + h).permute(0, 2, 3, 1) @ w2.double().T + b2.double()
             worst = max(worst, (out.double() - ref).abs().max().item())
+        from esc_arch.kernels import spectral_mac_op
+        signal, kernel = torch.randn(2, 3, 100, 2, generator=gen), torch.randn(3, 4, 100, generator=gen)
+        out = torch.empty(2, 4, 100, 2)
+        spectral_mac_op()(signal, kernel, out)
+        ref = (torch.view_as_complex(signal.double())[:, :, None] * kernel.double()[None]).sum(1)
+        worst = max(worst, (torch.view_as_complex(out).cdouble() - ref).abs().max().item())
         print('max error', worst)
         assert worst < 2e-5
     ''')

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import conv_ffn_op, fused_attention_applies, kernel_isa, window_attention_op
+from ..kernels import conv_ffn_op, fused_attention_applies, kernel_isa, spectral_mac_op, window_attention_op
 
 ATTN_TYPES = ('auto', 'naive', 'sdpa', 'flex')
 
@@ -169,7 +169,10 @@ class LargeKernel:
     ``lk(x)`` equals ``F.conv2d(x, weight, padding=K//2)``. At inference on the CPU (see
     ``use_fft``) it convolves through the FFT instead, with the filter's spectrum computed once
     per image size and reused by every ConvAttn (ESC has 25), which turns ~0.1 s dense 13x13
-    convolutions into a few ms each.
+    convolutions into a few ms each. A float32 filter symmetric under rotation by 180 degrees
+    (ESC's symmetrised one) has a real spectrum about its centre: where the CPU kernels are
+    available only that is kept, and their ``spectral_mac`` mixes the channels at half the
+    memory read (the centring becomes a shifted crop).
     """
 
     max_spectra = 4  # sizes kept (a tiled image has up to 4 tile sizes) ...
@@ -187,17 +190,38 @@ class LargeKernel:
             return self.fft_conv(x)
         return F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2)
 
+    def _point_symmetric(self) -> bool:
+        weight = self.weight.detach()
+        return bool((weight.flip(-2, -1) - weight).abs().max() <= 1e-6 * weight.abs().max())
+
+    def _spectrum(self, size, dtype, real: bool) -> torch.Tensor:
+        """(in, out, h, w // 2 + 1): the complex spectrum, or the real one about the centre."""
+        weight = self.weight.to(dtype).transpose(0, 1)
+        if not real:
+            return _kernel_spectrum(weight, size)
+        k = weight.shape[-1]
+        centred = F.pad(weight.flip(-2, -1), (0, size[1] - k, 0, size[0] - k)).roll((-(k // 2), -(k // 2)), (-2, -1))
+        return torch.fft.rfft2(centred).real.contiguous()
+
     def fft_conv(self, x: torch.Tensor) -> torch.Tensor:
         size, crop = _fft_plan(x, self.weight.shape[-1])
-        key = (size, x.dtype)
+        op = spectral_mac_op() if x.dtype == torch.float32 else None
+        real = op is not None and self._point_symmetric()
+        key = (size, x.dtype, real)
         kernel = self._spectra.pop(key, None)  # re-inserted last: least recently used go first
         if kernel is None:
-            kernel = _kernel_spectrum(self.weight.to(x.dtype).transpose(0, 1), size)  # (in, out, .)
+            kernel = self._spectrum(size, x.dtype, real)
         self._spectra[key] = kernel
         while len(self._spectra) > 1 and (len(self._spectra) > self.max_spectra or sum(
                 t.numel() * t.element_size() for t in self._spectra.values()) > self.max_spectra_bytes):
             del self._spectra[next(iter(self._spectra))]
         signal = torch.fft.rfft2(x, s=size)  # (B, in, h, w)
+        if real:
+            b, cin, h, w = signal.shape
+            spectrum = signal.new_empty(b, kernel.shape[1], h, w)
+            op(torch.view_as_real(signal).view(b, cin, h * w, 2), kernel.view(cin, -1, h * w),
+               torch.view_as_real(spectrum).view(b, -1, h * w, 2))
+            return torch.fft.irfft2(spectrum, s=size)[..., :x.shape[-2], :x.shape[-1]]  # centred: no shift
         # sum over input channels as broadcast multiply-adds: a batched matmul would first
         # copy the (large) kernel spectrum into matmul layout on every call
         spectrum = signal[:, :1] * kernel[0]

@@ -1,11 +1,13 @@
 """Native CPU kernels for inference, compiled on first use with PyTorch's C++ extension loader.
 
-One library, two float32 kernels:
+One library, three float32 kernels:
 
 - ``window_attention`` (``window_attention_cpu.cpp``): ESC's window attention with the relative
   position bias read from its (2w-1)^2 table instead of a dense (heads, w^2, w^2) tensor.
 - ``conv_ffn`` (``conv_ffn_cpu.cpp``): the ConvFFN (1x1 -> GELU -> depthwise 3x3 -> GELU +
   residual -> 1x1) in one pass over rows of a channels-last image, its hidden maps kept in cache.
+- ``spectral_mac`` (``spectral_cpu.cpp``): the channel mixing of an FFT convolution whose filter
+  spectrum is real (ESC's symmetrised large kernel), at half the memory of a complex spectrum.
 
 The library is built for the CPU's vector ISA: AVX-512 where PyTorch itself runs AVX-512 code,
 else AVX2 + FMA (``ESC_CPU_KERNELS=avx2`` forces the AVX2 build, e.g. to compare the two). The
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / 'window_attention_cpu.cpp', HERE / 'conv_ffn_cpu.cpp']
+SOURCES = [HERE / 'window_attention_cpu.cpp', HERE / 'conv_ffn_cpu.cpp', HERE / 'spectral_cpu.cpp']
 HEADERS = [HERE / 'vec.h']
 ENV_SWITCH = 'ESC_CPU_KERNELS'
 logger = logging.getLogger(__name__)
@@ -125,6 +127,16 @@ def conv_ffn_op():
     projected by w2, into out.
     """
     return torch.ops.esc_arch.conv_ffn if not _state.get('disabled') and _loaded() else None
+
+
+def spectral_mac_op():
+    """The compiled ``torch.ops.esc_arch.spectral_mac`` or None (reason: ``unavailable_reason()``).
+
+    op(signal, kernel, out): signal (B, I, P, 2) and out (B, O, P, 2) complex values as float32
+    (re, im) pairs, kernel (I, O, P) real float32, all contiguous; writes
+    out[b, o, p] = sum_i signal[b, i, p] * kernel[i, o, p].
+    """
+    return torch.ops.esc_arch.spectral_mac if not _state.get('disabled') and _loaded() else None
 
 
 def unavailable_reason() -> str | None:

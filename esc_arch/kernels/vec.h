@@ -63,6 +63,9 @@ struct F8 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // (a0, a0, a1, a1, ..) from the first / second half of v: one real per (re, im) pair
+  static T pairs_low(T v) { return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)); }
+  static T pairs_high(T v) { return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)); }
   static T abs(T x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
   static T reciprocal(T x) { return _mm256_div_ps(_mm256_set1_ps(1.0f), x); }
   static T where_negative(T x, T if_negative, T otherwise) { return _mm256_blendv_ps(otherwise, if_negative, x); }
@@ -91,6 +94,12 @@ struct F16 {
   static T times_pow2(T p, T n) { return _mm512_scalef_ps(p, n); }
   static float hmax(T v) { return _mm512_reduce_max_ps(v); }
   static float hsum(T v) { return _mm512_reduce_add_ps(v); }
+  static T pairs_low(T v) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), v);
+  }
+  static T pairs_high(T v) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15), v);
+  }
   static T abs(T x) { return _mm512_abs_ps(x); }
   static T reciprocal(T x) {  // 14-bit estimate and one Newton step (~2^-27 relative), 2x faster than a divide
     const __m512 r = _mm512_rcp14_ps(x);
