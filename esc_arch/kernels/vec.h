@@ -47,6 +47,7 @@ struct F8 {
   static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
   static T round(T x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static T clamp_exponent(T n) { return _mm256_max_ps(n, _mm256_set1_ps(-126.0f)); }  // for times_pow2
   static T times_pow2(T p, T n) {  // n integral in [-126, 127]: build 2^n in the exponent bits
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
@@ -91,6 +92,7 @@ struct F16 {
   static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
   static T round(T x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static T clamp_exponent(T n) { return n; }  // scalef takes any n
   static T times_pow2(T p, T n) { return _mm512_scalef_ps(p, n); }
   static float hmax(T v) { return _mm512_reduce_max_ps(v); }
   static float hsum(T v) { return _mm512_reduce_add_ps(v); }
@@ -119,6 +121,24 @@ using Wide = F16;
 #else
 using Wide = F8;
 #endif
+
+// 2^t for t <= 0, the caller computing t = x log2(e) (fused with its shift: one FMA): 2^n 2^f,
+// n = round(t), 2^f by its degree-6 Taylor polynomial on |f| <= 1/2 (~1.2e-7 relative). t itself
+// carries the rounding of the product, ~|t| 6e-8 relative to the result: ~1e-7 where softmax
+// weights matter (t near 0), more where they are negligible (2^-20 and below at |t| > 20).
+template <class F>
+inline typename F::T exp2_nonpositive(typename F::T t) {
+  const auto n = F::clamp_exponent(F::round(t));
+  const auto f = F::sub(t, n);
+  auto p = F::set1(1.5403530393381606e-4f);  // ln2^k / k!, k = 6 .. 0
+  p = F::fmadd(p, f, F::set1(1.3333558146428443e-3f));
+  p = F::fmadd(p, f, F::set1(9.6181291076284772e-3f));
+  p = F::fmadd(p, f, F::set1(5.5504108664821580e-2f));
+  p = F::fmadd(p, f, F::set1(2.4022650695910071e-1f));
+  p = F::fmadd(p, f, F::set1(6.9314718055994531e-1f));
+  p = F::fmadd(p, f, F::set1(1.0f));
+  return F::times_pow2(p, n);
+}
 
 // Exact (erf) GELU, 0.5 x (1 + erf(x / sqrt 2)), with erfc(z) ~ q(t) exp(-z^2), t = 1 / (1 + p z)
 // for z = |x| / sqrt 2 >= 0 (Abramowitz & Stegun 7.1.26, absolute error <= 1.5e-7):

@@ -91,11 +91,11 @@ inline void scores_softmax(const float* q, const float* kp, int64_t w, const flo
   }
 #pragma GCC unroll 32
   for (int r = 0; r < R; ++r) {
-    const T m = F::set1(F::hmax(mx[r]));
+    const T log2e = F::set1(1.44269504088896341f), shift = F::set1(-F::hmax(mx[r]) * 1.44269504088896341f);
     float* row = s + r * ss;
     T sum = F::zero();
     for (int64_t j = 0; j < nk; j += N) {
-      const T p = exp_nonpositive<F>(F::sub(F::load(row + j), m));
+      const T p = exp2_nonpositive<F>(F::fmadd(F::load(row + j), log2e, shift));  // exp(s - max)
       F::store(row + j, p);
       sum = F::add(sum, p);
     }
