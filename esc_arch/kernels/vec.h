@@ -1,7 +1,7 @@
 // Vector helpers shared by the CPU kernels: one struct per vector width with the operations the
 // kernels use (F8: AVX2 + FMA, 8 floats; F16: AVX-512F, 16 floats, only where the compiler is
-// given -mavx512f; Wide is the widest the build has), a vectorised exp for non-positive arguments
-// and the exact (erf) GELU.
+// given -mavx512f; Wide is the widest the build has), a vectorised 2^t for non-positive t and
+// the exact (erf) GELU.
 #pragma once
 
 #include <immintrin.h>
@@ -9,26 +9,6 @@
 #include <cstdint>
 
 namespace esc_arch_vec {
-
-// exp(x) for x <= 0 (the row maximum is subtracted first). Range reduction x = n ln2 + r with
-// ln2 split in two parts, a degree-6 minimax polynomial for exp(r) on |r| <= ln2 / 2 (the
-// classical single-precision coefficients, ~1 ulp), then the product with 2^n. Inputs below
-// -87 give exp(-87) ~ 1.6e-38 instead of 0: nothing a softmax sum can see.
-template <class F>
-inline typename F::T exp_nonpositive(typename F::T x) {
-  x = F::max(x, F::set1(-87.0f));
-  const auto n = F::round(F::mul(x, F::set1(1.44269504088896341f)));
-  auto r = F::fnmadd(n, F::set1(0.693359375f), x);
-  r = F::fnmadd(n, F::set1(-2.12194440e-4f), r);
-  auto p = F::set1(1.9875691500e-4f);
-  p = F::fmadd(p, r, F::set1(1.3981999507e-3f));
-  p = F::fmadd(p, r, F::set1(8.3334519073e-3f));
-  p = F::fmadd(p, r, F::set1(4.1665795894e-2f));
-  p = F::fmadd(p, r, F::set1(1.6666665459e-1f));
-  p = F::fmadd(p, r, F::set1(5.0000001201e-1f));
-  p = F::fmadd(p, F::mul(r, r), F::add(r, F::set1(1.0f)));
-  return F::times_pow2(p, n);
-}
 
 // 8 floats (AVX2 + FMA)
 struct F8 {
@@ -152,7 +132,7 @@ inline typename F::T gelu(typename F::T x) {
   q = F::fmadd(q, t, F::set1(1.421413741f));
   q = F::fmadd(q, t, F::set1(-0.284496736f));
   q = F::fmadd(q, t, F::set1(0.254829592f));
-  q = F::mul(F::mul(q, t), exp_nonpositive<F>(F::mul(F::sub(F::zero(), z), z)));
+  q = F::mul(F::mul(q, t), exp2_nonpositive<F>(F::mul(z, F::mul(z, F::set1(-1.44269504088896341f)))));  // exp(-z^2)
   const auto one_plus_erf = F::where_negative(x, q, F::sub(F::set1(2.0f), q));
   return F::mul(F::mul(F::set1(0.5f), x), one_plus_erf);
 }
