@@ -181,6 +181,7 @@ class LargeKernel:
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         self._spectra = {}
+        self._symmetric = None  # checked once, like the spectra: the filter is fixed while kept
 
     def use_fft(self, x: torch.Tensor) -> bool:
         return use_fft(x, self.weight)
@@ -191,8 +192,10 @@ class LargeKernel:
         return F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2)
 
     def _point_symmetric(self) -> bool:
-        weight = self.weight.detach()
-        return bool((weight.flip(-2, -1) - weight).abs().max() <= 1e-6 * weight.abs().max())
+        if self._symmetric is None:
+            weight = self.weight.detach()
+            self._symmetric = bool((weight.flip(-2, -1) - weight).abs().max() <= 1e-6 * weight.abs().max())
+        return self._symmetric
 
     def _spectrum(self, size, dtype, real: bool) -> torch.Tensor:
         """(in, out, h, w // 2 + 1): the complex spectrum, or the real one about the centre."""
