@@ -27,7 +27,6 @@ struct F8 {
   static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
   static T round(T x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static T clamp_exponent(T n) { return _mm256_max_ps(n, _mm256_set1_ps(-126.0f)); }  // for times_pow2
   static T times_pow2(T p, T n) {  // n integral in [-126, 127]: build 2^n in the exponent bits
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
@@ -72,7 +71,6 @@ struct F16 {
   static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
   static T round(T x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static T clamp_exponent(T n) { return n; }  // scalef takes any n
   static T times_pow2(T p, T n) { return _mm512_scalef_ps(p, n); }
   static float hmax(T v) { return _mm512_reduce_max_ps(v); }
   static float hsum(T v) { return _mm512_reduce_add_ps(v); }
@@ -106,9 +104,12 @@ using Wide = F8;
 // n = round(t), 2^f by its degree-6 Taylor polynomial on |f| <= 1/2 (~1.2e-7 relative). t itself
 // carries the rounding of the product, ~|t| 6e-8 relative to the result: ~1e-7 where softmax
 // weights matter (t near 0), more where they are negligible (2^-20 and below at |t| > 20).
+// t below -126 gives 2^-126 ~ 1.2e-38 (n stays in the exponent range, f in [-1/2, 1/2], -inf
+// included); a NaN stays NaN.
 template <class F>
 inline typename F::T exp2_nonpositive(typename F::T t) {
-  const auto n = F::clamp_exponent(F::round(t));
+  t = F::max(F::set1(-126.0f), t);  // max(a, b) returns b when either is NaN
+  const auto n = F::round(t);
   const auto f = F::sub(t, n);
   auto p = F::set1(1.5403530393381606e-4f);  // ln2^k / k!, k = 6 .. 0
   p = F::fmadd(p, f, F::set1(1.3333558146428443e-3f));
