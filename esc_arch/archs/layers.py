@@ -81,6 +81,15 @@ def gelu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return out.permute(0, 3, 1, 2) if dense is not x else out
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.linear``; without autograd the bias is added in place after the product: PyTorch's
+    addmm first fills its fresh output with the broadcast bias (ESC's qkv projection at 180x320
+    on the CPU: 10.8 ms -> 7.6 ms)."""
+    if torch.is_grad_enabled() or tracing():
+        return F.linear(x, weight, bias)
+    return torch.matmul(x, weight.t()).add_(bias)
+
+
 def accumulate(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + y, written into x when autograd is off (x must be a temporary of the caller's)."""
     return x + y if torch.is_grad_enabled() else x.add_(y)
@@ -519,7 +528,7 @@ class WindowAttention(nn.Module):
         x = x.transpose(2, 3).reshape(b * nh * nw, ws * ws, self.dim)
         if norm is not None:
             x = norm.normalize_last_dim(x)
-        qkv = F.linear(x, self.to_qkv.weight.view(3 * self.dim, self.dim), self.to_qkv.bias)
+        qkv = linear(x, self.to_qkv.weight.view(3 * self.dim, self.dim), self.to_qkv.bias)
         q, k, v = qkv.view(b * nh * nw, ws * ws, 3, heads, c).permute(2, 0, 3, 1, 4)
         backend = resolve_attn_type(self.attn_type)
         if backend == 'flex' and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
@@ -533,7 +542,7 @@ class WindowAttention(nn.Module):
             out = out.transpose(1, 2).reshape(b * nh * nw, ws * ws, self.dim)
         else:
             out = self._attend_inside(q, k, v, backend, b, h, w).view(b * nh * nw, ws * ws, self.dim)
-        out = F.linear(out, self.to_out.weight.view(self.dim, self.dim), self.to_out.bias)
+        out = linear(out, self.to_out.weight.view(self.dim, self.dim), self.to_out.bias)
         out = out.view(b, nh, nw, ws, ws, self.dim).transpose(2, 3).reshape(b, hp, wp, self.dim)
         out = out.permute(0, 3, 1, 2) if channels_last else to_channels_first(out)  # the input's layout
         return out[:, :, :h, :w]
