@@ -563,15 +563,17 @@ class WindowAttention(nn.Module):
         else:
             bias = self.dense_bias()
         q, k, v = (t.view(b, nh, nw, heads, n, c) for t in (q, k, v))
-        padded = (nh * ws, nw * ws) != (h, w)
-        out = q.new_zeros(b, nh, nw, n, heads, c) if padded else q.new_empty(b, nh, nw, n, heads, c)
+        out = q.new_empty(b, nh, nw, n, heads, c)
         for rows, q_rows in _window_groups(nh, ws, h):
             for cols, q_cols in _window_groups(nw, ws, w):
                 if q_cols == ws:  # whole rows of the window: a prefix of its tokens
-                    tokens = slice(0, q_rows * ws)
+                    tokens, rest = slice(0, q_rows * ws), slice(q_rows * ws, n)
                 else:
                     tokens = (torch.arange(q_rows, device=q.device)[:, None] * ws
                               + torch.arange(q_cols, device=q.device)).flatten()
+                    rest = torch.ones(n, dtype=torch.bool, device=q.device).index_fill_(0, tokens, False)
+                if q_rows * q_cols < n:  # queries in the padding: zeros (cropped away later)
+                    out[:, rows, cols, rest] = 0
                 q_g, k_g, v_g = q[:, rows, cols][..., tokens, :], k[:, rows, cols], v[:, rows, cols]
                 if backend != 'fused':
                     n_q = q_rows * q_cols
