@@ -30,7 +30,7 @@ import torch
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / 'window_attention_cpu.cpp', HERE / 'conv_ffn_cpu.cpp', HERE / 'spectral_cpu.cpp']
-HEADERS = [HERE / 'vec.h']
+HEADERS = [HERE / 'vec.h', HERE / 'gemm.h']
 ENV_SWITCH = 'ESC_CPU_KERNELS'
 logger = logging.getLogger(__name__)
 

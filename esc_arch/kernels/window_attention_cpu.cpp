@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "gemm.h"
 #include "vec.h"
 
 namespace {
@@ -103,36 +104,6 @@ inline void scores_softmax(const float* q, const float* kp, int64_t w, const flo
   }
 }
 
-// out row r (stride os between rows) = sum_j p[r, j] v[j, :] / row_sum[r]; v packed nk x C.
-template <class F, int R, int C>
-inline void weighted_values(const float* p, int64_t ss, int64_t nk, const float* v, const float* row_sum, float* out,
-                            int64_t os) {
-  using T = typename F::T;
-  constexpr int NV = C / F::n;
-  T acc[R][NV];
-#pragma GCC unroll 32
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 32
-    for (int t = 0; t < NV; ++t) acc[r][t] = F::zero();
-  for (int64_t j = 0; j < nk; ++j) {
-    T vj[NV];
-#pragma GCC unroll 32
-    for (int t = 0; t < NV; ++t) vj[t] = F::load(v + j * C + F::n * t);
-#pragma GCC unroll 32
-    for (int r = 0; r < R; ++r) {
-      const T pj = F::set1(p[r * ss + j]);
-#pragma GCC unroll 32
-      for (int t = 0; t < NV; ++t) acc[r][t] = F::fmadd(pj, vj[t], acc[r][t]);
-    }
-  }
-#pragma GCC unroll 32
-  for (int r = 0; r < R; ++r) {
-    const T inv = F::set1(1.0f / row_sum[r]);
-#pragma GCC unroll 32
-    for (int t = 0; t < NV; ++t) F::storeu(out + r * os + F::n * t, F::mul(acc[r][t], inv));
-  }
-}
-
 // V rows in the widest vectors that divide the head dim
 template <int C>
 using ValueVec = typename std::conditional<C % Wide::n == 0, Wide, F8>::type;
@@ -146,7 +117,12 @@ inline void row_block(const float* q, int64_t qs, float scale, const float* kp, 
     for (int d = 0; d < C; ++d) qbuf[r * C + d] = q[r * qs + d] * scale;
   float row_sum[R];
   scores_softmax<Wide, R, C>(qbuf, kp, w, bias, s, ss, row_sum);
-  weighted_values<ValueVec<C>, R, C>(s, ss, w * w, v, row_sum, out, os);
+  float inv[R];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) inv[r] = 1.0f / row_sum[r];
+  // out row r (stride os) = sum_j p[r, j] v[j, :] / row_sum[r]; v packed nk x C
+  using FV = ValueVec<C>;
+  gemm_tile<FV, R, C / FV::n>(s, ss, v, C, w * w, nullptr, out, os, inv);
 }
 
 // Element offsets of every flattened leading index (all dims but the last three).
