@@ -61,11 +61,11 @@ def kernel_isa() -> str | None:
 
 
 def _build() -> tuple[bool, str | None]:
-    if _switch() in _OFF:
-        return False, f'{ENV_SWITCH}={_switch()}'
-    if not cpu_supports_kernel():
-        return False, f'this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) has no AVX2'
     isa = kernel_isa()
+    if isa is None:  # switched off, or a CPU without AVX2
+        if _switch() in _OFF:
+            return False, f'{ENV_SWITCH}={_switch()}'
+        return False, f'this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) has no AVX2'
     # the loader rebuilds when a source or a flag changes; the digest makes a header change one too
     digest = hashlib.sha1(b''.join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
     logger.info(f'esc_arch: loading the CPU kernels ({isa}; compiled once per machine, ~20 s)')
@@ -92,8 +92,13 @@ def _loaded() -> bool:
         _state['ok'], _state['why'] = _build()
         if not _state['ok']:
             warnings.warn(f'esc_arch: the CPU kernels are unavailable ({_state["why"]}); using PyTorch '
-                          'operators, which compute the same values more slowly', stacklevel=3)
+                          'operators, which compute the same values more slowly', stacklevel=4)
     return _state['ok']
+
+
+def _op(name: str):
+    """``torch.ops.esc_arch.<name>``, or None while ``disabled()`` or where the library is unavailable."""
+    return getattr(torch.ops.esc_arch, name) if not _state.get('disabled') and _loaded() else None
 
 
 @contextlib.contextmanager
@@ -115,7 +120,7 @@ def window_attention_op():
     head_dim) float32 with contiguous last dims, k/v with all w*w tokens of their window, query
     i at (i // query_cols, i % query_cols) of it, table (heads, 2w-1, 2w-1); writes into out.
     """
-    return torch.ops.esc_arch.window_attention if not _state.get('disabled') and _loaded() else None
+    return _op('window_attention')
 
 
 def conv_ffn_op():
@@ -126,7 +131,7 @@ def conv_ffn_op():
     w2 (C_out, hidden) and their biases; writes GELU(dw(h) + bd) + h, h = GELU(x w1^T + b1),
     projected by w2, into out.
     """
-    return torch.ops.esc_arch.conv_ffn if not _state.get('disabled') and _loaded() else None
+    return _op('conv_ffn')
 
 
 def spectral_mac_op():
@@ -136,7 +141,7 @@ def spectral_mac_op():
     (re, im) pairs, kernel (I, O, P) real float32, all contiguous; writes
     out[b, o, p] = sum_i signal[b, i, p] * kernel[i, o, p].
     """
-    return torch.ops.esc_arch.spectral_mac if not _state.get('disabled') and _loaded() else None
+    return _op('spectral_mac')
 
 
 def unavailable_reason() -> str | None:
