@@ -13,7 +13,14 @@ from conftest import load_fixture, randomize_, tiny_config
 
 import esc_arch.archs.layers as layers
 from esc_arch import ESC, ESCFP
-from esc_arch.archs.layers import ConvFFN, LargeKernel, relative_position_bias, symmetrize_filter
+from esc_arch.archs.layers import (
+    ConvFFN,
+    LargeKernel,
+    padded_positions,
+    reflect_pad_to_multiple,
+    relative_position_bias,
+    symmetrize_filter,
+)
 from esc_arch.kernels import (
     ENV_SWITCH,
     _build,
@@ -43,75 +50,97 @@ def ffn_op(op):
     return conv_ffn_op()
 
 
-def reference(q, k, v, table, ws, tokens):
-    """softmax(q k^T / sqrt(c) + B[:, tokens]) v in float64, written out."""
-    q, k, v = q.double(), k.double(), v.double()
-    bias = relative_position_bias(table.double().flatten(1), ws)[:, tokens]
-    score = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias
-    return score.softmax(-1) @ v
+def attention_reference(q, k, v, table, ws):
+    """Each pixel's attention over its window of the bottom/right reflect-padded image, written
+    out in float64 on window tensors (as the model's SDPA path does); q/k/v (B, H, W, heads, c)."""
+    b, h, w, heads, c = q.shape
+
+    def windows(t):  # -> (windows, heads, ws * ws, c) of the padded image
+        t = reflect_pad_to_multiple(t.double().flatten(3).permute(0, 3, 1, 2), ws).permute(0, 2, 3, 1)
+        t = t.reshape(b, t.shape[1] // ws, ws, t.shape[2] // ws, ws, heads, c).permute(0, 1, 3, 5, 2, 4, 6)
+        return t.reshape(-1, heads, ws * ws, c), t.shape[1], t.shape[2]
+
+    (qw, nh, nw), (kw, _, _), (vw, _, _) = windows(q), windows(k), windows(v)
+    bias = relative_position_bias(table.double().flatten(1), ws)
+    o = ((qw @ kw.transpose(-2, -1)) / math.sqrt(c) + bias).softmax(-1) @ vw
+    o = o.view(b, nh, nw, heads, ws, ws, c).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, nh * ws, nw * ws, heads, c)
+    return o[:, :h, :w]
 
 
-def window_qkv(windows, ws, heads, c, seed=0):
-    """q, k, v as the model makes them: strided views of one (..., tokens, 3, heads, c) tensor."""
+def image_qkv(b, h, w, heads, c, seed=0, scale=1.0):
+    """q, k, v as the model makes them: strided views of one (B, H, W, 3, heads, c) tensor."""
     gen = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(*windows, ws * ws, 3, heads, c, generator=gen)
-    n = len(windows)
-    return qkv.permute(n + 1, *range(n), n + 2, n, n + 3).unbind(0)  # each (*windows, heads, N, c)
+    return (torch.randn(b, h, w, 3, heads, c, generator=gen) * torch.tensor([scale, 1, 1])[:, None, None]).unbind(3)
+
+
+def attend(op, q, k, v, table, ws, out=None):
+    """Run the kernel as the layer does (reflection maps of the padding); returns out."""
+    out = torch.full_like(q, float('nan')) if out is None else out
+    rows, cols = (padded_positions(n, ws) for n in q.shape[1:3])
+    op(q, k, v, table, rows, cols, ws, q.shape[-1]**-0.5, out)
+    return out
 
 
 @pytest.mark.parametrize('c', [8, 16, 24, 32])
 @pytest.mark.parametrize('ws', [8, 16, 24])  # 8, 24: runs of 16 keys cross key rows
 def test_kernel_matches_written_out_attention(op, c, ws):
     heads = 2
-    q, k, v = window_qkv((2, 3), ws, heads, c)
+    q, k, v = image_qkv(2, 2 * ws, ws, heads, c)
     table = torch.randn(heads, 2 * ws - 1, 2 * ws - 1)
-    out = torch.full((2, 3, ws * ws, heads, c), float('nan')).transpose(-3, -2)  # a strided output
-    op(q, k, v, table, ws, ws, c**-0.5, out)
-    expected = reference(q, k, v, table, ws, slice(None))
-    assert (out.double() - expected).abs().max().item() < 2e-5
+    out = torch.full((2, ws, 2 * ws, heads, c), float('nan')).transpose(1, 2)  # a strided output
+    attend(op, q, k, v, table, ws, out)
+    assert (out.double() - attention_reference(q, k, v, table, ws)).abs().max().item() < 2e-5
 
 
-@pytest.mark.parametrize('query_rows, query_cols', [(3, 16), (5, 7), (1, 1)])
-def test_kernel_computes_the_queries_inside_an_edge_window(op, query_rows, query_cols):
-    ws, heads, c = 16, 3, 16
-    q, k, v = window_qkv((4,), ws, heads, c, seed=1)
+@pytest.mark.parametrize('h, w, ws', [
+    (21, 13, 8),  # partial windows at the bottom, the right and the corner
+    (19, 37, 16),  # rows of 3 and 5 queries: shorter than a block of queries
+    (5, 7, 16),  # the padding is larger than the image: repeated reflection
+    (1, 1, 8),  # one pixel
+])
+def test_kernel_reads_the_padding_from_the_image_and_writes_only_the_image(op, h, w, ws):
+    heads, c = 3, 16
+    q, k, v = image_qkv(2, h, w, heads, c, seed=1)
     table = torch.randn(heads, 2 * ws - 1, 2 * ws - 1)
-    tokens = (torch.arange(query_rows)[:, None] * ws + torch.arange(query_cols)).flatten()
-    q_in = q[..., tokens, :]
-    out = torch.empty_like(q_in)
-    op(q_in, k, v, table, ws, query_cols, c**-0.5, out)
-    assert (out.double() - reference(q_in, k, v, table, ws, tokens)).abs().max().item() < 2e-5
+    out = attend(op, q, k, v, table, ws)
+    assert (out.double() - attention_reference(q, k, v, table, ws)).abs().max().item() < 2e-5
 
 
 @pytest.mark.parametrize('scale', [30.0, 1e4])
 def test_kernel_softmax_with_huge_score_gaps(op, scale):
     """Scores thousands apart: most weights underflow to (nearly) zero, none turns into garbage."""
     ws, heads, c = 8, 2, 16
-    q, k, v = window_qkv((3,), ws, heads, c, seed=2)
-    q = q * scale
+    q, k, v = image_qkv(1, 8, 24, heads, c, seed=2, scale=scale)
     table = torch.randn(heads, 2 * ws - 1, 2 * ws - 1)
-    out = torch.empty_like(q)
-    op(q, k, v, table, ws, ws, c**-0.5, out)
+    out = attend(op, q, k, v, table, ws)
     assert torch.isfinite(out).all()
-    assert (out.double() - reference(q, k, v, table, ws, slice(None))).abs().max().item() < 1e-4
+    assert (out.double() - attention_reference(q, k, v, table, ws)).abs().max().item() < 1e-4
 
 
 def test_kernel_rejects_what_it_cannot_compute(op):
-    q, k, v = window_qkv((2,), 8, 2, 16)
+    q, k, v = image_qkv(1, 8, 8, 2, 16)
     table = torch.randn(2, 15, 15)
     out = torch.empty_like(q)
+    rows = cols = padded_positions(8, 8)
     with pytest.raises(RuntimeError, match='float32 CPU tensors only'):
-        op(q.double(), k.double(), v.double(), table.double(), 8, 8, 0.25, out.double())
-    q4, k4, v4 = window_qkv((2,), 4, 2, 16)
+        op(q.double(), k.double(), v.double(), table.double(), rows, cols, 8, 0.25, out.double())
+    with pytest.raises(RuntimeError, match=r'must be \(batch, height, width, heads, head_dim\)'):
+        op(q[0], k[0], v[0], table, rows, cols, 8, 0.25, out[0])
+    q4, k4, v4 = image_qkv(1, 4, 4, 2, 16)
     with pytest.raises(RuntimeError, match='window size must be a multiple of 8'):
-        op(q4, k4, v4, torch.randn(2, 7, 7), 4, 4, 0.25, torch.empty_like(q4))
-    q12, k12, v12 = window_qkv((2,), 8, 2, 12)
+        op(q4, k4, v4, torch.randn(2, 7, 7), padded_positions(4, 4), padded_positions(4, 4), 4, 0.25,
+           torch.empty_like(q4))
+    q12, k12, v12 = image_qkv(1, 8, 8, 2, 12)
     with pytest.raises(RuntimeError, match='head dim must be 8, 16, 24 or 32'):
-        op(q12, k12, v12, table, 8, 8, 0.25, torch.empty_like(q12))
+        op(q12, k12, v12, table, rows, cols, 8, 0.25, torch.empty_like(q12))
     with pytest.raises(RuntimeError, match=r'table must be a contiguous \(heads, 2w - 1, 2w - 1\)'):
-        op(q, k, v, torch.randn(2, 13, 13), 8, 8, 0.25, out)
-    with pytest.raises(RuntimeError, match='queries must fit'):
-        op(q, k, v, table, 8, 3, 0.25, out)  # 64 queries do not fit 3 columns of 8 rows
+        op(q, k, v, torch.randn(2, 13, 13), rows, cols, 8, 0.25, out)
+    with pytest.raises(RuntimeError, match='rows must map the 8 padded positions'):
+        op(q, k, v, table, padded_positions(8, 8)[:7], cols, 8, 0.25, out)
+    with pytest.raises(RuntimeError, match=r'cols\[3\] = 9 is not a position of the image'):
+        op(q, k, v, table, rows, padded_positions(8, 8).index_fill(0, torch.tensor([3]), 9), 8, 0.25, out)
+    with pytest.raises(RuntimeError, match='must be a 1-D int64 CPU tensor'):
+        op(q, k, v, table, rows.int(), cols, 8, 0.25, out)
 
 
 def counting(monkeypatch, accessor='window_attention_op'):
@@ -138,7 +167,7 @@ def test_model_inference_uses_the_kernel_and_matches_sdpa(op, arch, monkeypatch)
         assert not calls
         model.set_attn_type('auto')
         fused = model(x)
-    assert len(calls) == 4  # one block; whole windows, right column, bottom row, corner
+    assert len(calls) == 1  # one block: one call for all windows, the edge ones too
     assert (fused - expected).abs().max().item() < 1e-5
     reference64 = model.double()(x.double()).detach()  # autograd on: SDPA in float64
     assert (fused.double() - reference64).abs().max().item() < 1e-4
@@ -304,25 +333,20 @@ def test_the_avx2_build_on_an_avx512_cpu(op):
     if kernel_isa() != 'avx512':
         pytest.skip('this CPU runs the AVX2 build, which the other tests check')
     script = textwrap.dedent('''
-        import math, torch
+        import torch
         from esc_arch.kernels import kernel_isa, window_attention_op
-        from esc_arch.archs.layers import ConvFFN, LargeKernel, relative_position_bias, symmetrize_filter
+        from esc_arch.archs.layers import ConvFFN, LargeKernel, symmetrize_filter
+        from test_cpu_kernels import attend, attention_reference, image_qkv
         assert kernel_isa() == 'avx2', kernel_isa()
         op = window_attention_op()
         assert op is not None
         errors = []
         for c in (8, 16, 24, 32):
-            for ws, query_cols in ((8, 8), (16, 16), (16, 5)):
-                gen = torch.Generator().manual_seed(c + ws)
-                q, k, v = torch.randn(3, 2, 2, ws * ws, c, generator=gen).unbind(0)
-                q = q[..., :ws * query_cols - 3, :]  # the last row of queries is partial
-                tokens = (torch.arange(ws)[:, None] * ws + torch.arange(query_cols)).flatten()[:q.shape[-2]]
-                table = torch.randn(2, 2 * ws - 1, 2 * ws - 1, generator=gen)
-                out = torch.empty_like(q)
-                op(q, k, v, table, ws, query_cols, c ** -0.5, out)
-                bias = relative_position_bias(table.double().flatten(1), ws)[:, tokens]
-                score = q.double() @ k.double().transpose(-2, -1) / math.sqrt(c) + bias
-                errors.append((out.double() - score.softmax(-1) @ v.double()).abs().max().item())
+            for ws, h, w in ((8, 8, 16), (16, 16, 16), (16, 21, 5)):  # 5 columns: shorter than a block
+                q, k, v = image_qkv(2, h, w, 2, c, seed=c + ws)
+                table = torch.randn(2, 2 * ws - 1, 2 * ws - 1, generator=torch.Generator().manual_seed(c))
+                out = attend(op, q, k, v, table, ws)
+                errors.append((out.double() - attention_reference(q, k, v, table, ws)).abs().max().item())
         from esc_arch.kernels import conv_ffn_op
         import torch.nn.functional as F
         for dim, hidden, x_scale in ((32, 40, 1), (24, 60, 1), (32, 40, 1e4)):  # 24: vectors of 8
@@ -336,13 +360,10 @@ def test_the_avx2_build_on_an_avx512_cpu(op):
             d = F.conv2d(h, wd.double().view(hidden, 1, 3, 3), bd.double(), padding=1, groups=hidden)
             ref = (F.gelu(d) + h).permute(0, 2, 3, 1) @ w2.double().T + b2.double()
             errors.append((out.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item()))
-        q, k, v = torch.randn(3, 2, 2, 64, 16, generator=gen).unbind(0)
-        q = q * 1e4  # scores thousands apart: weights underflow, none turns into garbage
+        q, k, v = image_qkv(1, 8, 16, 2, 16, seed=3, scale=1e4)  # scores thousands apart: weights underflow
         table = torch.randn(2, 15, 15, generator=gen)
-        out = torch.empty_like(q)
-        op(q, k, v, table, 8, 8, 0.25, out)
-        score = q.double() @ k.double().transpose(-2, -1) / 4 + relative_position_bias(table.double().flatten(1), 8)
-        errors.append((out.double() - score.softmax(-1) @ v.double()).abs().max().item())
+        out = attend(op, q, k, v, table, 8)
+        errors.append((out.double() - attention_reference(q, k, v, table, 8)).abs().max().item())
         from esc_arch.kernels import spectral_mac_op
         signal, kernel = torch.randn(2, 3, 100, 2, generator=gen), torch.randn(3, 4, 100, generator=gen)
         out = torch.empty(2, 4, 100, 2)
@@ -352,7 +373,9 @@ def test_the_avx2_build_on_an_avx512_cpu(op):
         print('max error', max(errors))
         assert all(e < 2e-5 for e in errors), errors  # a NaN error fails too
     ''')
-    env = dict(os.environ, **{ENV_SWITCH: 'avx2'})
+    tests = os.path.dirname(os.path.abspath(__file__))  # the script imports this module's references
+    path = os.pathsep.join(filter(None, [tests, os.environ.get('PYTHONPATH')]))
+    env = dict(os.environ, **{ENV_SWITCH: 'avx2'}, PYTHONPATH=path)
     result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'max error' in result.stdout

@@ -39,6 +39,13 @@ def reflect_pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x
 
 
+def padded_positions(size: int, multiple: int) -> torch.Tensor:
+    """For each position along an axis padded by ``reflect_pad_to_multiple``, the position of the
+    input it copies (int64; the first ``size`` map to themselves)."""
+    index = torch.arange(size, dtype=torch.float64).view(1, 1, size, 1).expand(1, 1, size, multiple)
+    return reflect_pad_to_multiple(index, multiple)[0, 0, :, 0].long()  # the width needs no padding
+
+
 def symmetrize_filter(kernel: torch.Tensor) -> torch.Tensor:
     """Mean of ``kernel`` (.., K, K) over the 8 symmetries of the square (dihedral group)."""
     rot = torch.rot90(kernel, -1, (-2, -1))
@@ -520,7 +527,16 @@ class WindowAttention(nn.Module):
         applied to the windows, where the channels are contiguous)."""
         b, _, h, w = x.shape
         ws, heads, c = self.window_size, self.num_heads, self.dim // self.num_heads
+        backend = resolve_attn_type(self.attn_type)
+        if backend == 'flex' and x.device.type != 'cuda' and torch.is_grad_enabled() and x.requires_grad:
+            backend = 'sdpa'  # flex_attention has no backward on the CPU; SDPA computes the same
+        if (backend == 'sdpa' and self.attn_type.lower() == 'auto' and not tracing()
+                and fused_attention_applies(x, c, ws)):
+            backend = 'fused'  # the CPU inference kernel (esc_arch/kernels): same values, no dense bias
+        self.last_backend = backend
         channels_last = is_channels_last(x)
+        if backend == 'fused':
+            return self._fused(x, norm, channels_last)
         x = reflect_pad_to_multiple(x, ws)
         hp, wp = x.shape[-2:]
         nh, nw = hp // ws, wp // ws
@@ -532,22 +548,39 @@ class WindowAttention(nn.Module):
             x = norm.normalize_last_dim(x)
         qkv = linear(x, self.to_qkv.weight.view(3 * self.dim, self.dim), self.to_qkv.bias)
         q, k, v = qkv.view(b * nh * nw, ws * ws, 3, heads, c).permute(2, 0, 3, 1, 4)
-        backend = resolve_attn_type(self.attn_type)
-        if backend == 'flex' and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
-            backend = 'sdpa'  # flex_attention has no backward on the CPU; SDPA computes the same
-        if backend == 'sdpa' and self.attn_type.lower() == 'auto' and not tracing() and fused_attention_applies(q, ws):
-            backend = 'fused'  # the CPU inference kernel (esc_arch/kernels): same values, no dense bias
-        self.last_backend = backend
         if backend == 'flex' or tracing():  # whole windows (flex's score_mod indexes all queries)
             bias = None if backend == 'flex' else self.dense_bias()  # flex reads the table
             out = windowed_attention(q, k, v, self.relative_position_bias, ws, backend, bias=bias)
             out = out.transpose(1, 2).reshape(b * nh * nw, ws * ws, self.dim)
         else:
             out = self._attend_inside(q, k, v, backend, b, h, w).view(b * nh * nw, ws * ws, self.dim)
-        out = linear(out, self.to_out.weight.view(self.dim, self.dim), self.to_out.bias)
+        out = self._project_out(out)
         out = out.view(b, nh, nw, ws, ws, self.dim).transpose(2, 3).reshape(b, hp, wp, self.dim)
         out = out.permute(0, 3, 1, 2) if channels_last else to_channels_first(out)  # the input's layout
         return out[:, :, :h, :w]
+
+    def _project_out(self, out: torch.Tensor) -> torch.Tensor:
+        return linear(out, self.to_out.weight.view(self.dim, self.dim), self.to_out.bias)
+
+    def _fused(self, x: torch.Tensor, norm: LayerNorm2d | None, channels_last: bool) -> torch.Tensor:
+        """The fused CPU kernel, in image layout: the projections run on the (B, H, W, C) pixels and
+        the kernel reads the padded windows' keys where the reflection maps them, so no padded
+        copy, window gather or scatter is made."""
+        b, _, h, w = x.shape
+        ws, heads, c = self.window_size, self.num_heads, self.dim // self.num_heads
+        pixels = x.permute(0, 2, 3, 1)
+        if not channels_last:
+            pixels = pixels.contiguous()
+        if norm is not None:
+            pixels = norm.normalize_last_dim(pixels)
+        qkv = linear(pixels, self.to_qkv.weight.view(3 * self.dim, self.dim), self.to_qkv.bias)
+        q, k, v = qkv.view(b, h, w, 3, heads, c).unbind(3)
+        out = qkv.new_empty(b, h, w, heads, c)
+        table = self.relative_position_bias.detach().view(heads, 2 * ws - 1, 2 * ws - 1)
+        rows, cols = (padded_positions(n, ws) for n in (h, w))
+        window_attention_op()(q, k, v, table, rows, cols, ws, c**-0.5, out)
+        out = self._project_out(out.view(b, h, w, self.dim))
+        return out.permute(0, 3, 1, 2) if channels_last else to_channels_first(out)
 
     def _attend_inside(self, q, k, v, backend, b, h, w):
         """Attention for the queries inside the unpadded H x W only (keys: whole windows).
@@ -558,10 +591,7 @@ class WindowAttention(nn.Module):
         """
         ws, heads, c = self.window_size, self.num_heads, self.dim // self.num_heads
         nh, nw, n = -(-h // ws), -(-w // ws), ws * ws
-        if backend == 'fused':  # reads the table itself; q/k/v/out views of any strides
-            op, table = window_attention_op(), self.relative_position_bias.detach().view(heads, 2 * ws - 1, 2 * ws - 1)
-        else:
-            bias = self.dense_bias()
+        bias = self.dense_bias()
         q, k, v = (t.view(b, nh, nw, heads, n, c) for t in (q, k, v))
         out = q.new_empty(b, nh, nw, n, heads, c)
         for rows, q_rows in _window_groups(nh, ws, h):
@@ -575,18 +605,10 @@ class WindowAttention(nn.Module):
                 if q_rows * q_cols < n:  # queries in the padding: zeros (cropped away later)
                     out[:, rows, cols, rest] = 0
                 q_g, k_g, v_g = q[:, rows, cols][..., tokens, :], k[:, rows, cols], v[:, rows, cols]
-                if backend != 'fused':
-                    n_q = q_rows * q_cols
-                    o = windowed_attention(q_g.reshape(-1, heads, n_q, c), k_g.reshape(-1, heads, n, c),
-                                           v_g.reshape(-1, heads, n, c), None, ws, backend, bias=bias[:, tokens])
-                    o = o.view(q_g.shape)
-                elif q_cols == ws:  # these queries' rows of out are a view: the kernel writes them
-                    op(q_g, k_g, v_g, table, ws, q_cols, c**-0.5, out[:, rows, cols, tokens].transpose(3, 4))
-                    continue
-                else:
-                    o = torch.empty_like(q_g)
-                    op(q_g, k_g, v_g, table, ws, q_cols, c**-0.5, o)
-                out[:, rows, cols, tokens] = o.transpose(3, 4)
+                n_q = q_rows * q_cols
+                o = windowed_attention(q_g.reshape(-1, heads, n_q, c), k_g.reshape(-1, heads, n, c),
+                                       v_g.reshape(-1, heads, n, c), None, ws, backend, bias=bias[:, tokens])
+                out[:, rows, cols, tokens] = o.view(q_g.shape).transpose(3, 4)
         return out
 
     def extra_repr(self):

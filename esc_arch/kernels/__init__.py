@@ -116,9 +116,10 @@ def disabled():
 def window_attention_op():
     """The compiled ``torch.ops.esc_arch.window_attention`` or None (reason: ``unavailable_reason()``).
 
-    op(q, k, v, table, window_size, query_cols, scale, out): q/k/v/out (..., heads, tokens,
-    head_dim) float32 with contiguous last dims, k/v with all w*w tokens of their window, query
-    i at (i // query_cols, i % query_cols) of it, table (heads, 2w-1, 2w-1); writes into out.
+    op(q, k, v, table, rows, cols, window_size, scale, out): q/k/v/out (B, H, W, heads, head_dim)
+    float32 with contiguous last dims (any other strides), table (heads, 2w-1, 2w-1); the image
+    is padded bottom/right to whole w x w windows, rows / cols (int64) giving the image row /
+    column each padded position copies. Writes each pixel's attention over its window into out.
     """
     return _op('window_attention')
 
@@ -149,8 +150,8 @@ def unavailable_reason() -> str | None:
     return _state['why']
 
 
-def fused_attention_applies(q: torch.Tensor, window_size: int) -> bool:
-    """Whether the fused kernel can compute this attention: CPU float32 without autograd,
-    head dim 8/16/24/32, window size a multiple of 8, and the kernel available."""
-    return (q.device.type == 'cpu' and q.dtype == torch.float32 and not torch.is_grad_enabled()
-            and q.shape[-1] in (8, 16, 24, 32) and window_size % 8 == 0 and window_attention_op() is not None)
+def fused_attention_applies(x: torch.Tensor, head_dim: int, window_size: int) -> bool:
+    """Whether the fused kernel can compute the window attention of ``x``: CPU float32 without
+    autograd, head dim 8/16/24/32, window size a multiple of 8, and the kernel available."""
+    return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and head_dim in (8, 16, 24, 32) and window_size % 8 == 0 and window_attention_op() is not None)

@@ -1,13 +1,18 @@
-// Fused window attention with a relative position bias, for CPU inference (float32):
-//   out = softmax(scale * q k^T + B) v,  B[h, i, j] = table[h, kh - qh + w - 1, kw - qw + w - 1]
-// where query i sits at (qh, qw) = (i / query_cols, i % query_cols) of a w x w window and key j
-// at (kh, kw) = (j / w, j % w) (every key of the window). Head dims 8, 16, 24 or 32; w a
-// multiple of 8 (so w * w is a multiple of 64 and no run of 8 keys crosses a key row).
+// Fused window attention with a relative position bias, for CPU inference (float32), read and
+// written in image layout: q, k, v, out are (batch, H, W, heads, head_dim). The image is cut
+// into w x w windows after padding its bottom/right to whole windows; rows[p] / cols[p] name the
+// image row / column a padded position shows (the caller's padding, e.g. a reflection), so the
+// padded keys are read from the image and no padded copy or window gather exists. For every
+// pixel (a query) of a window, with (qh, qw) its place in the window:
+//   out = softmax(scale * q k^T + B) v,  B[h, q, key] = table[h, kh - qh + w - 1, kw - qw + w - 1]
+// over the window's w * w keys (kh, kw). Only pixels inside the image are queries and only they
+// are written. Head dims 8, 16, 24 or 32; w a multiple of 8 (no run of 8 keys crosses a key row).
 // PyTorch's SDPA spends most of its time here in tiny GEMM calls and online-softmax
 // bookkeeping, and reads a dense (heads, w^2, w^2) bias from memory for every window; this
 // reads B straight from the (2w-1)^2 table, which stays in L1. One (window, head) pair at a
 // time per thread: K goes into panels and V is packed (L2-sized buffers), then blocks of R
-// query rows compute their scores, an exact row softmax and the weighted sum of V.
+// queries (adjacent pixels of one row) compute their scores, an exact row softmax and the
+// weighted sum of V.
 // One source, two builds (esc_arch/kernels/__init__.py picks by CPU): AVX2 + FMA (8 floats per
 // vector, 16 registers) and, where the compiler is given -mavx512f, AVX-512 (16 floats, 32
 // registers); the algorithm is the same, only the vector type and the block sizes change.
@@ -15,6 +20,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
@@ -125,102 +131,134 @@ inline void row_block(const float* q, int64_t qs, float scale, const float* kp, 
   gemm_tile<FV, R, C / FV::n>(s, ss, v, C, w * w, nullptr, out, os, inv);
 }
 
-// Element offsets of every flattened leading index (all dims but the last three).
-std::vector<int64_t> leading_offsets(const at::Tensor& t) {
-  const int64_t lead = t.dim() - 3;
-  std::vector<int64_t> offsets(1, 0);
-  for (int64_t d = 0; d < lead; ++d) {
-    std::vector<int64_t> next;
-    next.reserve(offsets.size() * t.size(d));
-    for (int64_t base : offsets)
-      for (int64_t i = 0; i < t.size(d); ++i) next.push_back(base + i * t.stride(d));
-    offsets.swap(next);
-  }
-  return offsets;
-}
-
 template <int C>
-void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table, int64_t w,
-         int64_t query_cols, double scale, at::Tensor& out) {
-  const int64_t heads = q.size(-3), nq = q.size(-2), nk = w * w, side = 2 * w - 1;
-  const auto oq = leading_offsets(q), ok = leading_offsets(k), ov = leading_offsets(v), oo = leading_offsets(out);
+void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
+         const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, int64_t w, double scale, at::Tensor& out) {
+  const int64_t batch = q.size(0), height = q.size(1), width = q.size(2), heads = q.size(3);
+  const int64_t nh = static_cast<int64_t>(rows.size()) / w, nw = static_cast<int64_t>(cols.size()) / w;
+  const int64_t nk = w * w, side = 2 * w - 1;
   const float* qp = q.data_ptr<float>();
   const float* kd = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   const float* tp = table.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  const int64_t pairs = static_cast<int64_t>(oq.size()) * heads;
+  const int64_t pairs = batch * nh * nw * heads;
   const int64_t ss = nk + 16;  // score rows padded off a multiple of 4 KiB (L1 set aliasing)
-  // strides (elements) of the head and token dims, read once: Tensor::stride() is a call
-  const int64_t qh = q.stride(-3), qs = q.stride(-2), kh = k.stride(-3), ks = k.stride(-2);
-  const int64_t vh = v.stride(-3), vs = v.stride(-2), oh = out.stride(-3), os = out.stride(-2);
+  // strides (elements) of (batch, row, column, head), read once: Tensor::stride() is a call
+  const int64_t qb = q.stride(0), qr = q.stride(1), qc = q.stride(2), qh = q.stride(3);
+  const int64_t kb = k.stride(0), kr = k.stride(1), kc = k.stride(2), kh = k.stride(3);
+  const int64_t vb_ = v.stride(0), vr = v.stride(1), vc = v.stride(2), vh = v.stride(3);
+  const int64_t ob = out.stride(0), orr = out.stride(1), oc = out.stride(2), oh = out.stride(3);
   auto work = [&](int64_t begin, int64_t end) {
     // vector-aligned scratch: key panels (nk x C), packed V (nk x C), scores, scaled q
     constexpr int64_t P = 2 * Wide::n;  // keys per panel
     std::vector<Wide::T> buf((2 * C * nk + kRows * ss + kRows * C) / Wide::n + 1);
     float* kpan = reinterpret_cast<float*>(buf.data());
-    float* vb = kpan + C * nk;
-    float* s = vb + C * nk;
+    float* vbuf = kpan + C * nk;
+    float* s = vbuf + C * nk;
     float* qbuf = s + kRows * ss;
     for (int64_t pair = begin; pair < end; ++pair) {
-      const int64_t g = pair / heads, h = pair % heads;
-      const float* kg = kd + ok[g] + h * kh;
-      const float* vg = vp + ov[g] + h * vh;
-      for (int64_t j = 0; j < nk; j += P)
-        for (int64_t jj = 0; jj < P; ++jj)
+      const int64_t h = pair % heads, wc = pair / heads % nw, wr = pair / heads / nw % nh, b = pair / heads / nw / nh;
+      // keys: every pixel of the padded window, read where the padding maps it in the image
+      const float* kg = kd + b * kb + h * kh;
+      const float* vg = vp + b * vb_ + h * vh;
+      for (int64_t i = 0, j = 0; i < w; ++i) {
+        const float* krow = kg + rows[wr * w + i] * kr;
+        const float* vrow = vg + rows[wr * w + i] * vr;
+        for (int64_t x = 0; x < w; ++x, ++j) {
+          const int64_t c = cols[wc * w + x];
+          const float* kj = krow + c * kc;
+          const float* vj = vrow + c * vc;
+          float* panel = kpan + (j / P) * P * C + j % P;  // P a constant power of 2: shifts
 #pragma GCC unroll 32
           for (int d = 0; d < C; ++d) {
-            kpan[j * C + d * P + jj] = kg[(j + jj) * ks + d];
-            vb[(j + jj) * C + d] = vg[(j + jj) * vs + d];
+            panel[d * P] = kj[d];
+            vbuf[j * C + d] = vj[d];
           }
-      const float* qg = qp + oq[g] + h * qh;
-      const float* th = tp + h * side * side;
-      float* og = op + oo[g] + h * oh;
-      const float* bias[kRows];
-      auto bias_rows = [&](int64_t i, int rows) {
-        for (int r = 0; r < rows; ++r)
-          bias[r] = th + (w - 1 - (i + r) / query_cols) * side + (w - 1 - (i + r) % query_cols);
-      };
-      int64_t i = 0;
-      for (; i + kRows <= nq; i += kRows) {
-        bias_rows(i, kRows);
-        row_block<kRows, C>(qg + i * qs, qs, sc, kpan, vb, w, bias, og + i * os, os, qbuf, s, ss);
+        }
       }
-      for (; i < nq; ++i) {
-        bias_rows(i, 1);
-        row_block<1, C>(qg + i * qs, qs, sc, kpan, vb, w, bias, og + i * os, os, qbuf, s, ss);
+      // queries: the window's pixels inside the image
+      const int64_t row0 = wr * w, col0 = wc * w;
+      const int64_t q_rows = std::min(w, height - row0), q_cols = std::min(w, width - col0);
+      const float* th = tp + h * side * side;
+      const float* bias[kRows];
+      for (int64_t i = 0; i < q_rows; ++i) {
+        const float* qi = qp + b * qb + (row0 + i) * qr + col0 * qc + h * qh;
+        float* oi = op + b * ob + (row0 + i) * orr + col0 * oc + h * oh;
+        const float* bias_row = th + (w - 1 - i) * side + (w - 1);
+        auto block = [&](int64_t j0, auto rows_tag) {  // queries j0 .. j0 + R - 1 of this row
+          constexpr int R = decltype(rows_tag)::value;
+          for (int r = 0; r < R; ++r) bias[r] = bias_row - (j0 + r);
+          row_block<R, C>(qi + j0 * qc, qc, sc, kpan, vbuf, w, bias, oi + j0 * oc, oc, qbuf, s, ss);
+        };
+        if (q_cols < kRows) {
+          for (int64_t j = 0; j < q_cols; ++j) block(j, std::integral_constant<int, 1>());
+          continue;
+        }
+        for (int64_t j = 0; j < q_cols; j += kRows)  // a last partial block overlaps the one before it
+          block(std::min(j, q_cols - kRows), std::integral_constant<int, kRows>());
       }
     }
   };
+  // One contiguous run of pairs per thread, cut at equal numbers of queries: edge windows have
+  // fewer (an equal split of the pairs left ESC's layer at 180x320 ~7% slower on 2 threads).
   // PyTorch's own intra-op pool (built with -fopenmp, this library shares torch's OpenMP
-  // runtime): no second set of threads competing with the pool's spinning workers
-  at::parallel_for(0, pairs, 1, work);
+  // runtime): no second set of threads competing with the pool's spinning workers.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pairs));
+  std::vector<int64_t> queries(pairs + 1, 0);  // queries of the pairs before each pair
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const int64_t wc = pair / heads % nw, wr = pair / heads / nw % nh;
+    queries[pair + 1] = queries[pair] + std::min(w, height - wr * w) * std::min(w, width - wc * w);
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+    for (int64_t part = first; part < last; ++part) {
+      const auto cut = [&](int64_t p) {  // the first pair of part p
+        return std::lower_bound(queries.begin(), queries.end() - 1, queries[pairs] * p / parts) - queries.begin();
+      };
+      work(cut(part), cut(part + 1));
+    }
+  });
+}
+
+std::vector<int64_t> padded_index(const at::Tensor& index, int64_t w, int64_t size, const char* name) {
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.device().is_cpu(),
+              "window_attention: ", name, " must be a 1-D int64 CPU tensor");
+  const int64_t n = index.numel();
+  TORCH_CHECK(n == (size + w - 1) / w * w, "window_attention: ", name, " must map the ", (size + w - 1) / w * w,
+              " padded positions (", size, " rounded up to whole windows of ", w, "), got ", n);
+  const at::Tensor flat = index.contiguous();
+  std::vector<int64_t> out(flat.data_ptr<int64_t>(), flat.data_ptr<int64_t>() + n);
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(out[i] >= 0 && out[i] < size && (i >= size || out[i] == i), "window_attention: ", name, "[", i,
+                "] = ", out[i], " is not a position of the image (size ", size, "; the first ", size,
+                " map to themselves)");
+  return out;
 }
 
 void window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
-                      int64_t window_size, int64_t query_cols, double scale, at::Tensor out) {
-  TORCH_CHECK(q.dim() >= 3 && k.dim() == q.dim() && v.dim() == q.dim() && out.dim() == q.dim(),
-              "window_attention: q, k, v and out must have the same rank (>= 3)");
+                      const at::Tensor& rows, const at::Tensor& cols, int64_t window_size, double scale,
+                      at::Tensor out) {
+  TORCH_CHECK(q.dim() == 5 && k.dim() == 5 && v.dim() == 5 && out.dim() == 5,
+              "window_attention: q, k, v and out must be (batch, height, width, heads, head_dim)");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &table, &out}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "window_attention: float32 CPU tensors only");
     TORCH_CHECK(t->stride(-1) == 1, "window_attention: the last dim must be contiguous");
   }
-  const int64_t w = window_size, c = q.size(-1), heads = q.size(-3);
+  const int64_t w = window_size, c = q.size(-1), heads = q.size(-2);
   TORCH_CHECK(w > 0 && w % 8 == 0, "window_attention: the window size must be a multiple of 8, got ", w);
-  TORCH_CHECK(k.sizes() == v.sizes() && q.sizes().slice(0, q.dim() - 2) == k.sizes().slice(0, k.dim() - 2)
-                  && k.size(-2) == w * w && k.size(-1) == c && out.sizes() == q.sizes(),
-              "window_attention: q, k, v and out must be (..., heads, tokens, head_dim), k and v with w * w tokens");
-  TORCH_CHECK(query_cols > 0 && query_cols <= w && q.size(-2) <= query_cols * w,
-              "window_attention: the queries must fit query_cols (", query_cols, ") columns of the window");
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "window_attention: q, k, v and out must have the same shape");
   TORCH_CHECK(table.dim() == 3 && table.size(0) == heads && table.size(1) == 2 * w - 1 && table.size(2) == 2 * w - 1
                   && table.is_contiguous(),
               "window_attention: table must be a contiguous (heads, 2w - 1, 2w - 1) tensor");
+  const auto row_index = padded_index(rows, w, q.size(1), "rows");
+  const auto col_index = padded_index(cols, w, q.size(2), "cols");
   switch (c) {
-    case 8: run<8>(q, k, v, table, w, query_cols, scale, out); break;
-    case 16: run<16>(q, k, v, table, w, query_cols, scale, out); break;
-    case 24: run<24>(q, k, v, table, w, query_cols, scale, out); break;
-    case 32: run<32>(q, k, v, table, w, query_cols, scale, out); break;
+    case 8: run<8>(q, k, v, table, row_index, col_index, w, scale, out); break;
+    case 16: run<16>(q, k, v, table, row_index, col_index, w, scale, out); break;
+    case 24: run<24>(q, k, v, table, row_index, col_index, w, scale, out); break;
+    case 32: run<32>(q, k, v, table, row_index, col_index, w, scale, out); break;
     default: TORCH_CHECK(false, "window_attention: head dim must be 8, 16, 24 or 32, got ", c);
   }
 }
@@ -228,8 +266,8 @@ void window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 }  // namespace
 
 TORCH_LIBRARY(esc_arch, m) {
-  m.def("window_attention(Tensor q, Tensor k, Tensor v, Tensor table, int window_size, int query_cols, float scale, "
-        "Tensor(a!) out) -> ()");
+  m.def("window_attention(Tensor q, Tensor k, Tensor v, Tensor table, Tensor rows, Tensor cols, int window_size, "
+        "float scale, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(esc_arch, CPU, m) {
