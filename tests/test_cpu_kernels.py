@@ -1,4 +1,5 @@
-"""The CPU kernels (esc_arch/kernels: window attention, ConvFFN) against written-out references."""
+"""The CPU kernels (esc_arch/kernels: window attention, ConvFFN, spectral product, ConvAttn layout) against
+written-out references."""
 import math
 import os
 import shutil
@@ -15,7 +16,9 @@ import esc_arch.archs.layers as layers
 from esc_arch import ESC, ESCFP
 from esc_arch.archs.layers import (
     ConvFFN,
+    ConvolutionalAttention,
     LargeKernel,
+    PartialConvAttn,
     padded_positions,
     reflect_pad_to_multiple,
     relative_position_bias,
@@ -24,10 +27,12 @@ from esc_arch.archs.layers import (
 from esc_arch.kernels import (
     ENV_SWITCH,
     _build,
+    conv_attn_merge_op,
     conv_ffn_op,
     cpu_supports_kernel,
     disabled,
     kernel_isa,
+    pad_planes_op,
     spectral_mac_op,
     unavailable_reason,
     window_attention_op,
@@ -186,6 +191,7 @@ def test_authors_fixtures_in_float32_through_the_kernels(op, fixture, monkeypatc
     """The released computation through both kernels (fixture windows are 8x8) in float32."""
     calls = counting(monkeypatch)
     ffn_calls = counting(monkeypatch, 'conv_ffn_op')
+    merges = counting(monkeypatch, 'conv_attn_merge_op')
     data = load_fixture(fixture)
     model = {'ESC': ESC, 'ESCFP': ESCFP}[data['type']](**data['config'])
     model.load_state_dict(data['state_dict'], strict=True)
@@ -194,6 +200,7 @@ def test_authors_fixtures_in_float32_through_the_kernels(op, fixture, monkeypatc
         out = model(data['input'].float())
     assert calls
     assert bool(ffn_calls) == (kernel_isa() == 'avx512')  # the ConvFFN kernel runs in the AVX-512 build
+    assert bool(merges) == (data['type'] == 'ESC')  # ESC-FP's attention has no dynamic 3x3 of its own
     assert (out.double() - data['output_float64']).abs().max().item() < 1e-4
 
 
@@ -277,6 +284,71 @@ def test_conv_ffn_layer_uses_the_kernel_only_for_channels_last_inference(ffn_op,
     assert len(calls) == 1 and grad_out.requires_grad
 
 
+# ---- ConvAttn layout kernels ---------------------------------------------------------
+def channels_last_slice(b, h, w, channels, planes, seed=0):
+    """The first ``planes`` channels of a channels-last (B, H, W, channels) image: a strided view."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(b, h, w, channels, generator=gen)[..., :planes]
+
+
+@pytest.mark.parametrize('b, h, w, planes, hf, wf', [
+    (2, 5, 7, 20, 9, 12),  # planes and widths off the 8 x 8 blocks
+    (1, 16, 24, 16, 16, 24),  # no padding
+    (1, 1, 1, 3, 4, 4),  # one pixel
+])
+def test_pad_planes_writes_the_planes_and_zeros_around_them(op, b, h, w, planes, hf, wf):
+    x = channels_last_slice(b, h, w, planes + 4, planes)
+    out = torch.full((b, planes, hf, wf), float('nan'))
+    pad_planes_op()(x, out)
+    assert torch.equal(out, F.pad(x.permute(0, 3, 1, 2), (0, wf - w, 0, hf - h)))
+
+
+@pytest.mark.parametrize('b, h, w, planes', [(2, 9, 13, 16), (1, 1, 1, 5), (1, 2, 17, 24), (1, 11, 1, 8)])
+def test_conv_attn_merge_adds_the_dynamic_3x3_and_writes_channels_last(op, b, h, w, planes):
+    gen = torch.Generator().manual_seed(h * w)
+    lk = torch.randn(b, planes, h + 3, w + 5, generator=gen)[..., :h, :w]  # strided planes, as the FFT's crop
+    x1 = torch.randn(b, planes, h + 1, w + 2, generator=gen)[..., :h, :w]
+    kernel = torch.randn(b, planes, 9, generator=gen)
+    pixels = torch.full((b, h, w, planes + 3), float('nan'))
+    conv_attn_merge_op()(lk, x1, kernel, pixels[..., :planes])
+    dw = F.conv2d(x1.double().reshape(1, b * planes, h, w), kernel.double().view(b * planes, 1, 3, 3), padding=1,
+                  groups=b * planes)
+    expected = (lk.double() + dw.view(b, planes, h, w)).permute(0, 2, 3, 1)
+    assert (pixels[..., :planes].double() - expected).abs().max().item() < 1e-5
+    assert pixels[..., planes:].isnan().all()  # the other channels untouched
+
+
+def test_conv_attn_kernels_reject_what_they_cannot_compute(op):
+    x = channels_last_slice(1, 4, 4, 8, 8)
+    with pytest.raises(RuntimeError, match='out must be a contiguous'):
+        pad_planes_op()(x, torch.empty(1, 8, 3, 4))  # smaller than the image
+    with pytest.raises(RuntimeError, match='float32 CPU tensors only'):
+        pad_planes_op()(x.double(), torch.empty(1, 8, 4, 4, dtype=torch.float64))
+    planes = torch.randn(1, 8, 4, 4)
+    with pytest.raises(RuntimeError, match=r'kernel must be a contiguous float32 \(B, P, 9\)'):
+        conv_attn_merge_op()(planes, planes, torch.randn(1, 8, 3, 3), x)
+    with pytest.raises(RuntimeError, match=r'out must be \(B, H, W, P\)'):
+        conv_attn_merge_op()(planes, planes, torch.randn(1, 8, 9), x[..., :4])
+    with pytest.raises(RuntimeError, match='same'):
+        conv_attn_merge_op()(planes, planes[..., :3], torch.randn(1, 8, 9), x)
+
+
+@pytest.mark.parametrize('size', [(20, 24), (45, 38)])  # below and above FFT_MIN_PIXELS
+def test_conv_attn_in_place_matches_its_forward(op, size, monkeypatch):
+    """PartialConvAttn at channels-last inference goes through pad_planes / conv_attn_merge (and
+    the FFT on the larger image) and gives what the plain forward gives in float64."""
+    merges = counting(monkeypatch, 'conv_attn_merge_op')
+    module = randomize_(PartialConvAttn(32, 16, ConvolutionalAttention(16)), seed=5, scale=0.3).eval()
+    lk = LargeKernel(symmetrize_filter(torch.randn(16, 16, 13, 13) * 0.05))
+    x = torch.randn(2, 32, *size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = module(x.clone(memory_format=torch.channels_last), lk, overwrite_input=True)
+        expected = module.double()(x.double(), lk.weight.double())
+    assert len(merges) == 1
+    assert lk.use_fft(x) == (size[0] * size[1] >= layers.FFT_MIN_PIXELS)
+    assert (out.double() - expected).abs().max().item() < 1e-4
+
+
 # ---- spectral channel mixing ---------------------------------------------------------
 @pytest.mark.parametrize('batch, cin, cout, positions', [(1, 16, 16, 192 * 169), (2, 3, 5, 7 * 9), (1, 4, 2, 70)])
 def test_spectral_mac_matches_written_out_sum(op, batch, cin, cout, positions):
@@ -337,9 +409,12 @@ def test_the_avx2_build_on_an_avx512_cpu(op):
         from esc_arch.kernels import kernel_isa, window_attention_op
         from esc_arch.archs.layers import ConvFFN, LargeKernel, symmetrize_filter
         from test_cpu_kernels import attend, attention_reference, image_qkv
+        import test_cpu_kernels as checks
         assert kernel_isa() == 'avx2', kernel_isa()
         op = window_attention_op()
         assert op is not None
+        checks.test_pad_planes_writes_the_planes_and_zeros_around_them(op, 2, 5, 7, 20, 9, 12)
+        checks.test_conv_attn_merge_adds_the_dynamic_3x3_and_writes_channels_last(op, 2, 9, 13, 16)
         errors = []
         for c in (8, 16, 24, 32):
             for ws, h, w in ((8, 8, 16), (16, 16, 16), (16, 21, 5)):  # 5 columns: shorter than a block

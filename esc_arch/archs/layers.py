@@ -12,7 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import conv_ffn_op, fused_attention_applies, kernel_isa, spectral_mac_op, window_attention_op
+from ..kernels import (
+    conv_attn_merge_op,
+    conv_ffn_op,
+    fused_attention_applies,
+    kernel_isa,
+    pad_planes_op,
+    spectral_mac_op,
+    window_attention_op,
+)
 
 ATTN_TYPES = ('auto', 'naive', 'sdpa', 'flex')
 
@@ -222,7 +230,12 @@ class LargeKernel:
         centred = F.pad(weight.flip(-2, -1), (0, size[1] - k, 0, size[0] - k)).roll((-(k // 2), -(k // 2)), (-2, -1))
         return torch.fft.rfft2(centred).real.contiguous()
 
-    def fft_conv(self, x: torch.Tensor) -> torch.Tensor:
+    def fft_size(self, x: torch.Tensor) -> tuple:
+        """The (height, width) ``fft_conv`` transforms x at."""
+        return _fft_plan(x, self.weight.shape[-1])[0]
+
+    def fft_conv(self, x: torch.Tensor, padded: torch.Tensor | None = None) -> torch.Tensor:
+        """``padded``: x zero-padded to ``fft_size(x)`` (x the top-left corner), if the caller has it."""
         size, crop = _fft_plan(x, self.weight.shape[-1])
         op = spectral_mac_op() if x.dtype == torch.float32 else None
         real = op is not None and self._point_symmetric()
@@ -234,7 +247,7 @@ class LargeKernel:
         while len(self._spectra) > 1 and (len(self._spectra) > self.max_spectra or sum(
                 t.numel() * t.element_size() for t in self._spectra.values()) > self.max_spectra_bytes):
             del self._spectra[next(iter(self._spectra))]
-        signal = torch.fft.rfft2(x, s=size)  # (B, in, h, w)
+        signal = torch.fft.rfft2(x, s=size) if padded is None else torch.fft.rfft2(padded)  # (B, in, h, w)
         if real:
             b, cin, h, w = signal.shape
             spectrum = signal.new_empty(b, kernel.shape[1], h, w)
@@ -342,6 +355,31 @@ class ConvolutionalAttention(nn.Module):
         dynamic = self.dwc_proj(x1).reshape(-1, 1, 3, 3)
         return lk_filter(x1) + per_sample_depthwise(x1, dynamic)
 
+    def in_place_applies(self, x: torch.Tensor) -> bool:
+        """Whether ``forward_in_place`` can run: CPU float32 inference on channels-last x, with
+        the CPU kernels."""
+        return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and not tracing() and is_channels_last(x) and conv_attn_merge_op() is not None)
+
+    def forward_in_place(self, x: torch.Tensor, lk_filter: LargeKernel | torch.Tensor) -> None:
+        """``forward`` of x's first ``pdim`` channels, written over them (x channels-last, see
+        ``in_place_applies``). The CPU kernels move the channels into the FFT's zero-padded
+        planes in one pass, and add the dynamic 3x3 while writing the result back."""
+        if isinstance(lk_filter, torch.Tensor):
+            lk_filter = LargeKernel(lk_filter)
+        b, _, h, w = x.shape
+        pixels = x.permute(0, 2, 3, 1)[..., :self.pdim]  # (B, H, W, pdim) view
+        if lk_filter.use_fft(x):
+            padded = x.new_empty(b, self.pdim, *lk_filter.fft_size(x))
+            pad_planes_op()(pixels, padded)
+            x1 = padded[..., :h, :w]
+            large = lk_filter.fft_conv(x1, padded=padded)
+        else:
+            x1 = to_channels_first(pixels)
+            large = lk_filter(x1)
+        dynamic = self.dwc_proj(x1).reshape(b, self.pdim, 9).contiguous()
+        conv_attn_merge_op()(large, x1, dynamic, pixels)
+
 
 class DecomposedConvolutionalAttention(nn.Module):
     """ESC-FP's attention: shared 1x1 ``lk_channel``, then a per-sample depthwise K x K conv
@@ -372,6 +410,10 @@ class PartialConvAttn(nn.Module):
     def forward(self, x: torch.Tensor, *filters, overwrite_input: bool = False) -> torch.Tensor:
         """``overwrite_input``: x is a temporary of the caller's, so at inference the result
         of ``plk`` is written into it instead of allocating a concatenation."""
+        in_place = overwrite_input and isinstance(self.plk, ConvolutionalAttention)
+        if in_place and self.plk.in_place_applies(x):
+            self.plk.forward_in_place(x, *filters)
+            return self.aggr(x)
         x1 = x[:, :self.pdim]
         if is_channels_last(x):  # the FFT wants planes; a chunked transpose is ~2x faster than contiguous()
             x1 = to_channels_first(x1.permute(0, 2, 3, 1))

@@ -1,6 +1,6 @@
 """Native CPU kernels for inference, compiled on first use with PyTorch's C++ extension loader.
 
-One library, three float32 kernels:
+One library of float32 kernels:
 
 - ``window_attention`` (``window_attention_cpu.cpp``): ESC's window attention with the relative
   position bias read from its (2w-1)^2 table instead of a dense (heads, w^2, w^2) tensor.
@@ -8,6 +8,8 @@ One library, three float32 kernels:
   residual -> 1x1) in one pass over rows of a channels-last image, its hidden maps kept in cache.
 - ``spectral_mac`` (``spectral_cpu.cpp``): the channel mixing of an FFT convolution whose filter
   spectrum is real (ESC's symmetrised large kernel), at half the memory of a complex spectrum.
+- ``pad_planes`` and ``conv_attn_merge`` (``conv_attn_cpu.cpp``): the ConvAttn's way from the
+  channels-last activations to the FFT's zero-padded planes, and back with the dynamic 3x3 added.
 
 The library is built for the CPU's vector ISA: AVX-512 where PyTorch itself runs AVX-512 code,
 else AVX2 + FMA (``ESC_CPU_KERNELS=avx2`` forces the AVX2 build, e.g. to compare the two). The
@@ -29,7 +31,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / 'window_attention_cpu.cpp', HERE / 'conv_ffn_cpu.cpp', HERE / 'spectral_cpu.cpp']
+SOURCES = [HERE / 'window_attention_cpu.cpp', HERE / 'conv_ffn_cpu.cpp', HERE / 'spectral_cpu.cpp',
+           HERE / 'conv_attn_cpu.cpp']
 HEADERS = [HERE / 'vec.h', HERE / 'gemm.h']
 ENV_SWITCH = 'ESC_CPU_KERNELS'
 logger = logging.getLogger(__name__)
@@ -143,6 +146,25 @@ def spectral_mac_op():
     out[b, o, p] = sum_i signal[b, i, p] * kernel[i, o, p].
     """
     return _op('spectral_mac')
+
+
+def pad_planes_op():
+    """The compiled ``torch.ops.esc_arch.pad_planes`` or None (reason: ``unavailable_reason()``).
+
+    op(x, out): x (B, H, W, P) float32 with a contiguous last dim, out a contiguous (B, P, Hf, Wf)
+    with Hf >= H, Wf >= W; writes x's planes into out's top-left corner and zeros elsewhere.
+    """
+    return _op('pad_planes')
+
+
+def conv_attn_merge_op():
+    """The compiled ``torch.ops.esc_arch.conv_attn_merge`` or None (reason: ``unavailable_reason()``).
+
+    op(lk, x1, kernel, out): lk and x1 (B, P, H, W) planes, kernel (B, P, 9) contiguous, out
+    (B, H, W, P), float32 with contiguous last dims; writes lk + (x1 convolved with each sample's
+    and plane's 3x3 kernel, zero padding) into out.
+    """
+    return _op('conv_attn_merge')
 
 
 def unavailable_reason() -> str | None:
