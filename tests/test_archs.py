@@ -481,3 +481,31 @@ def test_traceable_depthwise_matches_grouped_conv(monkeypatch):
     assert torch.allclose(layers.per_sample_depthwise(x, kernel), grouped, atol=1e-12)
     big = torch.randn(1, 1, 13, 13, dtype=torch.float64)
     assert not layers.LargeKernel(big).use_fft(torch.randn(1, 1, 64, 64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize('kernel_size, channels_last', [(1, True), (3, True), (3, False)])
+def test_conv_accumulate_adds_into_the_residual_at_inference(kernel_size, channels_last, monkeypatch):
+    """residual + conv(x): at channels-last CPU inference oneDNN writes it into residual itself
+    (where PyTorch's build has the operator); otherwise a plain add. Same values either way."""
+    import esc_arch.archs.layers as layers
+    from esc_arch.archs.layers import conv_accumulate
+    from esc_arch.kernels import onednn_conv_add_op
+    calls, fused = [], onednn_conv_add_op()
+    if fused is not None:
+        monkeypatch.setattr(layers, 'onednn_conv_add_op', lambda: lambda *a: calls.append(1) or fused(*a))
+    conv = torch.nn.Conv2d(8, 8, kernel_size, padding=kernel_size // 2)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 8, 9, 11).contiguous(memory_format=fmt)
+    residual = torch.randn(2, 8, 9, 11).contiguous(memory_format=fmt)
+    expected = residual.double() + F.conv2d(x.double(), conv.weight.double(), conv.bias.double(),
+                                            padding=kernel_size // 2)
+    with torch.no_grad():
+        kept = residual.clone()
+        out = conv_accumulate(residual, conv, x)
+    assert (out.double() - expected).abs().max().item() < 1e-5
+    assert out.data_ptr() == residual.data_ptr()  # a temporary of the caller's: overwritten
+    if fused is not None:
+        assert len(calls) == channels_last  # the fused operator only on channels-last maps
+    grad_out = conv_accumulate(kept, conv, x)  # autograd on: a new tensor, residual untouched
+    assert grad_out.requires_grad and grad_out.data_ptr() != kept.data_ptr()
+    assert (grad_out.double() - expected).abs().max().item() < 1e-5

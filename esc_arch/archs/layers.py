@@ -17,6 +17,7 @@ from ..kernels import (
     conv_ffn_op,
     fused_attention_applies,
     kernel_isa,
+    onednn_conv_add_op,
     pad_planes_op,
     spectral_mac_op,
     window_attention_op,
@@ -108,6 +109,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.T
 def accumulate(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + y, written into x when autograd is off (x must be a temporary of the caller's)."""
     return x + y if torch.is_grad_enabled() else x.add_(y)
+
+
+def conv_accumulate(residual: torch.Tensor | None, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``accumulate(residual, conv(x))`` (just ``conv(x)`` without a residual). At CPU float32
+    inference on channels-last maps oneDNN adds the convolution into ``residual`` as it computes
+    it: one pass over memory fewer (ESC's 1x1 at 180x320, 2 threads: 2.0 -> 1.55 ms).
+    ``residual``: a temporary of the caller's."""
+    if residual is None:
+        return conv(x)
+    op = onednn_conv_add_op()
+    if (op is None or torch.is_grad_enabled() or tracing() or x.device.type != 'cpu' or x.dtype != torch.float32
+            or conv.weight.dtype != torch.float32 or residual.dtype != torch.float32
+            or not (is_channels_last(x) and is_channels_last(residual)) or conv.padding_mode != 'zeros'
+            or isinstance(conv.padding, str)):
+        return accumulate(residual, conv(x))
+    return op(residual, x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+              conv.groups, 'add', 1.0, None, [], None)
 
 
 # elements per chunk of to_channels_first: a (chunk, C) -> (C, chunk) transpose that stays in
@@ -407,21 +425,23 @@ class PartialConvAttn(nn.Module):
         self.plk = plk
         self.aggr = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, x: torch.Tensor, *filters, overwrite_input: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *filters, overwrite_input: bool = False,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         """``overwrite_input``: x is a temporary of the caller's, so at inference the result
-        of ``plk`` is written into it instead of allocating a concatenation."""
+        of ``plk`` is written into it instead of allocating a concatenation. ``residual``: returns
+        residual + the output instead (see ``conv_accumulate``; a temporary of the caller's)."""
         in_place = overwrite_input and isinstance(self.plk, ConvolutionalAttention)
         if in_place and self.plk.in_place_applies(x):
             self.plk.forward_in_place(x, *filters)
-            return self.aggr(x)
+            return conv_accumulate(residual, self.aggr, x)
         x1 = x[:, :self.pdim]
         if is_channels_last(x):  # the FFT wants planes; a chunked transpose is ~2x faster than contiguous()
             x1 = to_channels_first(x1.permute(0, 2, 3, 1))
         x1 = self.plk(x1, *filters)
         if overwrite_input and not (torch.is_grad_enabled() and x.requires_grad):
             x[:, :self.pdim] = x1
-            return self.aggr(x)
-        return self.aggr(torch.cat([x1, x[:, self.pdim:]], dim=1))
+            return conv_accumulate(residual, self.aggr, x)
+        return conv_accumulate(residual, self.aggr, torch.cat([x1, x[:, self.pdim:]], dim=1))
 
 
 # --------------------------------------------------------------------------------------
@@ -564,9 +584,11 @@ class WindowAttention(nn.Module):
         self._drop_bias()
         return super()._apply(fn, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor, norm: LayerNorm2d | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: LayerNorm2d | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, dim, H, W). ``norm``: a LayerNorm2d applied to x first (per pixel, so it is
-        applied to the windows, where the channels are contiguous)."""
+        applied to the windows, where the channels are contiguous). ``residual``: returns
+        residual + the attention instead (see ``conv_accumulate``; a temporary of the caller's)."""
         b, _, h, w = x.shape
         ws, heads, c = self.window_size, self.num_heads, self.dim // self.num_heads
         backend = resolve_attn_type(self.attn_type)
@@ -578,7 +600,7 @@ class WindowAttention(nn.Module):
         self.last_backend = backend
         channels_last = is_channels_last(x)
         if backend == 'fused':
-            return self._fused(x, norm, channels_last)
+            return self._fused(x, norm, channels_last, residual)
         x = reflect_pad_to_multiple(x, ws)
         hp, wp = x.shape[-2:]
         nh, nw = hp // ws, wp // ws
@@ -599,12 +621,14 @@ class WindowAttention(nn.Module):
         out = self._project_out(out)
         out = out.view(b, nh, nw, ws, ws, self.dim).transpose(2, 3).reshape(b, hp, wp, self.dim)
         out = out.permute(0, 3, 1, 2) if channels_last else to_channels_first(out)  # the input's layout
-        return out[:, :, :h, :w]
+        out = out[:, :, :h, :w]
+        return out if residual is None else accumulate(residual, out)
 
     def _project_out(self, out: torch.Tensor) -> torch.Tensor:
         return linear(out, self.to_out.weight.view(self.dim, self.dim), self.to_out.bias)
 
-    def _fused(self, x: torch.Tensor, norm: LayerNorm2d | None, channels_last: bool) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, norm: LayerNorm2d | None, channels_last: bool,
+               residual: torch.Tensor | None) -> torch.Tensor:
         """The fused CPU kernel, in image layout: the kernel reads the padded windows' keys where
         the reflection maps them, so no padded copy, window gather or scatter is made. The 1x1
         projections run as oneDNN convolutions on channels-last maps (ESC at 180x320: 4.5 and
@@ -621,8 +645,11 @@ class WindowAttention(nn.Module):
         table = self.relative_position_bias.detach().view(heads, 2 * ws - 1, 2 * ws - 1)
         rows, cols = (padded_positions(n, ws) for n in (h, w))
         window_attention_op()(q, k, v, table, rows, cols, ws, c**-0.5, out)
-        out = F.conv2d(out.view(b, h, w, self.dim).permute(0, 3, 1, 2), self.to_out.weight, self.to_out.bias)
-        return out if channels_last else out.contiguous()
+        out = out.view(b, h, w, self.dim).permute(0, 3, 1, 2)
+        if not channels_last:
+            out = self.to_out(out).contiguous()
+            return out if residual is None else accumulate(residual, out)
+        return conv_accumulate(residual, self.to_out, out)
 
     def _attend_inside(self, q, k, v, backend, b, h, w):
         """Attention for the queries inside the unpadded H x W only (keys: whole windows).
@@ -696,9 +723,9 @@ class ESCBlock(nn.Module):
     def forward(self, x: torch.Tensor, *filters: torch.Tensor) -> torch.Tensor:
         skip = x
         x = self.proj(self.ln_proj(x))
-        x = accumulate(x, self.attn(x, norm=self.ln_attn))
+        x = self.attn(x, norm=self.ln_attn, residual=x)
         for ln, pconv, convffn in zip(self.lns, self.pconvs, self.convffns):
-            x = accumulate(x, pconv(convffn(ln(x)), *filters, overwrite_input=True))
+            x = pconv(convffn(ln(x)), *filters, overwrite_input=True, residual=x)
         return accumulate(self.conv_out(self.ln_out(x)), skip)
 
 

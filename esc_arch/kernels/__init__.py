@@ -106,7 +106,7 @@ def _op(name: str):
 
 @contextlib.contextmanager
 def disabled():
-    """Within this block the accessors return None, so the layers run PyTorch's operators (e.g.
+    """Within this block the accessors return None, so the layers run PyTorch's aten operators (e.g.
     to count FLOPs, which PyTorch's counter cannot see inside a custom kernel)."""
     before = _state.get('disabled', False)
     _state['disabled'] = True
@@ -165,6 +165,21 @@ def conv_attn_merge_op():
     and plane's 3x3 kernel, zero padding) into out.
     """
     return _op('conv_attn_merge')
+
+
+def onednn_conv_add_op():
+    """oneDNN's convolution that adds its result into a given tensor in place (an operator of
+    PyTorch's CPU build with mkldnn, the one Inductor fuses conv + add with), or None where
+    that is missing or while ``disabled()``.
+
+    op(residual, x, weight, bias, padding, stride, dilation, groups, 'add', 1.0, None, [], None)
+    """
+    if _state.get('disabled'):
+        return None
+    try:
+        return torch.ops.mkldnn._convolution_pointwise_.binary if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def unavailable_reason() -> str | None:
