@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import load_fixture, randomize_, tiny_config
 
 import esc_arch.archs.layers as layers
-from esc_arch import ESC, ESCFP
+from esc_arch import ESC, ESCFP, WindowAttention
 from esc_arch.archs.layers import (
     ConvFFN,
     ConvolutionalAttention,
@@ -176,6 +176,26 @@ def test_model_inference_uses_the_kernel_and_matches_sdpa(op, arch, monkeypatch)
     assert (fused - expected).abs().max().item() < 1e-5
     reference64 = model.double()(x.double()).detach()  # autograd on: SDPA in float64
     assert (fused.double() - reference64).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_window_attention_layer_fused_in_either_layout_with_a_residual(op, channels_last, monkeypatch):
+    """The layer's fused path (image layout, projections as convolutions, residual added inside
+    oneDNN where it can) against its SDPA path in float64, NCHW or channels-last input."""
+    calls = counting(monkeypatch)
+    layer = randomize_(WindowAttention(32, 8, 2), seed=6, scale=0.3).eval()
+    norm = randomize_(layers.LayerNorm2d(32), seed=7, scale=0.3)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 32, 19, 13).contiguous(memory_format=fmt)
+    residual = torch.randn(2, 32, 19, 13).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        out = layer(x, norm=norm, residual=residual.clone(memory_format=fmt))
+        assert layer.last_backend == 'fused' and len(calls) == 1
+        layer.double(), norm.double()
+        expected = layer(x.double(), norm=norm) + residual.double()
+    assert layer.last_backend == 'sdpa'  # float64: the plain path
+    assert out.is_contiguous(memory_format=fmt)
+    assert (out.double() - expected).abs().max().item() < 1e-5
 
 
 def test_training_never_uses_the_kernel(op, monkeypatch):
