@@ -261,6 +261,25 @@ def test_conv_ffn_kernel_matches_written_out_ffn(ffn_op, dim, exp_ratio, size, x
     assert (out.permute(0, 3, 1, 2).double() - expected).abs().max().item() < 2e-6 * scale
 
 
+def test_conv_ffn_kernel_gelu_to_float32_accuracy(ffn_op):
+    """The kernel's GELU alone (identity 1x1s, zero depthwise: out = GELU(0) + GELU(x)) over
+    [-9, 9] and beyond: within 3e-7 max(1, |x|) of the float64 GELU (PyTorch's float32 GELU is
+    within 1.1e-6 here), 0 / x far out, a NaN kept (and spread to the pixel and its neighbours by
+    the 1x1s and the depthwise conv, as in PyTorch)."""
+    dim = 16
+    x = torch.cat([torch.linspace(-9, 9, 4000 * dim), torch.tensor([-1e30, -50.0, 50.0, 1e30] * 4)]).view(1, 1, -1, dim)
+    eye, zeros = torch.eye(dim), torch.zeros(dim)
+    out = torch.empty_like(x)
+    ffn_op(x, eye, zeros, torch.zeros(dim, 9), zeros, eye, zeros, out)
+    expected = F.gelu(x.double())
+    assert ((out.double() - expected).abs() / x.double().abs().clamp(min=1)).max().item() < 3e-7
+    assert (out.double() - expected).abs()[x < -5].max().item() < 1e-6  # 1 + erf: float32 cancellation
+    assert torch.equal(out[x.abs() >= 50], F.relu(x[x.abs() >= 50]))
+    x[0, 0, 0, 0] = float('nan')
+    ffn_op(x, eye, zeros, torch.zeros(dim, 9), zeros, eye, zeros, out)
+    assert out[0, 0, 0].isnan().all()  # the pixel's 1x1 mixes every channel
+
+
 def test_conv_ffn_kernel_rejects_what_it_cannot_compute(ffn_op):
     module = ConvFFN(12, 3, 2)  # 12 output channels: not a multiple of 8
     x = torch.randn(1, 3, 4, 12)

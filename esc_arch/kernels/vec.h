@@ -24,6 +24,9 @@ struct F8 {
   static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
   static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
   static T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static T min(T a, T b) { return _mm256_min_ps(a, b); }
+  // v where x >= t (or x is NaN), else 0
+  static T zero_below(T x, float t, T v) { return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(t), _CMP_NLT_UQ), v); }
   static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
   static T round(T x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -47,9 +50,7 @@ struct F8 {
   // (a0, a0, a1, a1, ..) from the first / second half of v: one real per (re, im) pair
   static T pairs_low(T v) { return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)); }
   static T pairs_high(T v) { return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)); }
-  static T abs(T x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
   static T reciprocal(T x) { return _mm256_div_ps(_mm256_set1_ps(1.0f), x); }
-  static T where_negative(T x, T if_negative, T otherwise) { return _mm256_blendv_ps(otherwise, if_negative, x); }
   // the bias of n consecutive keys: one run of 8 starting at row[run[0]]
   static T bias(const float* row, const int64_t* run) { return _mm256_loadu_ps(row + run[0]); }
 };
@@ -69,6 +70,11 @@ struct F16 {
   static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
   static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
   static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static T min(T a, T b) { return _mm512_min_ps(a, b); }
+  // v where x >= t (or x is NaN), else 0
+  static T zero_below(T x, float t, T v) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(t), _CMP_NLT_UQ), v);
+  }
   static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
   static T round(T x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -82,13 +88,9 @@ struct F16 {
   static T pairs_high(T v) {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15), v);
   }
-  static T abs(T x) { return _mm512_abs_ps(x); }
   static T reciprocal(T x) {  // 14-bit estimate and one Newton step (~2^-27 relative), 2x faster than a divide
     const __m512 r = _mm512_rcp14_ps(x);
     return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.0f)), r);
-  }
-  static T where_negative(T x, T if_negative, T otherwise) {
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), otherwise, if_negative);
   }
   // two runs of 8 keys; within one key row (w % 16 == 0) they are adjacent in the table
   static T bias(const float* row, const int64_t* run) {
@@ -102,17 +104,17 @@ using Wide = F16;
 using Wide = F8;
 #endif
 
-// 2^t for t <= 0, the caller computing t = x log2(e) (fused with its shift: one FMA): 2^n 2^f,
-// n = round(t), 2^f by a degree-5 minimax polynomial on |f| <= 1/2 (<= 2.4e-7 relative in float32,
-// the degree-6 Taylor polynomial's ~1e-7 cost one more FMA: 3-4% of the attention kernel). t
-// itself carries the rounding of the product, ~|t| 6e-8 relative to the result: ~1e-7 where
-// softmax weights matter (t near 0), more where they are negligible (2^-20 and below at |t| > 20).
-// t below -126 gives 2^-126 ~ 1.2e-38 (n stays in the exponent range, f in [-1/2, 1/2], -inf
-// included); a NaN stays NaN. kFinite: the caller guarantees a finite t; where times_pow2 takes
-// any n (AVX-512's scalef gives 0 below the range) the clamp is then skipped.
-template <class F, bool kFinite = false>
+// 2^t for finite t <= 0 (the softmax's exponents), the caller computing t = x log2(e) (fused
+// with its shift: one FMA): 2^n 2^f, n = round(t), 2^f by a degree-5 minimax polynomial on
+// |f| <= 1/2 (<= 2.4e-7 relative in float32; the degree-6 Taylor polynomial's ~1e-7 cost one more
+// FMA: 3-4% of the attention kernel). t itself carries the rounding of the product, ~|t| 6e-8
+// relative to the result: ~1e-7 where softmax weights matter (t near 0), more where they are
+// negligible (2^-20 and below at |t| > 20). Far below the float range the result is 0 (AVX-512's
+// scalef takes any n) or 2^-126 ~ 1.2e-38 (AVX2 builds 2^n in the exponent bits, so t is clamped
+// at -126 first); a NaN stays NaN.
+template <class F>
 inline typename F::T exp2_nonpositive(typename F::T t) {
-  if (!(kFinite && F::any_exponent)) t = F::max(F::set1(-126.0f), t);  // max(a, b) is b if either is NaN
+  if (!F::any_exponent) t = F::max(F::set1(-126.0f), t);  // max(a, b) is b if either is NaN
   const auto n = F::round(t);
   const auto f = F::sub(t, n);
   auto p = F::set1(1.3276471736871657e-3f);  // minimax (Lawson) fit of the relative error
@@ -124,21 +126,31 @@ inline typename F::T exp2_nonpositive(typename F::T t) {
   return F::times_pow2(p, n);
 }
 
-// Exact (erf) GELU, 0.5 x (1 + erf(x / sqrt 2)), with erfc(z) ~ q(t) exp(-z^2), t = 1 / (1 + p z)
-// for z = |x| / sqrt 2 >= 0 (Abramowitz & Stegun 7.1.26, absolute error <= 1.5e-7):
-// 1 + erf(x / sqrt 2) is q for x < 0 (no cancellation) and 2 - q otherwise.
+// Exact (erf) GELU, x / 2 (1 + erf(x / sqrt 2)), with erf(z) = z P(z^2) / Q(z^2) for |z| <= 3.925
+// (a rational minimax fit, degrees 6 and 4 in z^2, absolute error 5e-8 in exact arithmetic; beyond
+// 3.925 erf is +-1 in float32, so z is clamped there, and below x = -5.55 (GELU > -8e-8) the result
+// is 0: 1 + erf would otherwise keep float32's last bit of erf, ~6e-8 |x|). In float32 within
+// 2.2e-7 max(1, |x|) of the float64 GELU (Abramowitz & Stegun 7.1.26 with exp(-z^2), the previous
+// form: 1.7e-7; this one is 23 vector operations instead of 28). A NaN stays NaN.
 template <class F>
 inline typename F::T gelu(typename F::T x) {
-  const auto z = F::mul(F::abs(x), F::set1(0.70710678118654752f));
-  const auto t = F::reciprocal(F::fmadd(F::set1(0.3275911f), z, F::set1(1.0f)));
-  auto q = F::set1(1.061405429f);
-  q = F::fmadd(q, t, F::set1(-1.453152027f));
-  q = F::fmadd(q, t, F::set1(1.421413741f));
-  q = F::fmadd(q, t, F::set1(-0.284496736f));
-  q = F::fmadd(q, t, F::set1(0.254829592f));
-  q = F::mul(F::mul(q, t), exp2_nonpositive<F>(F::mul(z, F::mul(z, F::set1(-1.44269504088896341f)))));  // exp(-z^2)
-  const auto one_plus_erf = F::where_negative(x, q, F::sub(F::set1(2.0f), q));
-  return F::mul(F::mul(F::set1(0.5f), x), one_plus_erf);
+  const auto z = F::min(F::max(F::mul(x, F::set1(0.70710678118654752f)), F::set1(-3.925f)), F::set1(3.925f));
+  const auto w = F::mul(z, z);
+  auto p = F::set1(1.984935735789547e-08f);
+  p = F::fmadd(p, w, F::set1(-1.994187382038226e-06f));
+  p = F::fmadd(p, w, F::set1(0.0001497056028970281f));
+  p = F::fmadd(p, w, F::set1(0.004007483303201904f));
+  p = F::fmadd(p, w, F::set1(0.05150973516756912f));
+  p = F::fmadd(p, w, F::set1(0.2069487256017648f));
+  p = F::fmadd(p, w, F::set1(1.1283787965223582f));
+  auto q = F::set1(0.001032135924196817f);
+  q = F::fmadd(q, w, F::set1(0.014960954703930659f));
+  q = F::fmadd(q, w, F::set1(0.1179108125353598f));
+  q = F::fmadd(q, w, F::set1(0.5167323764514825f));
+  q = F::fmadd(q, w, F::set1(1.0f));
+  const auto erf = F::mul(F::mul(z, p), F::reciprocal(q));
+  const auto half = F::mul(F::set1(0.5f), x);
+  return F::zero_below(x, -5.55f, F::fmadd(half, erf, half));
 }
 
 }  // namespace esc_arch_vec
