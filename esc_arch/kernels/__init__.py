@@ -10,6 +10,7 @@ One library of float32 kernels:
   spectrum is real (ESC's symmetrised large kernel), at half the memory of a complex spectrum.
 - ``pad_planes`` and ``conv_attn_merge`` (``conv_attn_cpu.cpp``): the ConvAttn's way from the
   channels-last activations to the FFT's zero-padded planes, and back with the dynamic 3x3 added.
+- ``layer_norm`` (``layer_norm_cpu.cpp``): LayerNorm over the channels of a channels-last map.
 
 The library is built for the CPU's vector ISA: AVX-512 where PyTorch itself runs AVX-512 code,
 else AVX2 + FMA (``ESC_CPU_KERNELS=avx2`` forces the AVX2 build, e.g. to compare the two). The
@@ -32,7 +33,7 @@ import torch
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / 'window_attention_cpu.cpp', HERE / 'conv_ffn_cpu.cpp', HERE / 'spectral_cpu.cpp',
-           HERE / 'conv_attn_cpu.cpp']
+           HERE / 'conv_attn_cpu.cpp', HERE / 'layer_norm_cpu.cpp']
 HEADERS = [HERE / 'vec.h', HERE / 'gemm.h']
 ENV_SWITCH = 'ESC_CPU_KERNELS'
 logger = logging.getLogger(__name__)
@@ -165,6 +166,15 @@ def conv_attn_merge_op():
     and plane's 3x3 kernel, zero padding) into out.
     """
     return _op('conv_attn_merge')
+
+
+def layer_norm_op():
+    """The compiled ``torch.ops.esc_arch.layer_norm`` or None (reason: ``unavailable_reason()``).
+
+    op(x, weight, bias, eps, out): x and out contiguous float32 of one shape, weight and bias of
+    its last dim's size; writes F.layer_norm(x, (C,), weight, bias, eps) into out.
+    """
+    return _op('layer_norm')
 
 
 def onednn_conv_add_op():
