@@ -148,7 +148,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   // strides (elements) of (batch, row, column, head), read once: Tensor::stride() is a call
   const int64_t qb = q.stride(0), qr = q.stride(1), qc = q.stride(2), qh = q.stride(3);
   const int64_t kb = k.stride(0), kr = k.stride(1), kc = k.stride(2), kh = k.stride(3);
-  const int64_t vb_ = v.stride(0), vr = v.stride(1), vc = v.stride(2), vh = v.stride(3);
+  const int64_t vb = v.stride(0), vr = v.stride(1), vc = v.stride(2), vh = v.stride(3);
   const int64_t ob = out.stride(0), orr = out.stride(1), oc = out.stride(2), oh = out.stride(3);
   auto work = [&](int64_t begin, int64_t end) {
     // vector-aligned scratch: key panels (nk x C), packed V (nk x C), scores, scaled q
@@ -162,7 +162,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
       const int64_t h = pair % heads, wc = pair / heads % nw, wr = pair / heads / nw % nh, b = pair / heads / nw / nh;
       // keys: every pixel of the padded window, read where the padding maps it in the image
       const float* kg = kd + b * kb + h * kh;
-      const float* vg = vp + b * vb_ + h * vh;
+      const float* vg = vp + b * vb + h * vh;
       for (int64_t i = 0, j = 0; i < w; ++i) {
         const float* krow = kg + rows[wr * w + i] * kr;
         const float* vrow = vg + rows[wr * w + i] * vr;
