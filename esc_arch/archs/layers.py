@@ -625,14 +625,11 @@ class WindowAttention(nn.Module):
             out = out.transpose(1, 2).reshape(b * nh * nw, ws * ws, self.dim)
         else:
             out = self._attend_inside(q, k, v, backend, b, h, w).view(b * nh * nw, ws * ws, self.dim)
-        out = self._project_out(out)
+        out = linear(out, self.to_out.weight.view(self.dim, self.dim), self.to_out.bias)
         out = out.view(b, nh, nw, ws, ws, self.dim).transpose(2, 3).reshape(b, hp, wp, self.dim)
         out = out.permute(0, 3, 1, 2) if channels_last else to_channels_first(out)  # the input's layout
         out = out[:, :, :h, :w]
         return out if residual is None else accumulate(residual, out)
-
-    def _project_out(self, out: torch.Tensor) -> torch.Tensor:
-        return linear(out, self.to_out.weight.view(self.dim, self.dim), self.to_out.bias)
 
     def _fused(self, x: torch.Tensor, norm: LayerNorm2d | None, channels_last: bool,
                residual: torch.Tensor | None) -> torch.Tensor:
