@@ -7,8 +7,9 @@
 //                                x1[b, c, y + i - 1, x + j - 1] (a per-sample depthwise 3x3, zero
 //                                outside), written back into the channels-last activations.
 // Replaces a chunked transpose, a zero fill, a padded copy, the depthwise convolution, an add
-// and a strided write per ConvAttn. Rows of the image are split across threads; within a row
-// the planes are read contiguously and transposed through a small row buffer.
+// and a strided write per ConvAttn. Rows of the image are split across threads; within a row the
+// channels-last pixels and the planes meet in 8 x 8 register transposes (AVX, both builds), the
+// merge's 3x3 running along a plane-major row buffer.
 #include <immintrin.h>
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
@@ -54,7 +55,8 @@ inline void transpose(const float* src, int64_t src_stride, float* dst, int64_t 
                       int64_t planes) {
   const int64_t n8 = n / 8 * 8, p8 = planes / 8 * 8;
   for (int64_t i = 0; i < n8; i += 8)
-    for (int64_t c = 0; c < p8; c += 8) transpose8x8(src + i * src_stride + c, src_stride, dst + c * dst_stride + i, dst_stride);
+    for (int64_t c = 0; c < p8; c += 8)
+      transpose8x8(src + i * src_stride + c, src_stride, dst + c * dst_stride + i, dst_stride);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t c = (i < n8 ? p8 : 0); c < planes; ++c) dst[c * dst_stride + i] = src[i * src_stride + c];
 }
