@@ -71,6 +71,12 @@ def tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
+def cpu_float32_inference(x: torch.Tensor) -> bool:
+    """x is a float32 CPU tensor and autograd and export are off: where the CPU kernels
+    (esc_arch/kernels) may take over from PyTorch's operators."""
+    return x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled() and not tracing()
+
+
 def inference_layout(x: torch.Tensor) -> torch.Tensor:
     """Inference on the CPU runs channels-last (NHWC): there oneDNN's 1x1, depthwise and 3x3
     convolutions are 20-45% faster than on NCHW, and LayerNorm and window attention read
@@ -120,10 +126,9 @@ def conv_accumulate(residual: torch.Tensor | None, conv: nn.Conv2d, x: torch.Ten
     if residual is None:
         return conv(x)
     op = onednn_conv_add_op()
-    if (op is None or torch.is_grad_enabled() or tracing() or x.device.type != 'cpu' or x.dtype != torch.float32
-            or conv.weight.dtype != torch.float32 or residual.dtype != torch.float32
-            or not (is_channels_last(x) and is_channels_last(residual)) or conv.padding_mode != 'zeros'
-            or isinstance(conv.padding, str)):
+    if (op is None or not cpu_float32_inference(x) or conv.weight.dtype != torch.float32
+            or residual.dtype != torch.float32 or not (is_channels_last(x) and is_channels_last(residual))
+            or conv.padding_mode != 'zeros' or isinstance(conv.padding, str)):
         return accumulate(residual, conv(x))
     return op(residual, x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
               conv.groups, 'add', 1.0, None, [], None)
@@ -308,10 +313,11 @@ class LayerNorm2d(nn.Module):
     def normalize_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """The same normalisation on a (..., C) tensor (at CPU float32 inference on a contiguous
         one through the CPU kernel: ESC's 180x320 map 1.34 -> 0.61 ms)."""
-        if (x.device.type == 'cpu' and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and not torch.is_grad_enabled() and not tracing() and x.is_contiguous() and layer_norm_op()):
+        fast = cpu_float32_inference(x) and self.weight.dtype == torch.float32 and x.is_contiguous()
+        op = layer_norm_op() if fast else None
+        if op is not None:
             out = torch.empty_like(x)
-            layer_norm_op()(x, self.weight, self.bias, self.eps, out)
+            op(x, self.weight, self.bias, self.eps, out)
             return out
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
@@ -322,9 +328,9 @@ class ConvFFN(nn.Module):
     CPU float32 inference on a channels-last input (see ``inference_layout``) with k = 3 runs the
     fused kernel (esc_arch/kernels, ``conv_ffn``; the same values, its hidden maps in cache) where
     the kernels are the AVX-512 build. ESC's ConvFFN at 180x320, 2 threads, Xeon with AVX-512,
-    PyTorch's allocator tuned: PyTorch 8.2-8.6 ms, AVX-512 kernel 6.9-7.2 ms, AVX2 build 13.3 ms
-    (PyTorch's oneDNN uses AVX-512 there; the AVX2 build is not measured against PyTorch on an
-    AVX2-only CPU, so it is not used).
+    PyTorch's allocator tuned: PyTorch 8.0-8.7 ms, AVX-512 kernel 5.85-6.07 ms; the AVX2 build
+    took 13.3 ms there (with the earlier, exp-based GELU; PyTorch's oneDNN uses AVX-512) and is not
+    measured against PyTorch on an AVX2-only CPU, so it is not used.
     """
 
     def __init__(self, dim: int, kernel_size: int, exp_ratio: float):
@@ -341,8 +347,7 @@ class ConvFFN(nn.Module):
         return self.aggr(accumulate(gelu(self.dwc(x), inplace=True), x))
 
     def _fused_applies(self, x: torch.Tensor) -> bool:
-        return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
-                and not tracing() and is_channels_last(x) and self.dwc.kernel_size == (3, 3)
+        return (cpu_float32_inference(x) and is_channels_last(x) and self.dwc.kernel_size == (3, 3)
                 and self.aggr.out_channels % 8 == 0 and self.proj.weight.dtype == torch.float32
                 and conv_ffn_op() is not None and kernel_isa() == 'avx512')
 
@@ -383,8 +388,7 @@ class ConvolutionalAttention(nn.Module):
     def in_place_applies(self, x: torch.Tensor) -> bool:
         """Whether ``forward_in_place`` can run: CPU float32 inference on channels-last x, with
         the CPU kernels."""
-        return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
-                and not tracing() and is_channels_last(x) and conv_attn_merge_op() is not None)
+        return cpu_float32_inference(x) and is_channels_last(x) and conv_attn_merge_op() is not None
 
     def forward_in_place(self, x: torch.Tensor, lk_filter: LargeKernel | torch.Tensor) -> None:
         """``forward`` of x's first ``pdim`` channels, written over them (x channels-last, see
@@ -601,8 +605,8 @@ class WindowAttention(nn.Module):
         backend = resolve_attn_type(self.attn_type)
         if backend == 'flex' and x.device.type != 'cuda' and torch.is_grad_enabled() and x.requires_grad:
             backend = 'sdpa'  # flex_attention has no backward on the CPU; SDPA computes the same
-        if (backend == 'sdpa' and self.attn_type.lower() == 'auto' and not tracing()
-                and fused_attention_applies(x, c, ws)):
+        if (backend == 'sdpa' and self.attn_type.lower() == 'auto' and cpu_float32_inference(x)
+                and fused_attention_applies(c, ws)):
             backend = 'fused'  # the CPU inference kernel (esc_arch/kernels): same values, no dense bias
         self.last_backend = backend
         channels_last = is_channels_last(x)

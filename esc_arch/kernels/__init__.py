@@ -197,8 +197,8 @@ def unavailable_reason() -> str | None:
     return _state['why']
 
 
-def fused_attention_applies(x: torch.Tensor, head_dim: int, window_size: int) -> bool:
-    """Whether the fused kernel can compute the window attention of ``x``: CPU float32 without
-    autograd, head dim 8/16/24/32, window size a multiple of 8, and the kernel available."""
-    return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and head_dim in (8, 16, 24, 32) and window_size % 8 == 0 and window_attention_op() is not None)
+def fused_attention_applies(head_dim: int, window_size: int) -> bool:
+    """Whether the fused kernel can compute a window attention of this shape (head dim
+    8/16/24/32, window size a multiple of 8) and is available; the caller checks that it is
+    CPU float32 inference."""
+    return head_dim in (8, 16, 24, 32) and window_size % 8 == 0 and window_attention_op() is not None
