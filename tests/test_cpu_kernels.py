@@ -220,7 +220,7 @@ def test_authors_fixtures_in_float32_through_the_kernels(op, fixture, monkeypatc
     with torch.no_grad():
         out = model(data['input'].float())
     assert calls
-    assert bool(ffn_calls) == (kernel_isa() == 'avx512')  # the ConvFFN kernel runs in the AVX-512 build
+    assert ffn_calls  # the ConvFFN kernel, in either build
     assert bool(merges) == (data['type'] == 'ESC')  # ESC-FP's attention has no dynamic 3x3 of its own
     assert (out.double() - data['output_float64']).abs().max().item() < 1e-4
 
@@ -300,7 +300,6 @@ def test_conv_ffn_kernel_rejects_what_it_cannot_compute(ffn_op):
 
 
 def test_conv_ffn_layer_uses_the_kernel_only_for_channels_last_inference(ffn_op, monkeypatch):
-    monkeypatch.setattr(layers, 'kernel_isa', lambda: 'avx512')  # the layer's choice on any build
     calls = counting(monkeypatch, 'conv_ffn_op')
     torch.manual_seed(3)
     module = ConvFFN(32, 3, 1.25)
@@ -313,10 +312,6 @@ def test_conv_ffn_layer_uses_the_kernel_only_for_channels_last_inference(ffn_op,
         assert not calls
         fused = module(x.contiguous(memory_format=torch.channels_last))
         assert len(calls) == 1
-        monkeypatch.setattr(layers, 'kernel_isa', lambda: 'avx2')  # not measured faster than PyTorch there
-        module(x.contiguous(memory_format=torch.channels_last))
-        assert len(calls) == 1
-    monkeypatch.setattr(layers, 'kernel_isa', lambda: 'avx512')
     assert fused.is_contiguous(memory_format=torch.channels_last) and fused.shape == planar.shape
     assert (fused.double() - expected).abs().max().item() < 1e-4
     assert (fused - planar).abs().max().item() < 1e-5
@@ -495,7 +490,8 @@ def test_the_avx2_build_on_an_avx512_cpu(op):
         checks.test_layer_norm_kernel_matches_pytorch(op, (3, 33))
         errors = []
         for c in (8, 16, 24, 32):
-            for ws, h, w in ((8, 8, 16), (16, 16, 16), (16, 21, 5)):  # 5 columns: shorter than a block
+            # rows of 8, 16, 24 queries (blocks of 6 and 4), of 5 and 7 (overlapping blocks), of 2 (single)
+            for ws, h, w in ((8, 8, 16), (16, 16, 16), (16, 21, 5), (16, 9, 18), (24, 7, 31)):
                 q, k, v = image_qkv(2, h, w, 2, c, seed=c + ws)
                 table = torch.randn(2, 2 * ws - 1, 2 * ws - 1, generator=torch.Generator().manual_seed(c))
                 out = attend(op, q, k, v, table, ws)

@@ -16,7 +16,6 @@ from ..kernels import (
     conv_attn_merge_op,
     conv_ffn_op,
     fused_attention_applies,
-    kernel_isa,
     layer_norm_op,
     onednn_conv_add_op,
     pad_planes_op,
@@ -326,11 +325,11 @@ class ConvFFN(nn.Module):
     """1x1 expand -> GELU -> depthwise kxk -> GELU (+ its input) -> 1x1 project.
 
     CPU float32 inference on a channels-last input (see ``inference_layout``) with k = 3 runs the
-    fused kernel (esc_arch/kernels, ``conv_ffn``; the same values, its hidden maps in cache) where
-    the kernels are the AVX-512 build. ESC's ConvFFN at 180x320, 2 threads, Xeon with AVX-512,
-    PyTorch's allocator tuned: PyTorch 8.0-8.7 ms, AVX-512 kernel 5.85-6.07 ms; the AVX2 build
-    took 13.3 ms there (with the earlier, exp-based GELU; PyTorch's oneDNN uses AVX-512) and is not
-    measured against PyTorch on an AVX2-only CPU, so it is not used.
+    fused kernel (esc_arch/kernels, ``conv_ffn``; the same values, its hidden maps in cache). ESC's
+    ConvFFN at 180x320, 2 threads, Xeon with AVX-512, PyTorch's allocator tuned: PyTorch 8.0-8.7 ms,
+    AVX-512 kernel 5.85-6.07 ms. With PyTorch and oneDNN held to AVX2 (``ATEN_CPU_CAPABILITY=avx2
+    ONEDNN_MAX_CPU_ISA=AVX2``, as on an AVX2-only CPU) and the AVX2 build: PyTorch 14.1 ms, kernel
+    10.4 ms (hidden 80); 22.3-23.4 vs 16.9-17.2 ms (the blocks' ``proj``, hidden 128).
     """
 
     def __init__(self, dim: int, kernel_size: int, exp_ratio: float):
@@ -349,7 +348,7 @@ class ConvFFN(nn.Module):
     def _fused_applies(self, x: torch.Tensor) -> bool:
         return (cpu_float32_inference(x) and is_channels_last(x) and self.dwc.kernel_size == (3, 3)
                 and self.aggr.out_channels % 8 == 0 and self.proj.weight.dtype == torch.float32
-                and conv_ffn_op() is not None and kernel_isa() == 'avx512')
+                and conv_ffn_op() is not None)
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape

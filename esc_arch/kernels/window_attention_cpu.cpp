@@ -35,12 +35,15 @@ namespace {
 using namespace esc_arch_vec;
 
 // scores and softmax in Wide vectors; V rows too where the head dim is a multiple of their width
+// Query rows per block, and per block of a row's last queries where a row is not a whole number
+// of blocks (e.g. AVX2's 32 = 4 x 6 + 2 x 4).
 #if defined(__AVX512F__)
-constexpr int kRows = 8;  // query rows per block: 8 x 2 score accumulators + 8 maxima fit 32 registers
+constexpr int kRows = 8, kTailRows = 8;  // 8 x 2 score accumulators + 8 maxima fit 32 registers
 #else
-// query rows per block: 4 x 2 score accumulators, 4 maxima and 2 key vectors fit the 16 ymm
-// registers (5 or 6 rows measured the same; 8 spill and were ~20% slower)
-constexpr int kRows = 4;
+// 6 x 2 score accumulators + 2 key vectors + a broadcast fit the 16 ymm registers, the 6 maxima
+// spill (updated once per 16 keys): AVX2 build on the Xeon 145 ms with 4 rows, 137 ms with 6
+// (5: 141, 7: 156, 8: 157 ms); the maxima in a pass of their own instead: 146 ms
+constexpr int kRows = 6, kTailRows = 4;
 #endif
 
 // R query rows q (pre-scaled, R x C floats) against the w * w keys: scores plus bias into s
@@ -131,6 +134,14 @@ inline void row_block(const float* q, int64_t qs, float scale, const float* kp, 
   gemm_tile<FV, R, C / FV::n>(s, ss, v, C, w * w, nullptr, out, os, inv);
 }
 
+// The most blocks of kRows queries that leave a multiple of kTailRows of a row's n queries, or -1
+// where no number does
+inline int64_t full_blocks(int64_t n) {
+  for (int64_t full = n / kRows; full >= 0; --full)
+    if ((n - full * kRows) % kTailRows == 0) return full;
+  return -1;
+}
+
 template <int C>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
          const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, int64_t w, double scale, at::Tensor& out) {
@@ -192,12 +203,17 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
           for (int r = 0; r < R; ++r) bias[r] = bias_row - (j0 + r);
           row_block<R, C>(qi + j0 * qc, qc, sc, kpan, vbuf, w, bias, oi + j0 * oc, oc, qbuf, s, ss);
         };
-        if (q_cols < kRows) {
+        const int64_t full = full_blocks(q_cols);
+        if (full >= 0) {  // full blocks of kRows, then of kTailRows
+          int64_t j = 0;
+          for (int64_t n = 0; n < full; ++n, j += kRows) block(j, std::integral_constant<int, kRows>());
+          for (; j < q_cols; j += kTailRows) block(j, std::integral_constant<int, kTailRows>());
+        } else if (q_cols >= kTailRows) {  // a last partial block overlaps the one before it
+          for (int64_t j = 0; j < q_cols; j += kTailRows)
+            block(std::min(j, q_cols - kTailRows), std::integral_constant<int, kTailRows>());
+        } else {
           for (int64_t j = 0; j < q_cols; ++j) block(j, std::integral_constant<int, 1>());
-          continue;
         }
-        for (int64_t j = 0; j < q_cols; j += kRows)  // a last partial block overlaps the one before it
-          block(std::min(j, q_cols - kRows), std::integral_constant<int, kRows>());
       }
     }
   };
