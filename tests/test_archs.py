@@ -320,6 +320,19 @@ def test_fft_large_kernel_matches_direct():
     assert not LargeKernel(weight.float()).use_fft(x)  # training keeps the direct convolution
 
 
+def test_factored_spectrum_equals_the_fft_of_the_centred_filter():
+    from esc_arch.archs.layers import _factored_spectrum
+    torch.manual_seed(2)
+    for k, size in ((13, (40, 36)), (7, (21, 25)), (3, (8, 9))):
+        weight = symmetrize_filter(torch.randn(3, 4, k, k, dtype=torch.float64))
+        rows, cols = _factored_spectrum(weight, size)
+        assert rows.shape == (size[0], 3, 4, k // 2 + 1) and cols.shape == (k // 2 + 1, size[1] // 2 + 1)
+        centred = F.pad(weight, (0, size[1] - k, 0, size[0] - k)).roll((-(k // 2), -(k // 2)), (-2, -1))
+        expected = torch.fft.rfft2(centred)
+        assert expected.imag.abs().max().item() < 1e-12  # real, as the factors assume
+        assert (torch.einsum('uiot,tv->iouv', rows, cols) - expected.real).abs().max().item() < 1e-12
+
+
 def test_large_kernel_spectra_are_kept_least_recently_used_first():
     from esc_arch.archs.layers import LargeKernel
     lk = LargeKernel(torch.randn(2, 2, 7, 7, dtype=torch.float64))

@@ -34,7 +34,7 @@ from esc_arch.kernels import (
     kernel_isa,
     layer_norm_op,
     pad_planes_op,
-    spectral_mac_op,
+    spectral_mix_op,
     unavailable_reason,
     window_attention_op,
 )
@@ -422,31 +422,43 @@ def test_layer_norm_layer_uses_the_kernel_at_channels_last_inference(op, monkeyp
 
 
 # ---- spectral channel mixing ---------------------------------------------------------
-@pytest.mark.parametrize('batch, cin, cout, positions', [(1, 16, 16, 192 * 169), (2, 3, 5, 7 * 9), (1, 4, 2, 70)])
-def test_spectral_mac_matches_written_out_sum(op, batch, cin, cout, positions):
-    gen = torch.Generator().manual_seed(positions)
-    signal = torch.randn(batch, cin, positions, 2, generator=gen)
-    kernel = torch.randn(cin, cout, positions, generator=gen)
-    out = torch.full((batch, cout, positions, 2), float('nan'))
-    spectral_mac_op()(signal, kernel, out)
-    expected = (torch.view_as_complex(signal.double())[:, :, None] * kernel.double()[None]).sum(1)
-    assert (torch.view_as_complex(out).cdouble() - expected).abs().max().item() < 1e-5
+def spectral_mix_reference(signal, rows, cols):
+    """sum_i signal[b, i, u, v] sum_t rows[u, i, o, t] cols[t, v], written out in float64."""
+    spectrum = torch.einsum('uiot,tv->iouv', rows.double(), cols.double())
+    return (torch.view_as_complex(signal.double())[:, :, None] * spectrum[None]).sum(1)
 
 
-def test_spectral_mac_rejects_what_it_cannot_compute(op):
-    signal, kernel, out = torch.randn(1, 3, 8, 2), torch.randn(3, 2, 8), torch.empty(1, 2, 8, 2)
+@pytest.mark.parametrize('batch, cin, cout, height, width, taps', [
+    (1, 16, 16, 192, 169, 7),  # ESC at 180x320: 169 = whole vectors + a partial one
+    (2, 3, 5, 7, 9, 4), (1, 4, 2, 5, 32, 8), (1, 2, 3, 4, 3, 2)])  # 32: whole vectors only; 3: a partial one only
+def test_spectral_mix_matches_written_out_sum(op, batch, cin, cout, height, width, taps):
+    gen = torch.Generator().manual_seed(height * width)
+    signal = torch.randn(batch, cin, height, width, 2, generator=gen)
+    rows, cols = torch.randn(height, cin, cout, taps, generator=gen), torch.randn(taps, width, generator=gen)
+    out = torch.full((batch, cout, height, width, 2), float('nan'))
+    spectral_mix_op()(signal, rows, cols, out)
+    error = (torch.view_as_complex(out).cdouble() - spectral_mix_reference(signal, rows, cols)).abs().max().item()
+    assert error < 1e-5 * taps * cin
+
+
+def test_spectral_mix_rejects_what_it_cannot_compute(op):
+    signal, rows, cols, out = (torch.randn(1, 3, 4, 8, 2), torch.randn(4, 3, 2, 5), torch.randn(5, 8),
+                               torch.empty(1, 2, 4, 8, 2))
     with pytest.raises(RuntimeError, match='must agree'):
-        spectral_mac_op()(signal, torch.randn(3, 2, 9), out)
+        spectral_mix_op()(signal, rows, torch.randn(5, 9), out)
     with pytest.raises(RuntimeError, match='contiguous float32 CPU tensors only'):
-        spectral_mac_op()(signal.double(), kernel.double(), out.double())
-    with pytest.raises(RuntimeError, match=r'signal \(B, I, P, 2\)'):
-        spectral_mac_op()(signal[..., 0].contiguous(), kernel, out)
+        spectral_mix_op()(signal.double(), rows.double(), cols.double(), out.double())
+    with pytest.raises(RuntimeError, match=r'signal \(B, I, H, W, 2\)'):
+        spectral_mix_op()(signal[..., 0].contiguous(), rows, cols, out)
+    with pytest.raises(RuntimeError, match='2 to 8 terms'):
+        spectral_mix_op()(signal, torch.randn(4, 3, 2, 9), torch.randn(9, 8), out)
 
 
-def test_large_kernel_keeps_a_real_spectrum_for_a_symmetric_filter(op):
+def test_large_kernel_keeps_spectrum_factors_for_a_mirror_symmetric_filter(op):
     torch.manual_seed(5)
     weight = torch.randn(6, 6, 13, 13)
-    for filt, real in ((symmetrize_filter(weight), True), (weight, False)):
+    point_symmetric = (weight + weight.flip(-2, -1)) / 2  # real spectrum, but not factored this way
+    for filt, factored in ((symmetrize_filter(weight), True), (weight, False), (point_symmetric, False)):
         lk = LargeKernel(filt)
         for h, w in [(40, 40), (37, 53), (33, 64)]:
             x = torch.randn(2, 6, h, w)
@@ -454,12 +466,12 @@ def test_large_kernel_keeps_a_real_spectrum_for_a_symmetric_filter(op):
                 out = lk(x)
             expected = F.conv2d(x.double(), filt.double(), padding=6)
             assert (out.double() - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
-        assert all(key[2] == real and t.is_complex() != real for key, t in lk._spectra.items())
+        assert all(key[2] == factored and isinstance(t, tuple) == factored for key, t in lk._spectra.items())
     with disabled(), torch.no_grad():  # without the kernels: the complex spectrum, same values
         lk = LargeKernel(symmetrize_filter(weight))
         x = torch.randn(1, 6, 40, 40)
         out = lk(x)
-        assert all(t.is_complex() for t in lk._spectra.values())
+        assert all(torch.is_tensor(t) and t.is_complex() for t in lk._spectra.values())
     expected = F.conv2d(x.double(), lk.weight.double(), padding=6)
     assert (out.double() - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
 
@@ -513,12 +525,14 @@ def test_the_avx2_build_on_an_avx512_cpu(op):
         table = torch.randn(2, 15, 15, generator=gen)
         out = attend(op, q, k, v, table, 8)
         errors.append((out.double() - attention_reference(q, k, v, table, 8)).abs().max().item())
-        from esc_arch.kernels import spectral_mac_op
-        signal, kernel = torch.randn(2, 3, 100, 2, generator=gen), torch.randn(3, 4, 100, generator=gen)
-        out = torch.empty(2, 4, 100, 2)
-        spectral_mac_op()(signal, kernel, out)
-        ref = (torch.view_as_complex(signal.double())[:, :, None] * kernel.double()[None]).sum(1)
-        errors.append((torch.view_as_complex(out).cdouble() - ref).abs().max().item())
+        from esc_arch.kernels import spectral_mix_op
+        for width in (21, 8):  # whole vectors and a partial one; whole vectors only
+            signal = torch.randn(2, 3, 10, width, 2, generator=gen)
+            rows, cols = torch.randn(10, 3, 4, 7, generator=gen), torch.randn(7, width, generator=gen)
+            out = torch.empty(2, 4, 10, width, 2)
+            spectral_mix_op()(signal, rows, cols, out)
+            ref = checks.spectral_mix_reference(signal, rows, cols)
+            errors.append((torch.view_as_complex(out).cdouble() - ref).abs().max().item() / 10)
         print('max error', max(errors))
         assert all(e < 2e-5 for e in errors), errors  # a NaN error fails too
     ''')

@@ -19,7 +19,7 @@ from ..kernels import (
     layer_norm_op,
     onednn_conv_add_op,
     pad_planes_op,
-    spectral_mac_op,
+    spectral_mix_op,
     window_attention_op,
 )
 
@@ -187,6 +187,24 @@ def _kernel_spectrum(kernel: torch.Tensor, size) -> torch.Tensor:
     return torch.fft.rfft2(kernel.flip(-2, -1), s=size)  # conv2d is a correlation: flip
 
 
+def _factored_spectrum(kernel: torch.Tensor, size) -> tuple:
+    """The spectrum about its centre of a (in, out, K, K) filter mirror-symmetric in both axes,
+    as ``spectral_mix`` takes it: K[i, o, u, v] = sum_t rows[u, i, o, t] cols[t, v] with
+    rows (H, in, out, K // 2 + 1) and cols (K // 2 + 1, W // 2 + 1) for an FFT of size (H, W).
+    Taps at offsets (+-a, +-t) share a weight, so the spectrum is the sum over a, t >= 0 of
+    m_a m_t w[a, t] cos(2 pi u a / H) cos(2 pi v t / W), m = 1 at 0 and 2 elsewhere; computed in
+    float64, returned in the filter's dtype."""
+    (height, width), centre = size, kernel.shape[-1] // 2
+    quarter = kernel.double()[..., centre:, centre:]  # (in, out, a, t)
+    weight = torch.full((centre + 1,), 2.0, dtype=torch.float64)
+    weight[0] = 1.0
+    def cosines(n, length):  # (n, taps): cos(2 pi f a / length)
+        return torch.cos(2 * math.pi * torch.outer(torch.arange(n, dtype=torch.float64),
+                                                   torch.arange(centre + 1, dtype=torch.float64)) / length)
+    rows = torch.einsum('ioat,ua->uiot', quarter * torch.outer(weight, weight), cosines(height, height))
+    return rows.to(kernel.dtype).contiguous(), cosines(width // 2 + 1, width).T.to(kernel.dtype).contiguous()
+
+
 def per_sample_depthwise(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Depthwise conv where every sample has its own kernel.
 
@@ -216,10 +234,11 @@ class LargeKernel:
     ``lk(x)`` equals ``F.conv2d(x, weight, padding=K//2)``. At inference on the CPU (see
     ``use_fft``) it convolves through the FFT instead, with the filter's spectrum computed once
     per image size and reused by every ConvAttn (ESC has 25), which turns ~0.1 s dense 13x13
-    convolutions into a few ms each. A float32 filter symmetric under rotation by 180 degrees
-    (ESC's symmetrised one) has a real spectrum about its centre: where the CPU kernels are
-    available only that is kept, and their ``spectral_mac`` mixes the channels at half the
-    memory read (the centring becomes a shifted crop).
+    convolutions into a few ms each. A float32 filter mirror-symmetric in both axes (ESC's
+    symmetrised one) has a real spectrum about its centre that factors into a row and a column
+    part (``_factored_spectrum``): where the CPU kernels are available only the factors are kept
+    (1.4 MB instead of ESC's 66 MB complex spectrum at 180x320) and their ``spectral_mix`` mixes the
+    channels building the spectrum on the fly (the centring becomes a shifted crop).
     """
 
     max_spectra = 4  # sizes kept (a tiled image has up to 4 tile sizes) ...
@@ -238,20 +257,20 @@ class LargeKernel:
             return self.fft_conv(x)
         return F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2)
 
-    def _point_symmetric(self) -> bool:
+    def _factorable(self) -> bool:
+        """Mirror-symmetric in both axes (to float32 rounding), with an odd size of 3 to 15 taps
+        (what ``spectral_mix`` takes)."""
         if self._symmetric is None:
-            weight = self.weight.detach()
-            self._symmetric = bool((weight.flip(-2, -1) - weight).abs().max() <= 1e-6 * weight.abs().max())
+            weight, k = self.weight.detach(), self.weight.shape[-1]
+            tolerance = 1e-6 * weight.abs().max()
+            self._symmetric = bool(k % 2 == 1 and 3 <= k <= 15 and (weight.flip(-1) - weight).abs().max() <= tolerance
+                                   and (weight.flip(-2) - weight).abs().max() <= tolerance)
         return self._symmetric
 
-    def _spectrum(self, size, dtype, real: bool) -> torch.Tensor:
-        """(in, out, h, w // 2 + 1): the complex spectrum, or the real one about the centre."""
+    def _spectrum(self, size, dtype, factored: bool):
+        """(in, out, h, w // 2 + 1) complex spectrum, or the factors of the real one about the centre."""
         weight = self.weight.to(dtype).transpose(0, 1)
-        if not real:
-            return _kernel_spectrum(weight, size)
-        k = weight.shape[-1]
-        centred = F.pad(weight.flip(-2, -1), (0, size[1] - k, 0, size[0] - k)).roll((-(k // 2), -(k // 2)), (-2, -1))
-        return torch.fft.rfft2(centred).real.contiguous()
+        return _factored_spectrum(weight, size) if factored else _kernel_spectrum(weight, size)
 
     def fft_size(self, x: torch.Tensor) -> tuple:
         """The (height, width) ``fft_conv`` transforms x at."""
@@ -260,22 +279,21 @@ class LargeKernel:
     def fft_conv(self, x: torch.Tensor, padded: torch.Tensor | None = None) -> torch.Tensor:
         """``padded``: x zero-padded to ``fft_size(x)`` (x the top-left corner), if the caller has it."""
         size, crop = _fft_plan(x, self.weight.shape[-1])
-        op = spectral_mac_op() if x.dtype == torch.float32 else None
-        real = op is not None and self._point_symmetric()
-        key = (size, x.dtype, real)
+        op = spectral_mix_op() if x.dtype == torch.float32 else None
+        factored = op is not None and self._factorable()
+        key = (size, x.dtype, factored)
         kernel = self._spectra.pop(key, None)  # re-inserted last: least recently used go first
         if kernel is None:
-            kernel = self._spectrum(size, x.dtype, real)
+            kernel = self._spectrum(size, x.dtype, factored)
         self._spectra[key] = kernel
         while len(self._spectra) > 1 and (len(self._spectra) > self.max_spectra or sum(
-                t.numel() * t.element_size() for t in self._spectra.values()) > self.max_spectra_bytes):
+                _nbytes(t) for t in self._spectra.values()) > self.max_spectra_bytes):
             del self._spectra[next(iter(self._spectra))]
         signal = torch.fft.rfft2(x, s=size) if padded is None else torch.fft.rfft2(padded)  # (B, in, h, w)
-        if real:
-            b, cin, h, w = signal.shape
-            spectrum = signal.new_empty(b, kernel.shape[1], h, w)
-            op(torch.view_as_real(signal).view(b, cin, h * w, 2), kernel.view(cin, -1, h * w),
-               torch.view_as_real(spectrum).view(b, -1, h * w, 2))
+        if factored:
+            rows, cols = kernel
+            spectrum = signal.new_empty(signal.shape[0], rows.shape[2], *signal.shape[2:])
+            op(torch.view_as_real(signal), rows, cols, torch.view_as_real(spectrum))
             return torch.fft.irfft2(spectrum, s=size)[..., :x.shape[-2], :x.shape[-1]]  # centred: no shift
         # sum over input channels as broadcast multiply-adds: a batched matmul would first
         # copy the (large) kernel spectrum into matmul layout on every call
@@ -283,6 +301,12 @@ class LargeKernel:
         for i in range(1, kernel.shape[0]):
             spectrum.addcmul_(signal[:, i:i + 1], kernel[i])
         return torch.fft.irfft2(spectrum, s=size)[crop]
+
+
+def _nbytes(spectrum) -> int:
+    """Memory of a kept spectrum: a tensor or a tuple of them."""
+    tensors = spectrum if isinstance(spectrum, tuple) else (spectrum, )
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def dynamic_kernel_head(pdim: int, reduction: int, kernel_size: int = 3) -> nn.Sequential:

@@ -6,8 +6,9 @@ One library of float32 kernels:
   position bias read from its (2w-1)^2 table instead of a dense (heads, w^2, w^2) tensor.
 - ``conv_ffn`` (``conv_ffn_cpu.cpp``): the ConvFFN (1x1 -> GELU -> depthwise 3x3 -> GELU +
   residual -> 1x1) in one pass over rows of a channels-last image, its hidden maps kept in cache.
-- ``spectral_mac`` (``spectral_cpu.cpp``): the channel mixing of an FFT convolution whose filter
-  spectrum is real (ESC's symmetrised large kernel), at half the memory of a complex spectrum.
+- ``spectral_mix`` (``spectral_cpu.cpp``): the channel mixing of an FFT convolution whose filter
+  is mirror-symmetric in both axes (ESC's symmetrised large kernel), its spectrum built on the fly
+  from row and column factors instead of read from memory.
 - ``pad_planes`` and ``conv_attn_merge`` (``conv_attn_cpu.cpp``): the ConvAttn's way from the
   channels-last activations to the FFT's zero-padded planes, and back with the dynamic 3x3 added.
 - ``layer_norm`` (``layer_norm_cpu.cpp``): LayerNorm over the channels of a channels-last map.
@@ -139,14 +140,14 @@ def conv_ffn_op():
     return _op('conv_ffn')
 
 
-def spectral_mac_op():
-    """The compiled ``torch.ops.esc_arch.spectral_mac`` or None (reason: ``unavailable_reason()``).
+def spectral_mix_op():
+    """The compiled ``torch.ops.esc_arch.spectral_mix`` or None (reason: ``unavailable_reason()``).
 
-    op(signal, kernel, out): signal (B, I, P, 2) and out (B, O, P, 2) complex values as float32
-    (re, im) pairs, kernel (I, O, P) real float32, all contiguous; writes
-    out[b, o, p] = sum_i signal[b, i, p] * kernel[i, o, p].
+    op(signal, rows, cols, out): signal (B, I, H, W, 2) and out (B, O, H, W, 2) complex values as
+    float32 (re, im) pairs, rows (H, I, O, T) and cols (T, W) float32 with 2 <= T <= 8, all
+    contiguous; writes out[b, o, u, v] = sum_i signal[b, i, u, v] sum_t rows[u, i, o, t] cols[t, v].
     """
-    return _op('spectral_mac')
+    return _op('spectral_mix')
 
 
 def pad_planes_op():
