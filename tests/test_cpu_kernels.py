@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from conftest import load_fixture, randomize_, tiny_config
 
@@ -19,6 +20,7 @@ from esc_arch.archs.layers import (
     ConvolutionalAttention,
     LargeKernel,
     PartialConvAttn,
+    conv_plus,
     padded_positions,
     reflect_pad_to_multiple,
     relative_position_bias,
@@ -27,6 +29,7 @@ from esc_arch.archs.layers import (
 from esc_arch.kernels import (
     ENV_SWITCH,
     _build,
+    conv3x3_op,
     conv_attn_merge_op,
     conv_ffn_op,
     cpu_supports_kernel,
@@ -476,6 +479,67 @@ def test_large_kernel_keeps_spectrum_factors_for_a_mirror_symmetric_filter(op):
     assert (out.double() - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
 
 
+# ---- 3x3 convolution (Winograd) -------------------------------------------------------
+def conv3x3_check(b, h, w, cin, cout, residual, seed=0):
+    """Run the conv3x3 kernel on a channels-last input; its error against float64 conv2d (+ residual),
+    relative to the largest output."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, h, w, cin, generator=gen)
+    weight, bias = torch.randn(cout, cin, 3, 3, generator=gen) / cin, torch.randn(cout, generator=gen)
+    res = torch.randn(b, h, w, cout, generator=gen) if residual else None
+    out = torch.full((b, h, w, cout), float('nan'))
+    conv3x3_op()(x, weight, bias, res, out)
+    expected = F.conv2d(x.double().permute(0, 3, 1, 2), weight.double(), bias.double(), padding=1).permute(0, 2, 3, 1)
+    if residual:
+        expected = expected + res.double()
+    return (out.double() - expected).abs().max().item() / expected.abs().max().item()
+
+
+@pytest.mark.parametrize('b, h, w, cin, cout', [
+    (1, 18, 20, 64, 64), (2, 7, 9, 16, 48),  # odd sizes: tiles hanging over the bottom / right edge
+    (1, 1, 1, 8, 8), (1, 1, 6, 24, 16), (1, 5, 1, 16, 24), (1, 2, 3, 40, 8)])  # vectors of 8 and 16 mixed
+@pytest.mark.parametrize('residual', [False, True])
+def test_conv3x3_kernel_matches_float64_conv(op, b, h, w, cin, cout, residual):
+    assert conv3x3_check(b, h, w, cin, cout, residual) < 2e-6
+
+
+def test_conv3x3_kernel_rejects_what_it_cannot_compute(op):
+    x, weight, bias, out = torch.randn(1, 4, 5, 16), torch.randn(8, 16, 3, 3), torch.randn(8), torch.empty(1, 4, 5, 8)
+    with pytest.raises(RuntimeError, match='multiples of 8'):
+        conv3x3_op()(torch.randn(1, 4, 5, 12), torch.randn(8, 12, 3, 3), bias, None, out)
+    with pytest.raises(RuntimeError, match=r'weight \(O, C, 3, 3\)'):
+        conv3x3_op()(x, torch.randn(8, 16, 5, 5), bias, None, out)
+    with pytest.raises(RuntimeError, match='residual must be'):
+        conv3x3_op()(x, weight, bias, torch.randn(1, 4, 5, 16), out)
+    with pytest.raises(RuntimeError, match='contiguous float32 CPU tensors only'):
+        conv3x3_op()(x.double(), weight.double(), bias.double(), None, out.double())
+
+
+def test_conv_plus_uses_the_kernel_only_for_channels_last_inference(op, monkeypatch):
+    calls = counting(monkeypatch, 'conv3x3_op')
+    torch.manual_seed(4)
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+    x, residual = torch.randn(2, 16, 9, 11), torch.randn(2, 24, 9, 11)
+    x_cl, residual_cl = (t.contiguous(memory_format=torch.channels_last) for t in (x, residual))
+    expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1) + residual.double()
+    with torch.no_grad():
+        planar = conv_plus(conv, x, residual)  # NCHW: PyTorch's convolution
+        assert not calls
+        fused = conv_plus(conv, x_cl, residual_cl)
+        assert len(calls) == 1
+        assert fused.is_contiguous(memory_format=torch.channels_last) and torch.equal(residual_cl, residual)
+        alone = conv_plus(conv, x_cl)
+        assert len(calls) == 2
+        strided = nn.Conv2d(16, 24, 3, padding=1, stride=2)
+        conv_plus(strided, x_cl)  # not a kernel shape: PyTorch's
+        assert len(calls) == 2
+    for out in (planar, fused):
+        assert (out.double() - expected).abs().max().item() < 1e-5
+    assert (alone.double() + residual.double() - expected).abs().max().item() < 1e-5
+    grad_out = conv_plus(conv, x_cl.requires_grad_(), residual_cl)  # autograd: PyTorch
+    assert len(calls) == 2 and grad_out.requires_grad
+
+
 def test_switch_off_by_environment(monkeypatch):
     monkeypatch.setenv(ENV_SWITCH, '0')
     ok, why = _build()
@@ -533,6 +597,8 @@ def test_the_avx2_build_on_an_avx512_cpu(op):
             spectral_mix_op()(signal, rows, cols, out)
             ref = checks.spectral_mix_reference(signal, rows, cols)
             errors.append((torch.view_as_complex(out).cdouble() - ref).abs().max().item() / 10)
+        for b, h, w, cin, cout in ((1, 9, 11, 64, 64), (2, 4, 3, 16, 24)):  # vectors of 8 and 16 mixed
+            errors.append(checks.conv3x3_check(b, h, w, cin, cout, residual=True))
         print('max error', max(errors))
         assert all(e < 2e-5 for e in errors), errors  # a NaN error fails too
     ''')

@@ -12,6 +12,7 @@ from .layers import (
     LargeKernel,
     PartialConvAttn,
     WindowAttention,
+    conv_plus,
     resample_subpixel_conv,
     symmetrize_filter,
 )
@@ -89,7 +90,7 @@ class ESC(SharedFilterTrunk):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.upscaling_factor
-        out = self.to_img(self.features(x)) + torch.repeat_interleave(x, scale * scale, dim=1)
+        out = conv_plus(self.to_img, self.features(x)) + torch.repeat_interleave(x, scale * scale, dim=1)
         return F.pixel_shuffle(out, scale).contiguous()
 
 

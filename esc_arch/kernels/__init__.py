@@ -12,6 +12,8 @@ One library of float32 kernels:
 - ``pad_planes`` and ``conv_attn_merge`` (``conv_attn_cpu.cpp``): the ConvAttn's way from the
   channels-last activations to the FFT's zero-padded planes, and back with the dynamic 3x3 added.
 - ``layer_norm`` (``layer_norm_cpu.cpp``): LayerNorm over the channels of a channels-last map.
+- ``conv3x3`` (``conv3x3_cpu.cpp``): 3x3 convolution by Winograd's F(2x2, 3x3) on channels-last
+  maps, optionally adding a residual.
 
 The library is built for the CPU's vector ISA: AVX-512 where PyTorch itself runs AVX-512 code,
 else AVX2 + FMA (``ESC_CPU_KERNELS=avx2`` forces the AVX2 build, e.g. to compare the two). The
@@ -34,7 +36,7 @@ import torch
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / 'window_attention_cpu.cpp', HERE / 'conv_ffn_cpu.cpp', HERE / 'spectral_cpu.cpp',
-           HERE / 'conv_attn_cpu.cpp', HERE / 'layer_norm_cpu.cpp']
+           HERE / 'conv_attn_cpu.cpp', HERE / 'layer_norm_cpu.cpp', HERE / 'conv3x3_cpu.cpp']
 HEADERS = [HERE / 'vec.h', HERE / 'gemm.h']
 ENV_SWITCH = 'ESC_CPU_KERNELS'
 logger = logging.getLogger(__name__)
@@ -176,6 +178,16 @@ def layer_norm_op():
     its last dim's size; writes F.layer_norm(x, (C,), weight, bias, eps) into out.
     """
     return _op('layer_norm')
+
+
+def conv3x3_op():
+    """The compiled ``torch.ops.esc_arch.conv3x3`` or None (reason: ``unavailable_reason()``).
+
+    op(x, weight, bias, residual, out): x (B, H, W, C) and out (B, H, W, O) contiguous float32,
+    C and O multiples of 8, weight (O, C, 3, 3), bias (O), residual None or shaped as out; writes
+    conv2d(x, weight, bias, padding=1) (+ residual) into out, in channels-last order.
+    """
+    return _op('conv3x3')
 
 
 def onednn_conv_add_op():

@@ -59,7 +59,7 @@ void gemm_columns(const float* a, int64_t lda, int64_t rows, const float* b, int
   for (; m < rows; ++m) gemm_tile<F, 1, NB>(a + m * lda, lda, b, ldb, k_dim, bias, c + m * ldc, ldc);
 }
 
-// c (rows x n_dim, stride ldc) = a (rows x k_dim, stride lda) b (k_dim x n_dim, stride ldb) + bias;
+// c (rows x n_dim, stride ldc) = a (rows x k_dim, stride lda) b (k_dim x n_dim, stride ldb) + bias (nullptr: none);
 // n_dim a multiple of F::n, split into column blocks of at most max_vectors<F>() vectors
 template <class F>
 void gemm(const float* a, int64_t lda, int64_t rows, const float* b, int64_t ldb, int64_t k_dim, int64_t n_dim,
@@ -70,15 +70,16 @@ void gemm(const float* a, int64_t lda, int64_t rows, const float* b, int64_t ldb
   for (int64_t i = 0; i < blocks; ++i) {
     const int nb = static_cast<int>(vectors / blocks + (i < vectors % blocks ? 1 : 0));
     const float* bb = b + col;
+    const float* bc = bias ? bias + col : nullptr;
     float* cc = c + col;
     switch (nb) {
-      case 1: gemm_columns<F, 1>(a, lda, rows, bb, ldb, k_dim, bias + col, cc, ldc); break;
-      case 2: gemm_columns<F, 2>(a, lda, rows, bb, ldb, k_dim, bias + col, cc, ldc); break;
-      case 3: gemm_columns<F, 3>(a, lda, rows, bb, ldb, k_dim, bias + col, cc, ldc); break;
+      case 1: gemm_columns<F, 1>(a, lda, rows, bb, ldb, k_dim, bc, cc, ldc); break;
+      case 2: gemm_columns<F, 2>(a, lda, rows, bb, ldb, k_dim, bc, cc, ldc); break;
+      case 3: gemm_columns<F, 3>(a, lda, rows, bb, ldb, k_dim, bc, cc, ldc); break;
       default:
         if constexpr (max_vectors<F>() >= 5) {
-          if (nb == 4) gemm_columns<F, 4>(a, lda, rows, bb, ldb, k_dim, bias + col, cc, ldc);
-          else gemm_columns<F, 5>(a, lda, rows, bb, ldb, k_dim, bias + col, cc, ldc);
+          if (nb == 4) gemm_columns<F, 4>(a, lda, rows, bb, ldb, k_dim, bc, cc, ldc);
+          else gemm_columns<F, 5>(a, lda, rows, bb, ldb, k_dim, bc, cc, ldc);
         }
     }
     col += nb * F::n;
