@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import load_fixture, randomize_, tiny_config
 
 import esc_arch.archs.layers as layers
-from esc_arch import ESC, ESCFP, WindowAttention
+from esc_arch import ESC, ESCFP, ESCReal, WindowAttention
 from esc_arch.archs.layers import (
     ConvFFN,
     ConvolutionalAttention,
@@ -538,6 +538,20 @@ def test_conv_plus_uses_the_kernel_only_for_channels_last_inference(op, monkeypa
     assert (alone.double() + residual.double() - expected).abs().max().item() < 1e-5
     grad_out = conv_plus(conv, x_cl.requires_grad_(), residual_cl)  # autograd: PyTorch
     assert len(calls) == 2 and grad_out.requires_grad
+
+
+@pytest.mark.parametrize('arch, kernel_convs', [(ESC, 3), (ESCFP, 3), (ESCReal, 5)])
+def test_models_run_their_3x3_convs_through_the_kernel(op, arch, kernel_convs, monkeypatch):
+    """Block conv_out + skip, trunk last + skip and to_img (48 channels at x4; ESC-Real: its three
+    dim -> dim upsampler convs, not the last, 3-channel one) at float32 inference."""
+    calls = counting(monkeypatch, 'conv3x3_op')
+    model = randomize_(arch(**tiny_config(upscaling_factor=4, window_size=8)), seed=3, scale=0.1).eval()
+    x = torch.rand(1, 3, 19, 13)
+    with torch.no_grad():
+        out = model(x)
+        assert len(calls) == kernel_convs
+        expected = model.double()(x.double())  # float64: PyTorch's convolutions
+    assert (out.double() - expected).abs().max().item() < 1e-4
 
 
 def test_switch_off_by_environment(monkeypatch):
