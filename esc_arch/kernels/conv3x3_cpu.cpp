@@ -4,10 +4,11 @@
 // U = G g G^T the transformed filter: the 3x3 x C x O multiply-adds of 4 pixels become 16 x C x O
 // (2.25x fewer), as 16 GEMMs (tiles x C) x (C x O), one per point of the 4x4 transform; the
 // transforms themselves are additions. A task is a run of tiles along one row of tiles, short
-// enough for its transformed input and GEMM results to stay in L2 (kBlockBytes). The transform points are 0 and +-1, so the rounding stays that of a
-// direct convolution (ESC's 64 -> 64 conv at 180x320: 2.7e-6 max error against float64 where
-// oneDNN's direct one has 6.4e-6), at 8.6 ms against oneDNN's 13.2 ms (2 threads, Xeon; AVX2
-// builds, oneDNN held to AVX2: 16.5-16.9 vs 26.0-26.4 ms).
+// enough for its transformed input and GEMM results to stay in L2 (kBlockBytes). The transform
+// points are 0 and +-1, so the rounding stays that of a direct convolution (ESC's 64 -> 64 conv
+// at 180x320: 2.7e-6 max error against float64 where oneDNN's direct one has 6.4e-6), at 8.0 ms
+// against oneDNN's 13.2 ms (2 threads, Xeon; AVX2 builds, oneDNN held to AVX2: 16.5-16.9 vs
+// 26.0-26.4 ms with whole rows of tiles per task).
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -39,7 +40,8 @@ std::vector<Wide::T> filter_transform(const float* w, int64_t outs, int64_t in) 
         for (int j = 0; j < 3; ++j) t[i][j] = G[i][0] * g[j] + G[i][1] * g[3 + j] + G[i][2] * g[6 + j];
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j)
-          u[((i * 4 + j) * in + c) * outs + o] = static_cast<float>(t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2]);
+          u[((i * 4 + j) * in + c) * outs + o] =
+              static_cast<float>(t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2]);
     }
   return storage;
 }
@@ -73,7 +75,8 @@ void tiles_run(const float* x, const float* u, const float* bias, const float* r
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) {
           const int64_t xx = x0 + j;
-          d[i][j] = (y >= 0 && y < height && xx >= 0 && xx < width) ? FI::loadu(x + (y * width + xx) * in + c) : FI::zero();
+          const bool inside = y >= 0 && y < height && xx >= 0 && xx < width;
+          d[i][j] = inside ? FI::loadu(x + (y * width + xx) * in + c) : FI::zero();
         }
       }
 #pragma GCC unroll 4

@@ -59,8 +59,8 @@ void gemm_columns(const float* a, int64_t lda, int64_t rows, const float* b, int
   for (; m < rows; ++m) gemm_tile<F, 1, NB>(a + m * lda, lda, b, ldb, k_dim, bias, c + m * ldc, ldc);
 }
 
-// c (rows x n_dim, stride ldc) = a (rows x k_dim, stride lda) b (k_dim x n_dim, stride ldb) + bias (nullptr: none);
-// n_dim a multiple of F::n, split into column blocks of at most max_vectors<F>() vectors
+// c (rows x n_dim, stride ldc) = a (rows x k_dim, stride lda) b (k_dim x n_dim, stride ldb) + bias
+// (nullptr: none); n_dim a multiple of F::n, split into column blocks of at most max_vectors<F>() vectors
 template <class F>
 void gemm(const float* a, int64_t lda, int64_t rows, const float* b, int64_t ldb, int64_t k_dim, int64_t n_dim,
           const float* bias, float* c, int64_t ldc) {

@@ -98,7 +98,8 @@ void spectral_mix(const at::Tensor& signal, const at::Tensor& rows, const at::Te
   const int64_t outs = rows.size(2), taps = rows.size(3);
   TORCH_CHECK(rows.size(0) == height && rows.size(1) == in && cols.size(0) == taps && cols.size(1) == width
                   && out.size(0) == batch && out.size(1) == outs && out.size(2) == height && out.size(3) == width,
-              "spectral_mix: signal (B, I, H, W, 2), rows (H, I, O, T), cols (T, W) and out (B, O, H, W, 2) must agree");
+              "spectral_mix: signal (B, I, H, W, 2), rows (H, I, O, T), cols (T, W) and out (B, O, H, W, 2) "
+              "must agree");
   if (out.numel() == 0) return;
   switch (taps) {
     case 2: mix<2>(signal, rows, cols, out); break;
