@@ -316,6 +316,13 @@ def test_fft_large_kernel_matches_direct():
         direct = F.conv2d(x, weight, padding=6)
         assert (lk(x) - direct).abs().max().item() < 1e-10
     assert len(lk._spectra) == 3  # one spectrum per size, reused
+    depthwise = LargeKernel(torch.randn(6, 1, 13, 13, dtype=torch.float64), depthwise=True)  # ESC-FP's lk_spatial
+    for h, w in [(40, 40), (37, 53)]:
+        x = torch.randn(2, 6, h, w, dtype=torch.float64)
+        assert depthwise.use_fft(x)
+        direct = F.conv2d(x, depthwise.weight, padding=6, groups=6)
+        with torch.no_grad():
+            assert (depthwise(x) - direct).abs().max().item() < 1e-10
     x = torch.randn(1, 6, 40, 40, requires_grad=True)
     assert not LargeKernel(weight.float()).use_fft(x)  # training keeps the direct convolution
 
@@ -351,20 +358,21 @@ def test_large_kernel_spectra_are_kept_least_recently_used_first():
         assert (lk(inputs[44]) - F.conv2d(inputs[44], lk.weight, padding=3)).abs().max().item() < 1e-10
 
 
-def test_deployed_esc_keeps_its_spectra_across_images_until_changed():
-    model = randomize_(ESC(**tiny_config(kernel_size=13)), scale=0.1).eval()
+@pytest.mark.parametrize('arch', ['ESC', 'ESCFP'])  # the dense shared filter; ESC-FP's depthwise lk_spatial
+def test_deployed_model_keeps_its_spectra_across_images_until_changed(arch):
+    model = randomize_(ARCHS[arch](**tiny_config(kernel_size=13)), scale=0.1).eval()
     x = torch.rand(1, 3, 40, 40)
     with torch.no_grad():
         model.deploy()
         first = model(x)
-        cached = model.large_kernel_filters()[0]
+        cached = model.large_kernel_filters()[-1]
         assert len(cached._spectra) == 1
-        assert torch.equal(model(x), first) and model.large_kernel_filters()[0] is cached
+        assert torch.equal(model(x), first) and model.large_kernel_filters()[-1] is cached
         model.double()  # new dtype: spectra are recomputed
-        assert model.large_kernel_filters()[0] is not cached
+        assert model.large_kernel_filters()[-1] is not cached
         assert (model(x.double()) - first.double()).abs().max().item() < 1e-4
     model.train()
-    assert model._deployed_filter is None
+    assert model._kept_kernel is None
 
 
 @pytest.mark.parametrize('fixture', PARITY)

@@ -18,6 +18,7 @@ from esc_arch import ESC, ESCFP, ESCReal, WindowAttention
 from esc_arch.archs.layers import (
     ConvFFN,
     ConvolutionalAttention,
+    DecomposedConvolutionalAttention,
     LargeKernel,
     PartialConvAttn,
     conv_plus,
@@ -224,7 +225,7 @@ def test_authors_fixtures_in_float32_through_the_kernels(op, fixture, monkeypatc
         out = model(data['input'].float())
     assert calls
     assert ffn_calls  # the ConvFFN kernel, in either build
-    assert bool(merges) == (data['type'] == 'ESC')  # ESC-FP's attention has no dynamic 3x3 of its own
+    assert merges  # the ConvAttns in place (ESC-FP: its dynamic 3x3 split off the depthwise K x K kernel)
     assert (out.double() - data['output_float64']).abs().max().item() < 1e-4
 
 
@@ -372,16 +373,26 @@ def test_conv_attn_kernels_reject_what_they_cannot_compute(op):
 
 
 @pytest.mark.parametrize('size', [(20, 24), (45, 38)])  # below and above FFT_MIN_PIXELS
-def test_conv_attn_in_place_matches_its_forward(op, size, monkeypatch):
+@pytest.mark.parametrize('decomposed', [False, True])  # ESC's attention, ESC-FP's
+def test_conv_attn_in_place_matches_its_forward(op, size, decomposed, monkeypatch):
     """PartialConvAttn at channels-last inference goes through pad_planes / conv_attn_merge (and
     the FFT on the larger image) and gives what the plain forward gives in float64."""
     merges = counting(monkeypatch, 'conv_attn_merge_op')
-    module = randomize_(PartialConvAttn(32, 16, ConvolutionalAttention(16)), seed=5, scale=0.3).eval()
-    lk = LargeKernel(symmetrize_filter(torch.randn(16, 16, 13, 13) * 0.05))
+    gen = torch.Generator().manual_seed(6)
+    if decomposed:  # ESC-FP: 1x1 lk_channel, then lk_spatial + the dynamic 3x3 as one depthwise kernel
+        plk = DecomposedConvolutionalAttention(16)
+        lk_channel = torch.randn(16, 16, 1, 1, generator=gen) * 0.3
+        lk = LargeKernel(torch.randn(16, 1, 13, 13, generator=gen) * 0.05, depthwise=True)
+        filters, filters64 = (lk_channel, lk), (lk_channel.double(), lk.weight.double())
+    else:
+        plk = ConvolutionalAttention(16)
+        lk = LargeKernel(symmetrize_filter(torch.randn(16, 16, 13, 13, generator=gen) * 0.05))
+        filters, filters64 = (lk, ), (lk.weight.double(), )
+    module = randomize_(PartialConvAttn(32, 16, plk), seed=5, scale=0.3).eval()
     x = torch.randn(2, 32, *size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        out = module(x.clone(memory_format=torch.channels_last), lk, overwrite_input=True)
-        expected = module.double()(x.double(), lk.weight.double())
+        out = module(x.clone(memory_format=torch.channels_last), *filters, overwrite_input=True)
+        expected = module.double()(x.double(), *filters64)
     assert len(merges) == 1
     assert lk.use_fft(x) == (size[0] * size[1] >= layers.FFT_MIN_PIXELS)
     assert (out.double() - expected).abs().max().item() < 1e-4

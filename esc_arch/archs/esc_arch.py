@@ -36,14 +36,10 @@ class SharedFilterTrunk(ESCTrunk):
                          deployment=deployment)
         self.kernel_size = kernel_size
         self.plk_filter = _orthogonal_filter(pdim, kernel_size)
-        self._deployed_filter = None  # the deployed filter and its cached FFT spectra
 
     def large_kernel_filters(self):
-        if self.deployed:  # plk_filter holds the symmetrised filter; its spectra are kept across images
-            if self._deployed_filter is None:
-                self._deployed_filter = LargeKernel(self.plk_filter)
-            return (self._deployed_filter, )
-        return (LargeKernel(symmetrize_filter(self.plk_filter)), )
+        # deployed, plk_filter holds the symmetrised filter (and its spectra are kept across images)
+        return (self._large_kernel(self.plk_filter if self.deployed else symmetrize_filter(self.plk_filter)), )
 
     @torch.no_grad()
     def deploy(self):
@@ -53,14 +49,6 @@ class SharedFilterTrunk(ESCTrunk):
         if not self.deployed:
             self.plk_filter.copy_(symmetrize_filter(self.plk_filter))
         return super().deploy()
-
-    def undeploy(self):
-        self._deployed_filter = None
-        super().undeploy()
-
-    def _apply(self, fn, *args, **kwargs):  # new device/dtype: spectra are recomputed from the moved filter
-        self._deployed_filter = None
-        return super()._apply(fn, *args, **kwargs)
 
 
 @ARCH_REGISTRY.register()

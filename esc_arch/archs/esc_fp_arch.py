@@ -31,7 +31,7 @@ class ESCFP(ESCTrunk):
         self.register_load_state_dict_pre_hook(_resample_to_img_hook)
 
     def large_kernel_filters(self):
-        return self.lk_channel, self.lk_spatial
+        return self.lk_channel, self._large_kernel(self.lk_spatial, depthwise=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.upscaling_factor

@@ -255,9 +255,10 @@ def per_sample_depthwise(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 class LargeKernel:
-    """A dense K x K filter shared by many convolutions of one forward pass.
+    """A K x K filter shared by many convolutions of one forward pass: dense (out, in, K, K), or
+    depthwise (C, 1, K, K) with ``depthwise=True`` (ESC-FP's ``lk_spatial``).
 
-    ``lk(x)`` equals ``F.conv2d(x, weight, padding=K//2)``. At inference on the CPU (see
+    ``lk(x)`` equals ``F.conv2d(x, weight, padding=K//2)`` (``groups=C`` if depthwise). At inference on the CPU (see
     ``use_fft``) it convolves through the FFT instead, with the filter's spectrum computed once
     per image size and reused by every ConvAttn (ESC has 25), which turns ~0.1 s dense 13x13
     convolutions into a few ms each. A float32 filter mirror-symmetric in both axes (ESC's
@@ -270,8 +271,9 @@ class LargeKernel:
     max_spectra = 4  # sizes kept (a tiled image has up to 4 tile sizes) ...
     max_spectra_bytes = 512 << 20  # ... within this much memory; the newest is always kept
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, depthwise: bool = False):
         self.weight = weight
+        self.depthwise = depthwise
         self._spectra = {}
         self._symmetric = None  # checked once, like the spectra: the filter is fixed while kept
 
@@ -281,11 +283,14 @@ class LargeKernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fft(x):
             return self.fft_conv(x)
-        return F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2)
+        return F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2,
+                        groups=self.weight.shape[0] if self.depthwise else 1)
 
     def _factorable(self) -> bool:
         """Mirror-symmetric in both axes (to float32 rounding), with an odd size of 3 to 15 taps
         (what ``spectral_mix`` takes)."""
+        if self.depthwise:
+            return False
         if self._symmetric is None:
             weight, k = self.weight.detach(), self.weight.shape[-1]
             tolerance = 1e-6 * weight.abs().max()
@@ -294,7 +299,10 @@ class LargeKernel:
         return self._symmetric
 
     def _spectrum(self, size, dtype, factored: bool):
-        """(in, out, h, w // 2 + 1) complex spectrum, or the factors of the real one about the centre."""
+        """(in, out, h, w // 2 + 1) complex spectrum ((C, h, w // 2 + 1) if depthwise), or the factors
+        of the real one about the centre."""
+        if self.depthwise:
+            return _kernel_spectrum(self.weight.to(dtype)[:, 0], size)
         weight = self.weight.to(dtype).transpose(0, 1)
         return _factored_spectrum(weight, size) if factored else _kernel_spectrum(weight, size)
 
@@ -321,6 +329,8 @@ class LargeKernel:
             spectrum = signal.new_empty(signal.shape[0], rows.shape[2], *signal.shape[2:])
             op(torch.view_as_real(signal), rows, cols, torch.view_as_real(spectrum))
             return torch.fft.irfft2(spectrum, s=size)[..., :x.shape[-2], :x.shape[-1]]  # centred: no shift
+        if self.depthwise:
+            return torch.fft.irfft2(signal.mul_(kernel), s=size)[crop]
         # sum over input channels as broadcast multiply-adds: a batched matmul would first
         # copy the (large) kernel spectrum into matmul layout on every call
         spectrum = signal[:, :1] * kernel[0]
@@ -413,7 +423,30 @@ class ConvFFN(nn.Module):
 # --------------------------------------------------------------------------------------
 # convolutional attention
 # --------------------------------------------------------------------------------------
-class ConvolutionalAttention(nn.Module):
+class LargeKernelAttention(nn.Module):
+    """What ESC's and ESC-FP's convolutional attentions share: at CPU float32 inference on
+    channels-last maps (with the CPU kernels) ``forward_in_place`` writes the result over the
+    input's first ``pdim`` channels."""
+
+    def in_place_applies(self, x: torch.Tensor) -> bool:
+        return cpu_float32_inference(x) and is_channels_last(x) and conv_attn_merge_op() is not None
+
+
+def _planes_and_large(pixels: torch.Tensor, lk: LargeKernel, x: torch.Tensor) -> tuple:
+    """The (B, P, H, W) planes of ``pixels`` (B, H, W, P) and their convolution with ``lk`` (x: the
+    image they belong to). Through the FFT the planes are the top-left corner of its zero-padded
+    buffer, which the CPU kernels fill in one pass."""
+    b, h, w, planes = pixels.shape
+    if lk.use_fft(x):
+        padded = pixels.new_empty(b, planes, *lk.fft_size(x))
+        pad_planes_op()(pixels, padded)
+        y = padded[..., :h, :w]
+        return y, lk.fft_conv(y, padded=padded)
+    y = to_channels_first(pixels)
+    return y, lk(y)
+
+
+class ConvolutionalAttention(LargeKernelAttention):
     """ESC's large-kernel attention on the first ``pdim`` channels.
 
     x1 -> conv(x1, shared dense K x K filter) + depthwise 3x3 with a kernel predicted from
@@ -434,32 +467,19 @@ class ConvolutionalAttention(nn.Module):
         dynamic = self.dwc_proj(x1).reshape(-1, 1, 3, 3)
         return lk_filter(x1) + per_sample_depthwise(x1, dynamic)
 
-    def in_place_applies(self, x: torch.Tensor) -> bool:
-        """Whether ``forward_in_place`` can run: CPU float32 inference on channels-last x, with
-        the CPU kernels."""
-        return cpu_float32_inference(x) and is_channels_last(x) and conv_attn_merge_op() is not None
-
     def forward_in_place(self, x: torch.Tensor, lk_filter: LargeKernel | torch.Tensor) -> None:
         """``forward`` of x's first ``pdim`` channels, written over them (x channels-last, see
         ``in_place_applies``). The CPU kernels move the channels into the FFT's zero-padded
         planes in one pass, and add the dynamic 3x3 while writing the result back."""
         if isinstance(lk_filter, torch.Tensor):
             lk_filter = LargeKernel(lk_filter)
-        b, _, h, w = x.shape
         pixels = x.permute(0, 2, 3, 1)[..., :self.pdim]  # (B, H, W, pdim) view
-        if lk_filter.use_fft(x):
-            padded = x.new_empty(b, self.pdim, *lk_filter.fft_size(x))
-            pad_planes_op()(pixels, padded)
-            x1 = padded[..., :h, :w]
-            large = lk_filter.fft_conv(x1, padded=padded)
-        else:
-            x1 = to_channels_first(pixels)
-            large = lk_filter(x1)
-        dynamic = self.dwc_proj(x1).reshape(b, self.pdim, 9).contiguous()
+        x1, large = _planes_and_large(pixels, lk_filter, x)
+        dynamic = self.dwc_proj(x1).reshape(x.shape[0], self.pdim, 9).contiguous()
         conv_attn_merge_op()(large, x1, dynamic, pixels)
 
 
-class DecomposedConvolutionalAttention(nn.Module):
+class DecomposedConvolutionalAttention(LargeKernelAttention):
     """ESC-FP's attention: shared 1x1 ``lk_channel``, then a per-sample depthwise K x K conv
     whose kernel is the shared ``lk_spatial`` plus the dynamic 3x3 kernel (zero-padded)."""
 
@@ -468,12 +488,32 @@ class DecomposedConvolutionalAttention(nn.Module):
         self.pdim = pdim
         self.proj = dynamic_kernel_head(pdim, 4)
 
-    def forward(self, x1: torch.Tensor, lk_channel: torch.Tensor, lk_spatial: torch.Tensor) -> torch.Tensor:
+    def forward(self, x1: torch.Tensor, lk_channel: torch.Tensor,
+                lk_spatial: LargeKernel | torch.Tensor) -> torch.Tensor:
+        spatial = lk_spatial.weight if isinstance(lk_spatial, LargeKernel) else lk_spatial
         b = x1.shape[0]
-        k = lk_spatial.shape[-1]
+        k = spatial.shape[-1]
         dynamic = F.pad(self.proj(x1).reshape(b, self.pdim, 3, 3), [(k - 3) // 2] * 4)
-        kernel = (dynamic + lk_spatial.view(1, self.pdim, k, k)).reshape(b * self.pdim, 1, k, k)
+        kernel = (dynamic + spatial.view(1, self.pdim, k, k)).reshape(b * self.pdim, 1, k, k)
         return per_sample_depthwise(F.conv2d(x1, lk_channel), kernel)
+
+    def forward_in_place(self, x: torch.Tensor, lk_channel: torch.Tensor,
+                         lk_spatial: LargeKernel | torch.Tensor) -> None:
+        """``forward`` of x's first ``pdim`` channels, written over them (x channels-last, see
+        ``in_place_applies``). The depthwise conv splits into the shared ``lk_spatial``
+        (through the FFT with its spectrum kept, as ESC's filter) plus the dynamic 3x3, which
+        the CPU kernels add while writing the result back (the ConvAttn-in-place path of ESC)."""
+        if isinstance(lk_spatial, torch.Tensor):
+            lk_spatial = LargeKernel(lk_spatial, depthwise=True)
+        b, _, h, w = x.shape
+        pixels = x.permute(0, 2, 3, 1)[..., :self.pdim]  # (B, H, W, pdim) view
+        # the head's average pool as a matrix-vector product over the strided pixels (0.36 -> 0.08 ms
+        # at 180x320 with 48 channels); a pool of the 1x1 result is the identity
+        means = torch.matmul(pixels.new_full((1, h * w), 1.0 / (h * w)), pixels.reshape(b, h * w, self.pdim))
+        dynamic = self.proj(means.view(b, self.pdim, 1, 1)).reshape(b, self.pdim, 9).contiguous()
+        mixed = torch.matmul(pixels, lk_channel.view(self.pdim, self.pdim).t())  # lk_channel: (B, H, W, pdim)
+        y, large = _planes_and_large(mixed, lk_spatial, x)
+        conv_attn_merge_op()(large, y, dynamic, pixels)
 
 
 class PartialConvAttn(nn.Module):
@@ -490,7 +530,7 @@ class PartialConvAttn(nn.Module):
         """``overwrite_input``: x is a temporary of the caller's, so at inference the result
         of ``plk`` is written into it instead of allocating a concatenation. ``residual``: returns
         residual + the output instead (see ``conv_accumulate``; a temporary of the caller's)."""
-        in_place = overwrite_input and isinstance(self.plk, ConvolutionalAttention)
+        in_place = overwrite_input and isinstance(self.plk, LargeKernelAttention)
         if in_place and self.plk.in_place_applies(x):
             self.plk.forward_in_place(x, *filters)
             return conv_accumulate(residual, self.aggr, x)
@@ -800,6 +840,7 @@ class ESCTrunk(nn.Module):
         super().__init__()
         self.deployment = deployment  # deploy() automatically on the first inference forward
         self.deployed = False
+        self._kept_kernel = None  # a deployed model's LargeKernel: its FFT spectra kept across images
         self.register_load_state_dict_post_hook(_undeploy_after_load)
         if not 0 < pdim <= dim:
             raise ValueError(f'pdim ({pdim}) must be in 1..dim ({dim})')
@@ -815,6 +856,15 @@ class ESCTrunk(nn.Module):
 
     def large_kernel_filters(self) -> tuple:
         raise NotImplementedError
+
+    def _large_kernel(self, weight: torch.Tensor, depthwise: bool = False) -> LargeKernel:
+        """``LargeKernel(weight)``; a deployed model keeps one, with its spectra, until undeployed
+        or moved (its filter is fixed while deployed)."""
+        if not self.deployed:
+            return LargeKernel(weight, depthwise)
+        if self._kept_kernel is None:
+            self._kept_kernel = LargeKernel(weight, depthwise)
+        return self._kept_kernel
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.deployment and not self.training and not self.deployed:
@@ -851,10 +901,15 @@ class ESCTrunk(nn.Module):
         return self
 
     def undeploy(self):
+        self._kept_kernel = None
         for module in self.modules():
             if isinstance(module, WindowAttention):
                 module.undeploy()
         self.deployed = False
+
+    def _apply(self, fn, *args, **kwargs):  # new device/dtype: spectra are recomputed from the moved filter
+        self._kept_kernel = None
+        return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True):
         if mode and self.deployed:
