@@ -508,7 +508,8 @@ def conv3x3_check(b, h, w, cin, cout, residual, seed=0):
 
 @pytest.mark.parametrize('b, h, w, cin, cout', [
     (1, 18, 20, 64, 64), (2, 7, 9, 16, 48),  # odd sizes: tiles hanging over the bottom / right edge
-    (1, 1, 1, 8, 8), (1, 1, 6, 24, 16), (1, 5, 1, 16, 24), (1, 2, 3, 40, 8)])  # vectors of 8 and 16 mixed
+    (1, 1, 1, 8, 8), (1, 1, 6, 24, 16), (1, 5, 1, 16, 24), (1, 2, 3, 40, 8),  # vectors of 8 and 16 mixed
+    (2, 3, 601, 64, 64)])  # 301 tiles a row: runs of 101, 101, 99 (1 MB of scratch each)
 @pytest.mark.parametrize('residual', [False, True])
 def test_conv3x3_kernel_matches_float64_conv(op, b, h, w, cin, cout, residual):
     assert conv3x3_check(b, h, w, cin, cout, residual) < 2e-6
