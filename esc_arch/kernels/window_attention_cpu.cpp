@@ -117,6 +117,28 @@ inline void scores_softmax(const float* q, const float* kp, int64_t w, const flo
 template <int C>
 using ValueVec = typename std::conditional<C % Wide::n == 0, Wide, F8>::type;
 
+// out row r (stride os) = inv[r] sum_j p[r, j] v[j, :] for V rows of one vector (v packed nk x F::n,
+// nk even): even and odd keys go to separate accumulators, 2R independent FMA chains instead of R
+// (the kernel on ESC's layer, AVX-512, head dim 16, medians of 15 alternating: 81.2-83.9 -> 79.1-79.8 ms)
+template <class F, int R>
+inline void weighted_sum_one_vector(const float* p, int64_t ps, const float* v, int64_t nk, float* out, int64_t os,
+                                    const float* inv) {
+  using T = typename F::T;
+  T even[R], odd[R];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) even[r] = odd[r] = F::zero();
+  for (int64_t j = 0; j < nk; j += 2) {
+    const T v0 = F::load(v + j * F::n), v1 = F::load(v + (j + 1) * F::n);
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r) {
+      even[r] = F::fmadd(F::set1(p[r * ps + j]), v0, even[r]);
+      odd[r] = F::fmadd(F::set1(p[r * ps + j + 1]), v1, odd[r]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) F::storeu(out + r * os, F::mul(F::add(even[r], odd[r]), F::set1(inv[r])));
+}
+
 template <int R, int C>
 inline void row_block(const float* q, int64_t qs, float scale, const float* kp, const float* v, int64_t w,
                       const float* const* bias, float* out, int64_t os, float* qbuf, float* s, int64_t ss) {
@@ -131,7 +153,10 @@ inline void row_block(const float* q, int64_t qs, float scale, const float* kp, 
   for (int r = 0; r < R; ++r) inv[r] = 1.0f / row_sum[r];
   // out row r (stride os) = sum_j p[r, j] v[j, :] / row_sum[r]; v packed nk x C
   using FV = ValueVec<C>;
-  gemm_tile<FV, R, C / FV::n>(s, ss, v, C, w * w, nullptr, out, os, inv);
+  if constexpr (C == FV::n)
+    weighted_sum_one_vector<FV, R>(s, ss, v, w * w, out, os, inv);
+  else
+    gemm_tile<FV, R, C / FV::n>(s, ss, v, C, w * w, nullptr, out, os, inv);
 }
 
 // The most blocks of kRows queries that leave a multiple of kTailRows of a row's n queries, or -1
