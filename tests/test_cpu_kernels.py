@@ -521,6 +521,8 @@ def test_conv3x3_kernel_rejects_what_it_cannot_compute(op):
         conv3x3_op()(torch.randn(1, 4, 5, 12), torch.randn(8, 12, 3, 3), bias, None, out)
     with pytest.raises(RuntimeError, match=r'weight \(O, C, 3, 3\)'):
         conv3x3_op()(x, torch.randn(8, 16, 5, 5), bias, None, out)
+    with pytest.raises(RuntimeError, match=r'x \(B, H, W, C\)'):  # 3-D: named, not an index error
+        conv3x3_op()(x[0], weight, bias, None, out)
     with pytest.raises(RuntimeError, match='residual must be'):
         conv3x3_op()(x, weight, bias, torch.randn(1, 4, 5, 16), out)
     with pytest.raises(RuntimeError, match='contiguous float32 CPU tensors only'):

@@ -125,16 +125,18 @@ void conv3x3(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bi
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
                 "conv3x3: contiguous float32 CPU tensors only");
   }
+  const char* shapes = "conv3x3: x (B, H, W, C), weight (O, C, 3, 3), bias (O), out (B, H, W, O)";
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && out.dim() == 4, shapes);
   const int64_t batch = x.size(0), height = x.size(1), width = x.size(2), in = x.size(3), outs = weight.size(0);
-  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && weight.size(1) == in && weight.size(2) == 3 && weight.size(3) == 3
-                  && bias.numel() == outs && out.dim() == 4 && out.size(0) == batch && out.size(1) == height
-                  && out.size(2) == width && out.size(3) == outs,
-              "conv3x3: x (B, H, W, C), weight (O, C, 3, 3), bias (O), out (B, H, W, O)");
+  TORCH_CHECK(weight.size(1) == in && weight.size(2) == 3 && weight.size(3) == 3 && bias.numel() == outs
+                  && out.size(0) == batch && out.size(1) == height && out.size(2) == width && out.size(3) == outs,
+              shapes);
   TORCH_CHECK(in % 8 == 0 && outs % 8 == 0, "conv3x3: channels must be multiples of 8");
   const float* rp = nullptr;
   if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == out.sizes() && residual->is_contiguous() && residual->scalar_type() == at::kFloat,
-                "conv3x3: residual must be a contiguous float32 tensor shaped as out");
+    TORCH_CHECK(residual->sizes() == out.sizes() && residual->is_contiguous() && residual->device().is_cpu()
+                    && residual->scalar_type() == at::kFloat,
+                "conv3x3: residual must be a contiguous float32 CPU tensor shaped as out");
     rp = residual->data_ptr<float>();
   }
   if (out.numel() == 0) return;
@@ -146,6 +148,7 @@ void conv3x3(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bi
   const float* xp = x.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const bool wide_in = in % Wide::n == 0, wide_out = outs % Wide::n == 0;  // else vectors of 8
   at::parallel_for(0, batch * rows * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<Wide::T> buf((16 * block * (in + outs)) / Wide::n + 1);
     float* v = reinterpret_cast<float*>(buf.data());
@@ -158,7 +161,6 @@ void conv3x3(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bi
       const float* xb = xp + image * in;
       float* ob = op + image * outs;
       const float* rb = rp ? rp + image * outs : nullptr;
-      const bool wide_in = in % Wide::n == 0, wide_out = outs % Wide::n == 0;
       if (wide_in && wide_out) tiles_run<Wide, Wide>(xb, u, bp, rb, ob, height, width, in, outs, ty, tx0, count, v, m);
       else if (wide_in) tiles_run<Wide, F8>(xb, u, bp, rb, ob, height, width, in, outs, ty, tx0, count, v, m);
       else if (wide_out) tiles_run<F8, Wide>(xb, u, bp, rb, ob, height, width, in, outs, ty, tx0, count, v, m);
