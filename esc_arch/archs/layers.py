@@ -258,10 +258,10 @@ class LargeKernel:
     """A K x K filter shared by many convolutions of one forward pass: dense (out, in, K, K), or
     depthwise (C, 1, K, K) with ``depthwise=True`` (ESC-FP's ``lk_spatial``).
 
-    ``lk(x)`` equals ``F.conv2d(x, weight, padding=K//2)`` (``groups=C`` if depthwise). At inference on the CPU (see
-    ``use_fft``) it convolves through the FFT instead, with the filter's spectrum computed once
-    per image size and reused by every ConvAttn (ESC has 25), which turns ~0.1 s dense 13x13
-    convolutions into a few ms each. A float32 filter mirror-symmetric in both axes (ESC's
+    ``lk(x)`` equals ``F.conv2d(x, weight, padding=K//2)`` (``groups=C`` if depthwise). At
+    inference on the CPU (see ``use_fft``) it convolves through the FFT instead, with the filter's
+    spectrum computed once per image size and reused by every ConvAttn (ESC has 25), which turns
+    ~0.1 s dense 13x13 convolutions into a few ms each. A float32 filter mirror-symmetric in both axes (ESC's
     symmetrised one) has a real spectrum about its centre that factors into a row and a column
     part (``_factored_spectrum``): where the CPU kernels are available only the factors are kept
     (1.4 MB instead of ESC's 66 MB complex spectrum at 180x320) and their ``spectral_mix`` mixes the
@@ -275,7 +275,7 @@ class LargeKernel:
         self.weight = weight
         self.depthwise = depthwise
         self._spectra = {}
-        self._symmetric = None  # checked once, like the spectra: the filter is fixed while kept
+        self._factors_apply = None  # checked once, like the spectra: the filter is fixed while kept
 
     def use_fft(self, x: torch.Tensor) -> bool:
         return use_fft(x, self.weight)
@@ -291,12 +291,13 @@ class LargeKernel:
         (what ``spectral_mix`` takes)."""
         if self.depthwise:
             return False
-        if self._symmetric is None:
+        if self._factors_apply is None:
             weight, k = self.weight.detach(), self.weight.shape[-1]
             tolerance = 1e-6 * weight.abs().max()
-            self._symmetric = bool(k % 2 == 1 and 3 <= k <= 15 and (weight.flip(-1) - weight).abs().max() <= tolerance
-                                   and (weight.flip(-2) - weight).abs().max() <= tolerance)
-        return self._symmetric
+            self._factors_apply = bool(k % 2 == 1 and 3 <= k <= 15
+                                       and (weight.flip(-1) - weight).abs().max() <= tolerance
+                                       and (weight.flip(-2) - weight).abs().max() <= tolerance)
+        return self._factors_apply
 
     def _spectrum(self, size, dtype, factored: bool):
         """(in, out, h, w // 2 + 1) complex spectrum ((C, h, w // 2 + 1) if depthwise), or the factors
