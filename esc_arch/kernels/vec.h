@@ -28,7 +28,6 @@ struct F8 {
   // v where x >= t (or x is NaN), else 0
   static T zero_below(T x, float t, T v) { return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(t), _CMP_NLT_UQ), v); }
   static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
   static constexpr bool any_exponent = false;  // 2^n is built in the exponent bits: n in [-126, 127]
   // 2^n from r = n + kPow2Shift (n an integer in [-126, 127]): r's low mantissa bits hold n + 127
   static T pow2_of_shifted(T r) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(r), 23)); }
@@ -73,7 +72,6 @@ struct F16 {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(t), _CMP_NLT_UQ), v);
   }
   static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
-  static T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
   static T round(T x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static constexpr bool any_exponent = true;  // scalef: any integral n, 0 below the float range
   static T times_pow2(T p, T n) { return _mm512_scalef_ps(p, n); }
