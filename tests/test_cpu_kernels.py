@@ -28,6 +28,7 @@ from esc_arch.archs.layers import (
     symmetrize_filter,
 )
 from esc_arch.kernels import (
+    ATTENTION_BLOCK_ROWS,
     ENV_SWITCH,
     _build,
     conv3x3_op,
@@ -83,12 +84,17 @@ def image_qkv(b, h, w, heads, c, seed=0, scale=1.0):
     return (torch.randn(b, h, w, 3, heads, c, generator=gen) * torch.tensor([scale, 1, 1])[:, None, None]).unbind(3)
 
 
-def attend(op, q, k, v, table, ws, out=None):
+def attend(op, q, k, v, table, ws, out=None, block_rows=0):
     """Run the kernel as the layer does (reflection maps of the padding); returns out."""
     out = torch.full_like(q, float('nan')) if out is None else out
     rows, cols = (padded_positions(n, ws) for n in q.shape[1:3])
-    op(q, k, v, table, rows, cols, ws, q.shape[-1]**-0.5, out)
+    op(q, k, v, table, rows, cols, ws, q.shape[-1]**-0.5, out, block_rows)
     return out
+
+
+def block_rows_of_this_build():
+    """0 (the build's choice for this CPU) and every query-block shape the build has."""
+    return [0, *ATTENTION_BLOCK_ROWS[kernel_isa()]] if kernel_isa() else [0]
 
 
 @pytest.mark.parametrize('c', [8, 16, 24, 32])
@@ -97,9 +103,11 @@ def test_kernel_matches_written_out_attention(op, c, ws):
     heads = 2
     q, k, v = image_qkv(2, 2 * ws, ws, heads, c)
     table = torch.randn(heads, 2 * ws - 1, 2 * ws - 1)
-    out = torch.full((2, ws, 2 * ws, heads, c), float('nan')).transpose(1, 2)  # a strided output
-    attend(op, q, k, v, table, ws, out)
-    assert (out.double() - attention_reference(q, k, v, table, ws)).abs().max().item() < 2e-5
+    expected = attention_reference(q, k, v, table, ws)
+    for block_rows in block_rows_of_this_build():
+        out = torch.full((2, ws, 2 * ws, heads, c), float('nan')).transpose(1, 2)  # a strided output
+        attend(op, q, k, v, table, ws, out, block_rows)
+        assert (out.double() - expected).abs().max().item() < 2e-5, block_rows
 
 
 @pytest.mark.parametrize('h, w, ws', [
@@ -112,8 +120,10 @@ def test_kernel_reads_the_padding_from_the_image_and_writes_only_the_image(op, h
     heads, c = 3, 16
     q, k, v = image_qkv(2, h, w, heads, c, seed=1)
     table = torch.randn(heads, 2 * ws - 1, 2 * ws - 1)
-    out = attend(op, q, k, v, table, ws)
-    assert (out.double() - attention_reference(q, k, v, table, ws)).abs().max().item() < 2e-5
+    expected = attention_reference(q, k, v, table, ws)
+    for block_rows in block_rows_of_this_build():  # window rows of 1, 5, 7, 8, 16 queries: blocks, tails
+        out = attend(op, q, k, v, table, ws, block_rows=block_rows)
+        assert (out.double() - expected).abs().max().item() < 2e-5, block_rows
 
 
 @pytest.mark.parametrize('scale', [30.0, 1e4])
@@ -151,6 +161,8 @@ def test_kernel_rejects_what_it_cannot_compute(op):
         op(q, k, v, table, rows, padded_positions(8, 8).index_fill(0, torch.tensor([3]), 9), 8, 0.25, out)
     with pytest.raises(RuntimeError, match='must be a 1-D int64 CPU tensor'):
         op(q, k, v, table, rows.int(), cols, 8, 0.25, out)
+    with pytest.raises(RuntimeError, match='block_rows must be 0'):
+        op(q, k, v, table, rows, cols, 8, 0.25, out, 5)
 
 
 def counting(monkeypatch, accessor='window_attention_op'):

@@ -46,6 +46,8 @@ _state: dict = {}  # 'ok': whether the library loaded, 'why': why not, 'disabled
 # compiler flags of each build; the sources pick their vector width from the macros they define
 ISA_FLAGS = {'avx2': ['-mavx2', '-mfma'], 'avx512': ['-mavx512f', '-mavx2', '-mfma']}
 _OFF = ('0', 'false', 'no', 'off')
+# the window-attention kernel's query blocks in each build (AVX2: 6 rows, or 4 on AMD CPUs)
+ATTENTION_BLOCK_ROWS = {'avx2': (4, 6), 'avx512': (8, )}
 
 
 def cpu_supports_kernel() -> bool:
@@ -123,10 +125,12 @@ def disabled():
 def window_attention_op():
     """The compiled ``torch.ops.esc_arch.window_attention`` or None (reason: ``unavailable_reason()``).
 
-    op(q, k, v, table, rows, cols, window_size, scale, out): q/k/v/out (B, H, W, heads, head_dim)
-    float32 with contiguous last dims (any other strides), table (heads, 2w-1, 2w-1); the image
-    is padded bottom/right to whole w x w windows, rows / cols (int64) giving the image row /
-    column each padded position copies. Writes each pixel's attention over its window into out.
+    op(q, k, v, table, rows, cols, window_size, scale, out, block_rows=0): q/k/v/out (B, H, W,
+    heads, head_dim) float32 with contiguous last dims (any other strides), table (heads, 2w-1,
+    2w-1); the image is padded bottom/right to whole w x w windows, rows / cols (int64) giving the
+    image row / column each padded position copies. Writes each pixel's attention over its window
+    into out. ``block_rows``: queries per register block, 0 for the build's choice on this CPU
+    (``ATTENTION_BLOCK_ROWS`` lists what each build has; the same values with any).
     """
     return _op('window_attention')
 

@@ -36,14 +36,22 @@ using namespace esc_arch_vec;
 
 // scores and softmax in Wide vectors; V rows too where the head dim is a multiple of their width
 // Query rows per block, and per block of a row's last queries where a row is not a whole number
-// of blocks (e.g. AVX2's 32 = 4 x 6 + 2 x 4).
+// of blocks (e.g. AVX2's 32 = 4 x 6 + 2 x 4). The AVX2 build has two shapes and picks one by CPU.
+template <int Rows, int Tail>
+struct Blocks {
+  static constexpr int rows = Rows, tail = Tail;
+};
 #if defined(__AVX512F__)
-constexpr int kRows = 8, kTailRows = 8;  // 8 x 2 score accumulators + 8 maxima fit 32 registers
+using Blocks8 = Blocks<8, 8>;  // 8 x 2 score accumulators + 8 maxima fit 32 registers
 #else
 // 6 x 2 score accumulators + 2 key vectors + a broadcast fit the 16 ymm registers, the 6 maxima
 // spill (updated once per 16 keys): AVX2 build on the Xeon 145 ms with 4 rows, 137 ms with 6
-// (5: 141, 7: 156, 8: 157 ms); the maxima in a pass of their own instead: 146 ms
-constexpr int kRows = 6, kTailRows = 4;
+// (5: 141, 7: 156, 8: 157 ms); the maxima in a pass of their own instead: 146 ms. On an AMD EPYC
+// (Zen 3) 4 rows, all in registers, are faster: 118.6-121.2 ms against 123.3-127.2 ms with 6
+// (ESC's layer at 180x320, 2 threads, medians of 5, alternating, 8 rounds; 5 rows: 117-118 vs 115 ms
+// with 4 in an earlier run)
+using Blocks4 = Blocks<4, 4>;
+using Blocks6 = Blocks<6, 4>;
 #endif
 
 // R query rows q (pre-scaled, R x C floats) against the w * w keys: scores plus bias into s
@@ -159,15 +167,16 @@ inline void row_block(const float* q, int64_t qs, float scale, const float* kp, 
     gemm_tile<FV, R, C / FV::n>(s, ss, v, C, w * w, nullptr, out, os, inv);
 }
 
-// The most blocks of kRows queries that leave a multiple of kTailRows of a row's n queries, or -1
+// The most blocks of B::rows queries that leave a multiple of B::tail of a row's n queries, or -1
 // where no number does
+template <class B>
 inline int64_t full_blocks(int64_t n) {
-  for (int64_t full = n / kRows; full >= 0; --full)
-    if ((n - full * kRows) % kTailRows == 0) return full;
+  for (int64_t full = n / B::rows; full >= 0; --full)
+    if ((n - full * B::rows) % B::tail == 0) return full;
   return -1;
 }
 
-template <int C>
+template <int C, class B>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
          const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, int64_t w, double scale, at::Tensor& out) {
   const int64_t batch = q.size(0), height = q.size(1), width = q.size(2), heads = q.size(3);
@@ -189,11 +198,11 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   auto work = [&](int64_t begin, int64_t end) {
     // vector-aligned scratch: key panels (nk x C), packed V (nk x C), scores, scaled q
     constexpr int64_t P = 2 * Wide::n;  // keys per panel
-    std::vector<Wide::T> buf((2 * C * nk + kRows * ss + kRows * C) / Wide::n + 1);
+    std::vector<Wide::T> buf((2 * C * nk + B::rows * ss + B::rows * C) / Wide::n + 1);
     float* kpan = reinterpret_cast<float*>(buf.data());
     float* vbuf = kpan + C * nk;
     float* s = vbuf + C * nk;
-    float* qbuf = s + kRows * ss;
+    float* qbuf = s + B::rows * ss;
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t h = pair % heads, wc = pair / heads % nw, wr = pair / heads / nw % nh, b = pair / heads / nw / nh;
       // keys: every pixel of the padded window, read where the padding maps it in the image
@@ -218,7 +227,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
       const int64_t row0 = wr * w, col0 = wc * w;
       const int64_t q_rows = std::min(w, height - row0), q_cols = std::min(w, width - col0);
       const float* th = tp + h * side * side;
-      const float* bias[kRows];
+      const float* bias[B::rows];
       for (int64_t i = 0; i < q_rows; ++i) {
         const float* qi = qp + b * qb + (row0 + i) * qr + col0 * qc + h * qh;
         float* oi = op + b * ob + (row0 + i) * orr + col0 * oc + h * oh;
@@ -228,14 +237,14 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
           for (int r = 0; r < R; ++r) bias[r] = bias_row - (j0 + r);
           row_block<R, C>(qi + j0 * qc, qc, sc, kpan, vbuf, w, bias, oi + j0 * oc, oc, qbuf, s, ss);
         };
-        const int64_t full = full_blocks(q_cols);
-        if (full >= 0) {  // full blocks of kRows, then of kTailRows
+        const int64_t full = full_blocks<B>(q_cols);
+        if (full >= 0) {  // full blocks of B::rows, then of B::tail
           int64_t j = 0;
-          for (int64_t n = 0; n < full; ++n, j += kRows) block(j, std::integral_constant<int, kRows>());
-          for (; j < q_cols; j += kTailRows) block(j, std::integral_constant<int, kTailRows>());
-        } else if (q_cols >= kTailRows) {  // a last partial block overlaps the one before it
-          for (int64_t j = 0; j < q_cols; j += kTailRows)
-            block(std::min(j, q_cols - kTailRows), std::integral_constant<int, kTailRows>());
+          for (int64_t n = 0; n < full; ++n, j += B::rows) block(j, std::integral_constant<int, B::rows>());
+          for (; j < q_cols; j += B::tail) block(j, std::integral_constant<int, B::tail>());
+        } else if (q_cols >= B::tail) {  // a last partial block overlaps the one before it
+          for (int64_t j = 0; j < q_cols; j += B::tail)
+            block(std::min(j, q_cols - B::tail), std::integral_constant<int, B::tail>());
         } else {
           for (int64_t j = 0; j < q_cols; ++j) block(j, std::integral_constant<int, 1>());
         }
@@ -277,9 +286,28 @@ std::vector<int64_t> padded_index(const at::Tensor& index, int64_t w, int64_t si
   return out;
 }
 
+// The block shape: block_rows 0 picks the build's for this CPU, else one the build has (AVX2: 4 or
+// 6, AVX-512: 8), e.g. for tests to check each
+template <int C>
+void run_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
+                const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, int64_t w, double scale,
+                at::Tensor& out, int64_t block_rows) {
+#if defined(__AVX512F__)
+  TORCH_CHECK(block_rows == 0 || block_rows == 8, "window_attention: block_rows must be 0 or 8 (AVX-512 build), got ",
+              block_rows);
+  run<C, Blocks8>(q, k, v, table, rows, cols, w, scale, out);
+#else
+  static const bool amd = __builtin_cpu_is("amd");
+  TORCH_CHECK(block_rows == 0 || block_rows == 4 || block_rows == 6,
+              "window_attention: block_rows must be 0, 4 or 6 (AVX2 build), got ", block_rows);
+  if (block_rows == 4 || (block_rows == 0 && amd)) run<C, Blocks4>(q, k, v, table, rows, cols, w, scale, out);
+  else run<C, Blocks6>(q, k, v, table, rows, cols, w, scale, out);
+#endif
+}
+
 void window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
                       const at::Tensor& rows, const at::Tensor& cols, int64_t window_size, double scale,
-                      at::Tensor out) {
+                      at::Tensor out, int64_t block_rows) {
   TORCH_CHECK(q.dim() == 5 && k.dim() == 5 && v.dim() == 5 && out.dim() == 5,
               "window_attention: q, k, v and out must be (batch, height, width, heads, head_dim)");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &table, &out}) {
@@ -296,10 +324,10 @@ void window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const auto row_index = padded_index(rows, w, q.size(1), "rows");
   const auto col_index = padded_index(cols, w, q.size(2), "cols");
   switch (c) {
-    case 8: run<8>(q, k, v, table, row_index, col_index, w, scale, out); break;
-    case 16: run<16>(q, k, v, table, row_index, col_index, w, scale, out); break;
-    case 24: run<24>(q, k, v, table, row_index, col_index, w, scale, out); break;
-    case 32: run<32>(q, k, v, table, row_index, col_index, w, scale, out); break;
+    case 8: run_blocks<8>(q, k, v, table, row_index, col_index, w, scale, out, block_rows); break;
+    case 16: run_blocks<16>(q, k, v, table, row_index, col_index, w, scale, out, block_rows); break;
+    case 24: run_blocks<24>(q, k, v, table, row_index, col_index, w, scale, out, block_rows); break;
+    case 32: run_blocks<32>(q, k, v, table, row_index, col_index, w, scale, out, block_rows); break;
     default: TORCH_CHECK(false, "window_attention: head dim must be 8, 16, 24 or 32, got ", c);
   }
 }
@@ -308,7 +336,7 @@ void window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
 TORCH_LIBRARY(esc_arch, m) {
   m.def("window_attention(Tensor q, Tensor k, Tensor v, Tensor table, Tensor rows, Tensor cols, int window_size, "
-        "float scale, Tensor(a!) out) -> ()");
+        "float scale, Tensor(a!) out, int block_rows=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(esc_arch, CPU, m) {
