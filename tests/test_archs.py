@@ -507,10 +507,11 @@ def test_traceable_depthwise_matches_grouped_conv(monkeypatch):
 @pytest.mark.parametrize('kernel_size, channels_last', [(1, True), (3, True), (3, False)])
 def test_conv_accumulate_adds_into_the_residual_at_inference(kernel_size, channels_last, monkeypatch):
     """residual + conv(x): at channels-last CPU inference oneDNN writes it into residual itself
-    (where PyTorch's build has the operator); otherwise a plain add. Same values either way."""
+    (where PyTorch's build has the operator; a 1x1 in the AVX2 build: the CPU kernels' conv1x1);
+    otherwise a plain add. Same values either way."""
     import esc_arch.archs.layers as layers
     from esc_arch.archs.layers import conv_accumulate
-    from esc_arch.kernels import onednn_conv_add_op
+    from esc_arch.kernels import conv1x1_preferred, onednn_conv_add_op
     calls, fused = [], onednn_conv_add_op()
     if fused is not None:
         monkeypatch.setattr(layers, 'onednn_conv_add_op', lambda: lambda *a: calls.append(1) or fused(*a))
@@ -525,8 +526,8 @@ def test_conv_accumulate_adds_into_the_residual_at_inference(kernel_size, channe
         out = conv_accumulate(residual, conv, x)
     assert (out.double() - expected).abs().max().item() < 1e-5
     assert out.data_ptr() == residual.data_ptr()  # a temporary of the caller's: overwritten
-    if fused is not None:
-        assert len(calls) == channels_last  # the fused operator only on channels-last maps
+    if fused is not None:  # the fused operator only on channels-last maps
+        assert len(calls) == (channels_last and not (kernel_size == 1 and conv1x1_preferred()))
     grad_out = conv_accumulate(kept, conv, x)  # autograd on: a new tensor, residual untouched
     assert grad_out.requires_grad and grad_out.data_ptr() != kept.data_ptr()
     assert (grad_out.double() - expected).abs().max().item() < 1e-5

@@ -21,6 +21,7 @@ from esc_arch.archs.layers import (
     DecomposedConvolutionalAttention,
     LargeKernel,
     PartialConvAttn,
+    conv_accumulate,
     conv_plus,
     padded_positions,
     reflect_pad_to_multiple,
@@ -31,6 +32,7 @@ from esc_arch.kernels import (
     ATTENTION_BLOCK_ROWS,
     ENV_SWITCH,
     _build,
+    conv1x1_op,
     conv3x3_op,
     conv_attn_merge_op,
     conv_ffn_op,
@@ -577,6 +579,80 @@ def test_models_run_their_3x3_convs_through_the_kernel(op, arch, kernel_convs, m
         out = model(x)
         assert len(calls) == kernel_convs
         expected = model.double()(x.double())  # float64: PyTorch's convolutions
+    assert (out.double() - expected).abs().max().item() < 1e-4
+
+
+# ---- 1x1 convolution ------------------------------------------------------------------
+@pytest.mark.parametrize('b, h, w, cin, cout', [
+    (1, 18, 20, 64, 192), (1, 9, 31, 64, 64),  # ESC's qkv and 64 -> 64; 279 pixels: a task of 23
+    (2, 3, 5, 3, 8), (1, 1, 1, 16, 24), (1, 4, 70, 40, 48),  # odd channels, one pixel, 24 and 48 outputs
+])
+@pytest.mark.parametrize('residual', [None, 'separate', 'in place'])
+def test_conv1x1_kernel_matches_float64_conv(op, b, h, w, cin, cout, residual):
+    gen = torch.Generator().manual_seed(cin + cout)
+    x = torch.randn(b, h, w, cin, generator=gen)
+    weight, bias = torch.randn(cout, cin, generator=gen), torch.randn(cout, generator=gen)
+    res = torch.randn(b, h, w, cout, generator=gen)
+    expected = x.double() @ weight.double().T + bias.double() + (0 if residual is None else res.double())
+    out = res if residual == 'in place' else torch.full((b, h, w, cout), float('nan'))
+    conv1x1_op()(x, weight, bias, None if residual is None else res.clone() if residual == 'separate' else res, out)
+    assert (out.double() - expected).abs().max().item() < 2e-6 * expected.abs().max().item()
+
+
+def test_conv1x1_kernel_rejects_what_it_cannot_compute(op):
+    x, weight, bias, out = torch.randn(1, 4, 5, 16), torch.randn(8, 16), torch.randn(8), torch.empty(1, 4, 5, 8)
+    with pytest.raises(RuntimeError, match='output channels must be a multiple of 8, got 12'):
+        conv1x1_op()(x, torch.randn(12, 16), torch.randn(12), None, torch.empty(1, 4, 5, 12))
+    with pytest.raises(RuntimeError, match=r'weight \(O, C\)'):
+        conv1x1_op()(x, torch.randn(8, 16, 1, 1), bias, None, out)
+    with pytest.raises(RuntimeError, match=r'x \(B, H, W, C\)'):
+        conv1x1_op()(x[0], weight, bias, None, out)
+    with pytest.raises(RuntimeError, match='residual must be a contiguous'):
+        conv1x1_op()(x, weight, bias, torch.randn(1, 4, 5, 16), out)
+    shared = torch.zeros(2, 1, 4, 5, 8)  # two (1, 4, 5, 8) maps in one storage
+    with pytest.raises(RuntimeError, match='residual must be out itself or not share its storage'):
+        conv1x1_op()(x, weight, bias, shared[1], shared[0])
+    with pytest.raises(RuntimeError, match='contiguous float32 CPU tensors only'):
+        conv1x1_op()(x.transpose(1, 2), weight, bias, None, out.transpose(1, 2))
+
+
+def test_1x1_convs_use_the_kernel_only_in_the_avx2_build_for_channels_last_inference(op, monkeypatch):
+    calls = counting(monkeypatch, 'conv1x1_op')
+    torch.manual_seed(5)
+    conv = nn.Conv2d(16, 24, 1)
+    x, residual = torch.randn(2, 16, 9, 11), torch.randn(2, 24, 9, 11)
+    x_cl, residual_cl = (t.contiguous(memory_format=torch.channels_last) for t in (x, residual))
+    expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double()) + residual.double()
+    avx2 = kernel_isa() == 'avx2'
+    with torch.no_grad():
+        outs = [conv_plus(conv, x, residual), conv_accumulate(residual.clone(), conv, x)]  # NCHW: PyTorch's
+        assert not calls
+        outs.append(conv_plus(conv, x_cl, residual_cl))
+        assert torch.equal(residual_cl, residual)
+        target = residual_cl.clone()
+        outs.append(conv_accumulate(target, conv, x_cl))  # written into the residual
+        assert outs[-1] is target and outs[-1].is_contiguous(memory_format=torch.channels_last)
+        assert len(calls) == (2 if avx2 else 0)
+        conv_plus(nn.Conv2d(16, 24, 1, stride=2), x_cl)  # not a kernel shape: PyTorch's
+        conv_plus(nn.Conv2d(16, 12, 1), x_cl)  # 12 outputs: PyTorch's
+        assert len(calls) == (2 if avx2 else 0)
+    for out in outs:
+        assert (out.double() - expected).abs().max().item() < 1e-5
+    grad_out = conv_plus(conv, x_cl.requires_grad_(), residual_cl)  # autograd: PyTorch
+    assert len(calls) == (2 if avx2 else 0) and grad_out.requires_grad
+
+
+def test_models_run_their_1x1_convs_through_the_kernel_in_the_avx2_build(op, monkeypatch):
+    """Per block of ESC: the attention's qkv and output projection, and the ConvAttns' aggr."""
+    calls = counting(monkeypatch, 'conv1x1_op')
+    config = tiny_config(upscaling_factor=2, window_size=8)
+    model = randomize_(ESC(**config), seed=6, scale=0.1).eval()
+    x = torch.rand(1, 3, 19, 13)
+    with torch.no_grad():
+        out = model(x)
+        expected = model.double()(x.double())
+    per_block = 2 + config['conv_blocks']
+    assert len(calls) == (config['n_blocks'] * per_block if kernel_isa() == 'avx2' else 0)
     assert (out.double() - expected).abs().max().item() < 1e-4
 
 

@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import (
+    conv1x1_op,
+    conv1x1_preferred,
     conv3x3_op,
     conv_attn_merge_op,
     conv_ffn_op,
@@ -120,11 +122,16 @@ def accumulate(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def conv_accumulate(residual: torch.Tensor | None, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``accumulate(residual, conv(x))`` (just ``conv(x)`` without a residual). At CPU float32
-    inference on channels-last maps oneDNN adds the convolution into ``residual`` as it computes
-    it: one pass over memory fewer (ESC's 1x1 at 180x320, 2 threads: 2.0 -> 1.55 ms).
-    ``residual``: a temporary of the caller's."""
+    inference on channels-last maps the convolution is added into ``residual`` as it is computed:
+    one pass over memory fewer (by oneDNN, ESC's 1x1 at 180x320, 2 threads: 2.0 -> 1.55 ms; a 1x1
+    by ``conv1x1`` where that is preferred, see ``conv_plus``). ``residual``: a temporary of the
+    caller's."""
     if residual is None:
         return conv(x)
+    if _conv1x1_applies(conv, x, residual):
+        conv1x1_op()(x.permute(0, 2, 3, 1), conv.weight.view(conv.out_channels, -1), conv.bias,
+                     residual.permute(0, 2, 3, 1), residual.permute(0, 2, 3, 1))
+        return residual
     op = onednn_conv_add_op()
     if (op is None or not cpu_float32_inference(x) or conv.weight.dtype != torch.float32
             or residual.dtype != torch.float32 or not (is_channels_last(x) and is_channels_last(residual))
@@ -138,24 +145,41 @@ def conv_plus(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = 
     """``conv(x) + residual`` (just ``conv(x)`` without one), a new tensor. At CPU float32 inference
     on channels-last maps a 3x3 convolution (stride 1, padding 1, channels multiples of 8) runs the
     CPU kernels' Winograd F(2x2, 3x3) (``conv3x3``), adding the residual as it writes its output:
-    ESC's 64 -> 64 at 180x320, 2 threads, Xeon: 8.0 ms against oneDNN's 13.2 ms."""
-    op = conv3x3_op() if _winograd_applies(conv, x, residual) else None
+    ESC's 64 -> 64 at 180x320, 2 threads, Xeon: 8.0 ms against oneDNN's 13.2 ms. In the AVX2 build a
+    1x1 one (stride 1, no padding, output channels a multiple of 8) runs ``conv1x1``, GEMMs of the
+    CPU kernels (see ``conv1x1_preferred``)."""
+    if _conv1x1_applies(conv, x, residual):
+        op = conv1x1_op()
+    else:
+        op = conv3x3_op() if _winograd_applies(conv, x, residual) else None
     if op is None:
         return conv(x) if residual is None else accumulate(conv(x), residual)
     b, _, h, w = x.shape
     out = x.new_empty(b, h, w, conv.out_channels)
-    op(x.permute(0, 2, 3, 1), conv.weight, conv.bias, None if residual is None else residual.permute(0, 2, 3, 1), out)
+    weight = conv.weight.view(conv.out_channels, -1) if conv.kernel_size == (1, 1) else conv.weight
+    op(x.permute(0, 2, 3, 1), weight, conv.bias, None if residual is None else residual.permute(0, 2, 3, 1), out)
     return out.permute(0, 3, 1, 2)
 
 
-def _winograd_applies(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+def _residual_fits(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     b, _, h, w = x.shape
+    return residual is None or (residual.dtype == torch.float32 and is_channels_last(residual)
+                                and residual.shape == (b, conv.out_channels, h, w))
+
+
+def _winograd_applies(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     return (cpu_float32_inference(x) and is_channels_last(x) and conv.weight.dtype == torch.float32
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == 'zeros'
             and conv.bias is not None and conv.in_channels % 8 == 0 and conv.out_channels % 8 == 0
-            and (residual is None or (residual.dtype == torch.float32 and is_channels_last(residual)
-                                      and residual.shape == (b, conv.out_channels, h, w))))
+            and _residual_fits(conv, x, residual))
+
+
+def _conv1x1_applies(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    return (cpu_float32_inference(x) and is_channels_last(x) and conv.weight.dtype == torch.float32
+            and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+            and conv.groups == 1 and conv.bias is not None and conv.out_channels % 8 == 0
+            and _residual_fits(conv, x, residual) and conv1x1_preferred())
 
 
 # elements per chunk of to_channels_first: a (chunk, C) -> (C, chunk) transpose that stays in
@@ -729,15 +753,15 @@ class WindowAttention(nn.Module):
                residual: torch.Tensor | None) -> torch.Tensor:
         """The fused CPU kernel, in image layout: the kernel reads the padded windows' keys where
         the reflection maps them, so no padded copy, window gather or scatter is made. The 1x1
-        projections run as oneDNN convolutions on channels-last maps (ESC at 180x320: 4.5 and
+        projections run as convolutions on channels-last maps (``conv_plus`` / ``conv_accumulate``:
+        oneDNN's, or the kernels' ``conv1x1`` in the AVX2 build; Xeon, oneDNN, ESC at 180x320: 4.5 and
         1.7 ms against 5.8 and 2.4 ms as matrix products)."""
         b, _, h, w = x.shape
         ws, heads, c = self.window_size, self.num_heads, self.dim // self.num_heads
         pixels = x.permute(0, 2, 3, 1)
         if norm is not None:
             pixels = norm.normalize_last_dim(pixels)
-        qkv = F.conv2d(pixels.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last), self.to_qkv.weight,
-                       self.to_qkv.bias)
+        qkv = conv_plus(self.to_qkv, pixels.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
         q, k, v = qkv.permute(0, 2, 3, 1).contiguous().view(b, h, w, 3, heads, c).unbind(3)
         out = qkv.new_empty(b, h, w, heads, c)
         table = self.relative_position_bias.detach().view(heads, 2 * ws - 1, 2 * ws - 1)
