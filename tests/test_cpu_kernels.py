@@ -612,6 +612,8 @@ def test_conv1x1_kernel_rejects_what_it_cannot_compute(op):
     shared = torch.zeros(2, 1, 4, 5, 8)  # two (1, 4, 5, 8) maps in one storage
     with pytest.raises(RuntimeError, match='residual must be out itself or not share its storage'):
         conv1x1_op()(x, weight, bias, shared[1], shared[0])
+    with pytest.raises(RuntimeError, match="out must not share x's storage"):
+        conv1x1_op()(shared[0], torch.randn(8, 8), bias, None, shared[0])
     with pytest.raises(RuntimeError, match='contiguous float32 CPU tensors only'):
         conv1x1_op()(x.transpose(1, 2), weight, bias, None, out.transpose(1, 2))
 

@@ -39,6 +39,7 @@ void conv1x1(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bi
                   && out.size(2) == x.size(2) && out.size(3) == outs,
               shapes);
   TORCH_CHECK(outs % 8 == 0, "conv1x1: output channels must be a multiple of 8, got ", outs);
+  TORCH_CHECK(!x.is_alias_of(out), "conv1x1: out must not share x's storage");
   const float* rp = nullptr;
   if (residual.has_value()) {
     TORCH_CHECK(residual->sizes() == out.sizes() && residual->is_contiguous() && residual->device().is_cpu()
