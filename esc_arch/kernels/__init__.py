@@ -40,7 +40,7 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / 'window_attention_cpu.cpp', HERE / 'conv_ffn_cpu.cpp', HERE / 'spectral_cpu.cpp',
            HERE / 'conv_attn_cpu.cpp', HERE / 'layer_norm_cpu.cpp', HERE / 'conv3x3_cpu.cpp',
            HERE / 'conv1x1_cpu.cpp']
-HEADERS = [HERE / 'vec.h', HERE / 'gemm.h']
+HEADERS = [HERE / 'vec.h', HERE / 'gemm.h', HERE / 'parallel.h']
 ENV_SWITCH = 'ESC_CPU_KERNELS'
 logger = logging.getLogger(__name__)
 

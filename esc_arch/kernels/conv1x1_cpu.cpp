@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "parallel.h"
 #include "vec.h"
 
 namespace {
@@ -60,8 +61,8 @@ void conv1x1(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bi
   const float* xp = x.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, (pixels + kPixels - 1) / kPixels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
+  dynamic_for((pixels + kPixels - 1) / kPixels, 1, [&](const auto& claim) {
+    for (int64_t task, next; claim(task, next);) {
       const int64_t p0 = task * kPixels, count = std::min(kPixels, pixels - p0);
       const float* add = rp ? rp + p0 * outs : nullptr;
       if (outs % Wide::n == 0) gemm<Wide>(xp + p0 * in, in, count, wt, ld, in, outs, bp, op + p0 * outs, outs, add);
