@@ -19,7 +19,7 @@ One library of float32 kernels:
 
 The library is built for the CPU's vector ISA: AVX-512 where PyTorch itself runs AVX-512 code,
 else AVX2 + FMA (``ESC_CPU_KERNELS=avx2`` forces the AVX2 build, e.g. to compare the two). The
-first use on a machine compiles it (about 30 s with g++; cached in PyTorch's extensions folder,
+first use on a machine compiles it (30-60 s with g++; cached in PyTorch's extensions folder,
 ``TORCH_EXTENSIONS_DIR`` moves it); later processes load the cached library. Where it cannot be
 built or run (no C++ compiler, a CPU without AVX2, ``ESC_CPU_KERNELS=0``) the accessors return
 None after one warning and the layers use PyTorch's operators, which compute the same values.
@@ -80,7 +80,7 @@ def _build() -> tuple[bool, str | None]:
         return False, f'this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) has no AVX2'
     # the loader rebuilds when a source or a flag changes; the digest makes a header change one too
     digest = hashlib.sha1(b''.join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
-    logger.info(f'esc_arch: loading the CPU kernels ({isa}; compiled once per machine, ~30 s)')
+    logger.info(f'esc_arch: loading the CPU kernels ({isa}; compiled once per machine, ~30-60 s)')
     quiet = logging.getLogger('torch.utils.cpp_extension')  # "No CUDA runtime is found" on CPU machines
     level = quiet.level
     quiet.setLevel(logging.ERROR)
