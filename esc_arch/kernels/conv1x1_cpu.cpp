@@ -61,8 +61,8 @@ void conv1x1(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bi
   const float* xp = x.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  dynamic_for((pixels + kPixels - 1) / kPixels, 1, [&](const auto& claim) {
-    for (int64_t task, next; claim(task, next);) {
+  dynamic_for((pixels + kPixels - 1) / kPixels, [&](const auto& claim) {
+    for (int64_t task; claim(task);) {
       const int64_t p0 = task * kPixels, count = std::min(kPixels, pixels - p0);
       const float* add = rp ? rp + p0 * outs : nullptr;
       if (outs % Wide::n == 0) gemm<Wide>(xp + p0 * in, in, count, wt, ld, in, outs, bp, op + p0 * outs, outs, add);

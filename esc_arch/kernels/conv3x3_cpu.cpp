@@ -150,11 +150,11 @@ void conv3x3(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bi
   const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const bool wide_in = in % Wide::n == 0, wide_out = outs % Wide::n == 0;  // else vectors of 8
-  dynamic_for(batch * rows * blocks, 1, [&](const auto& claim) {
+  dynamic_for(batch * rows * blocks, [&](const auto& claim) {
     std::vector<Wide::T> buf((16 * block * (in + outs)) / Wide::n + 1);
     float* v = reinterpret_cast<float*>(buf.data());
     float* m = v + 16 * block * in;
-    for (int64_t task, next; claim(task, next);) {
+    for (int64_t task; claim(task);) {
       const int64_t b = task / (rows * blocks), ty = task / blocks % rows, tx0 = task % blocks * block;
       const int64_t count = std::min(block, tiles - tx0);
       if (count <= 0) continue;  // blocks x block may pass the row's end

@@ -58,11 +58,11 @@ void mix(const at::Tensor& signal, const at::Tensor& rows, const at::Tensor& col
   const float* gp = rows.data_ptr<float>();
   const float* cp = cols.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  dynamic_for(batch * height, 1, [&](const auto& claim) {
+  dynamic_for(batch * height, [&](const auto& claim) {
     // cols zero-padded to whole vectors; a row's last, partial vector of signal (all channels) and output
     std::vector<float> cpad(TAPS * padded, 0.0f), tail_in(in * 2 * N, 0.0f), tail_out(2 * N);
     for (int t = 0; t < TAPS; ++t) std::copy(cp + t * width, cp + (t + 1) * width, cpad.begin() + t * padded);
-    for (int64_t task, next; claim(task, next);) {
+    for (int64_t task; claim(task);) {
       const int64_t b = task / height, u = task % height;
       const float* s = sp + (b * in * height + u) * width * 2;  // signal[b, 0, u, 0]
       float* o = op + (b * outs * height + u) * width * 2;      // out[b, 0, u, 0]

@@ -204,7 +204,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
     float* vbuf = kpan + C * nk;
     float* s = vbuf + C * nk;
     float* qbuf = s + B::rows * ss;
-    for (int64_t pair, next; claim(pair, next);) {  // one pair at a time (grain 1: next = pair + 1)
+    for (int64_t pair; claim(pair);) {
       const int64_t h = pair % heads, wc = pair / heads % nw, wr = pair / heads / nw % nh, b = pair / heads / nw / nh;
       // keys: every pixel of the padded window, read where the padding maps it in the image
       const float* kg = kd + b * kb + h * kh;
@@ -258,7 +258,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   // competing with the pool's spinning workers. ESC's layer at 180x320, 2 threads, AMD EPYC, medians
   // of 5 alternating: a static split at equal query counts 129.1-135.9 ms, this 128.2-130.2 ms; with
   // a busy loop on one of the two cores 225.4-228.8 vs 179.3-212.5 ms.
-  dynamic_for(pairs, 1, work);
+  dynamic_for(pairs, work);
 }
 
 std::vector<int64_t> padded_index(const at::Tensor& index, int64_t w, int64_t size, const char* name) {
