@@ -30,6 +30,7 @@ one, for every arch alike (``--no-pad`` turns this off for archs that pad themse
 """
 from __future__ import annotations
 
+import collections
 import copy
 import datetime
 import json
@@ -129,7 +130,8 @@ def arch_spec(text: str) -> dict:
     name, _, opts = text.partition(':')
     name = name.strip()
     check_arch_name(name)
-    return {'label': name, 'type': name, 'options': parse_options(opts), 'source': f'--arch {text}'}
+    return {'label': name, 'type': name, 'options': parse_options(opts), 'source': f'--arch {text}',
+            'variant': opts.strip()}
 
 
 def preset_spec(text: str, scale: int) -> dict:
@@ -144,7 +146,8 @@ def preset_spec(text: str, scale: int) -> dict:
     arch_type, options = PRESETS[name]
     options = {**options, PRESET_SCALE_KEY[arch_type]: scale, **parse_options(overrides)}
     check_arch_name(arch_type)
-    return {'label': name, 'type': arch_type, 'options': options, 'source': f'--preset {text}'}
+    return {'label': name, 'type': arch_type, 'options': options, 'source': f'--preset {text}',
+            'variant': overrides.strip()}
 
 
 def opt_spec(path: str) -> dict:
@@ -376,6 +379,8 @@ def measure(spec: dict, settings: dict) -> dict:
     flops = count_flops(model, inp)  # after the memory reading: its fallback path runs a real forward
     check = None
     if reference_model is not None:
+        if hasattr(reference_model, 'set_attn_type'):  # float64 values; no need of the timed backend
+            reference_model.set_attn_type('sdpa')  # (flex on CUDA would compile a float64 kernel)
         with torch.inference_mode():
             reference = reference_model.double().to(device)(x.to(device, torch.float64))
         check = (out.double() - reference).abs().max().item()
@@ -387,6 +392,9 @@ def measure(spec: dict, settings: dict) -> dict:
         'output_size': list(out.shape[-2:]), 'scale': out.shape[-1] / x.shape[-1],
         'device': str(device), 'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
         'dtype': settings['dtype'], 'threads': threads, 'deployed': deployed, 'attention_backends': attention,
+        # PyTorch's defaults: cuDNN convolutions in TF32 (fp32 inputs, 10-bit mantissa products), matmuls not
+        'cuda_tf32': {'cudnn': torch.backends.cudnn.allow_tf32,
+                      'matmul': torch.backends.cuda.matmul.allow_tf32} if device.type == 'cuda' else None,
         'fused_kernel_isa': fused_isa,
         'torch_version': torch.__version__, 'esc_arch_version': esc_arch.__version__,
         'python': platform.python_version(),
@@ -502,16 +510,28 @@ def format_table(records: list[dict]) -> str:
     return '\n'.join(lines)
 
 
+def unique_labels(specs: list[dict]) -> list[dict]:
+    """Make the labels unique, so records and plot points can be told apart: a name given more
+    than once gets its options (``esc:attn_type=flex`` next to ``esc:attn_type=sdpa``), then a
+    number if need be (``esc#2``)."""
+    counts = collections.Counter(spec['label'] for spec in specs)
+    for spec in specs:
+        if counts[spec['label']] > 1 and spec.get('variant'):
+            spec['label'] = f"{spec['label']}:{spec['variant']}"
+    seen = {}
+    for spec in specs:
+        seen[spec['label']] = seen.get(spec['label'], 0) + 1
+        if seen[spec['label']] > 1:
+            spec['label'] = f"{spec['label']}#{seen[spec['label']]}"
+    return specs
+
+
 def run_benchmarks(specs: list[dict], settings: dict, out_dir: str | None = None, progress: bool = True,
                    timeout: float | None = None) -> list[dict]:
     """Measure every spec in its own child process; write one JSON record each into ``out_dir``."""
     from tqdm import tqdm
     validate_settings(settings)
-    seen = {}
-    for spec in specs:  # unique labels, so records and plot points can be told apart
-        seen[spec['label']] = seen.get(spec['label'], 0) + 1
-        if seen[spec['label']] > 1:
-            spec['label'] = f"{spec['label']}#{seen[spec['label']]}"
+    unique_labels(specs)
     records = []
     bar = tqdm(specs, desc='bench', unit='arch', disable=not progress)
     for spec in bar:

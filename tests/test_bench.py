@@ -181,3 +181,13 @@ def test_cli_end_to_end_with_preset(tmp_path):
     assert record['arch'] == 'esc' and record['type'] == 'ESC' and record['options']['upscaling_factor'] == 4
     assert record['output_size'] == [64, 64] and len(record['latencies_ms']) == 2
     assert record['peak_memory_mb'] is not None
+
+
+def test_repeated_archs_are_labelled_by_their_options():
+    specs = [benchmark.preset_spec('esc:attn_type=flex', 4), benchmark.preset_spec('esc:attn_type=sdpa', 4),
+             benchmark.preset_spec('esc-light', 4), benchmark.arch_spec(TINY_EDSR), benchmark.arch_spec(TINY_EDSR)]
+    labels = [spec['label'] for spec in benchmark.unique_labels(specs)]
+    assert labels[:3] == ['esc:attn_type=flex', 'esc:attn_type=sdpa', 'esc-light']
+    tail = TINY_EDSR.partition(':')[2]
+    assert labels[3:] == [f'EDSR:{tail}', f'EDSR:{tail}#2']  # the same options twice: numbered
+    assert len({benchmark._safe_name(label) for label in labels}) == len(labels)
