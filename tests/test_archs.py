@@ -247,6 +247,27 @@ def test_eval_keeps_the_attention_bias_until_the_table_changes():
         assert attn._bias is not None and attn._bias.dtype == torch.float64
 
 
+def test_model_built_and_loaded_under_inference_mode():
+    """Parameters made under inference_mode have no version counter: such a model still runs,
+    and sees in-place changes to its tables (it does not keep the bias then)."""
+    state = randomize_(ESC(**tiny_config())).state_dict()
+    x = torch.rand(1, 3, 9, 10, dtype=torch.float64)
+    expected = ESC(**tiny_config()).double().eval()
+    expected.load_state_dict(state)
+    with torch.inference_mode():
+        model = ESC(**tiny_config())
+        model.load_state_dict(state)
+        model = model.double().eval()
+        assert (model(x) - expected(x).detach()).abs().max().item() <= 1e-12
+        for param in model.parameters():
+            param.mul_(0.9)
+        changed = model(x)
+    with torch.no_grad():
+        for param in expected.parameters():
+            param.mul_(0.9)
+        assert (changed - expected(x)).abs().max().item() <= 1e-12
+
+
 def test_deployment_flag_and_loading_after_deploy():
     reference = randomize_(ESC(**tiny_config()), seed=3).double().eval()
     x = torch.rand(1, 3, 7, 9, dtype=torch.float64)

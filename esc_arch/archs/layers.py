@@ -680,6 +680,9 @@ class WindowAttention(nn.Module):
         table = self.relative_position_bias
         if torch.is_grad_enabled() and table.requires_grad:
             return relative_position_bias(table, self.window_size)
+        if table.is_inference():  # made under inference_mode: no version counter to see changes by
+            self._drop_bias()
+            return relative_position_bias(table, self.window_size)
         state = (table.data_ptr(), table._version, table.dtype, table.device)
         if self._bias is not None and self._bias_source[0] is table and self._bias_source[1] == state:
             return self._bias
