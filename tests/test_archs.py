@@ -552,3 +552,18 @@ def test_conv_accumulate_adds_into_the_residual_at_inference(kernel_size, channe
     grad_out = conv_accumulate(kept, conv, x)  # autograd on: a new tensor, residual untouched
     assert grad_out.requires_grad and grad_out.data_ptr() != kept.data_ptr()
     assert (grad_out.double() - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize('scale', [2, 3, 4])
+def test_pixel_shuffle_and_repeat_channels_in_both_layouts(scale):
+    from esc_arch.archs.layers import pixel_shuffle, repeat_channels
+    x = torch.rand(2, 3 * scale * scale, 5, 7, dtype=torch.float64)
+    expected = F.pixel_shuffle(x, scale)
+    image = torch.rand(2, 3, 5, 7, dtype=torch.float64)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = x.contiguous(memory_format=layout)
+        out = pixel_shuffle(y, scale)
+        assert out.is_contiguous() and torch.equal(out, expected)
+        repeated = repeat_channels(image, scale * scale, like=y)
+        assert torch.equal(repeated, torch.repeat_interleave(image, scale * scale, dim=1))
+        assert repeated.is_contiguous(memory_format=layout)

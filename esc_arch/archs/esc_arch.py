@@ -3,7 +3,6 @@ import logging
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 
 from .layers import (
@@ -13,6 +12,8 @@ from .layers import (
     PartialConvAttn,
     WindowAttention,
     conv_plus,
+    pixel_shuffle,
+    repeat_channels,
     resample_subpixel_conv,
     symmetrize_filter,
 )
@@ -78,8 +79,9 @@ class ESC(SharedFilterTrunk):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.upscaling_factor
-        out = conv_plus(self.to_img, self.features(x)) + torch.repeat_interleave(x, scale * scale, dim=1)
-        return F.pixel_shuffle(out, scale).contiguous()
+        feat = self.features(x)
+        # the input repeated per sub-pixel is added at LR, as the conv writes (CPU inference: one pass fewer)
+        return pixel_shuffle(conv_plus(self.to_img, feat, repeat_channels(x, scale * scale, like=feat)), scale)
 
 
 def _resample_to_img_hook(module, state_dict, prefix, *args):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 
 from .esc_arch import _resample_to_img_hook
-from .layers import DecomposedConvolutionalAttention, ESCTrunk, conv_plus
+from .layers import DecomposedConvolutionalAttention, ESCTrunk, accumulate, conv_plus, pixel_shuffle
 
 
 @ARCH_REGISTRY.register()
@@ -35,5 +35,5 @@ class ESCFP(ESCTrunk):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.upscaling_factor
-        out = F.pixel_shuffle(conv_plus(self.to_img, self.features(x)), scale)
-        return (out + F.interpolate(x, scale_factor=scale, mode='bicubic')).contiguous()
+        out = pixel_shuffle(conv_plus(self.to_img, self.features(x)), scale)
+        return accumulate(out, F.interpolate(x, scale_factor=scale, mode='bicubic'))

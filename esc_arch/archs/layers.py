@@ -141,6 +141,25 @@ def conv_accumulate(residual: torch.Tensor | None, conv: nn.Conv2d, x: torch.Ten
               conv.groups, 'add', 1.0, None, [], None)
 
 
+def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """``F.pixel_shuffle(x, scale)``, contiguous. On a channels-last map (the CPU inference layout)
+    it is one copy, where PyTorch's pixel_shuffle and ``.contiguous()`` copy twice."""
+    if not is_channels_last(x):
+        return F.pixel_shuffle(x, scale).contiguous()
+    b, c, h, w = x.shape
+    planes = c // (scale * scale)
+    pixels = x.permute(0, 2, 3, 1).reshape(b, h, w, planes, scale, scale)
+    return pixels.permute(0, 3, 1, 4, 2, 5).reshape(b, planes, h * scale, w * scale)
+
+
+def repeat_channels(x: torch.Tensor, repeats: int, like: torch.Tensor) -> torch.Tensor:
+    """``torch.repeat_interleave(x, repeats, dim=1)`` in ``like``'s memory layout (so a channels-last
+    one can be the residual that ``conv_plus`` adds as it writes)."""
+    if not is_channels_last(like):
+        return torch.repeat_interleave(x, repeats, dim=1)
+    return x.permute(0, 2, 3, 1).repeat_interleave(repeats, dim=-1).permute(0, 3, 1, 2)
+
+
 def conv_plus(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``conv(x) + residual`` (just ``conv(x)`` without one), a new tensor. At CPU float32 inference
     on channels-last maps a 3x3 convolution (stride 1, padding 1, channels multiples of 8) runs the
