@@ -19,9 +19,11 @@ export PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" ESC_SHARED="$
 # flex compiles are CPU-bound: spread the tests over 4 processes where pytest-xdist is installed
 parallel=(); python3 -c "import xdist" 2>/dev/null && parallel=(-n 4)
 timeout 240 python3 -m pytest -q -p no:cacheprovider -rfEs "${parallel[@]}" tests/test_cuda.py 2>&1 | tee "$dest/tests.log"
-bench() {
+bench() {  # bench DTYPE ARGS...: one folder of records (and one plot) per dtype
+  local dtype=$1
+  shift
   timeout 150 python3 -m esc_arch.cli bench --device cuda --scale 4 --lr-size 180x320 --runs 20 --warmup 3 --check \
-    --no-progress --out "$work/cuda_$1" --dtype "$@" 2>&1 | tee -a "$dest/bench.log"
+    --no-progress --out "$work/cuda_$dtype" --dtype "$dtype" "$@" 2>&1 | tee -a "$dest/bench.log"
 }
 # most wanted first (the device time may run out): ESC's backends, then the other archs
 for dtype in fp32 fp16 bf16; do
