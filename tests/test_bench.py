@@ -158,6 +158,22 @@ def test_fp16_on_cpu_is_a_clear_error(capsys):
     assert 'fp16' in err and 'CUDA' in err and 'Traceback' not in err
 
 
+def test_bf16_where_it_is_slow_warns_before_measuring(capsys, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
+
+    def stop(*args, **kwargs):
+        raise benchmark.BenchError('stopped before measuring')
+    monkeypatch.setattr(benchmark, 'run_benchmarks', stop)
+    assert cli_main(['bench', '--arch', TINY_EDSR, '--dtype', 'bf16']) == 2
+    err = capsys.readouterr().err
+    assert 'warning: bf16 on this CPU is ~100x slower than fp32' in err and 'stopped before measuring' in err
+    assert cli_main(['bench', '--arch', TINY_EDSR, '--dtype', 'fp32']) == 2
+    assert 'warning' not in capsys.readouterr().err
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: True)
+    assert cli_main(['bench', '--arch', TINY_EDSR, '--dtype', 'bf16']) == 2
+    assert 'warning' not in capsys.readouterr().err
+
+
 def test_child_process_memory_is_positive():
     # x4 from 128x128: the 512x512x3 fp32 output alone must be resident at the peak
     spec = benchmark.arch_spec('EDSR:num_in_ch=3,num_out_ch=3,num_feat=8,num_block=1,upscale=4')

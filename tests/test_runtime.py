@@ -26,3 +26,49 @@ def test_tuned_allocator_reuses_memory_instead_of_faulting_it_in():
         assert out.returncode == 0, out.stderr[-2000:]
         faults[mode] = int(out.stdout.split()[-1])
     assert faults['tuned'] * 3 < faults['plain'], faults
+
+
+def _bf16_over_fp32_time(runs=3):
+    """How many times slower a 3x3 conv (32 -> 32 channels, 64x64) runs in bf16 than in fp32 here."""
+    import time
+
+    import torch
+    conv, x = torch.nn.Conv2d(32, 32, 3, padding=1), torch.randn(1, 32, 64, 64)
+    seconds = {}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            layer, inp = conv.to(dtype), x.to(dtype)
+            layer(inp)
+            start = time.perf_counter()
+            for _ in range(runs):
+                layer(inp)
+            seconds[dtype] = time.perf_counter() - start
+    return seconds[torch.bfloat16] / seconds[torch.float32]
+
+
+def test_slow_bf16_warning_says_what_this_cpu_does():
+    from esc_arch.runtime import slow_bf16_warning
+    warning = slow_bf16_warning('cpu')
+    ratio = _bf16_over_fp32_time()
+    if warning is None:  # oneDNN runs bf16 here: no reference-path slowdown (measured ~140x where it does)
+        assert ratio < 10, ratio
+    else:
+        assert 'bf16' in warning and 'fp32' in warning
+        assert ratio > 10, ratio
+    assert slow_bf16_warning('cuda') is None
+
+
+def test_slow_bf16_warning_follows_pytorchs_onednn_check(monkeypatch):
+    import torch
+
+    from esc_arch.models.esr_model import resolve_amp
+    from esc_arch.runtime import slow_bf16_warning
+    logged = []
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: True)
+    assert slow_bf16_warning('cpu') is None
+    assert resolve_amp('bf16', torch.device('cpu'), log=logged.append) == (torch.bfloat16, False) and not logged
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
+    assert 'slow' in slow_bf16_warning('cpu')
+    assert resolve_amp('bf16', torch.device('cpu'), log=logged.append) == (torch.bfloat16, False)
+    assert len(logged) == 1 and logged[0].startswith('train.amp: bf16 on this CPU')
+    assert resolve_amp(False, torch.device('cpu'), log=logged.append) == (None, False) and len(logged) == 1

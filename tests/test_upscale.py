@@ -138,6 +138,10 @@ def test_cli_errors(tmp_path, esc_pth, images, capsys, monkeypatch):
     assert len(err) == 1 and 'not an ESC checkpoint' in err[0]
     assert main(['upscale', '-i', str(folder), '-o', str(folder), '-m', esc_pth]) == 2
     assert 'input folder' in capsys.readouterr().err
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
+    assert main(['upscale', '-i', str(folder), '-o', out, '-m', esc_pth, '--precision', 'bf16',
+                 '--device', 'cpu', '--overwrite']) == 1  # 1: the folder's corrupt image
+    assert 'warning: bf16 on this CPU is ~100x slower than fp32' in capsys.readouterr().err
 
 
 def test_escfp_checkpoint_with_tiles(tmp_path, images, capsys):

@@ -9,6 +9,7 @@ import os
 import sys
 
 from esc_arch import benchmark
+from esc_arch.runtime import slow_bf16_warning
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
         settings = {'lr_size': lr_size, 'device': args.device, 'dtype': args.dtype, 'runs': args.runs,
                     'warmup': args.warmup, 'threads': args.threads, 'check': args.check, 'seed': args.seed,
                     'pad': not args.no_pad}
+        benchmark.validate_settings(settings)
+        if settings['dtype'] == 'bf16' and (warning := slow_bf16_warning(settings['device'])):
+            print(f'basicsr bench: warning: {warning}', file=sys.stderr)
         records = benchmark.run_benchmarks(specs, settings, out_dir=args.out, progress=not args.no_progress,
                                            timeout=args.timeout)
     except benchmark.BenchError as err:

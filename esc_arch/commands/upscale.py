@@ -31,9 +31,12 @@ def _warn(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     import esc_arch
     from esc_arch.inference import InferenceError, Upscaler, is_image_path, read_image, resolve_device, write_image
     from esc_arch.loading import CheckpointError
+    from esc_arch.runtime import slow_bf16_warning
 
     source, out_dir = Path(args.input), Path(args.output)
     if not source.exists():
@@ -52,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, InferenceError) as exc:
         _error(str(exc))
         return 2
+    if upscaler.dtype == torch.bfloat16 and (warning := slow_bf16_warning(device)):
+        _warn(warning)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -34,6 +34,7 @@ from ..archs import ESC, ESCFP
 from ..archs.layers import reflect_pad_to_multiple, resample_subpixel_conv
 from ..fileio import atomic_path, remove_stale_temp_files
 from ..loading import read_state_dict
+from ..runtime import slow_bf16_warning
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16,
               'half': torch.float16}
@@ -78,6 +79,8 @@ def resolve_amp(setting, device: torch.device, log=None):
         if log:
             log('train.amp: this GPU has no bf16; using fp16 with a GradScaler.')
         dtype = torch.float16
+    if dtype == torch.bfloat16 and log and (warning := slow_bf16_warning(device)):
+        log(f'train.amp: {warning}')
     return dtype, dtype == torch.float16
 
 
