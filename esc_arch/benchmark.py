@@ -200,6 +200,15 @@ def validate_settings(settings: dict) -> None:
         raise BenchError('--threads must be >= 1')
 
 
+def import_user_archs(settings: dict) -> None:
+    """The modules of ``--import`` (``settings['imports']``), in this process too."""
+    from .plugins import PluginImportError, import_arch_modules
+    try:
+        import_arch_modules(settings.get('imports'))
+    except PluginImportError as err:
+        raise BenchError(str(err)) from None
+
+
 # --------------------------------------------------------------------------------------
 # measurements (these run inside the child process)
 # --------------------------------------------------------------------------------------
@@ -320,6 +329,7 @@ def measure(spec: dict, settings: dict) -> dict:
     from esc_arch.kernels import kernel_isa
 
     validate_settings(settings)
+    import_user_archs(settings)
     threads = settings.get('threads') or os.cpu_count()
     torch.set_num_threads(threads)
     device = torch.device(settings['device'])
@@ -387,6 +397,7 @@ def measure(spec: dict, settings: dict) -> dict:
 
     return {
         'arch': spec['label'], 'type': spec['type'], 'options': spec['options'], 'source': spec['source'],
+        'imports': settings.get('imports') or [],
         'params': params, **flops, 'gflops': flops['flops'] / 1e9, 'macs': flops['flops'] // 2,
         'lr_size': [lr_h, lr_w], 'input_size': list(x.shape[-2:]), 'pad_multiple': multiple,
         'output_size': list(out.shape[-2:]), 'scale': out.shape[-1] / x.shape[-1],

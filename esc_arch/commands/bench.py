@@ -9,6 +9,7 @@ import os
 import sys
 
 from esc_arch import benchmark
+from esc_arch.plugins import PluginImportError, import_arch_modules
 from esc_arch.runtime import slow_bf16_warning
 
 
@@ -19,12 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      '  basicsr bench --arch ESC:dim=64,pdim=16,kernel_size=13,n_blocks=5,conv_blocks=5,'
                      'window_size=32,num_heads=4,upscaling_factor=4,exp_ratio=1.25\n'
                      '  basicsr bench --opt options/train_ESC_x4.yml --lr-size 48x64 --check\n'
+                     '  basicsr bench --import path/to/hitsr_arch.py --arch HiT_SRF:upscale=4 --preset esc\n'
                      f"presets: {', '.join(benchmark.PRESETS)} (overrides: --preset esc:n_blocks=3)")
     what = parser.add_argument_group('what to measure (any number, in order)')
     what.add_argument('--arch', action='append', default=[], metavar='NAME[:k=v,...]',
                       help='a registered arch and its constructor options, e.g. EDSR:num_feat=64,upscale=4')
     what.add_argument('--opt', action='append', default=[], metavar='YAML',
                       help='a BasicSR option file; its network_g section is measured')
+    what.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE|FILE.py|FOLDER',
+                      help='import your own arch module first (archs it registers into ARCH_REGISTRY become '
+                      'measurable, e.g. HiT-SR or MambaIR); a folder imports its *_arch.py files')
     what.add_argument('--preset', action='append', default=[], metavar='NAME[:k=v,...]',
                       help=f"a named config: {', '.join(benchmark.PRESETS)}")
     how = parser.add_argument_group('settings')
@@ -52,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        imports = import_arch_modules(args.imports)
+    except PluginImportError as err:
+        print(f'basicsr bench: error: {err}', file=sys.stderr)
+        return 2
+    try:
         specs = [benchmark.preset_spec(p, args.scale) for p in args.preset]
         specs += [benchmark.arch_spec(a) for a in args.arch]
         specs += [benchmark.opt_spec(o) for o in args.opt]
@@ -61,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         lr_size = benchmark.parse_size(args.lr_size) if args.lr_size else benchmark.default_lr_size(args.scale)
         settings = {'lr_size': lr_size, 'device': args.device, 'dtype': args.dtype, 'runs': args.runs,
                     'warmup': args.warmup, 'threads': args.threads, 'check': args.check, 'seed': args.seed,
-                    'pad': not args.no_pad}
+                    'pad': not args.no_pad, 'imports': imports}
         benchmark.validate_settings(settings)
         if settings['dtype'] == 'bf16' and (warning := slow_bf16_warning(settings['device'])):
             print(f'basicsr bench: warning: {warning}', file=sys.stderr)

@@ -1,0 +1,85 @@
+"""Importing the user's own arch modules (``--import``), so that archs outside BasicSR and
+esc-arch (HiT-SR, MambaIR, a model of one's own, ...) that register themselves with
+``@ARCH_REGISTRY.register()`` can be benchmarked, trained and tested like the built-in ones.
+
+An item is a module name (``hitsr.archs``, importable from ``sys.path``), a ``.py`` file, or a
+folder, whose ``*_arch.py`` files are imported in name order (BasicSR's own convention for
+``basicsr/archs``). A file is imported with its folder put first on ``sys.path``, so it can import
+its neighbours. Each item is imported once per process.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+
+_imported: dict[str, str] = {}  # resolved item -> module name
+
+
+class PluginImportError(ImportError):
+    """An ``--import`` item that cannot be imported; the message is one line naming it."""
+
+
+def _resolve(item: str) -> str:
+    """A path item as an absolute path; a module name as it is."""
+    if item.endswith('.py') or os.sep in item or (os.altsep and os.altsep in item) or os.path.exists(item):
+        path = os.path.abspath(os.path.expanduser(item))
+        if not os.path.exists(path):
+            raise PluginImportError(f'--import {item}: no such file or folder')
+        return path
+    return item
+
+
+def _import_file(path: str) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = f'esc_arch_user_{stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}'
+    folder = os.path.dirname(path)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise PluginImportError(f'--import {path}: not a Python file')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return name
+
+
+def _import_one(item: str) -> str:
+    if os.path.isdir(item):
+        files = sorted(f for f in os.listdir(item) if f.endswith('_arch.py'))
+        if not files:
+            raise PluginImportError(f'--import {item}: the folder has no *_arch.py files')
+        return ', '.join(_import_file(os.path.join(item, f)) for f in files)
+    if os.path.isabs(item):
+        return _import_file(item)
+    return importlib.import_module(item).__name__
+
+
+def import_arch_modules(items) -> list[str]:
+    """Import every item (see the module docstring); returns them resolved (absolute paths, module
+    names), as a child process can import them again. Raises ``PluginImportError`` naming the item
+    on any failure, including an arch that registers a name already taken."""
+    import esc_arch  # noqa: F401  (BasicSR importable, our archs registered, before the user's)
+    resolved = []
+    for item in items or ():
+        key = _resolve(str(item))
+        if key not in _imported:
+            try:
+                _imported[key] = _import_one(key)
+            except PluginImportError:
+                raise
+            except SyntaxError as exc:
+                raise PluginImportError(f'--import {item}: syntax error in {exc.filename}, line {exc.lineno}: '
+                                        f'{exc.msg}') from None
+            except Exception as exc:  # noqa: BLE001  (anything the user's module raises: one line)
+                first = (str(exc).strip().splitlines() or [''])[0]
+                raise PluginImportError(f'--import {item}: {type(exc).__name__}: {first}') from None
+        resolved.append(key)
+    return resolved

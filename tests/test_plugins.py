@@ -1,0 +1,117 @@
+"""``--import``: archs of the user's own modules are benchmarked, trained and tested like BasicSR's."""
+import json
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+from test_train import basicsr, make_pairs, paired, train_options, write_yaml
+
+from esc_arch.cli import main as cli_main
+from esc_arch.plugins import PluginImportError, import_arch_modules
+
+BLOCKS = '''
+import torch.nn as nn
+
+
+def conv3x3(cin, cout):
+    return nn.Conv2d(cin, cout, 3, padding=1)
+'''
+
+ARCH = '''
+import torch.nn as nn
+from basicsr.utils.registry import ARCH_REGISTRY
+
+from {blocks} import conv3x3  # a neighbour of this file
+
+
+@ARCH_REGISTRY.register()
+class {name}(nn.Module):
+    def __init__(self, num_feat=8, upscale=2):
+        super().__init__()
+        self.body = conv3x3(3, num_feat)
+        self.up = nn.Sequential(conv3x3(num_feat, 3 * upscale ** 2), nn.PixelShuffle(upscale))
+
+    def forward(self, x):
+        return self.up(self.body(x))
+'''
+
+
+def write_arch(folder: Path):
+    """A user's arch file (and a module it imports) registering a new arch; ARCH_REGISTRY is
+    global to the process, so every call names its arch afresh."""
+    tag = uuid.uuid4().hex[:8]
+    name, blocks = f'UserNet{tag}', f'user_blocks_{tag}'
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f'{blocks}.py').write_text(BLOCKS)
+    path = folder / f'user{tag}_arch.py'
+    path.write_text(ARCH.format(name=name, blocks=blocks))
+    return path, name
+
+
+def test_bench_measures_an_imported_arch(tmp_path, capsys):
+    path, name = write_arch(tmp_path / 'mine')
+    out = tmp_path / 'records'
+    assert cli_main(['bench', '--arch', name, '--lr-size', '8x12']) == 2  # not registered without --import
+    assert f"unknown arch '{name}'" in capsys.readouterr().err
+    code = cli_main(['bench', '--import', str(path), '--arch', f'{name}:num_feat=8,upscale=2', '--lr-size', '8x12',
+                     '--runs', '1', '--warmup', '0', '--out', str(out), '--no-progress', '--plot', ''])
+    assert code == 0, capsys.readouterr().err
+    [record] = [json.loads(p.read_text()) for p in out.glob('*.json')]  # measured in a child process
+    assert record['type'] == name and record['imports'] == [str(path)]
+    assert record['params'] == (3 * 8 * 9 + 8) + (8 * 12 * 9 + 12)
+    assert record['flops'] == 2 * 8 * 12 * (3 * 8 * 9 + 8 * 12 * 9)  # the two convs at LR size
+    assert record['output_size'] == [16, 24]
+
+
+def test_train_then_test_an_imported_arch(tmp_path):
+    data = make_pairs(tmp_path / 'data')
+    path, name = write_arch(tmp_path / 'mine')
+    opt = train_options(data, name='user', total_iter=2)
+    opt['network_g'] = dict(type=name, num_feat=8, upscale=4)
+    opt_file = write_yaml(tmp_path / 'train.yml', opt)
+    result = basicsr('train', '-opt', opt_file, cwd=tmp_path)
+    assert result.returncode == 2 and f"unknown arch '{name}'" in result.stderr
+    result = basicsr('train', '--import', tmp_path / 'mine', '-opt', opt_file, cwd=tmp_path)  # the folder
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = tmp_path / 'experiments' / 'user' / 'models' / 'net_g_latest.pth'
+    assert weights.is_file()
+    test_opt = dict(name='user_test', model_type='ESCSRModel', scale=4, num_gpu=0,
+                    datasets=dict(test_1=paired('usertest', data)), network_g=opt['network_g'],
+                    path=dict(pretrain_network_g=str(weights), param_key_g='params_ema', strict_load_g=True),
+                    val=dict(save_img=False, metrics=dict(psnr=dict(type='calculate_psnr', crop_border=4))))
+    result = basicsr('test', '--import', path, '-opt', write_yaml(tmp_path / 'test.yml', test_opt), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r'# psnr: \d+\.\d+', result.stdout + result.stderr)
+
+
+def test_import_errors_name_the_item(tmp_path, capsys):
+    broken = tmp_path / 'broken_arch.py'
+    broken.write_text('def f(:\n')
+    taken = tmp_path / 'taken_arch.py'  # registers a name BasicSR already has
+    taken.write_text('import torch.nn as nn\nfrom basicsr.utils.registry import ARCH_REGISTRY\n\n\n'
+                     '@ARCH_REGISTRY.register()\nclass EDSR(nn.Module):\n    pass\n')
+    (tmp_path / 'empty').mkdir()
+    cases = {'no_such_module_xyz': "No module named 'no_such_module_xyz'",
+             str(tmp_path / 'absent.py'): 'no such file or folder',
+             str(broken): 'syntax error in', str(taken): "'EDSR'",
+             str(tmp_path / 'empty'): 'no *_arch.py files'}
+    for item, expected in cases.items():
+        with pytest.raises(PluginImportError, match=re.escape(expected)) as info:
+            import_arch_modules([item])
+        assert str(info.value).startswith(f'--import {item}: ') and '\n' not in str(info.value)
+    assert cli_main(['bench', '--import', 'no_such_module_xyz', '--preset', 'esc']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "basicsr bench: error: --import no_such_module_xyz: ModuleNotFoundError: No module named " \
+                  "'no_such_module_xyz'"
+    assert cli_main(['train', '--import', str(broken), '-opt', str(tmp_path / 'x.yml')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('basicsr train: error: --import') and 'line 1' in err[0]
+
+
+def test_an_item_is_imported_once(tmp_path):
+    path, name = write_arch(tmp_path / 'mine')
+    first = import_arch_modules([str(path)])
+    assert import_arch_modules([str(path), str(path)]) == first * 2  # registering twice would raise
+    from basicsr.utils.registry import ARCH_REGISTRY
+    assert name in ARCH_REGISTRY
