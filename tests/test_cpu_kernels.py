@@ -505,15 +505,15 @@ def test_large_kernel_keeps_spectrum_factors_for_a_mirror_symmetric_filter(op):
 
 
 # ---- 3x3 convolution (Winograd) -------------------------------------------------------
-def conv3x3_check(b, h, w, cin, cout, residual, seed=0):
-    """Run the conv3x3 kernel on a channels-last input; its error against float64 conv2d (+ residual),
-    relative to the largest output."""
+def conv3x3_check(b, h, w, cin, cout, residual, seed=0, tile=2):
+    """Run the conv3x3 kernel (Winograd tiles of ``tile`` x ``tile`` outputs) on a channels-last input;
+    its error against float64 conv2d (+ residual), relative to the largest output."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(b, h, w, cin, generator=gen)
     weight, bias = torch.randn(cout, cin, 3, 3, generator=gen) / cin, torch.randn(cout, generator=gen)
     res = torch.randn(b, h, w, cout, generator=gen) if residual else None
     out = torch.full((b, h, w, cout), float('nan'))
-    conv3x3_op()(x, weight, bias, res, out)
+    conv3x3_op()(x, weight, bias, res, out, tile)
     expected = F.conv2d(x.double().permute(0, 3, 1, 2), weight.double(), bias.double(), padding=1).permute(0, 2, 3, 1)
     if residual:
         expected = expected + res.double()
@@ -525,8 +525,11 @@ def conv3x3_check(b, h, w, cin, cout, residual, seed=0):
     (1, 1, 1, 8, 8), (1, 1, 6, 24, 16), (1, 5, 1, 16, 24), (1, 2, 3, 40, 8),  # vectors of 8 and 16 mixed
     (2, 3, 601, 64, 64)])  # 301 tiles a row: runs of 101, 101, 99 (1 MB of scratch each)
 @pytest.mark.parametrize('residual', [False, True])
-def test_conv3x3_kernel_matches_float64_conv(op, b, h, w, cin, cout, residual):
-    assert conv3x3_check(b, h, w, cin, cout, residual) < 2e-6
+@pytest.mark.parametrize('tile', [2, 4])
+def test_conv3x3_kernel_matches_float64_conv(op, b, h, w, cin, cout, residual, tile):
+    # F(2x2, 3x3): points 0, +-1, the rounding of a direct sum (~1e-7); F(4x4, 3x3) also scales by 2, 4,
+    # 5, 8 and cancels more (~1e-6 at 64 channels)
+    assert conv3x3_check(b, h, w, cin, cout, residual, tile=tile) < (2e-6 if tile == 2 else 5e-6)
 
 
 def test_conv3x3_kernel_rejects_what_it_cannot_compute(op):
@@ -541,6 +544,22 @@ def test_conv3x3_kernel_rejects_what_it_cannot_compute(op):
         conv3x3_op()(x, weight, bias, torch.randn(1, 4, 5, 16), out)
     with pytest.raises(RuntimeError, match='contiguous float32 CPU tensors only'):
         conv3x3_op()(x.double(), weight.double(), bias.double(), None, out.double())
+    with pytest.raises(RuntimeError, match='tile must be 0'):
+        conv3x3_op()(x, weight, bias, None, out, 3)
+
+
+@pytest.mark.parametrize('size, tile', [((9, 11), 2), ((80, 80), 4), ((40, 200), 4)])
+def test_conv_plus_picks_the_winograd_tile_by_size(op, size, tile, monkeypatch):
+    real, tiles = layers.conv3x3_op(), []
+    monkeypatch.setattr(layers, 'conv3x3_op', lambda: lambda *args: (tiles.append(args[-1]), real(*args)))
+    torch.manual_seed(5)
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    x = torch.randn(1, 16, *size)
+    with torch.no_grad():
+        out = conv_plus(conv, x.contiguous(memory_format=torch.channels_last))
+    assert tiles == [tile] and (tile == 4) == (size[0] * size[1] >= layers.WINOGRAD_F4_MIN_PIXELS)
+    expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert (out.double() - expected).abs().max().item() < 5e-6 * expected.abs().max().item()
 
 
 def test_conv_plus_uses_the_kernel_only_for_channels_last_inference(op, monkeypatch):
@@ -716,7 +735,8 @@ def test_the_avx2_build_on_an_avx512_cpu(op):
             ref = checks.spectral_mix_reference(signal, rows, cols)
             errors.append((torch.view_as_complex(out).cdouble() - ref).abs().max().item() / 10)
         for b, h, w, cin, cout in ((1, 9, 11, 64, 64), (2, 4, 3, 16, 24)):  # vectors of 8 and 16 mixed
-            errors.append(checks.conv3x3_check(b, h, w, cin, cout, residual=True))
+            for tile in (2, 4):
+                errors.append(checks.conv3x3_check(b, h, w, cin, cout, residual=True, tile=tile))
         print('max error', max(errors))
         assert all(e < 2e-5 for e in errors), errors  # a NaN error fails too
     ''')

@@ -81,7 +81,8 @@ class ESC(SharedFilterTrunk):
         scale = self.upscaling_factor
         feat = self.features(x)
         # the input repeated per sub-pixel is added at LR, as the conv writes (CPU inference: one pass fewer)
-        return pixel_shuffle(conv_plus(self.to_img, feat, repeat_channels(x, scale * scale, like=feat)), scale)
+        residual = repeat_channels(x, scale * scale, like=feat)
+        return pixel_shuffle(conv_plus(self.to_img, feat, residual, winograd_tile=2), scale)  # 2: see conv_plus
 
 
 def _resample_to_img_hook(module, state_dict, prefix, *args):

@@ -35,5 +35,5 @@ class ESCFP(ESCTrunk):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.upscaling_factor
-        out = pixel_shuffle(conv_plus(self.to_img, self.features(x)), scale)
+        out = pixel_shuffle(conv_plus(self.to_img, self.features(x), winograd_tile=2), scale)  # 2: see conv_plus
         return accumulate(out, F.interpolate(x, scale_factor=scale, mode='bicubic'))

@@ -160,23 +160,43 @@ def repeat_channels(x: torch.Tensor, repeats: int, like: torch.Tensor) -> torch.
     return x.permute(0, 2, 3, 1).repeat_interleave(repeats, dim=-1).permute(0, 3, 1, 2)
 
 
-def conv_plus(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+# Winograd's larger tiles, F(4x4, 3x3), from this many pixels on: 4x fewer products than a direct
+# convolution where F(2x2, 3x3) has 2.25x, but a larger fixed cost per call (its 36-point filter
+# transform) and a larger rounding error (~1.6e-6 of the largest output against ~1e-7 for ESC's
+# 64 -> 64 at 180x320). The models' output convolutions (``to_img``) keep F(2x2): their rounding
+# lands in the image itself (ESC x4 at 180x320, default init, max error against float64: all
+# F(2x2) 1.73e-6, all F(4x4) 7.52e-6, F(4x4) but for to_img 2.13e-6). The kernel alone, 64 -> 64
+# with a residual, AMD EPYC, 2 threads, medians, F(2x2) vs F(4x4): 32x32 0.53-0.56 vs 0.79-0.81 ms,
+# 64x64 1.36-1.39 vs 1.44-1.45 ms, 96x96 2.95-3.09 vs 2.47-2.60 ms, 180x320 19.8-21.4 vs
+# 15.3-18.1 ms, 64 -> 48 at 180x320 12.9-14.4 vs 9.9-11.2 ms, 720x1280 265-287 vs 190-196 ms.
+WINOGRAD_F4_MIN_PIXELS = 80 * 80
+
+
+def conv_plus(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None,
+              winograd_tile: int | None = None) -> torch.Tensor:
     """``conv(x) + residual`` (just ``conv(x)`` without one), a new tensor. At CPU float32 inference
     on channels-last maps a 3x3 convolution (stride 1, padding 1, channels multiples of 8) runs the
-    CPU kernels' Winograd F(2x2, 3x3) (``conv3x3``), adding the residual as it writes its output:
-    ESC's 64 -> 64 at 180x320, 2 threads, Xeon: 8.0 ms against oneDNN's 13.2 ms. In the AVX2 build a
-    1x1 one (stride 1, no padding, output channels a multiple of 8) runs ``conv1x1``, GEMMs of the
-    CPU kernels (see ``conv1x1_preferred``)."""
+    CPU kernels' Winograd convolution (``conv3x3``), adding the residual as it writes its output:
+    F(``winograd_tile`` x ``winograd_tile``, 3x3), 2 or 4, by default 4 from
+    ``WINOGRAD_F4_MIN_PIXELS`` on, else 2 (ESC's 64 -> 64 at 180x320, 2 threads, Xeon, F(2x2): 8.0 ms
+    against oneDNN's 13.2 ms). In the AVX2 build a 1x1 one (stride 1, no padding, output channels a
+    multiple of 8) runs ``conv1x1``, GEMMs of the CPU kernels (see ``conv1x1_preferred``)."""
+    winograd = False
     if _conv1x1_applies(conv, x, residual):
         op = conv1x1_op()
     else:
-        op = conv3x3_op() if _winograd_applies(conv, x, residual) else None
+        winograd = _winograd_applies(conv, x, residual)
+        op = conv3x3_op() if winograd else None
     if op is None:
         return conv(x) if residual is None else accumulate(conv(x), residual)
     b, _, h, w = x.shape
     out = x.new_empty(b, h, w, conv.out_channels)
-    weight = conv.weight.view(conv.out_channels, -1) if conv.kernel_size == (1, 1) else conv.weight
-    op(x.permute(0, 2, 3, 1), weight, conv.bias, None if residual is None else residual.permute(0, 2, 3, 1), out)
+    pixels, res = x.permute(0, 2, 3, 1), None if residual is None else residual.permute(0, 2, 3, 1)
+    if winograd:
+        tile = winograd_tile or (4 if h * w >= WINOGRAD_F4_MIN_PIXELS else 2)
+        op(pixels, conv.weight, conv.bias, res, out, tile)
+    else:
+        op(pixels, conv.weight.view(conv.out_channels, -1), conv.bias, res, out)
     return out.permute(0, 3, 1, 2)
 
 

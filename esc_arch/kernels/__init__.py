@@ -12,8 +12,8 @@ One library of float32 kernels:
 - ``pad_planes`` and ``conv_attn_merge`` (``conv_attn_cpu.cpp``): the ConvAttn's way from the
   channels-last activations to the FFT's zero-padded planes, and back with the dynamic 3x3 added.
 - ``layer_norm`` (``layer_norm_cpu.cpp``): LayerNorm over the channels of a channels-last map.
-- ``conv3x3`` (``conv3x3_cpu.cpp``): 3x3 convolution by Winograd's F(2x2, 3x3) on channels-last
-  maps, optionally adding a residual.
+- ``conv3x3`` (``conv3x3_cpu.cpp``): 3x3 convolution by Winograd's F(2x2, 3x3) or F(4x4, 3x3) on
+  channels-last maps, optionally adding a residual.
 - ``conv1x1`` (``conv1x1_cpu.cpp``): 1x1 convolution of a channels-last map as register-blocked
   GEMMs, optionally adding a residual in place (used by the AVX2 build; see ``conv1x1_preferred``).
 
@@ -190,9 +190,10 @@ def layer_norm_op():
 def conv3x3_op():
     """The compiled ``torch.ops.esc_arch.conv3x3`` or None (reason: ``unavailable_reason()``).
 
-    op(x, weight, bias, residual, out): x (B, H, W, C) and out (B, H, W, O) contiguous float32,
-    C and O multiples of 8, weight (O, C, 3, 3), bias (O), residual None or shaped as out; writes
-    conv2d(x, weight, bias, padding=1) (+ residual) into out, in channels-last order.
+    op(x, weight, bias, residual, out, tile=0): x (B, H, W, C) and out (B, H, W, O) contiguous
+    float32, C and O multiples of 8, weight (O, C, 3, 3), bias (O), residual None or shaped as out;
+    writes conv2d(x, weight, bias, padding=1) (+ residual) into out, in channels-last order, by
+    Winograd's F(tile x tile, 3x3): tile 2 (also 0, the default) or 4.
     """
     return _op('conv3x3')
 
