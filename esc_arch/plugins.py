@@ -18,6 +18,13 @@ import sys
 _imported: dict[str, str] = {}  # resolved item -> module name
 
 
+def add_import_argument(parser, purpose: str) -> None:
+    """The ``--import`` flag (repeatable; ``args.imports``) of the commands that take user archs."""
+    parser.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE|FILE.py|FOLDER',
+                        help=f'import your own arch module first, so {purpose} an arch it registers into '
+                        'ARCH_REGISTRY (e.g. HiT-SR, MambaIR); a folder imports its *_arch.py files')
+
+
 class PluginImportError(ImportError):
     """An ``--import`` item that cannot be imported; the message is one line naming it."""
 

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from ..models.esr_model import TrainingDivergedError, latest_training_state, resolve_amp, saved_iterations
-from ..plugins import PluginImportError, import_arch_modules
+from ..plugins import PluginImportError, add_import_argument, import_arch_modules
 
 DATA_PATH_KEYS = ('dataroot_gt', 'dataroot_lq', 'dataroot', 'meta_info_file', 'meta_info')
 
@@ -45,9 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='set by torch.distributed.launch; torchrun uses LOCAL_RANK instead')
     parser.add_argument('--force_yml', nargs='+', default=None, metavar='KEY=VALUE',
                         help='override options, e.g. train:ema_decay=0.999 num_gpu=0')
-    parser.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE|FILE.py|FOLDER',
-                        help='import your own arch module first, so network_g can name an arch it registers '
-                        '(e.g. HiT-SR, MambaIR); a folder imports its *_arch.py files')
+    add_import_argument(parser, 'network_g can name')
 
 
 # ------------------------------------------------------------------------------ options

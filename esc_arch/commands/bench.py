@@ -9,7 +9,7 @@ import os
 import sys
 
 from esc_arch import benchmark
-from esc_arch.plugins import PluginImportError, import_arch_modules
+from esc_arch.plugins import PluginImportError, add_import_argument, import_arch_modules
 from esc_arch.runtime import slow_bf16_warning
 
 
@@ -27,9 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='a registered arch and its constructor options, e.g. EDSR:num_feat=64,upscale=4')
     what.add_argument('--opt', action='append', default=[], metavar='YAML',
                       help='a BasicSR option file; its network_g section is measured')
-    what.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE|FILE.py|FOLDER',
-                      help='import your own arch module first (archs it registers into ARCH_REGISTRY become '
-                      'measurable, e.g. HiT-SR or MambaIR); a folder imports its *_arch.py files')
+    add_import_argument(what, '--arch / --opt can name')
     what.add_argument('--preset', action='append', default=[], metavar='NAME[:k=v,...]',
                       help=f"a named config: {', '.join(benchmark.PRESETS)}")
     how = parser.add_argument_group('settings')
