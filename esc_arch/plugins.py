@@ -4,8 +4,9 @@ esc-arch (HiT-SR, MambaIR, a model of one's own, ...) that register themselves w
 
 An item is a module name (``hitsr.archs``, importable from ``sys.path``), a ``.py`` file, or a
 folder, whose ``*_arch.py`` files are imported in name order (BasicSR's own convention for
-``basicsr/archs``). A file is imported with its folder put first on ``sys.path``, so it can import
-its neighbours. Each item is imported once per process.
+``basicsr/archs``); a bare name that is a package folder here is imported as that package. A
+file is imported with its folder put first on ``sys.path``, so it can import its neighbours.
+Each item is imported once per process.
 """
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ class PluginImportError(ImportError):
 
 
 def _resolve(item: str) -> str:
-    """A path item as an absolute path; a module name as it is."""
-    if item.endswith('.py') or os.sep in item or (os.altsep and os.altsep in item) or os.path.exists(item):
+    """A path item as an absolute path; a module name as it is (a bare name that is also a folder
+    here counts as a module when the folder is a package, i.e. has an ``__init__.py``)."""
+    separator = os.sep in item or bool(os.altsep and os.altsep in item)
+    package = os.path.isfile(os.path.join(item, '__init__.py'))
+    if item.endswith('.py') or separator or (os.path.exists(item) and not package):
         path = os.path.abspath(os.path.expanduser(item))
         if not os.path.exists(path):
             raise PluginImportError(f'--import {item}: no such file or folder')
@@ -59,14 +63,17 @@ def _import_file(path: str) -> str:
 
 
 def _import_one(item: str) -> str:
+    """``item`` as ``_resolve`` returns it: an absolute path (folder or file), else a module name."""
+    if not os.path.isabs(item):
+        if os.path.isfile(os.path.join(item, '__init__.py')) and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # a package here, as `python -m` would find it
+        return importlib.import_module(item).__name__
     if os.path.isdir(item):
         files = sorted(f for f in os.listdir(item) if f.endswith('_arch.py'))
         if not files:
             raise PluginImportError(f'--import {item}: the folder has no *_arch.py files')
         return ', '.join(_import_file(os.path.join(item, f)) for f in files)
-    if os.path.isabs(item):
-        return _import_file(item)
-    return importlib.import_module(item).__name__
+    return _import_file(item)
 
 
 def import_arch_modules(items) -> list[str]:

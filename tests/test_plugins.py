@@ -1,6 +1,7 @@
 """``--import``: archs of the user's own modules are benchmarked, trained and tested like BasicSR's."""
 import json
 import re
+import sys
 import uuid
 from pathlib import Path
 
@@ -115,3 +116,17 @@ def test_an_item_is_imported_once(tmp_path):
     assert import_arch_modules([str(path), str(path)]) == first * 2  # registering twice would raise
     from basicsr.utils.registry import ARCH_REGISTRY
     assert name in ARCH_REGISTRY
+
+
+def test_a_bare_package_name_is_a_module_not_a_folder(tmp_path, monkeypatch):
+    tag = uuid.uuid4().hex[:8]
+    package = tmp_path / f'userpkg{tag}'
+    package.mkdir()
+    (package / '__init__.py').write_text(f'from . import net{tag}_arch  # noqa: F401\n')
+    (package / f'user_blocks_{tag}.py').write_text(BLOCKS)
+    (package / f'net{tag}_arch.py').write_text(ARCH.format(name=f'PkgNet{tag}', blocks=f'.user_blocks_{tag}'))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'path', list(sys.path))  # the import puts the current folder on it
+    assert import_arch_modules([package.name]) == [package.name]  # the package, with its relative imports
+    from basicsr.utils.registry import ARCH_REGISTRY
+    assert f'PkgNet{tag}' in ARCH_REGISTRY
