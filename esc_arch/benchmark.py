@@ -200,11 +200,12 @@ def validate_settings(settings: dict) -> None:
         raise BenchError('--threads must be >= 1')
 
 
-def import_user_archs(settings: dict) -> None:
-    """The modules of ``--import`` (``settings['imports']``), in this process too."""
+def import_user_archs(items) -> list[str]:
+    """The modules of ``--import`` imported in this process (the parent, then each measuring child),
+    as ``plugins.import_arch_modules`` resolves them; a failure is a ``BenchError``."""
     from .plugins import PluginImportError, import_arch_modules
     try:
-        import_arch_modules(settings.get('imports'))
+        return import_arch_modules(items)
     except PluginImportError as err:
         raise BenchError(str(err)) from None
 
@@ -329,7 +330,7 @@ def measure(spec: dict, settings: dict) -> dict:
     from esc_arch.kernels import kernel_isa
 
     validate_settings(settings)
-    import_user_archs(settings)
+    import_user_archs(settings.get('imports'))
     threads = settings.get('threads') or os.cpu_count()
     torch.set_num_threads(threads)
     device = torch.device(settings['device'])

@@ -168,7 +168,8 @@ def repeat_channels(x: torch.Tensor, repeats: int, like: torch.Tensor) -> torch.
 # F(2x2) 1.73e-6, all F(4x4) 7.52e-6, F(4x4) but for to_img 2.13e-6). The kernel alone, 64 -> 64
 # with a residual, AMD EPYC, 2 threads, medians, F(2x2) vs F(4x4): 32x32 0.53-0.56 vs 0.79-0.81 ms,
 # 64x64 1.36-1.39 vs 1.44-1.45 ms, 96x96 2.95-3.09 vs 2.47-2.60 ms, 180x320 19.8-21.4 vs
-# 15.3-18.1 ms, 64 -> 48 at 180x320 12.9-14.4 vs 9.9-11.2 ms, 720x1280 265-287 vs 190-196 ms.
+# 15.3-18.1 ms, 64 -> 48 at 180x320 12.9-14.4 vs 9.9-11.2 ms, 720x1280 265-287 vs 190-196 ms. The
+# threshold lies between the sizes measured slower (64x64) and faster (96x96).
 WINOGRAD_F4_MIN_PIXELS = 80 * 80
 
 

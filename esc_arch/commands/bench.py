@@ -9,7 +9,7 @@ import os
 import sys
 
 from esc_arch import benchmark
-from esc_arch.plugins import PluginImportError, add_import_argument, import_arch_modules
+from esc_arch.plugins import add_import_argument
 from esc_arch.runtime import slow_bf16_warning
 
 
@@ -55,11 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        imports = import_arch_modules(args.imports)
-    except PluginImportError as err:
-        print(f'basicsr bench: error: {err}', file=sys.stderr)
-        return 2
-    try:
+        imports = benchmark.import_user_archs(args.imports)  # before the specs check the arch names
         specs = [benchmark.preset_spec(p, args.scale) for p in args.preset]
         specs += [benchmark.arch_spec(a) for a in args.arch]
         specs += [benchmark.opt_spec(o) for o in args.opt]

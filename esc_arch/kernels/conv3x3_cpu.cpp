@@ -9,8 +9,8 @@
 // stays that of a direct convolution (ESC's 64 -> 64 conv at 180x320: 2.7e-6 max error against
 // float64 where oneDNN's direct one has 6.4e-6), at 8.0 ms against oneDNN's 13.2 ms (2 threads,
 // Xeon; AVX2 builds, oneDNN held to AVX2: 16.5-16.9 vs 26.0-26.4 ms with whole rows of tiles per
-// task). F(4x4) (points 0, +-1, +-2) rounds ~10x more but is ~25% faster from ~100x100 pixels on;
-// esc_arch/archs/layers.py (conv_plus) picks the tile.
+// task). F(4x4) (points 0, +-1, +-2) rounds ~10x more; on the EPYC it was slower at 64x64 and
+// 16-25% faster from 96x96 on; esc_arch/archs/layers.py (conv_plus) picks the tile.
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
