@@ -587,6 +587,22 @@ def test_conv_plus_uses_the_kernel_only_for_channels_last_inference(op, monkeypa
     assert len(calls) == 2 and grad_out.requires_grad
 
 
+@pytest.mark.parametrize('arch', [ESC, ESCFP])
+def test_models_keep_the_small_winograd_tile_for_their_output_conv(op, arch, monkeypatch):
+    """At a size where conv_plus picks F(4x4), conv_out and last take it, to_img (the image) F(2x2)."""
+    real, tiles = layers.conv3x3_op(), []
+    monkeypatch.setattr(layers, 'conv3x3_op', lambda: lambda *args: (tiles.append((args[1].shape[0], args[-1])),
+                                                                        real(*args)))
+    model = randomize_(arch(**tiny_config(upscaling_factor=4, window_size=8)), seed=3, scale=0.1).eval()
+    x = torch.rand(1, 3, 80, 88)
+    with torch.no_grad():
+        out = model(x)
+        expected = model.double()(x.double())
+    to_img = 3 * 4 * 4
+    assert tiles == [(16, 4), (16, 4), (to_img, 2)], tiles  # conv_out (one block), last, to_img
+    assert (out.double() - expected).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize('arch, kernel_convs', [(ESC, 3), (ESCFP, 3), (ESCReal, 5)])
 def test_models_run_their_3x3_convs_through_the_kernel(op, arch, kernel_convs, monkeypatch):
     """Block conv_out + skip, trunk last + skip and to_img (48 channels at x4; ESC-Real: its three
