@@ -65,6 +65,7 @@ setup(
         'tqdm',
         'safetensors',
         'scikit-image',
+        'Pillow',  # image metadata: EXIF orientation, gray + alpha, truncated JPEGs
         'ninja',  # builds the fused CPU attention kernel (torch.utils.cpp_extension)
     ],
     extras_require={

@@ -56,7 +56,7 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
 class PadRunCrop(nn.Module):
     """Reflect-pad H, W to a multiple of the window size, run ``model``, crop to scale x input.
 
-    Inputs must be at least window_size / 2 on each side (one reflection; the eager
+    Inputs must be more than window_size / 2 on each side (one reflection; the eager
     ``reflect_pad_to_multiple`` repeats it for smaller inputs, which is not traceable).
     """
 

@@ -23,18 +23,37 @@ def _umask() -> int:
     return mask
 
 
+class WriteError(OSError):
+    """A destination that cannot be written (its folder is missing or read-only, it is a
+    folder, ...); the message names the destination, not the temporary file."""
+
+    def __init__(self, path: Path, exc: OSError):
+        super().__init__(exc.errno, exc.strerror or str(exc))
+        self.path = path
+
+    def __str__(self) -> str:
+        return f'cannot write {self.path}: {self.strerror}'
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
+    Failing to create the temporary file or to rename it raises :class:`WriteError`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.stem}.', suffix=f'.tmp{path.suffix}', dir=path.parent or '.')
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.stem}.', suffix=f'.tmp{path.suffix}', dir=path.parent or '.')
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
     os.close(fd)
     try:
         yield tmp
-        with open(tmp, 'rb+') as handle:  # make the bytes durable before the rename
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what a plain open() would
-        os.replace(tmp, path)
+        try:
+            with open(tmp, 'rb+') as handle:  # make the bytes durable before the rename
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what a plain open() would
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise WriteError(path, exc) from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

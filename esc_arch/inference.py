@@ -3,7 +3,7 @@
 The functions here are a library (the ``basicsr upscale`` command is a thin layer on top):
 
 * :func:`read_image` / :func:`write_image` read and atomically write any image OpenCV reads
-  (8/16-bit and float, gray, BGR, BGRA);
+  (8/16-bit and float, gray, gray + alpha, BGR, BGRA), turned upright by its EXIF orientation;
 * :class:`Upscaler` runs a deployed model on whole images or on overlapping tiles whose
   seams are hidden by linear-ramp weights.
 """
@@ -25,7 +25,16 @@ from .fileio import atomic_path
 
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # What a full-scale pixel value is for each supported storage type (float images are in [0, 1]).
-DTYPE_RANGE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.float32): 1.0}
+DTYPE_RANGE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(np.float32): 1.0,
+               np.dtype(np.float64): 1.0}
+# float pixels beyond [0, 1] by more than this are not an image the models were trained on
+FLOAT_SLACK = 0.05
+# EXIF orientation -> what turns the stored pixels upright (as PIL's ImageOps.exif_transpose)
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1),
+    7: lambda a: a.swapaxes(0, 1)[::-1, ::-1], 8: lambda a: np.rot90(a, 1),
+}
 
 
 class InferenceError(ValueError):
@@ -65,19 +74,76 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _probe(path: str) -> tuple[str | None, int, str | None]:
+    """PIL's reading of the file's header: (mode, the EXIF orientation still to apply, why the pixel
+    data is incomplete or None). OpenCV's ``IMREAD_UNCHANGED`` ignores the orientation of JPEG, PNG
+    and WebP files (TIFFs it turns itself). JPEGs are decoded to the end, since OpenCV fills a
+    truncated one with gray."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            orientation = im.getexif().get(0x0112, 1) if im.format in ('JPEG', 'MPO', 'PNG', 'WEBP') else 1
+            if im.format == 'JPEG':
+                try:
+                    im.load()
+                except OSError as exc:
+                    return mode, 1, str(exc).splitlines()[0]
+    except Exception:  # a format PIL does not read (or a huge image): OpenCV's reading stands
+        return None, 1, None
+    return mode, orientation if orientation in _UPRIGHT else 1, None
+
+
+def _read_with_pil(path: str) -> np.ndarray | None:
+    """What OpenCV could not read, through PIL (upright, in read_image's layouts), or None."""
+    from PIL import Image, ImageOps
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode not in ('L', 'LA', 'I;16', 'F', 'RGB', 'RGBA'):
+                im = im.convert('RGBA' if 'A' in im.getbands() or 'transparency' in im.info else 'RGB')
+            img = np.asarray(im)
+    except Exception:
+        return None
+    if img.ndim == 3 and img.shape[2] in (3, 4):
+        img = img[:, :, [2, 1, 0, 3][:img.shape[2]]]  # RGB(A) -> BGR(A)
+    return np.ascontiguousarray(img)
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """The image as stored (``cv2.IMREAD_UNCHANGED``): HxW or HxWxC (C in 1..4, BGR order)."""
-    img = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise InferenceError(f'cannot read image {path} (corrupt or not a supported image)')
-    if img.dtype == np.float64:
-        img = img.astype(np.float32)
+    """The image as stored (``cv2.IMREAD_UNCHANGED``: its bit depth and channels), turned upright by
+    its EXIF orientation: HxW, or HxWxC with C = 2 (gray + alpha), 3 (BGR) or 4 (BGRA). Float pixels
+    must lie in [0, 1] (up to ``FLOAT_SLACK``)."""
+    path = os.fspath(path)
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if img is None:  # e.g. a TIFF whose orientation transposes it, which OpenCV 5 fails on
+        img = _read_with_pil(path)
+        if img is None:
+            raise InferenceError(f'cannot read image {path} (corrupt or not a supported image)')
+        return img
+    mode, orientation, incomplete = _probe(path)
+    if incomplete:
+        raise InferenceError(f'cannot read image {path}: {incomplete} (a truncated file?)')
     if img.dtype not in DTYPE_RANGE:
-        raise InferenceError(f'{path}: unsupported pixel type {img.dtype} (8-bit, 16-bit or float32 only)')
+        raise InferenceError(f'{path}: unsupported pixel type {img.dtype} (8-bit, 16-bit or float only)')
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
+    if mode in ('LA', 'La'):  # gray + alpha, which OpenCV reads as BGRA (PNG) or drops the alpha of
+        if img.ndim == 3 and img.shape[2] == 4:
+            img = img[:, :, [0, 3]]
+        elif img.ndim == 2 and img.dtype == np.uint8:
+            from PIL import Image
+            with Image.open(path) as im:
+                img = np.asarray(im.convert('LA'))
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (2, 3, 4)):
         raise InferenceError(f'{path}: unsupported image layout {img.shape}')
+    if img.dtype.kind == 'f':
+        low, high = float(img.min()), float(img.max())
+        if not (np.isfinite(low) and np.isfinite(high)) or low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
+            raise InferenceError(f'{path}: float pixels span [{low:.4g}, {high:.4g}]; the models take [0, 1] '
+                                 '(rescale the image, or store it as 8/16-bit)')
+    if orientation != 1:
+        img = np.ascontiguousarray(_UPRIGHT[orientation](img))
     return img
 
 
@@ -85,6 +151,13 @@ def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
     """Write atomically: a temp file in the same folder (same extension, so OpenCV picks the
     format), then ``os.replace``; a failed write leaves no partial file behind."""
     path = Path(path)
+    if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha: OpenCV writes 1, 3 or 4 channels only
+        if img.dtype == np.uint8 and path.suffix.lower() in ('.png', '.tif', '.tiff'):
+            from PIL import Image
+            with atomic_path(path) as tmp:
+                Image.fromarray(np.ascontiguousarray(img), 'LA').save(tmp)
+            return
+        img = img[:, :, [0, 0, 0, 1]]  # as BGRA, the gray in all three colours
     try:
         with atomic_path(path) as tmp:
             if not cv2.imwrite(tmp, img):
@@ -124,8 +197,8 @@ def tensor_to_image(rgb: torch.Tensor, alpha: np.ndarray | None, like: np.ndarra
     if like.ndim == 2:
         out = out[:, :, 0]
     scale = DTYPE_RANGE[like.dtype]
-    if like.dtype == np.float32:
-        return np.ascontiguousarray(out, dtype=np.float32)
+    if like.dtype.kind == 'f':
+        return np.ascontiguousarray(out, dtype=like.dtype)
     return np.ascontiguousarray(np.round(out * scale).astype(like.dtype))
 
 
@@ -175,8 +248,10 @@ class Upscaler:
     Args:
         model: an ESC-family model (``deploy()`` is called here).
         device: where to run. precision: 'fp32', 'bf16' (CPU or CUDA) or 'fp16' (CUDA).
-        tile: tile side in input pixels (rounded up to a multiple of the window); 0 = whole image.
-        tile_overlap: overlap between neighbouring tiles in input pixels.
+        tile: tile side in input pixels (rounded up to a multiple of the window, and to at least
+            one window more than the overlap); 0 = whole image.
+        tile_overlap: overlap between neighbouring tiles in input pixels (at least this much: tiles
+            start on multiples of the window).
         batch: tiles (or same-size images) per forward pass.
 
     Every forward input is reflect-padded to a multiple of ``model.window_size`` and the output
@@ -197,7 +272,12 @@ class Upscaler:
         self.tile = math.ceil(tile / self.window) * self.window if tile else 0
         if self.tile and tile_overlap >= self.tile:
             raise InferenceError(f'tile overlap ({tile_overlap}) must be smaller than the tile ({self.tile})')
-        self.step = max(self.window, (self.tile - tile_overlap) // self.window * self.window) if self.tile else 0
+        if self.tile:
+            # steps are whole windows: a tile less than one window longer than the overlap would
+            # step by a window and overlap less (or not at all), so such a tile grows
+            self.tile = max(self.tile, math.ceil(tile_overlap / self.window) * self.window + self.window)
+        self.step = (self.tile - tile_overlap) // self.window * self.window if self.tile else 0
+        self.tile_overlap = self.tile - self.step if self.tile else 0  # what neighbouring tiles share
         self.batch = batch
 
     def _autocast(self):

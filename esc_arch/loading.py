@@ -25,17 +25,7 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict:
     prefix is dropped. Files are read with ``weights_only=True``.
     """
     if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise CheckpointError(f'checkpoint not found: {path}')
-        try:
-            if path.endswith('.safetensors'):
-                from safetensors.torch import load_file
-                data = load_file(path)
-            else:
-                data = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as exc:  # corrupt or foreign file
-            raise CheckpointError(f'cannot read checkpoint {path}: {exc}') from exc
+        data = _read_file(os.fspath(source))
     else:
         data = source
     if not isinstance(data, Mapping):
@@ -50,7 +40,75 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict:
             raise CheckpointError(f'checkpoint entry {name!r} is not a tensor ({type(value).__name__}); '
                                   f'expected a state dict or one under {", ".join(WRAPPER_KEYS)}')
         state_dict[name[7:] if name.startswith('module.') else name] = value
+    return _strip_common_prefix(state_dict)
+
+
+def _strip_common_prefix(state_dict: dict) -> dict:
+    """Drop a first name component every key shares (e.g. a Lightning module's ``model.``) where
+    the keys have no top-level ``proj.weight`` (every ESC variant has one) and get one without it."""
+    if not state_dict or 'proj.weight' in state_dict:
+        return state_dict
+    prefix = next(iter(state_dict)).split('.', 1)[0] + '.'
+    if all(name.startswith(prefix) for name in state_dict) and prefix + 'proj.weight' in state_dict:
+        return {name[len(prefix):]: value for name, value in state_dict.items()}
     return state_dict
+
+
+def _file_format(head: bytes) -> str:
+    """'safetensors', 'zip' (torch.save), 'pickle' (legacy torch.save) or 'unknown', from the first bytes."""
+    if len(head) >= 9 and head[8:9] == b'{' and 0 < int.from_bytes(head[:8], 'little') < 1 << 30:
+        return 'safetensors'  # an 8-byte header length, then the JSON header
+    if head.startswith(b'PK'):
+        return 'zip'
+    if head[:1] == b'\x80':
+        return 'pickle'
+    return 'unknown'
+
+
+def _read_file(path: str):
+    """The object a checkpoint file holds, read by its content (whatever its extension), or one
+    CheckpointError saying what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    if not head:
+        raise CheckpointError(f'cannot read checkpoint {path}: the file is empty')
+    kind = _file_format(head)
+    try:
+        if kind == 'safetensors':
+            from safetensors.torch import load_file
+            return load_file(path)
+        with open(path, 'rb') as f:  # a file object: torch.load goes by the name's extension otherwise
+            return torch.load(f, map_location='cpu', weights_only=True)
+    except Exception as exc:  # corrupt, truncated or foreign file
+        text = str(exc)
+        if 'Weights only load failed' in text:
+            reason = ('it holds pickled Python objects besides tensors (e.g. a whole model saved with '
+                      'torch.save(model)); load it in Python and save its state_dict() instead')
+        elif kind in ('zip', 'safetensors'):
+            reason = f'the {"PyTorch" if kind == "zip" else kind} file is truncated or corrupt'
+        else:
+            reason = 'not a PyTorch (.pth) or safetensors checkpoint, or a truncated one'
+        detail = text.strip().splitlines()[0] if text.strip() else ''
+        raise CheckpointError(f'cannot read checkpoint {path}: {reason} ({type(exc).__name__}'
+                              f'{": " + detail[:120] if detail and "Weights only" not in detail else ""})') from exc
+
+
+def _shape(sd: Mapping, key: str, ndim: int) -> tuple:
+    """sd[key]'s shape, checked to have ``ndim`` dimensions (KeyError if it is missing)."""
+    value = sd[key]
+    if value.dim() != ndim:
+        raise CheckpointError(f'{key} has shape {tuple(value.shape)}, expected {ndim} dimensions: '
+                              'not an ESC checkpoint, or a damaged one')
+    return tuple(value.shape)
+
+
+def _ratio(hidden: int, dim: int) -> float:
+    """An expansion ratio r with int(dim * r) == hidden, as the layers compute their widths
+    (hidden / dim itself where it round-trips: 1.25 and 2 of the releases do)."""
+    ratio = hidden / dim
+    return ratio if int(dim * ratio) == hidden else (hidden + 0.5) / dim
 
 
 def _count(state_dict: Mapping, pattern: str) -> int:
@@ -62,22 +120,22 @@ def infer_config(state_dict: Mapping) -> tuple[str, dict]:
     """(arch type, constructor kwargs) inferred from key names and shapes alone."""
     sd = state_dict
     if 'lk_channel' in sd and 'lk_spatial' in sd:
-        arch, kernel_size = 'ESCFP', sd['lk_spatial'].shape[-1]
-        pdim = sd['lk_channel'].shape[0]
+        arch, kernel_size = 'ESCFP', _shape(sd, 'lk_spatial', 4)[-1]
+        pdim = _shape(sd, 'lk_channel', 4)[0]
     elif 'plk_filter' in sd:
         arch = 'ESCReal' if 'skip.0.weight' in sd else 'ESC'
-        pdim, kernel_size = sd['plk_filter'].shape[0], sd['plk_filter'].shape[-1]
+        pdim, _, _, kernel_size = _shape(sd, 'plk_filter', 4)
     else:
         raise CheckpointError('not an ESC checkpoint: it has none of plk_filter (ESC, ESC-Real) or '
                               'lk_channel/lk_spatial (ESC-FP); '
                               f'its first keys are {", ".join(list(sd)[:5]) or "(none)"}')
     try:
-        dim = sd['proj.weight'].shape[0]
+        dim = _shape(sd, 'proj.weight', 4)[0]
         n_blocks = _count(sd, r'blocks\.(\d+)\.')
         conv_blocks = _count(sd, r'blocks\.0\.pconvs\.(\d+)\.')
-        num_heads, table = sd['blocks.0.attn.relative_position_bias'].shape
+        num_heads, table = _shape(sd, 'blocks.0.attn.relative_position_bias', 2)
         window_size = (math.isqrt(table) + 1) // 2
-        exp_ratio = sd['blocks.0.convffns.0.proj.weight'].shape[0] / dim
+        exp_ratio = _ratio(_shape(sd, 'blocks.0.convffns.0.proj.weight', 4)[0], dim)
     except KeyError as exc:
         raise CheckpointError(f'{arch} checkpoint is missing {exc.args[0]!r}, needed to infer its config') from exc
     config = dict(dim=dim, pdim=pdim, kernel_size=kernel_size, n_blocks=n_blocks, conv_blocks=conv_blocks,
@@ -88,7 +146,7 @@ def infer_config(state_dict: Mapping) -> tuple[str, dict]:
         to_img = sd.get('to_img.weight')
         if to_img is None:
             raise CheckpointError(f'{arch} checkpoint is missing to_img.weight, needed to infer its scale')
-        config['upscaling_factor'] = math.isqrt(to_img.shape[0] // 3)
+        config['upscaling_factor'] = math.isqrt(_shape(sd, 'to_img.weight', 4)[0] // 3)
     if arch == 'ESC':
         config['use_ln'] = 'blocks.0.lns.0.weight' in sd
     return arch, config

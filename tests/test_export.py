@@ -79,3 +79,12 @@ def test_export_errors(tmp_path, capsys, monkeypatch):
         require_onnx()
     assert main(['export', '-m', pth, '-o', str(tmp_path / 'x.onnx')]) == 2
     assert 'pip install esc-arch[export]' in capsys.readouterr().err
+
+
+def test_unwritable_safetensors_output_is_one_line(tmp_path, capsys):
+    pth = save_checkpoint(ESC(**tiny_config()), tmp_path / 'esc.pth')
+    (tmp_path / 'dir.safetensors').mkdir()  # a folder where the file should go
+    assert main(['export', '-m', pth, '-o', str(tmp_path / 'dir.safetensors'), '--overwrite']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f'error: cannot write {tmp_path / "dir.safetensors"}: Is a directory']  # not the temp file
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]  # no temp file left

@@ -99,3 +99,52 @@ def test_refuses_pickled_code(tmp_path):
     torch.save({'params': {'x': Evil()}}, tmp_path / 'evil.pth')
     with pytest.raises(CheckpointError, match='cannot read checkpoint'):
         esc_arch.load_model(tmp_path / 'evil.pth')
+
+
+def test_file_errors_say_what_is_wrong(tmp_path):
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    with pytest.raises(CheckpointError, match='the file is empty'):
+        esc_arch.load_model(tmp_path / 'empty.pth')
+    good = tmp_path / 'good.pth'
+    torch.save({'params_ema': ESC(**tiny_config()).state_dict()}, good)
+    (tmp_path / 'cut.pth').write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match='truncated or corrupt'):
+        esc_arch.load_model(tmp_path / 'cut.pth')
+    (tmp_path / 'text.pth').write_text('hello, not a checkpoint')
+    with pytest.raises(CheckpointError, match='not a PyTorch'):
+        esc_arch.load_model(tmp_path / 'text.pth')
+    torch.save(ESC(**tiny_config()), tmp_path / 'whole.pth')  # the module, not its state dict
+    with pytest.raises(CheckpointError, match=r'save its state_dict\(\)') as info:
+        esc_arch.load_model(tmp_path / 'whole.pth')
+    assert '\n' not in str(info.value)
+    state = ESC(**tiny_config()).state_dict()
+    state['blocks.0.attn.relative_position_bias'] = state['blocks.0.attn.relative_position_bias'][None]
+    with pytest.raises(CheckpointError, match=r'relative_position_bias has shape \(1, 2, 49\)'):
+        esc_arch.load_model(state)
+
+
+def test_format_follows_the_content_not_the_name(tmp_path):
+    source = randomize_(ESC(**tiny_config())).eval()
+    torch.save(source.state_dict(), tmp_path / 'torch.SAFETENSORS')  # a torch file with another name
+    save_file(source.state_dict(), tmp_path / 'st.pth')  # and a safetensors file named .pth
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = source(x)
+        for name in ('torch.SAFETENSORS', 'st.pth'):
+            assert torch.equal(esc_arch.load_model(tmp_path / name)(x), expected), name
+
+
+def test_exp_ratios_that_do_not_round_trip_as_a_fraction():
+    # hidden = int(dim * exp_ratio); hidden / dim need not give the same int back (61 / 56 * 56 = 60.99...)
+    for dim, ratio in ((56, 1.1), (56, 2.2), (60, 2.05), (180, 2.05), (64, 1.25)):
+        source = ESC(**tiny_config(dim=dim, pdim=8, num_heads=2, exp_ratio=ratio))
+        model = esc_arch.load_model(source.state_dict())
+        hidden = source.blocks[0].convffns[0].proj.out_channels
+        assert model.blocks[0].convffns[0].proj.out_channels == hidden, (dim, ratio)
+    assert esc_arch.load_model(ESC(**tiny_config(exp_ratio=1.25)).state_dict()).config['exp_ratio'] == 1.25
+
+
+def test_a_shared_first_name_component_is_dropped():
+    state = ESC(**tiny_config()).state_dict()
+    model = esc_arch.load_model({'state_dict': {f'model.{k}': v for k, v in state.items()}})  # Lightning
+    assert isinstance(model, ESC)

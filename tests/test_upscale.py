@@ -7,7 +7,7 @@ from conftest import randomize_, tiny_config
 
 from esc_arch import ESC, ESCFP
 from esc_arch.cli import main
-from esc_arch.inference import Upscaler, image_to_tensor, read_image
+from esc_arch.inference import InferenceError, Upscaler, image_to_tensor, read_image
 
 
 def save_checkpoint(model, path):
@@ -96,6 +96,24 @@ def test_tiled_matches_untiled():
     assert (tiled - whole).abs().max().item() <= 1 / 255
 
 
+def test_tiles_overlap_at_least_as_asked():
+    # tiles start on multiples of the window: a tile less than a window longer than the overlap
+    # grows (it used to step by one window anyway and share less, or nothing at all)
+    model = ESC(**tiny_config(window_size=8, kernel_size=3, conv_blocks=1))
+    for tile in (8, 16, 20, 32, 64):
+        for overlap in range(0, tile, 2):
+            tiler = Upscaler(model, tile=tile, tile_overlap=overlap)
+            assert tiler.step > 0 and tiler.step % 8 == 0 and tiler.tile % 8 == 0
+            assert tiler.tile_overlap == tiler.tile - tiler.step >= overlap, (tile, overlap)
+            assert tiler.tile >= tile
+    torch.manual_seed(0)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16), size=(48, 64), mode='bilinear')
+    whole = Upscaler(model).upscale_tensor(x).clamp(0, 1)
+    tiler = Upscaler(model, tile=16, tile_overlap=12)  # was: 16-pixel tiles sharing 8 (9.3/255 off)
+    assert (tiler.tile, tiler.tile_overlap) == (24, 16)
+    assert (tiler.upscale_tensor(x).clamp(0, 1) - whole).abs().max().item() <= 4 / 255  # measured 2.8/255
+
+
 @pytest.mark.parametrize('size', [(1, 1), (2, 3), (5, 5)])
 def test_images_smaller_than_a_window(size):
     model = randomize_(ESCFP(**tiny_config(window_size=8, upscaling_factor=3)), scale=0.05)
@@ -152,3 +170,71 @@ def test_escfp_checkpoint_with_tiles(tmp_path, images, capsys):
                '--tile-overlap', '4', '--batch', '2', '--precision', 'bf16'])
     assert rc == 0 and summary(capsys.readouterr().out).startswith('done: 1, skipped: 0, failed: 0')
     assert read_image(tmp_path / 'o' / 'rgb.png').shape == (60, 90, 3)
+
+
+def _exif_image(path, pixels, orientation, **save):
+    from PIL import Image
+    im = Image.fromarray(pixels)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif.tobytes(), **save)
+
+
+@pytest.mark.parametrize('ext', ['.png', '.jpg', '.tif', '.webp'])
+def test_exif_orientation_is_applied(tmp_path, ext):
+    # phone photos store the pixels sideways plus an EXIF orientation; OpenCV's IMREAD_UNCHANGED
+    # ignores it for JPEG/PNG/WebP (turns TIFFs itself, and fails on transposed TIFFs)
+    from PIL import Image, ImageOps
+    rgb = np.random.default_rng(1).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    save = {'.jpg': dict(quality=100), '.webp': dict(lossless=True)}.get(ext, {})
+    for orientation in range(1, 9):
+        path = tmp_path / f'o{orientation}{ext}'
+        _exif_image(path, rgb, orientation, **save)
+        with Image.open(path) as im:
+            upright = np.asarray(ImageOps.exif_transpose(im).convert('RGB'))[:, :, ::-1]
+        got = read_image(path)
+        assert got.shape == upright.shape, (ext, orientation)
+        assert np.abs(got.astype(int) - upright).max() <= (3 if ext == '.jpg' else 0), (ext, orientation)
+
+
+def test_gray_with_alpha_stays_gray_with_alpha(tmp_path, esc_pth, capsys):
+    from PIL import Image
+    rng = np.random.default_rng(2)
+    la = np.stack([rng.integers(0, 256, (10, 12)), np.full((10, 12), 180)], axis=2).astype(np.uint8)
+    folder = tmp_path / 'la'
+    folder.mkdir()
+    for ext in ('.png', '.tif'):
+        Image.fromarray(la, 'LA').save(folder / f'la{ext}')
+        assert read_image(folder / f'la{ext}').shape == (10, 12, 2)  # OpenCV alone: BGRA, or the alpha dropped
+        assert np.array_equal(read_image(folder / f'la{ext}'), la)
+    assert main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'o'), '-m', esc_pth]) == 0
+    for ext in ('.png', '.tif'):
+        with Image.open(tmp_path / 'o' / f'la{ext}') as im:
+            assert im.mode == 'LA' and im.size == (24, 20)
+            assert (np.asarray(im)[:, :, 1] == 180).all()  # constant alpha stays constant
+
+
+def test_float_images(tmp_path, esc_pth, capsys):
+    rng = np.random.default_rng(3)
+    folder = tmp_path / 'f'
+    folder.mkdir()
+    assert cv2.imwrite(str(folder / 'f64.tif'), rng.random((8, 9, 3)))
+    assert cv2.imwrite(str(folder / 'by255.tif'), (rng.random((8, 9, 3)) * 255).astype(np.float32))
+    assert read_image(folder / 'f64.tif').dtype == np.float64
+    with pytest.raises(InferenceError, match=r'float pixels span \[.*, 25\d\.?\d*\]; the models take \[0, 1\]'):
+        read_image(folder / 'by255.tif')
+    assert main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'o'), '-m', esc_pth]) == 1
+    captured = capsys.readouterr()
+    assert 'by255.tif: float pixels span' in captured.err and summary(captured.out).startswith('done: 1,')
+    out = cv2.imread(str(tmp_path / 'o' / 'f64.tif'), cv2.IMREAD_UNCHANGED)
+    assert out.dtype == np.float64 and out.shape == (16, 18, 3)  # the input's type, not float32
+
+
+def test_truncated_jpeg_fails_instead_of_gray_fill(tmp_path):
+    path = tmp_path / 'cut.jpg'
+    assert cv2.imwrite(str(path), np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) * 2 // 3])
+    assert cv2.imread(str(path)) is not None  # OpenCV decodes it, the missing part gray
+    with pytest.raises(InferenceError, match='cut.jpg: image file is truncated'):
+        read_image(path)

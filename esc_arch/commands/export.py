@@ -44,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
     config = ', '.join(f'{k}={v}' for k, v in model.config.items())
 
     if kind == '.safetensors':
-        save_safetensors(model, output)
+        try:
+            save_safetensors(model, output)
+        except OSError as exc:
+            return _error(str(exc))
         print(f'wrote {output} ({config})')
         return 0
 

@@ -13,8 +13,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('-o', '--output', required=True, help='output folder (created if missing)')
     parser.add_argument('-m', '--model', required=True, help='ESC checkpoint (.pth/.pt/.safetensors)')
     parser.add_argument('--tile', type=int, default=512,
-                        help='tile side in input pixels, rounded up to the window size; 0 = whole image (default 512)')
-    parser.add_argument('--tile-overlap', type=int, default=32, help='overlap between tiles (default 32)')
+                        help='tile side in input pixels, rounded up to a multiple of the window and to at '
+                             'least the overlap plus one window; 0 = whole image (default 512)')
+    parser.add_argument('--tile-overlap', type=int, default=32,
+                        help='overlap between tiles, at least (tiles start on multiples of the window; default 32)')
     parser.add_argument('--precision', choices=('fp32', 'bf16', 'fp16'), default='fp32',
                         help='fp32 (default), bf16 (CPU or CUDA) or fp16 (CUDA only)')
     parser.add_argument('--device', default='auto', help='cpu, cuda or auto (default: cuda when available)')
