@@ -26,13 +26,16 @@ Method, as written into every record:
 
 Inputs are padded (reflect, bottom/right) to a multiple of the arch's ``window_size`` when it has
 one, for every arch alike (``--no-pad`` turns this off for archs that pad themselves, like ESC);
-``input_size`` in the record is the padded size.
+``input_size`` in the record is the padded size, ``pad`` whether padding was on.
 """
 from __future__ import annotations
 
 import collections
 import copy
 import datetime
+import hashlib
+import inspect
+import io
 import json
 import math
 import os
@@ -198,6 +201,100 @@ def validate_settings(settings: dict) -> None:
         raise BenchError('--runs must be >= 1 and --warmup >= 0')
     if settings.get('threads') is not None and settings['threads'] < 1:
         raise BenchError('--threads must be >= 1')
+
+
+def validate_timeout(timeout: float | None) -> None:
+    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+        raise BenchError(f'--timeout must be a finite number of seconds > 0, got {timeout:g}')
+
+
+def check_spec(spec: dict) -> None:
+    """Check ``spec``'s options against its arch's constructor signature (unknown or missing
+    arguments), so a bad spec is reported before anything is measured. Archs whose constructor
+    takes ``**kwargs`` accept any name; only their required arguments are checked."""
+    from basicsr.utils.registry import ARCH_REGISTRY
+    check_arch_name(spec['type'])
+    options = spec['options']
+    if not isinstance(options, dict):
+        raise BenchError(f"{spec['source']}: the options of {spec['type']} must be key=value pairs, got {options!r}")
+    try:
+        signature = inspect.signature(ARCH_REGISTRY.get(spec['type']))
+    except (TypeError, ValueError):  # no introspectable signature: the child reports what fails
+        return
+    try:
+        signature.bind(**options)
+    except TypeError as err:
+        names = [name for name, param in signature.parameters.items()
+                 if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)]
+        raise BenchError(f"{spec['source']}: cannot build {spec['type']}: {err} "
+                         f"(it takes: {', '.join(names)})") from None
+
+
+def check_specs(specs: list[dict]) -> None:
+    for spec in specs:
+        check_spec(spec)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _make_folder(folder: str, what: str) -> None:
+    """Create ``folder`` (and its parents) and make sure a file can be written into it."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise BenchError(f'{what} {folder}: exists and is not a folder')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.esc-bench-probe.', suffix='.tmp', dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise BenchError(f'{what} {folder}: cannot write there: {err.strerror or err}') from None
+
+
+def plot_format(path: str) -> str | None:
+    """The matplotlib format ``path``'s extension names (``png``, ``svg``, ``pdf``, ...), checked
+    by writing a tiny figure in it; None when matplotlib is not installed (no plot is made)."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        return None
+    supported = sorted(FigureCanvasAgg.get_supported_filetypes())
+    ext = os.path.splitext(path)[1][1:].lower()
+    if ext not in supported:
+        problem = 'has no file extension' if not ext else f'.{ext} is not a format matplotlib writes'
+        raise BenchError(f"--plot {path}: {problem}; use one of: {', '.join('.' + e for e in supported)}")
+    fig, ax = plt.subplots(figsize=(1, 1))
+    try:
+        ax.set_title('x')
+        fig.savefig(io.BytesIO(), format=ext)
+    except Exception as err:  # e.g. jpg without Pillow, pgf without LaTeX
+        raise BenchError(f'--plot {path}: matplotlib cannot write .{ext} here: {_first_line(err)}') from None
+    finally:
+        plt.close(fig)
+    return ext
+
+
+def prepare_output(out_dir: str | None, plot: str | None = None) -> str | None:
+    """Before anything is measured: create ``out_dir`` and the plot's folder (``plot`` is relative
+    to ``out_dir``) and check the plot's format; returns the plot's path (None: no plot)."""
+    if not out_dir:
+        return None
+    _make_folder(out_dir, '--out')
+    if not plot:
+        return None
+    path = os.path.join(out_dir, plot)
+    if os.path.isdir(path):
+        raise BenchError(f'--plot {plot}: {path} is a folder')
+    if plot_format(plot) is None:
+        return path
+    folder = os.path.dirname(path)
+    if folder:
+        _make_folder(folder, "--plot's folder")
+    return path
 
 
 def import_user_archs(items) -> list[str]:
@@ -400,7 +497,8 @@ def measure(spec: dict, settings: dict) -> dict:
         'arch': spec['label'], 'type': spec['type'], 'options': spec['options'], 'source': spec['source'],
         'imports': settings.get('imports') or [],
         'params': params, **flops, 'gflops': flops['flops'] / 1e9, 'macs': flops['flops'] // 2,
-        'lr_size': [lr_h, lr_w], 'input_size': list(x.shape[-2:]), 'pad_multiple': multiple,
+        'lr_size': [lr_h, lr_w], 'pad': bool(settings.get('pad', True)), 'input_size': list(x.shape[-2:]),
+        'pad_multiple': multiple,
         'output_size': list(out.shape[-2:]), 'scale': out.shape[-1] / x.shape[-1],
         'device': str(device), 'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
         'dtype': settings['dtype'], 'threads': threads, 'deployed': deployed, 'attention_backends': attention,
@@ -446,24 +544,59 @@ def _safe_name(text: str) -> str:
     return re.sub(r'[^A-Za-z0-9_.-]+', '-', text).strip('-') or 'arch'
 
 
+def config_key(record: dict) -> str:
+    """The arch configuration of a record or spec (type and constructor options) as a string."""
+    return json.dumps({'type': record['type'], 'options': record['options']}, sort_keys=True, default=str)
+
+
 def record_path(out_dir: str, record: dict) -> str:
+    """``<label>_<config hash>_<device>_<dtype>_<HxW>_<time>.json``: the hash of the arch's type and
+    options keeps records of different configurations under one label apart."""
     stamp = record['timestamp'].replace(':', '').replace('-', '').replace('+0000', 'Z')
     h, w = record['lr_size']
-    name = f"{_safe_name(record['arch'])}_{record['device'].replace(':', '')}_{record['dtype']}_{h}x{w}_{stamp}.json"
+    digest = hashlib.sha1(config_key(record).encode('utf-8')).hexdigest()[:8]
+    name = (f"{_safe_name(record['arch'])}_{digest}_{record['device'].replace(':', '')}_{record['dtype']}_"
+            f"{h}x{w}_{stamp}.json")
     return os.path.join(out_dir, name)
 
 
 def write_record(out_dir: str, record: dict) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    path = record_path(out_dir, record)
-    atomic_write_bytes(path, (json.dumps(record, indent=2) + '\n').encode('utf-8'))
+    """Write ``record`` into ``out_dir`` under a name no other record has (a number is added
+    when the same configuration was recorded in the same second); returns the path."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        base = record_path(out_dir, record)
+        path, number = base, 1
+        while os.path.lexists(path):
+            number += 1
+            path = f'{base[:-len(".json")]}_{number}.json'
+        atomic_write_bytes(path, (json.dumps(record, indent=2) + '\n').encode('utf-8'))
+    except OSError as err:
+        raise BenchError(f"cannot write the record of {record['arch']} into {out_dir}: {_first_line(err)}") from None
     return path
 
 
+def record_padding(record: dict) -> bool | None:
+    """Whether the harness padded the record's input to the arch's window (``--no-pad``: False);
+    records written before this was stored: True when padding changed the input, else unknown."""
+    if 'pad' in record:
+        return bool(record['pad'])
+    return True if (record.get('pad_multiple') or 1) > 1 else None
+
+
+# what "measured the same way" means for records in one plot (padding is not part of it: ESC runs
+# unpadded next to SwinIR padded to its window in one plot; a padded point is marked as such)
+MEASURED_LIKE = ('device', 'device_name', 'cpu_model', 'dtype', 'lr_size', 'threads')
+
+
+def measured_alike(record: dict, like: dict) -> bool:
+    return all(record.get(k) == like.get(k) for k in MEASURED_LIKE)
+
+
 def collect_records(out_dir: str, like: dict) -> list[dict]:
-    """The newest record per arch in ``out_dir`` measured like ``like`` (device and its model,
-    dtype, LR size, threads), so separate ``basicsr bench`` runs into one folder share one plot."""
-    key = ('device', 'device_name', 'cpu_model', 'dtype', 'lr_size', 'threads')
+    """The newest record per arch configuration (type and options) in ``out_dir`` measured like
+    ``like`` (device and its model, dtype, LR size, threads, padding), so separate ``basicsr
+    bench`` runs into one folder share one plot."""
     newest = {}
     for name in sorted(os.listdir(out_dir)):
         if not name.endswith('.json') or name.startswith('.'):
@@ -473,36 +606,82 @@ def collect_records(out_dir: str, like: dict) -> list[dict]:
                 record = json.load(handle)
         except (OSError, ValueError):
             continue
-        if not isinstance(record, dict) or any(record.get(k) != like.get(k) for k in key):
+        if not isinstance(record, dict) or not {'arch', 'type', 'options', 'timestamp'} <= record.keys():
             continue
-        if record['arch'] not in newest or record['timestamp'] >= newest[record['arch']]['timestamp']:
-            newest[record['arch']] = record
+        if not measured_alike(record, like):
+            continue
+        key = (config_key(record), record_padding(record))  # padded and unpadded runs are two points
+        if key not in newest or record['timestamp'] >= newest[key]['timestamp']:
+            newest[key] = record
     return list(newest.values())
 
 
-def plot_records(records: list[dict], path: str) -> str | None:
-    """Latency vs parameters, one labelled point per arch; None when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for record in records:
-        ax.scatter(record['params'] / 1e6, record['median_ms'])
-        ax.annotate(record['arch'], (record['params'] / 1e6, record['median_ms']), textcoords='offset points',
-                    xytext=(4, 4), fontsize=9)
+def _option_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(',', ':'), default=str)
+
+
+def plot_labels(records: list[dict]) -> list[str]:
+    """One distinct label per record: records of different configurations that share a label get
+    the options they differ in (``esc:n_blocks=1``, ``esc:n_blocks=2``), then a number if need be."""
+    labels = [record['arch'] for record in records]
+    groups = collections.defaultdict(list)
+    for index, record in enumerate(records):
+        groups[record['arch']].append(index)
+    for label, indices in groups.items():
+        if len(indices) < 2:
+            continue
+        configs = [{'type': records[i]['type'], **records[i]['options']} for i in indices]
+        names = sorted(set().union(*configs))
+        differing = [n for n in names if len({json.dumps(c.get(n), sort_keys=True, default=str)
+                                               for c in configs}) > 1]
+        for index, config in zip(indices, configs):
+            parts = [f'{n}={_option_text(config[n]) if n in config else "-"}' for n in differing]
+            if parts:
+                labels[index] = label + (',' if ':' in label else ':') + ','.join(parts)
+    if len({record_padding(record) for record in records}) > 1:  # mixed: the padded points say so
+        for index, record in enumerate(records):
+            if record_padding(record):
+                labels[index] += f" (padded to {'x'.join(map(str, record['input_size']))})"
+    seen = collections.Counter()
+    for index, label in enumerate(labels):
+        seen[label] += 1
+        if seen[label] > 1:
+            labels[index] = f'{label}#{seen[label]}'
+    return labels
+
+
+def plot_title(records: list[dict]) -> str:
+    """How the plotted records were measured (that of the first; the padding that of them all)."""
     first = records[0]
+    paddings = {record_padding(record) for record in records}
+    if len(paddings) > 1:
+        padding = ' (inputs padded where marked)'
+    else:
+        padding = {True: ' (each arch padded to its window)', False: ' (inputs not padded)'}.get(paddings.pop(), '')
+    return (f"{first['device']} {first['dtype']}, LR {first['lr_size'][0]}x{first['lr_size'][1]}{padding}, "
+            f"{first['threads']} threads")
+
+
+def plot_records(records: list[dict], path: str) -> str | None:
+    """Latency vs parameters, one labelled point per record, in the format ``path``'s extension
+    names; None when matplotlib is missing."""
+    fmt = plot_format(path)
+    if fmt is None:
+        return None
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for record, label in zip(records, plot_labels(records)):
+        ax.scatter(record['params'] / 1e6, record['median_ms'])
+        ax.annotate(label, (record['params'] / 1e6, record['median_ms']), textcoords='offset points',
+                    xytext=(4, 4), fontsize=9)
     ax.set_xlabel('parameters (M)')
     ax.set_ylabel('median latency (ms)')
-    ax.set_title(f"{first['device']} {first['dtype']}, LR {first['lr_size'][0]}x{first['lr_size'][1]} "
-                 f"(each arch padded to its window), {first['threads']} threads", fontsize=10)
+    ax.set_title(plot_title(records), fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, format='png')
+            fig.savefig(tmp, dpi=120, format=fmt)
     finally:
         plt.close(fig)
     return path
@@ -542,7 +721,11 @@ def run_benchmarks(specs: list[dict], settings: dict, out_dir: str | None = None
                    timeout: float | None = None) -> list[dict]:
     """Measure every spec in its own child process; write one JSON record each into ``out_dir``."""
     from tqdm import tqdm
-    validate_settings(settings)
+    validate_settings(settings)  # every check before the first measurement
+    validate_timeout(timeout)
+    import_user_archs(settings.get('imports'))  # (done already by the CLI) their arch names
+    check_specs(specs)
+    prepare_output(out_dir)
     unique_labels(specs)
     records = []
     bar = tqdm(specs, desc='bench', unit='arch', disable=not progress)

@@ -1,4 +1,5 @@
 """Tests of ``basicsr bench`` (esc_arch.benchmark); tiny models and inputs only."""
+import copy
 import json
 import os
 import subprocess
@@ -158,19 +159,20 @@ def test_fp16_on_cpu_is_a_clear_error(capsys):
     assert 'fp16' in err and 'CUDA' in err and 'Traceback' not in err
 
 
-def test_bf16_where_it_is_slow_warns_before_measuring(capsys, monkeypatch):
+def test_bf16_where_it_is_slow_warns_before_measuring(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
 
     def stop(*args, **kwargs):
         raise benchmark.BenchError('stopped before measuring')
     monkeypatch.setattr(benchmark, 'run_benchmarks', stop)
-    assert cli_main(['bench', '--arch', TINY_EDSR, '--dtype', 'bf16']) == 2
+    out = ['--out', str(tmp_path)]
+    assert cli_main(['bench', '--arch', TINY_EDSR, '--dtype', 'bf16', *out]) == 2
     err = capsys.readouterr().err
     assert 'warning: bf16 on this CPU is ~100x slower than fp32' in err and 'stopped before measuring' in err
-    assert cli_main(['bench', '--arch', TINY_EDSR, '--dtype', 'fp32']) == 2
+    assert cli_main(['bench', '--arch', TINY_EDSR, '--dtype', 'fp32', *out]) == 2
     assert 'warning' not in capsys.readouterr().err
     monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: True)
-    assert cli_main(['bench', '--arch', TINY_EDSR, '--dtype', 'bf16']) == 2
+    assert cli_main(['bench', '--arch', TINY_EDSR, '--dtype', 'bf16', *out]) == 2
     assert 'warning' not in capsys.readouterr().err
 
 
@@ -207,3 +209,108 @@ def test_repeated_archs_are_labelled_by_their_options():
     tail = TINY_EDSR.partition(':')[2]
     assert labels[3:] == [f'EDSR:{tail}', f'EDSR:{tail}#2']  # the same options twice: numbered
     assert len({benchmark._safe_name(label) for label in labels}) == len(labels)
+
+
+# --- the CLI's checks and outputs, with the measurement replaced by a copy of esc_record ----------
+FAST = ('--lr-size', '16x16', '--runs', '1', '--warmup', '0', '--threads', '1', '--no-progress')
+
+
+@pytest.fixture
+def fake_measure(monkeypatch, esc_record):
+    """``run_in_child`` returns esc_record relabelled for the spec (params and latency from
+    n_blocks, all in the same second); the labels of the specs measured are listed."""
+    measured = []
+
+    def fake(spec, settings, timeout=None):
+        measured.append(spec['label'])
+        n_blocks = spec['options'].get('n_blocks', 1)
+        return {**copy.deepcopy(esc_record), 'arch': spec['label'], 'type': spec['type'], 'options': spec['options'],
+                'source': spec['source'], 'lr_size': list(settings['lr_size']), 'pad': settings['pad'],
+                'params': 1000 * n_blocks, 'median_ms': float(n_blocks), 'timestamp': '2026-01-01T00:00:00+00:00'}
+    monkeypatch.setattr(benchmark, 'run_in_child', fake)
+    return measured
+
+
+def bench(*args):
+    return cli_main(['bench', *args, *FAST])
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
+    return err
+
+
+def test_output_folders_are_checked_before_measuring(tmp_path, capsys, fake_measure):
+    afile = tmp_path / 'afile'
+    afile.write_text('')
+    assert bench('--preset', 'esc:n_blocks=1', '--out', str(afile)) == 2
+    assert 'afile' in one_error_line(capsys) and fake_measure == []
+    (tmp_path / 'bp').mkdir()
+    (tmp_path / 'bp' / 'afile').write_text('')
+    assert bench('--preset', 'esc:n_blocks=1', '--out', str(tmp_path / 'bp'), '--plot', 'afile/p.png') == 2
+    assert 'afile' in one_error_line(capsys) and fake_measure == []  # the plot's folder is a file
+    # the plot's missing folder is created; the format follows the extension
+    pytest.importorskip('matplotlib')
+    assert bench('--preset', 'esc:n_blocks=1', '--out', str(tmp_path / 'bp'), '--plot', 'sub/p.svg') == 0
+    assert fake_measure == ['esc']
+    assert f"plot: {tmp_path / 'bp' / 'sub' / 'p.svg'}" in capsys.readouterr().out
+    head = (tmp_path / 'bp' / 'sub' / 'p.svg').read_bytes()[:1000]
+    assert head.startswith(b'<?xml') and b'<svg' in head  # not PNG bytes
+
+
+@pytest.mark.parametrize('plot, problem', [('p.xyz', '.xyz'), ('p', 'no file extension')])
+def test_a_plot_format_matplotlib_cannot_write_is_an_error_before_measuring(tmp_path, capsys, fake_measure,
+                                                                             plot, problem):
+    pytest.importorskip('matplotlib')
+    assert bench('--preset', 'esc:n_blocks=1', '--out', str(tmp_path / 'bp'), '--plot', plot) == 2
+    err = one_error_line(capsys)
+    assert problem in err and '.svg' in err and fake_measure == []
+
+
+def test_every_spec_is_checked_before_the_first_is_measured(tmp_path, capsys, fake_measure):
+    out = tmp_path / 'bm'
+    assert bench('--preset', 'esc:n_blocks=1', '--preset', 'esc:foo=1', '--out', str(out)) == 2
+    err = one_error_line(capsys)
+    assert "esc:foo=1" in err and "'foo'" in err and 'n_blocks' in err  # names what ESC takes
+    assert fake_measure == [] and not out.exists()
+    assert bench('--arch', 'EDSR:num_feat=4', '--out', str(out)) == 2
+    assert 'num_in_ch' in one_error_line(capsys)  # a missing required argument
+    swinir = benchmark.arch_spec('SwinIR:not_an_option=1')  # takes **kwargs: any name goes
+    benchmark.check_spec(swinir)
+
+
+@pytest.mark.parametrize('timeout', ['0', '-1'])
+def test_timeout_must_be_positive(tmp_path, capsys, fake_measure, timeout):
+    assert bench('--preset', 'esc:n_blocks=1', '--timeout', timeout, '--out', str(tmp_path)) == 2
+    assert '--timeout must be' in one_error_line(capsys) and fake_measure == []
+
+
+def test_runs_of_different_configs_into_one_folder_stay_apart(tmp_path, capsys, fake_measure):
+    out = str(tmp_path / 'b')
+    for extra in (['--preset', 'esc:n_blocks=1'], ['--preset', 'esc:n_blocks=2'],
+                  ['--preset', 'esc:n_blocks=2', '--no-pad']):
+        assert bench(*extra, '--out', out) == 0, capsys.readouterr().err
+    # all three records in the same second under the label 'esc': none overwrote another
+    records = []
+    for name in sorted(os.listdir(out)):
+        if name.endswith('.json'):
+            with open(os.path.join(out, name), encoding='utf-8') as handle:
+                records.append(json.load(handle))
+    assert sorted((r['options']['n_blocks'], r['pad']) for r in records) == [(1, True), (2, False), (2, True)]
+    assert {r['arch'] for r in records} == {'esc'}
+    # one plot of all three (padding is not a reason to drop a point; padded points are marked)
+    shown = benchmark.collect_records(out, records[0])
+    size = 'x'.join(map(str, next(r for r in records if r['pad'])['input_size']))
+    assert sorted(benchmark.plot_labels(shown)) == [f'esc:n_blocks=1 (padded to {size})', 'esc:n_blocks=2',
+                                                    f'esc:n_blocks=2 (padded to {size})']
+    assert 'padded where marked' in benchmark.plot_title(shown)
+    only_padded = [r for r in shown if r['pad']]
+    assert 'padded to its window' in benchmark.plot_title(only_padded)
+    assert all('(padded' not in label for label in benchmark.plot_labels(only_padded))
+    assert 'not padded' in benchmark.plot_title([r for r in shown if not r['pad']])
+
+
+def test_the_same_record_twice_gets_two_files(tmp_path, esc_record):
+    first, second = (benchmark.write_record(str(tmp_path), esc_record) for _ in range(2))
+    assert first != second and os.path.exists(first) and os.path.exists(second)

@@ -67,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
                     'warmup': args.warmup, 'threads': args.threads, 'check': args.check, 'seed': args.seed,
                     'pad': not args.no_pad, 'imports': imports}
         benchmark.validate_settings(settings)
+        benchmark.validate_timeout(args.timeout)
+        benchmark.check_specs(specs)  # every spec, before the first one is measured
+        if not args.out:
+            raise benchmark.BenchError('--out must name a folder')
+        plot = benchmark.prepare_output(args.out, args.plot)  # the folders, before measuring
         if settings['dtype'] == 'bf16' and (warning := slow_bf16_warning(settings['device'])):
             print(f'basicsr bench: warning: {warning}', file=sys.stderr)
         records = benchmark.run_benchmarks(specs, settings, out_dir=args.out, progress=not args.no_progress,
@@ -85,8 +90,13 @@ def run(args: argparse.Namespace) -> int:
         if record['flops_uncounted_ops']:
             print(f"warning: {record['arch']}: FLOPs miss {', '.join(record['flops_uncounted_ops'])}")
     print(f'records written to {args.out}/')
-    if args.plot:
+    if plot:
         everything = benchmark.collect_records(args.out, records[0]) or records
-        plot = benchmark.plot_records(everything, os.path.join(args.out, args.plot))
+        try:
+            plot = benchmark.plot_records(everything, plot)
+        except (OSError, benchmark.BenchError) as err:
+            print(f"basicsr bench: error: cannot write the plot {plot}: {getattr(err, 'strerror', None) or err}",
+                  file=sys.stderr)
+            return 1
         print(f'plot: {plot}' if plot else 'plot skipped: matplotlib is not installed (pip install matplotlib)')
     return 0
