@@ -25,7 +25,7 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict:
     prefix is dropped. Files are read with ``weights_only=True``.
     """
     if isinstance(source, (str, os.PathLike)):
-        data = _read_file(os.fspath(source))
+        data = read_checkpoint_file(os.fspath(source))
     else:
         data = source
     if not isinstance(data, Mapping):
@@ -65,7 +65,7 @@ def _file_format(head: bytes) -> str:
     return 'unknown'
 
 
-def _read_file(path: str):
+def read_checkpoint_file(path: str):
     """The object a checkpoint file holds, read by its content (whatever its extension), or one
     CheckpointError saying what is wrong with the file."""
     if not os.path.isfile(path):
@@ -83,13 +83,13 @@ def _read_file(path: str):
             return torch.load(f, map_location='cpu', weights_only=True)
     except Exception as exc:  # corrupt, truncated or foreign file
         text = str(exc)
-        if 'Weights only load failed' in text:
+        if kind == 'unknown':
+            reason = 'not a PyTorch (.pth) or safetensors checkpoint, or a truncated one'
+        elif 'Weights only load failed' in text:
             reason = ('it holds pickled Python objects besides tensors (e.g. a whole model saved with '
                       'torch.save(model)); load it in Python and save its state_dict() instead')
-        elif kind in ('zip', 'safetensors'):
-            reason = f'the {"PyTorch" if kind == "zip" else kind} file is truncated or corrupt'
         else:
-            reason = 'not a PyTorch (.pth) or safetensors checkpoint, or a truncated one'
+            reason = f'the {"safetensors" if kind == "safetensors" else "PyTorch"} file is truncated or corrupt'
         detail = text.strip().splitlines()[0] if text.strip() else ''
         raise CheckpointError(f'cannot read checkpoint {path}: {reason} ({type(exc).__name__}'
                               f'{": " + detail[:120] if detail and "Weights only" not in detail else ""})') from exc

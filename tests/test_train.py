@@ -325,7 +325,8 @@ def test_auto_resume_skips_an_unreadable_newest_state(tmp_path, capsys):
     states.mkdir()
     models.mkdir()
     atomic_torch_save({'epoch': 0, 'iter': 2, 'optimizers': [], 'schedulers': []}, str(states / '2.state'))
-    atomic_torch_save({'params': {}}, str(models / 'net_g_2.pth'))
+    net = {k: v for k, v in TINY_ESC.items() if k != 'type'}
+    atomic_torch_save({'params': ESC(**net).state_dict()}, str(models / 'net_g_2.pth'))
     (states / '4.state').write_bytes(b'truncated by a crash')  # e.g. written by a non-atomic save
     opt = dict(auto_resume=True, num_gpu=0, network_g=dict(TINY_ESC),
                path=dict(training_states=str(states), models=str(models), resume_state=None))
@@ -333,3 +334,133 @@ def test_auto_resume_skips_an_unreadable_newest_state(tmp_path, capsys):
     assert state['iter'] == 2 and opt['path']['resume_state'] == str(states / '2.state')
     assert opt['path']['pretrain_network_g'] == str(models / 'net_g_2.pth')
     assert '4.state' in capsys.readouterr().out
+
+
+def test_more_option_mistakes_are_one_line_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = make_pairs(tmp_path / 'data')
+
+    def error_for(name, change, command='train'):
+        opt = train_options(data)
+        change(opt)
+        code, err = run_cli(capsys, command, '-opt', write_yaml(tmp_path / f'{name}.yml', opt))
+        assert code == 2 and err.count('\n') == 0 and f'{name}.yml' in err, (name, err)
+        return err
+
+    assert 'network_g.upscaling_factor is 2 but scale is 4' in error_for(
+        'netscale', lambda o: o['network_g'].update(upscaling_factor=2))
+    assert "unknown metric 'calculate_pnsr'" in error_for(
+        'metric', lambda o: o['val']['metrics']['psnr'].update(type='calculate_pnsr'))
+    assert "unknown loss 'L2Loss'" in error_for('loss', lambda o: o['train']['pixel_opt'].update(type='L2Loss'))
+    assert "unknown scheduler 'Cosine'" in error_for('sched', lambda o: o['train']['scheduler'].update(type='Cosine'))
+    err = error_for('optim', lambda o: o['train']['optim_g'].update(type='adamw'))
+    assert "unknown optimizer 'adamw'" in err and 'AdamW' in err
+    assert 'train.total_iter must be a positive whole number' in error_for(
+        'noiter', lambda o: o['train'].pop('total_iter'))
+    assert "got '4'" in error_for('striter', lambda o: o['train'].update(total_iter='4'))
+    assert 'train.optim_g.lr must be a number' in error_for('strlr', lambda o: o['train']['optim_g'].update(lr='x'))
+    (tmp_path / 'empty').mkdir()
+    empty = str(tmp_path / 'empty')
+    assert 'no images in' in error_for('empty', lambda o: o['datasets']['val'].update(dataroot_lq=empty))
+    odd = tmp_path / 'odd_lr'
+    odd.mkdir()
+    for index in range(4):  # the right names, 2x instead of 4x
+        cv2.imwrite(str(odd / f'{index:03d}.png'), np.zeros((16, 16, 3), np.uint8))
+    assert 'GT 32x32 is not x4 its LQ 16x16' in error_for(
+        'lqscale', lambda o: o['datasets']['train'].update(dataroot_lq=str(odd)))
+    (odd / '003.png').rename(odd / '3.png')
+    assert "image(s) in only one of" in error_for(
+        'unpaired', lambda o: o['datasets']['train'].update(dataroot_lq=str(odd)))
+    assert 'gt_size 64 is larger than 000.png (32x32)' in error_for(
+        'patch', lambda o: o['datasets']['train'].update(gt_size=64))
+    assert 'fewer samples than batch_size_per_gpu 8' in error_for(
+        'batch', lambda o: o['datasets']['train'].update(batch_size_per_gpu=8))
+    wrong = tmp_path / 'wide.pth'  # an ESC of another width as the pretrained network
+    torch.save({'params': ESC(**{**{k: v for k, v in TINY_ESC.items() if k != 'type'}, 'dim': 24}).state_dict()},
+               wrong)
+    assert 'does not fit network_g (ESC)' in error_for(
+        'pretrained', lambda o: o['path'].update(pretrain_network_g=str(wrong)))
+    (tmp_path / 'text.pth').write_text('not a checkpoint')
+    text = str(tmp_path / 'text.pth')
+    assert 'not a PyTorch' in error_for('textpth', lambda o: o['path'].update(pretrain_network_g=text))
+    assert not (tmp_path / 'experiments').exists()
+
+
+def test_yaml_exponent_numbers_and_force_yml_values(tmp_path):
+    from esc_arch.commands._pipeline import OptionError, load_options
+    path = tmp_path / 'o.yml'
+    path.write_text('name: run\ntrain:\n  optim_g:\n    lr: 1e-3\n    eps: -2.5E+2\n  total_iter: 1e3\n  tag: 1e3x\n')
+    opt = load_options(str(path))
+    assert opt['train']['optim_g'] == {'lr': 1e-3, 'eps': -250.0}  # PyYAML alone keeps '1e-3' a string
+    assert opt['train']['total_iter'] == 1000.0 and opt['train']['tag'] == '1e3x'
+    opt = load_options(str(path), ['name=nan', 'train:total_iter=2e4', 'train:tag=1_000'])
+    assert opt['name'] == 'nan' and opt['train']['total_iter'] == 2e4 and opt['train']['tag'] == '1_000'
+    for bad in ('=4', 'train:=4', 'train:optim_g:lr=[1,2'):
+        with pytest.raises(OptionError, match='--force_yml') as info:
+            load_options(str(path), [bad])
+        assert '\n' not in str(info.value)
+
+
+def test_resume_checks_the_state_against_the_options(tmp_path, capsys):
+    from esc_arch.commands._pipeline import OptionError, load_resume_state
+    states, models = tmp_path / 'training_states', tmp_path / 'models'
+    states.mkdir()
+    models.mkdir()
+    net = {k: v for k, v in TINY_ESC.items() if k != 'type'}
+    model = ESC(**net)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10])  # sets initial_lr, as BasicSR's
+    for it in (2, 4):
+        atomic_torch_save({'epoch': 0, 'iter': it, 'optimizers': [optimizer.state_dict()], 'schedulers': []},
+                          str(states / f'{it}.state'))
+        atomic_torch_save({'params': model.state_dict()}, str(models / f'net_g_{it}.pth'))
+
+    def options(**changes):
+        opt = dict(auto_resume=True, num_gpu=0, network_g=dict(TINY_ESC),
+                   train=dict(optim_g=dict(type='AdamW', lr=5e-4)),
+                   path=dict(training_states=str(states), models=str(models), resume_state=None))
+        for key, value in changes.items():
+            opt[key].update(value)
+        return opt
+
+    with pytest.raises(OptionError, match=r'4\.state .* does not fit network_g \(ESC\): .*shape mismatch'):
+        load_resume_state(options(network_g=dict(dim=24)))
+    with pytest.raises(OptionError, match='saved with another optimizer than train.optim_g SGD'):
+        load_resume_state(options(train=dict(optim_g=dict(type='SGD', lr=0.1, momentum=0.9))))
+    assert load_resume_state(options(train=dict(optim_g=dict(type='AdamW', lr=1e-3))))['iter'] == 4
+    assert 'the learning rate follows the saved schedule (base lr 0.0005)' in capsys.readouterr().out
+    (models / 'net_g_4.pth').write_bytes((models / 'net_g_4.pth').read_bytes()[:1000])  # truncated network
+    opt = options()
+    assert load_resume_state(opt)['iter'] == 2 and opt['path']['resume_state'] == str(states / '2.state')
+    assert 'net_g_4.pth' in capsys.readouterr().out
+    opt = options()
+    opt.update(auto_resume=False)
+    opt['path']['resume_state'] = str(states / '4.state')  # named explicitly: no fallback, one line
+    with pytest.raises(OptionError, match=r'cannot resume from .*4\.state: .*truncated or corrupt'):
+        load_resume_state(opt)
+
+
+def test_training_reaches_total_iter_on_a_small_data_set(tmp_path):
+    # 4 pairs in batches of 3: BasicSR counts ceil(4 / 3) = 2 iterations per epoch, its loader
+    # (drop_last) makes 1, so 5 iterations would have stopped after 3
+    data = make_pairs(tmp_path / 'data')
+    opt = train_options(data, total_iter=5, warmup_iter=-1)
+    opt['datasets']['train']['batch_size_per_gpu'] = 3
+    opt['logger']['save_checkpoint_freq'] = 100
+    opt['val']['val_freq'] = 100
+    result = basicsr('train', '-opt', write_yaml(tmp_path / 'small.yml', opt), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = newest_log(tmp_path / 'experiments' / 'tiny')
+    assert re.search(r'iter:\s+5,', log) and not re.search(r'iter:\s+6,', log)
+
+
+def test_a_corrupt_training_image_is_named(tmp_path):
+    data = make_pairs(tmp_path / 'data')
+    (data / 'lr' / '002.png').write_bytes((data / 'lr' / '002.png').read_bytes()[:60])  # truncated PNG
+    opt = train_options(data, total_iter=8)
+    opt['datasets']['train'].update(batch_size_per_gpu=1, num_worker_per_gpu=1)  # through a worker process
+    result = basicsr('train', '-opt', write_yaml(tmp_path / 'corrupt.yml', opt), cwd=tmp_path)
+    assert result.returncode == 1
+    err = result.stderr.strip().splitlines()
+    assert err[-1].startswith('basicsr train: error: cannot read an image of ') and '002.png' in err[-1], err[-5:]
+    assert 'Traceback' not in result.stderr

@@ -7,15 +7,23 @@ traceback. A few BasicSR functions are replaced, never edited, for CPU and CPU-D
 
 * ``dist_util._init_dist_pytorch`` / ``_init_dist_slurm``: gloo and no ``torch.cuda.set_device``
   when the run is on CPU; the device of a CUDA run is chosen by ``LOCAL_RANK``.
-* ``train.load_resume_state``: maps a state to the run's device (BasicSR always maps to CUDA)
-  and, with ``--auto_resume``, falls back to an older state if the newest cannot be read.
+* ``train.load_resume_state``: maps a state to the run's device (BasicSR always maps to CUDA),
+  checks that the options' network and optimizer are the state's and, with ``--auto_resume``, falls
+  back to an older state if the newest (or its network file) cannot be read.
+* ``train.create_train_val_dataloader``: the epoch count from the training loader's real length
+  (it drops the last partial batch), so training reaches ``total_iter``.
+* the image data sets' ``imfrombytes`` / ``__getitem__``: an image OpenCV cannot decode is an
+  ``ImageDecodeError`` naming its files (BasicSR fails on ``None.astype`` without a name).
 * ``train/test.parse_options``: on CPU, ``prefetch_mode: cuda`` becomes the plain loader.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
+import math
 import os
+import re
 import sys
 from collections import OrderedDict
 from os import path as osp
@@ -23,7 +31,15 @@ from os import path as osp
 import torch
 import yaml
 
-from ..models.esr_model import TrainingDivergedError, latest_training_state, resolve_amp, saved_iterations
+from ..loading import CheckpointError, describe_mismatch
+from ..models.esr_model import (
+    TrainingDivergedError,
+    latest_training_state,
+    optimizer_class,
+    pretrained_state_dict,
+    resolve_amp,
+    saved_iterations,
+)
 from ..plugins import PluginImportError, add_import_argument, import_arch_modules
 
 DATA_PATH_KEYS = ('dataroot_gt', 'dataroot_lq', 'dataroot', 'meta_info_file', 'meta_info')
@@ -49,20 +65,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------ options
+_NUMBER = re.compile(r'^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$')
+_EXPONENT_FLOAT = re.compile(r'^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$')
+
+
 def normalize_force_yml(entries):
-    """``key=1e-4`` as ``key=!!float 1e-4``: BasicSR's parser would keep such a number a string."""
+    """``key=1e-4`` as ``key=!!float 1e-4``: BasicSR's parser would keep such a number a string
+    (words Python's float() also takes, such as nan, inf or 1_000, stay strings)."""
     normalized = []
     for entry in entries or ():
         key, sep, value = entry.partition('=')
-        try:
-            float(value)
-        except ValueError:
-            pass
-        else:
-            if not value.strip().replace('.', '', 1).isdigit():
-                value = f'!!float {value.strip()}'
+        number = value.strip()
+        if _NUMBER.match(number) and not number.replace('.', '', 1).isdigit():
+            value = f'!!float {number}'
         normalized.append(key + sep + value)
     return normalized
+
+
+def read_exponent_floats(loader) -> None:
+    """Make ``loader`` (BasicSR's YAML loader class) read ``1e-3`` as a number: PyYAML follows YAML
+    1.1, whose floats need a dot (``1.0e-3``), and keeps ``lr: 1e-3`` a string that only fails
+    deep inside the optimizer. Installed once on the class, so BasicSR's own parse sees it too."""
+    if not getattr(loader, '_esc_exponent_floats', False):
+        loader.add_implicit_resolver('tag:yaml.org,2002:float', _EXPONENT_FLOAT, list('-+0123456789.'))
+        loader._esc_exponent_floats = True
 
 
 def load_options(opt_path: str, force_yml=None) -> dict:
@@ -71,9 +97,11 @@ def load_options(opt_path: str, force_yml=None) -> dict:
 
     if not osp.isfile(opt_path):
         raise OptionError(f'option file not found: {opt_path}')
+    loader = ordered_yaml()[0]
+    read_exponent_floats(loader)
     try:
         with open(opt_path) as file:
-            opt = yaml.load(file, Loader=ordered_yaml()[0])
+            opt = yaml.load(file, Loader=loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, 'problem_mark', None)
         where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
@@ -89,12 +117,18 @@ def load_options(opt_path: str, force_yml=None) -> dict:
             raise OptionError(f'--force_yml {entry!r}: expected KEY=VALUE, with KEY like train:ema_decay')
         keys, value = (part.strip() for part in entry.split('='))
         *parents, last = keys.split(':')
+        if not all(part.strip() for part in (*parents, last)):
+            raise OptionError(f'--force_yml {entry!r}: an empty key; expected KEY=VALUE, with KEY like train:ema_decay')
         node = opt
         for key in parents:
             if not isinstance(node.get(key), dict):
                 raise OptionError(f'--force_yml {entry!r}: {opt_path} has no section {key!r} on that path')
             node = node[key]
-        node[last] = _postprocess_yml_value(value)
+        try:
+            node[last] = _postprocess_yml_value(value)  # lists go through eval(), as in BasicSR
+        except Exception as exc:
+            raise OptionError(f'--force_yml {entry!r}: cannot read the value {value!r} '
+                              f'({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""})') from None
     return opt
 
 
@@ -123,6 +157,145 @@ def _check_arch_arguments(arch, net_opt: dict, where: str) -> None:
         problem = '; '.join(filter(None, [unknown and f'unknown option(s) {", ".join(unknown)}',
                                           missing and f'missing option(s) {", ".join(missing)}']))
         raise OptionError(f'{arch.__name__}: {problem} ({where}); it takes: {", ".join(params)}')
+
+
+SCHEDULERS = ('MultiStepLR', 'MultiStepRestartLR', 'CosineAnnealingRestartLR')  # what BasicSR's models build
+SCALE_KEYS = ('upscaling_factor', 'upscale', 'upscale_factor', 'scale')  # ESC's, SwinIR/EDSR/RCAN's, ...
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _image_names(folder: str) -> set:
+    return {name for name in os.listdir(folder) if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith('.')}
+
+
+def _check_scale(opt: dict, opt_path: str) -> None:
+    """The network's own upscaling factor must be the run's ``scale`` (BasicSR would crop or mis-size
+    the output and report wrong metrics, or fail later with a shape error)."""
+    scale, net_opt = opt.get('scale'), opt['network_g']
+    for key in SCALE_KEYS:
+        if scale is not None and key in net_opt and net_opt[key] != scale:
+            raise OptionError(f'network_g.{key} is {net_opt[key]} but scale is {scale} in {opt_path}; they must agree')
+
+
+def _check_train_section(opt: dict, opt_path: str) -> None:
+    import basicsr.losses  # noqa: F401  (fill the registry)
+    from basicsr.utils.registry import LOSS_REGISTRY
+
+    train = opt['train']
+    if not isinstance(train, dict):
+        raise OptionError(f'{opt_path}: train must be a mapping (total_iter, optim_g, scheduler, ...)')
+    total = train.get('total_iter')
+    if not (_is_number(total) and total > 0 and float(total).is_integer()):
+        raise OptionError(f'train.total_iter must be a positive whole number in {opt_path}, got {total!r}')
+    for key in ('warmup_iter', 'ema_decay', 'grad_clip'):
+        if train.get(key) is not None and not _is_number(train[key]):
+            raise OptionError(f'train.{key} must be a number in {opt_path}, got {train[key]!r}')
+    for key, value in train.items():
+        if not isinstance(value, dict):
+            continue
+        if key.startswith('optim_'):
+            try:
+                optimizer_class(value.get('type'))
+            except ValueError as exc:
+                raise OptionError(f'{str(exc).replace("optim_g", key)} ({opt_path})') from None
+            if not _is_number(value.get('lr')):
+                raise OptionError(f'train.{key}.lr must be a number in {opt_path}, got {value.get("lr")!r}')
+        elif key == 'scheduler' and value.get('type') not in SCHEDULERS:
+            raise OptionError(f'unknown scheduler {value.get("type")!r} (train.scheduler.type in {opt_path}); '
+                              f'BasicSR has: {", ".join(SCHEDULERS)}')
+        elif key.endswith('_opt') and value.get('type') not in LOSS_REGISTRY:
+            raise OptionError(f'unknown loss {value.get("type")!r} (train.{key}.type in {opt_path}); '
+                              f'registered losses: {_registered(LOSS_REGISTRY)}')
+
+
+def _check_metrics(opt: dict, opt_path: str) -> None:
+    import basicsr.metrics  # noqa: F401  (fill the registry)
+    from basicsr.utils.registry import METRIC_REGISTRY
+
+    metrics = (opt.get('val') or {}).get('metrics') or {}
+    for name, metric in metrics.items():
+        kind = metric.get('type') if isinstance(metric, dict) else None
+        if kind not in METRIC_REGISTRY:
+            raise OptionError(f'unknown metric {kind!r} (val.metrics.{name}.type in {opt_path}); '
+                              f'registered metrics: {_registered(METRIC_REGISTRY)}')
+
+
+def _check_image_folders(opt: dict, phase: str, dataset: dict, opt_path: str) -> None:
+    """Folders of images on disk: not empty, GT and LQ names paired, the first pair x scale and
+    at least gt_size, enough images for a batch (what BasicSR finds out in a data loader worker)."""
+    if (dataset.get('io_backend') or {}).get('type', 'disk') != 'disk':
+        return
+    where = f'datasets.{phase} in {opt_path}'
+    names = {}
+    for key in ('dataroot_gt', 'dataroot_lq'):
+        folder = dataset.get(key)
+        if isinstance(folder, str) and osp.isdir(osp.expanduser(folder)):
+            names[key] = _image_names(osp.expanduser(folder))
+            if not names[key]:
+                raise OptionError(f'no images in {folder} ({key} of {where})')
+    if len(names) < 2 or dataset.get('meta_info_file') or dataset.get('filename_tmpl', '{}') != '{}':
+        return
+    gt_dir, lq_dir = (osp.expanduser(dataset[key]) for key in ('dataroot_gt', 'dataroot_lq'))
+    unpaired = sorted(names['dataroot_gt'] ^ names['dataroot_lq'])
+    if unpaired:
+        raise OptionError(f'{len(unpaired)} image(s) in only one of {dataset["dataroot_gt"]} and '
+                          f'{dataset["dataroot_lq"]}: {", ".join(unpaired[:5])} ({where}); '
+                          'GT and LQ files pair by name')
+    from PIL import Image
+    first = min(names['dataroot_gt'])
+    try:
+        with Image.open(osp.join(gt_dir, first)) as gt, Image.open(osp.join(lq_dir, first)) as lq:
+            gt_size, lq_size = gt.size, lq.size
+    except Exception:
+        return  # unreadable: the data set names it when it gets there
+    scale = opt.get('scale')
+    if _is_number(scale) and (gt_size[0] != lq_size[0] * scale or gt_size[1] != lq_size[1] * scale):
+        raise OptionError(f'{first}: GT {gt_size[0]}x{gt_size[1]} is not x{scale} its LQ {lq_size[0]}x{lq_size[1]} '
+                          f'({where}; scale is {scale})')
+    patch = dataset.get('gt_size')
+    if phase.startswith('train') and _is_number(patch) and patch > min(gt_size):
+        raise OptionError(f'gt_size {patch} is larger than {first} ({gt_size[0]}x{gt_size[1]}) ({where})')
+    batch = dataset.get('batch_size_per_gpu')
+    if phase.startswith('train') and _is_number(batch):
+        available = len(names['dataroot_gt']) * (dataset.get('dataset_enlarge_ratio') or 1)
+        if available < batch:
+            raise OptionError(f'{len(names["dataroot_gt"])} training image(s) x dataset_enlarge_ratio make '
+                              f'fewer samples than batch_size_per_gpu {batch} ({where})')
+
+
+def _check_network_fits(net_opt: dict, state_dict: dict, what: str) -> None:
+    """``state_dict`` loads strictly into the network ``net_opt`` builds (its load hooks included,
+    e.g. ESC's cross-scale ``to_img``), or OptionError naming the differences."""
+    from basicsr.utils.registry import ARCH_REGISTRY
+    kwargs = copy.deepcopy(net_opt)
+    try:  # not basicsr's build_network: its log line would set up the logger before the run gives it its file
+        net = ARCH_REGISTRY.get(kwargs.pop('type'))(**kwargs)
+    except Exception as exc:
+        raise OptionError(f'cannot build network_g {net_opt.get("type")}: {type(exc).__name__}: '
+                          f'{str(exc).splitlines()[0] if str(exc) else ""}') from None
+    try:
+        net.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        problems = describe_mismatch(net, state_dict) or str(exc).strip().splitlines()[-1].strip()
+        raise OptionError(f'{what} does not fit network_g ({net_opt.get("type")}): {problems}') from None
+
+
+def _check_pretrained(opt: dict, opt_path: str) -> None:
+    paths = opt['path']
+    load_path = paths.get('pretrain_network_g')
+    if not isinstance(load_path, str):
+        return
+    what = f'{load_path} (path.pretrain_network_g in {opt_path})'
+    try:
+        state_dict, _ = pretrained_state_dict(osp.expanduser(load_path), paths.get('param_key_g', 'params'))
+    except CheckpointError as exc:
+        raise OptionError(f'{exc} (path.pretrain_network_g in {opt_path})') from None
+    if paths.get('strict_load_g', True):
+        _check_network_fits(opt['network_g'], state_dict, what)
 
 
 def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
@@ -166,6 +339,11 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
             value = dataset.get(key)
             if backend in ('disk', 'lmdb') and isinstance(value, str) and not osp.exists(osp.expanduser(value)):
                 raise OptionError(f'data set path not found: {value} (datasets.{phase}.{key} in {opt_path})')
+        _check_image_folders(opt, phase, dataset, opt_path)
+    _check_scale(opt, opt_path)
+    _check_metrics(opt, opt_path)
+    if is_train:
+        _check_train_section(opt, opt_path)
 
     paths = opt['path']
     if not isinstance(paths, dict):
@@ -175,6 +353,8 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
         if isinstance(value, str) and (key == 'resume_state' or (key.startswith('pretrain_network') and not resuming)):
             if not osp.isfile(osp.expanduser(value)):
                 raise OptionError(f'file not found: {value} (path.{key} in {opt_path})')
+    if not resuming:
+        _check_pretrained(opt, opt_path)
 
     num_gpu = opt['num_gpu']
     if num_gpu != 'auto' and not (isinstance(num_gpu, int) and num_gpu >= 0):
@@ -245,16 +425,101 @@ def load_resume_state(opt):
         try:
             state = torch.load(path, map_location=device, weights_only=True)
             net_path = osp.join(opt['path']['models'], f'net_g_{state["iter"]}.pth')
-            if opt['auto_resume'] and 'network_g' in opt and not osp.isfile(net_path):
-                raise FileNotFoundError(f'its network {net_path} is missing')
+            network = None
+            if 'network_g' in opt:
+                if not osp.isfile(net_path):
+                    raise FileNotFoundError(f'its network {net_path} is missing')
+                network = pretrained_state_dict(net_path, 'params')[0]  # readable, not truncated
         except Exception as exc:
             if index + 1 == len(candidates) or not opt['auto_resume']:
-                raise
+                raise OptionError(f'cannot resume from {path}: {str(exc).strip().splitlines()[0]}') from None
             print(f'Cannot resume from {path} ({exc}); trying {candidates[index + 1]}.', flush=True)
             continue
+        if network is not None:
+            _check_network_fits(opt['network_g'], network, f'resume state {path} (its network {net_path})')
+        _check_resumed_optimizer(opt, state, path)
         opt['path']['resume_state'] = path
         check_resume(opt, state['iter'])
         return state
+
+
+def _check_resumed_optimizer(opt: dict, state: dict, path: str) -> None:
+    """The options' optimizer must be the one the state was saved with (its settings are another
+    optimizer's otherwise: a KeyError deep in torch); a changed learning rate is said to be ignored."""
+    optim = (opt.get('train') or {}).get('optim_g')
+    saved = (state.get('optimizers') or [None])[0]
+    if not isinstance(optim, dict) or not isinstance(saved, dict) or not saved.get('param_groups'):
+        return
+    group = saved['param_groups'][0]
+    settings = {k: v for k, v in optim.items() if k != 'type'}
+    try:
+        fresh = optimizer_class(optim.get('type'))([torch.zeros(1, requires_grad=True)], **settings)
+    except Exception:
+        return  # the model reports a bad optimizer itself
+    expected = set(fresh.param_groups[0]) - {'params'}
+    if not expected <= set(group):
+        raise OptionError(f'cannot resume from {path}: it was saved with another optimizer than train.optim_g '
+                          f'{optim.get("type")} (its settings lack {", ".join(sorted(expected - set(group)))}); '
+                          'resume with the options of that run, or give this run another name')
+    base = group.get('initial_lr')
+    if _is_number(base) and _is_number(optim.get('lr')) and not math.isclose(base, optim['lr']):
+        print(f'Resuming from {path}: the learning rate follows the saved schedule (base lr {base:g}); '
+              f'train.optim_g.lr {optim["lr"]:g} is not used.', flush=True)
+
+
+class ImageDecodeError(ValueError):
+    """A training/validation image OpenCV cannot decode; the message names its file(s)."""
+
+
+# BasicSR's image data sets, whose imfrombytes returns None (or fails on None.astype) for a corrupt file
+_IMAGE_DATASETS = {'paired_image_dataset': 'PairedImageDataset', 'single_image_dataset': 'SingleImageDataset',
+                   'realesrgan_dataset': 'RealESRGANDataset', 'realesrgan_paired_dataset': 'RealESRGANPairedDataset'}
+
+
+def _checked_imfrombytes(original):
+    def imfrombytes(content, *args, **kwargs):
+        try:
+            img = original(content, *args, **kwargs)
+        except AttributeError:  # None.astype: OpenCV decoded nothing
+            img = None
+        if img is None:
+            raise ImageDecodeError('OpenCV cannot decode it (corrupt or truncated?)')
+        return img
+
+    return imfrombytes
+
+
+def _named_decode_errors(getitem):
+    def __getitem__(self, index):
+        try:
+            return getitem(self, index)
+        except ImageDecodeError as exc:
+            entry = self.paths[index % len(self.paths)] if getattr(self, 'paths', None) else None
+            names = ', '.join(map(str, entry.values())) if isinstance(entry, dict) else str(entry)
+            raise ImageDecodeError(f'cannot read an image of {names}: {exc}') from None
+
+    return __getitem__
+
+
+def _decode_error_line(exc: ImageDecodeError) -> str:
+    """The message, also when a data loader worker re-raised it with its traceback in front."""
+    lines = [line.strip() for line in str(exc).splitlines() if 'cannot read an image of' in line]
+    line = lines[-1] if lines else str(exc).strip().splitlines()[-1]
+    return line.split('ImageDecodeError: ')[-1]
+
+
+def _dataloader_wrapper(original):
+    """BasicSR counts an epoch as ceil(samples / batch) iterations, but its training loader drops
+    the last partial batch, so a small data set ran out of epochs before total_iter: the epoch
+    count is redone from the loader's real length."""
+
+    def create_train_val_dataloader(opt, logger):
+        train_loader, train_sampler, val_loaders, total_epochs, total_iters = original(opt, logger)
+        if train_loader is not None and len(train_loader) > 0:
+            total_epochs = max(total_epochs, math.ceil(total_iters / len(train_loader)))
+        return train_loader, train_sampler, val_loaders, total_epochs, total_iters
+
+    return create_train_val_dataloader
 
 
 def _parse_options_wrapper(original):
@@ -288,6 +553,13 @@ def patch_basicsr(use_cuda: bool) -> None:
         dist_util._init_dist_pytorch = _init_dist_pytorch
         dist_util._init_dist_slurm = _init_dist_slurm
         basicsr.train.load_resume_state = load_resume_state
+        basicsr.train.create_train_val_dataloader = _dataloader_wrapper(basicsr.train.create_train_val_dataloader)
+        import importlib
+        for module_name, class_name in _IMAGE_DATASETS.items():
+            module = importlib.import_module(f'basicsr.data.{module_name}')
+            module.imfrombytes = _checked_imfrombytes(module.imfrombytes)
+            dataset = getattr(module, class_name)
+            dataset.__getitem__ = _named_decode_errors(dataset.__getitem__)
         basicsr.train.parse_options = _parse_options_wrapper(basicsr.train.parse_options)
         basicsr.test.parse_options = _parse_options_wrapper(basicsr.test.parse_options)
 
@@ -328,6 +600,12 @@ def run(command: str, args) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             from basicsr.utils import get_root_logger
             get_root_logger().error(str(exc))
+        return 1
+    except OptionError as exc:  # found once BasicSR has the experiment set up (e.g. a state to resume)
+        print(f'basicsr {command}: error: {exc}', file=sys.stderr)
+        return 2
+    except ImageDecodeError as exc:
+        print(f'basicsr {command}: error: {_decode_error_line(exc)}', file=sys.stderr)
         return 1
     finally:
         sys.argv = saved_argv

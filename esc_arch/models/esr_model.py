@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..archs import ESC, ESCFP
 from ..archs.layers import reflect_pad_to_multiple, resample_subpixel_conv
 from ..fileio import atomic_path, remove_stale_temp_files
-from ..loading import read_state_dict
+from ..loading import read_checkpoint_file, read_state_dict
 from ..runtime import slow_bf16_warning
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16,
@@ -42,6 +42,31 @@ AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the message names the iteration and the last saved state."""
+
+
+def optimizer_class(name: str) -> type:
+    """The ``torch.optim`` optimizer called ``name`` (``train.optim_g.type``), or ValueError naming them."""
+    cls = getattr(torch.optim, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        names = sorted(n for n, obj in vars(torch.optim).items()
+                       if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and n != 'Optimizer')
+        raise ValueError(f'unknown optimizer {name!r} (train.optim_g.type); torch.optim has: {", ".join(names)}')
+    return cls
+
+
+def pretrained_state_dict(load_path: str, param_key: str | None = 'params', log=None) -> tuple[dict, str | None]:
+    """(state dict, the key it was under) of a network file as BasicSR's ``load_network`` picks it:
+    under ``param_key``, else under ``params``, else the file's flat dict; CheckpointError if the
+    file cannot be read."""
+    data = read_checkpoint_file(load_path)
+    if isinstance(data, dict) and param_key not in data and 'params' in data:
+        param_key = 'params'
+        if log:
+            log('Loading: params_ema does not exist, use params.')
+    if not (isinstance(data, dict) and param_key in data):
+        param_key = None
+    # a flat state dict, or one under param_key; read_state_dict drops DDP's 'module.'
+    return read_state_dict(data[param_key] if param_key else data), param_key
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -105,17 +130,9 @@ class ESCSRModel(SRModel):
         the mismatched tensor instead)."""
         logger = get_root_logger()
         net = self.get_bare_model(net)
-        if str(load_path).endswith('.safetensors'):
-            load_net, param_key = read_state_dict(load_path), None
-        else:
-            if not os.path.isfile(load_path):
-                raise FileNotFoundError(f'pretrained network not found: {load_path}')
-            data = torch.load(load_path, map_location='cpu', weights_only=True)
-            if param_key not in data and 'params' in data:
-                param_key = 'params'
-                logger.info('Loading: params_ema does not exist, use params.')
-            # a flat state dict, or one under param_key; read_state_dict drops DDP's 'module.'
-            load_net = read_state_dict(data[param_key] if param_key in data else data)
+        if not os.path.isfile(load_path):
+            raise FileNotFoundError(f'pretrained network not found: {load_path}')
+        load_net, param_key = pretrained_state_dict(load_path, param_key, log=logger.info)
         logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{param_key}].')
         if not strict and isinstance(net, (ESC, ESCFP)):
             resample_subpixel_conv(load_net, '', 3, net.upscaling_factor, log=logger.info)
@@ -139,13 +156,7 @@ class ESCSRModel(SRModel):
                 remove_stale_temp_files(self.opt['path'].get(key, ''))
 
     def get_optimizer(self, optim_type, params, lr, **kwargs):
-        optimizer_class = getattr(torch.optim, optim_type, None)
-        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
-            names = sorted(name for name, obj in vars(torch.optim).items()
-                           if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and name != 'Optimizer')
-            raise ValueError(f'unknown optimizer {optim_type!r} (train.optim_g.type); torch.optim has: '
-                             f'{", ".join(names)}')
-        return optimizer_class(params, lr, **kwargs)
+        return optimizer_class(optim_type)(params, lr, **kwargs)
 
     def update_learning_rate(self, current_iter, warmup_iter=-1):
         """Step the schedulers, then scale every lr by ``current_iter / warmup_iter`` during warm-up.
@@ -256,6 +267,9 @@ class ESCSRModel(SRModel):
         if was_training:
             net.train()
         scale = self.opt.get('scale') or output.shape[-2] // lq.shape[-2]
+        if output.shape[-2:] != (lq.shape[-2] * scale, lq.shape[-1] * scale):
+            raise ValueError(f'the network made {tuple(output.shape[-2:])} from a {tuple(lq.shape[-2:])} input, not '
+                             f'x{scale} (the option scale): its upscaling factor and scale must agree')
         self.output = output[..., :height * scale, :width * scale]
 
     # ---------------------------------------------------------------- checkpoints
