@@ -223,3 +223,105 @@ def test_model_report_matches_a_direct_computation(demo_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and 'bicubic x2 PSNR-Y' in out and f'{demo.VAL_IMAGES[0]} {scores[demo.VAL_IMAGES[0]]:.2f}' in out
     assert cli_main(['prepare', '--demo', '-o', demo_root, '--report-model', str(tmp_path / 'none.pth')]) == 2
+
+
+def _tiny_hr(folder, name='t.png', size=(48, 72)):
+    """One small smooth image: cheap enough to prepare several times in one test."""
+    os.makedirs(folder, exist_ok=True)
+    h, w = size
+    small = np.random.default_rng(1).integers(0, 256, (h // 8 + 2, w // 8 + 2, 3), dtype=np.uint8)
+    cv2.imwrite(os.path.join(folder, name), cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC))
+    return folder
+
+
+def _prepare_cli(*args):
+    return cli_main(['prepare', *args, '--scales', '2', '--workers', '1'])
+
+
+def _tree(root):
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names)
+
+
+def test_rerun_with_other_settings_stops_and_same_settings_resume(tmp_path, capsys):
+    hr, out = _tiny_hr(str(tmp_path / 'R_HR')), str(tmp_path / 'out')
+    assert _prepare_cli('-i', hr, '-o', out, '--crop', '24', '--step', '24') == 0  # 2 x 3 patches
+    before = _tree(out)
+    capsys.readouterr()
+    assert _prepare_cli('-i', hr, '-o', out, '--crop', '12', '--step', '12') == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'crop 24 before, 12 now' in err and 'step 24 before, 12 now' in err
+    assert os.path.join(out, 'R_HR_sub') in err and 'another -o' in err and 'delete' in err
+    assert _tree(out) == before  # nothing written, nothing mixed
+    # same folder name, other input folder: its sub-images would be mixed in just the same
+    other = _tiny_hr(str(tmp_path / 'elsewhere' / 'R_HR'), name='u.png')
+    assert _prepare_cli('-i', other, '-o', out, '--crop', '24', '--step', '24') == 2
+    assert 'input ' in capsys.readouterr().err and _tree(out) == before
+    os.remove(os.path.join(out, 'R_LR_bicubic', 'X2_sub', 't_s003.png'))
+    assert _prepare_cli('-i', hr, '-o', out, '--crop', '24', '--step', '24') == 0
+    assert '6 sub-images (1 files written)' in capsys.readouterr().out and _tree(out) == before
+
+
+def test_outputs_without_a_settings_record_are_not_reused(tmp_path, capsys):
+    hr, out = _tiny_hr(str(tmp_path / 'L_HR')), tmp_path / 'out'
+    (out / 'L_HR_sub').mkdir(parents=True)
+    cv2.imwrite(str(out / 'L_HR_sub' / 't_s001.png'), np.zeros((8, 8, 3), np.uint8))  # e.g. an older esc-arch
+    assert _prepare_cli('-i', hr, '-o', str(out), '--crop', '24', '--step', '24', '--no-lmdb') == 2
+    assert 'unrecorded settings' in capsys.readouterr().err
+    assert cv2.imread(str(out / 'L_HR_sub' / 't_s001.png')).shape == (8, 8, 3)
+
+
+def test_stale_temp_files_are_removed_on_a_rerun(tmp_path, capsys):
+    hr, out = _tiny_hr(str(tmp_path / 'T_HR')), tmp_path / 'out'
+    assert _prepare_cli('-i', hr, '-o', str(out), '--crop', '24', '--step', '24', '--no-lmdb') == 0
+    stale = [out / 'T_HR_sub' / '.t_s001.w41xvrmf.tmp.png', out / 'T_LR_bicubic' / 'X2_sub' / '.t_s002.ab.tmp.png',
+             out / '.T_HR_sub.prepare.x1.tmp.json']  # the settings record's
+    foreign = out / '.notes.x2.tmp.txt'  # another program's write in progress, next to the outputs
+    for path in (*stale, foreign):
+        path.write_bytes(b'half a file')  # what a kill -9 during an atomic write leaves
+    assert _prepare_cli('-i', hr, '-o', str(out), '--crop', '24', '--step', '24', '--no-lmdb') == 0
+    assert 'removed 3 temporary file(s)' in capsys.readouterr().out
+    assert not any(path.exists() for path in stale) and foreign.exists()
+
+
+def test_input_dot_writes_next_to_the_folder(tmp_path, monkeypatch, capsys):
+    hr = _tiny_hr(str(tmp_path / 'imgs'))
+    monkeypatch.chdir(hr)
+    assert _prepare_cli('-i', '.', '--crop', '24', '--step', '24') == 0
+    assert os.listdir(hr) == ['t.png']  # no hidden '._sub' folders inside the input
+    assert len(os.listdir(tmp_path / 'imgs_sub')) == 6 and (tmp_path / 'imgs_sub.lmdb' / 'data.mdb').is_file()
+    assert len(os.listdir(tmp_path / 'imgs_LR_bicubic' / 'X2_sub')) == 6
+    assert 'HR: ../imgs_sub' in capsys.readouterr().out
+
+
+def test_input_file_and_demo_option_conflicts_give_one_error_line(tmp_path, capsys):
+    hr = _tiny_hr(str(tmp_path / 'F_HR'))
+    for argv, expected in (
+            (['-i', os.path.join(hr, 't.png')], 't.png is a file; give -i the folder'),
+            (['--demo', '-o', str(tmp_path / 'd'), '-i', hr], '--demo builds the embedded demo set and takes no -i'),
+            (['--demo', '-o', str(tmp_path / 'd'), '--scales', '5', '--report-bicubic'],
+             'the demo set has scales 2, 3, 4, not 5'),
+            (['--demo', '-o', str(tmp_path / 'd'), '--crop', '96'], 'takes no --crop'),
+            (['-i', hr, '--report-bicubic'], '--report-bicubic: only with --demo')):
+        assert cli_main(['prepare', *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and err.count('\n') == 1, (argv, err)
+    assert not (tmp_path / 'd').exists()  # refused before building anything
+
+
+def test_float_tiff_is_read_as_8_bit_and_out_of_range_floats_are_named(tmp_path):
+    rng = np.random.default_rng(2)
+    pixels = rng.random((6, 5, 3)).astype(np.float32)
+    path = str(tmp_path / 'f.tif')
+    assert cv2.imwrite(path, pixels)
+    img = image_files.read_image_bgr(path)
+    assert img.dtype == np.uint8 and img.shape == (6, 5, 3)
+    np.testing.assert_array_equal(img, np.round(pixels * 255).astype(np.uint8))
+    gray = str(tmp_path / 'g.tif')
+    assert cv2.imwrite(gray, pixels[:, :, 0])
+    np.testing.assert_array_equal(image_files.read_image_bgr(gray), np.repeat(img[:, :, :1], 3, axis=2))
+    assert cv2.imwrite(path, pixels * 255)
+    with pytest.raises(image_files.ImageReadError, match=r'floating-point pixels must lie in \[0, 1\]'):
+        image_files.read_image_bgr(path)
+    assert cv2.imwrite(path, np.ones((6, 5, 3), np.int32))
+    with pytest.raises(image_files.ImageReadError, match='pixel type int32 is not supported'):
+        image_files.read_image_bgr(path)

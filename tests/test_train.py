@@ -383,7 +383,18 @@ def test_more_option_mistakes_are_one_line_before_training(tmp_path, capsys, mon
     (tmp_path / 'text.pth').write_text('not a checkpoint')
     text = str(tmp_path / 'text.pth')
     assert 'not a PyTorch' in error_for('textpth', lambda o: o['path'].update(pretrain_network_g=text))
+    assert "ESC: dim must be int, got '16'" in error_for('strdim', lambda o: o['network_g'].update(dim='16'))
+    assert 'ESC: use_ln must be bool' in error_for('intln', lambda o: o['network_g'].update(use_ln=1))
     assert not (tmp_path / 'experiments').exists()
+
+
+def test_misspelt_train_keys_are_named(tmp_path, capsys):
+    from esc_arch.commands._pipeline import _warn_unread_train_keys
+    opt = train_options(tmp_path, gradclip=0.01, amp_mode='bf16')
+    _warn_unread_train_keys(opt)
+    err = capsys.readouterr().err
+    assert 'train.gradclip is not an option ESCSRModel reads; it is ignored (did you mean grad_clip?)' in err
+    assert 'train.amp_mode' in err and 'train.ema_decay' not in err and 'train.optim_g' not in err
 
 
 def test_yaml_exponent_numbers_and_force_yml_values(tmp_path):

@@ -141,6 +141,40 @@ def _registered(registry) -> str:
     return ', '.join(sorted(registry.keys()))
 
 
+def _check_arch_types(arch, net_opt: dict, where: str) -> None:
+    """Values of the arch's int / float / bool / str arguments (by their annotations) have that
+    type: ``dim: "16"`` or ``dim=abc`` is one line here, a TypeError deep in the layers otherwise."""
+    try:
+        params = inspect.signature(arch, eval_str=True).parameters
+    except Exception:
+        return
+    accepted = {int: (int, ), float: (int, float), bool: (bool, ), str: (str, )}
+    for name, value in net_opt.items():
+        kinds = accepted.get(params[name].annotation) if name in params else None
+        if kinds and value is not None and not (isinstance(value, kinds)
+                                                and (bool in kinds or not isinstance(value, bool))):
+            raise OptionError(f'{arch.__name__}: {name} must be {params[name].annotation.__name__}, '
+                              f'got {value!r} ({where})')
+
+
+# what ESCSRModel (and BasicSR's SRModel under it) reads from train:
+TRAIN_KEYS = ('total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'scheduler', 'pixel_opt', 'perceptual_opt',
+              'grad_clip', 'amp')
+
+
+def _warn_unread_train_keys(opt: dict) -> None:
+    """A misspelt train key (``gradclip``) is otherwise silently ignored."""
+    import difflib
+    if opt.get('model_type') not in ('ESCSRModel', 'ESRModel') or not isinstance(opt.get('train'), dict):
+        return
+    for key in opt['train']:
+        if key not in TRAIN_KEYS:
+            close = difflib.get_close_matches(key, TRAIN_KEYS, n=1)
+            hint = f' (did you mean {close[0]}?)' if close else ''
+            print(f'warning: train.{key} is not an option {opt["model_type"]} reads; it is ignored{hint}',
+                  file=sys.stderr)
+
+
 def _check_arch_arguments(arch, net_opt: dict, where: str) -> None:
     """The YAML keys of an arch are its constructor's arguments: name unknown and missing ones."""
     try:
@@ -150,6 +184,7 @@ def _check_arch_arguments(arch, net_opt: dict, where: str) -> None:
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return
     given = set(net_opt) - {'type'}
+    _check_arch_types(arch, net_opt, where)
     unknown = sorted(given - set(params))
     missing = [name for name, p in params.items()
                if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in given]
@@ -344,6 +379,7 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
     _check_metrics(opt, opt_path)
     if is_train:
         _check_train_section(opt, opt_path)
+        _warn_unread_train_keys(opt)
 
     paths = opt['path']
     if not isinstance(paths, dict):

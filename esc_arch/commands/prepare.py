@@ -4,16 +4,19 @@ from __future__ import annotations
 import os
 import sys
 
+DEFAULTS = {'crop': 480, 'step': 240, 'thresh': 48}
+
 
 def add_arguments(parser):
     parser.add_argument('-i', '--input', help='folder of HR images, e.g. datasets/DIV2K/DIV2K_train_HR')
     parser.add_argument('-o', '--output', default=None,
                         help='output root (default: the parent of --input; with --demo: datasets/demo)')
     parser.add_argument('--scales', type=int, nargs='+', default=[2, 3, 4], help='LR scales (default: 2 3 4)')
-    parser.add_argument('--crop', type=int, default=480, help='sub-image size (default 480)')
-    parser.add_argument('--step', type=int, default=240, help='sub-image stride (default 240)')
-    parser.add_argument('--thresh', type=int, default=48,
-                        help='add a last patch when the remainder exceeds this (default 48)')
+    # crop/step/thresh default to None so that giving them with --demo (which ignores them) is an error
+    parser.add_argument('--crop', type=int, default=None, help=f'sub-image size (default {DEFAULTS["crop"]})')
+    parser.add_argument('--step', type=int, default=None, help=f'sub-image stride (default {DEFAULTS["step"]})')
+    parser.add_argument('--thresh', type=int, default=None,
+                        help=f'add a last patch when the remainder exceeds this (default {DEFAULTS["thresh"]})')
     parser.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1), help='processes')
     parser.add_argument('--no-lmdb', action='store_true', help='stop after the PNG sub-images')
     parser.add_argument('--demo', action='store_true',
@@ -30,9 +33,39 @@ def _print_scores(label: str, scores: dict) -> None:
     print(f'{label} PSNR-Y (dB): {per_image}; mean {sum(scores.values()) / len(scores):.2f}')
 
 
+def _usage_error(args) -> str | None:
+    """Options that exclude each other or do not apply, as one message (None when the line is consistent)."""
+    if args.demo:
+        if args.input:
+            return '--demo builds the embedded demo set and takes no -i; drop -i, or drop --demo to prepare -i'
+        ignored = [f'--{name}' for name in DEFAULTS if getattr(args, name) is not None]
+        ignored += ['--no-lmdb'] if args.no_lmdb else []
+        if ignored:
+            return (f'--demo builds the demo set of whole images and takes no {", ".join(ignored)}; drop '
+                    f'{"it" if len(ignored) == 1 else "them"}, or drop --demo to prepare -i')
+        if args.report_bicubic:
+            from esc_arch.data.demo import SCALES
+            unknown = [s for s in args.scales if s not in SCALES]
+            if unknown:
+                return (f'--report-bicubic: the demo set has scales {", ".join(map(str, SCALES))}, not '
+                        f'{", ".join(map(str, unknown))}; pick --scales among them')
+        return None
+    used = [flag for flag, on in (('--report-bicubic', args.report_bicubic), ('--report-model', args.report_model))
+            if on]
+    if used:
+        return f'{" and ".join(used)}: only with --demo (scores the demo validation images); add --demo'
+    if not args.input:
+        return 'give -i HR_FOLDER (or --demo)'
+    return None
+
+
 def run(args) -> int:
     import esc_arch  # noqa: F401  (before basicsr)
 
+    problem = _usage_error(args)
+    if problem:
+        print(f'basicsr prepare: {problem}', file=sys.stderr)
+        return 2
     if args.demo:
         from esc_arch.data.demo import DEFAULT_DEMO_ROOT, bicubic_baseline, ensure_demo_data
         root = args.output or DEFAULT_DEMO_ROOT
@@ -46,23 +79,24 @@ def run(args) -> int:
             from esc_arch.loading import CheckpointError
             try:
                 scale, scores = model_psnr(args.report_model, root)
-            except (CheckpointError, FileNotFoundError) as err:
+            except (CheckpointError, FileNotFoundError, ValueError) as err:
                 print(f'basicsr prepare: {err}', file=sys.stderr)
                 return 2
             _print_scores(f'bicubic x{scale}', bicubic_baseline(root, scale))
             _print_scores(f'model   x{scale}', scores)
         return 0
-    if not args.input:
-        print('basicsr prepare: give -i HR_FOLDER (or --demo)', file=sys.stderr)
-        return 2
-    from esc_arch.data.prepare import prepare_dataset
-    out_root = args.output or os.path.dirname(os.path.normpath(args.input))
+    from esc_arch.data.prepare import default_out_root, prepare_dataset
+    settings = {name: default if getattr(args, name) is None else getattr(args, name)
+                for name, default in DEFAULTS.items()}
     try:
-        result = prepare_dataset(args.input, out_root, scales=args.scales, crop=args.crop, step=args.step,
-                                 thresh=args.thresh, workers=max(1, args.workers), make_lmdb=not args.no_lmdb)
-    except (ValueError, FileNotFoundError) as err:
+        out_root = args.output or default_out_root(args.input)  # '-i .' -> '..', not '.'
+        result = prepare_dataset(args.input, out_root, scales=args.scales, workers=max(1, args.workers),
+                                 make_lmdb=not args.no_lmdb, **settings)
+    except (ValueError, OSError) as err:  # bad settings or input, other settings recorded, unwritable output
         print(f'basicsr prepare: {err}', file=sys.stderr)
         return 2
+    if result.removed_temp_files:
+        print(f'removed {len(result.removed_temp_files)} temporary file(s) left by an interrupted run')
     print(f'{result.num_images} images -> {result.num_sub_images} sub-images ({result.num_written} files written)')
     print(f'HR: {result.hr_sub_folder}')
     for scale, folder in result.lr_sub_folders.items():

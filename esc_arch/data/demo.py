@@ -125,6 +125,8 @@ def validation_psnr(upscale, root: str = DEFAULT_DEMO_ROOT, scale: int = 2, spli
     import cv2
     from basicsr.metrics.psnr_ssim import calculate_psnr
 
+    if scale not in SCALES:
+        raise ValueError(f'the demo set has LR images for scales {", ".join(map(str, SCALES))} only, not x{scale}')
     paths = ensure_demo_data(root, verbose=False)[split]
     scores = {}
     for name in SPLITS[split]:

@@ -30,12 +30,52 @@ def list_images(folder: str) -> list[str]:
                   and os.path.isfile(os.path.join(folder, name)))
 
 
+def _imread_quiet(path: str, flags: int):
+    """``cv2.imread`` without OpenCV's WARN lines (a float TIFF read as 8-bit logs one before failing)."""
+    logging = getattr(getattr(cv2, 'utils', None), 'logging', None)
+    if logging is None:
+        return cv2.imread(path, flags)
+    level = logging.getLogLevel()
+    logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+    try:
+        return cv2.imread(path, flags)
+    finally:
+        logging.setLogLevel(level)
+
+
+def _float_to_uint8(img: np.ndarray, path: str) -> np.ndarray:
+    """A float image with values in [0, 1] (the usual convention) as rounded 8-bit; anything else is refused,
+    because guessing its range would silently give wrong pixels."""
+    if not np.isfinite(img).all():
+        raise ImageReadError(f'cannot use image {path}: its floating-point pixels include NaN or infinity')
+    low, high = float(img.min()), float(img.max())
+    if low < 0.0 or high > 1.0:
+        raise ImageReadError(f'cannot use image {path}: floating-point pixels must lie in [0, 1], these span '
+                             f'[{low:g}, {high:g}]; convert it to an 8- or 16-bit image')
+    return np.round(img * 255.0).astype(np.uint8)
+
+
 def read_image_bgr(path: str) -> np.ndarray:
-    """Read an 8-bit image as HxWx3 BGR (gray images are repeated to 3 channels)."""
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None or img.size == 0:
+    """Read an image as uint8 HxWx3 BGR (gray images are repeated to 3 channels, alpha is dropped).
+
+    8-bit and 16-bit images go through OpenCV's colour reader (16-bit is scaled to 8-bit);
+    floating-point images (e.g. float32 TIFF) must hold values in [0, 1] and are rounded to 8-bit.
+    """
+    img = _imread_quiet(path, cv2.IMREAD_COLOR)
+    if img is not None and img.size:
+        return img
+    raw = _imread_quiet(path, cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.size == 0:
         raise ImageReadError(f'cannot read image {path}: the file is not a decodable image (corrupt or truncated?)')
-    return img
+    if raw.dtype not in (np.float16, np.float32, np.float64):
+        raise ImageReadError(f'cannot use image {path}: its pixel type {raw.dtype} is not supported '
+                             '(use 8- or 16-bit integers, or floating point in [0, 1])')
+    channels = 1 if raw.ndim == 2 else raw.shape[2]
+    if channels not in (1, 3, 4):
+        raise ImageReadError(f'cannot use image {path}: {channels} channels are not supported (give gray, BGR '
+                             'or BGRA)')
+    img = _float_to_uint8(raw.reshape(raw.shape[0], raw.shape[1], channels)[:, :, :3], path)
+    return np.ascontiguousarray(np.repeat(img, 3, axis=2) if channels == 1 else img)
 
 
 def png_complete(path: str) -> bool:

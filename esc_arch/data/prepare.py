@@ -17,11 +17,18 @@ Output layout under ``out_root`` (what ``options/train_ESC_*.yml`` read)::
     (hr_name = basename of the HR folder, lr_name = hr_name with '_HR' -> '_LR_bicubic')
 
 Every file is written atomically and re-runs skip finished work, so a killed run can simply be
-started again. An unreadable image is skipped with one line naming it; the run finishes the rest
-and :func:`prepare_dataset` reports the skipped files (the command then exits with status 1).
+started again (temporary files a killed run left are removed first). The settings that determine
+the outputs (input folder, scales, crop, step, thresh, PNG compression) are recorded for every output
+folder before anything is written to it (``<x>_sub.prepare.json`` next to a sub-image folder, so the
+folder holds nothing but images; ``prepare.json`` inside an LMDB); a re-run with other settings
+stops with a :class:`PrepareSettingsError` instead of mixing old and new files. An unreadable image is
+skipped with one line naming it; the run finishes the rest and :func:`prepare_dataset` reports the
+skipped files (the command then exits with status 1).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import shutil
@@ -32,7 +39,9 @@ import lmdb
 from basicsr.utils.lmdb_util import make_lmdb_from_imgs
 from tqdm import tqdm
 
+from ..fileio import atomic_write_bytes, is_temp_name, remove_stale_temp_files
 from .image_files import (
+    PNG_COMPRESSION,
     ImageReadError,
     bicubic_downscale,
     list_images,
@@ -54,6 +63,16 @@ class PrepareResult:
     num_written: int = 0
     failed: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    removed_temp_files: list[str] = field(default_factory=list)
+
+
+SETTINGS_SUFFIX = '.prepare.json'  # <folder>.prepare.json next to a sub-image folder
+LMDB_SETTINGS_FILE = 'prepare.json'  # inside an LMDB folder: written with the database, renamed with it
+SETTINGS_VERSION = 1
+
+
+class PrepareSettingsError(ValueError):
+    """The output folders hold files of an earlier run with other (or unrecorded) settings."""
 
 
 def patch_origins(length: int, crop: int, step: int, thresh: int, align: int = 1) -> list[int]:
@@ -72,13 +91,115 @@ def patch_origins(length: int, crop: int, step: int, thresh: int, align: int = 1
     return origins
 
 
+def dataset_name(hr_folder: str) -> str:
+    """The name the outputs are called after: the HR folder's own name, also for ``.`` or ``imgs/``."""
+    name = os.path.basename(os.path.abspath(hr_folder))
+    if not name:
+        raise ValueError(f'cannot name the outputs after {hr_folder}: give a folder below the file-system root')
+    return name
+
+
+def default_out_root(hr_folder: str) -> str:
+    """The parent of ``hr_folder`` (relative to the working folder when that is possible)."""
+    parent = os.path.dirname(os.path.abspath(hr_folder))
+    try:
+        relative = os.path.relpath(parent)
+    except ValueError:  # another drive (Windows)
+        return parent
+    return '' if relative == os.curdir else relative  # '' like os.path.dirname: outputs named 'x_sub', not './x_sub'
+
+
 def output_folders(hr_folder: str, out_root: str, scales) -> tuple[str, dict[int, str]]:
     """HR sub-image folder and LR sub-image folder per scale for ``hr_folder``."""
-    hr_name = os.path.basename(os.path.normpath(hr_folder))
+    hr_name = dataset_name(hr_folder)
     lr_name = hr_name.replace('_HR', '_LR_bicubic') if '_HR' in hr_name else hr_name + '_LR_bicubic'
     hr_sub = os.path.join(out_root, f'{hr_name}_sub')
     lr_subs = {s: os.path.join(out_root, lr_name, f'X{s}_sub') for s in scales}
     return hr_sub, lr_subs
+
+
+def run_settings(hr_folder: str, scales, crop: int, step: int, thresh: int) -> dict:
+    """What determines the output files: recorded in every output folder, compared on a re-run."""
+    return {'version': SETTINGS_VERSION, 'input': os.path.realpath(hr_folder), 'scales': sorted(set(scales)),
+            'crop': crop, 'step': step, 'thresh': thresh, 'png_compression': PNG_COMPRESSION}
+
+
+def settings_record(folder: str) -> str:
+    """Where the settings of output ``folder`` are recorded."""
+    folder = folder.rstrip('/\\')
+    if folder.endswith('.lmdb'):
+        return os.path.join(folder, LMDB_SETTINGS_FILE)
+    return folder + SETTINGS_SUFFIX
+
+
+def _read_settings(folder: str):
+    """The settings recorded for ``folder``: a dict, None when there is no record, or a string saying why it is
+    unreadable."""
+    path = settings_record(folder)
+    try:
+        with open(path, encoding='utf-8') as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        return f'unreadable settings record {path} ({err})'
+    return record if isinstance(record, dict) else f'unreadable settings record {path}'
+
+
+def _settings_differences(recorded: dict, wanted: dict) -> list[str]:
+    def show(value):
+        return ' '.join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+    return [f'{key} {show(recorded.get(key, "unrecorded"))} before, {show(wanted[key])} now'
+            for key in wanted if recorded.get(key) != wanted[key]]
+
+
+def _holds_files(folder: str) -> bool:
+    return os.path.isdir(folder) and any(not is_temp_name(n) for n in os.listdir(folder))
+
+
+def check_outputs(folders: list[str], settings: dict) -> None:
+    """Raise :class:`PrepareSettingsError` when an output folder holds files of a run with other settings
+    (or files without a settings record), naming what differs and the folders to delete."""
+    conflicts, reason = [], None
+    for folder in folders:
+        if not _holds_files(folder):
+            continue
+        recorded = _read_settings(folder)
+        if isinstance(recorded, dict):
+            differences = _settings_differences(recorded, settings)
+            if not differences:
+                continue
+            why = 'other settings (' + '; '.join(differences) + ')'
+        elif recorded is None:
+            why = 'unrecorded settings (an older esc-arch, or files from elsewhere)'
+        else:
+            why = recorded
+        conflicts.append(folder)
+        reason = reason or f'{folder} holds outputs of an earlier run with {why}'
+    if conflicts:
+        raise PrepareSettingsError(f'{reason}; not mixing them with this run: give another -o, or delete '
+                                   f'{", ".join(conflicts)} to redo them')
+
+
+def _remove_stale_record_temp_files(folder: str) -> list[str]:
+    """Delete the temp files a killed write of ``folder``'s settings record left next to it (only those: the
+    parent folder may hold other programs' files)."""
+    record = settings_record(folder)
+    parent, prefix = os.path.dirname(record) or os.curdir, '.' + os.path.splitext(os.path.basename(record))[0] + '.'
+    removed = []
+    if os.path.isdir(parent):
+        for name in os.listdir(parent):
+            if name.startswith(prefix) and is_temp_name(name):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(parent, name))
+                    removed.append(os.path.join(parent, name))
+    return removed
+
+
+def _write_settings(folder: str, settings: dict) -> None:
+    atomic_write_bytes(settings_record(folder),
+                       (json.dumps(settings, indent=1, sort_keys=True) + '\n').encode('utf-8'))
 
 
 def sub_image_stem(image_name: str) -> str:
@@ -157,10 +278,11 @@ def lmdb_complete(lmdb_path: str, keys: list[str]) -> bool:
         env.close()
 
 
-def build_lmdb(folder: str, keys: list[str]) -> bool:
+def build_lmdb(folder: str, keys: list[str], settings: dict | None = None) -> bool:
     """Pack ``folder``/<key>.png into ``folder``.lmdb with BasicSR's writer. False when already complete.
 
-    The database is written into a temporary folder that is renamed into place at the end.
+    The database (and the ``settings`` record, when given) is written into a temporary folder that
+    is renamed into place at the end.
     """
     lmdb_path = folder.rstrip('/\\') + '.lmdb'
     if lmdb_complete(lmdb_path, keys):
@@ -173,6 +295,8 @@ def build_lmdb(folder: str, keys: list[str]) -> bool:
     raw = sum(os.path.getsize(os.path.join(folder, n)) for n in names)
     map_size = 4 * raw + (64 << 20)
     make_lmdb_from_imgs(folder, tmp_path, names, keys, map_size=map_size)
+    if settings is not None:
+        _write_settings(tmp_path, settings)
     if os.path.exists(lmdb_path):
         shutil.rmtree(lmdb_path)
     os.replace(tmp_path, lmdb_path)
@@ -193,6 +317,8 @@ def prepare_dataset(hr_folder: str, out_root: str, scales=(2, 3, 4), crop: int =
     """
     scales = sorted(set(int(s) for s in scales))
     _check_settings(scales, crop, step, thresh)
+    if os.path.exists(hr_folder) and not os.path.isdir(hr_folder):
+        raise ValueError(f'{hr_folder} is a file; give -i the folder that holds the HR images')
     if not os.path.isdir(hr_folder):
         raise FileNotFoundError(f'HR folder {hr_folder} does not exist')
     names = list_images(hr_folder)
@@ -200,10 +326,18 @@ def prepare_dataset(hr_folder: str, out_root: str, scales=(2, 3, 4), crop: int =
         raise FileNotFoundError(f'no images ({", ".join(e[1:] for e in (".png", ".jpg", ".bmp", ".tif"))}, ...) '
                                 f'in {hr_folder}')
     hr_sub, lr_subs = output_folders(hr_folder, out_root, scales)
-    for folder in (hr_sub, *lr_subs.values()):
+    sub_folders = [hr_sub, *lr_subs.values()]
+    settings = run_settings(hr_folder, scales, crop, step, thresh)
+    check_outputs(sub_folders + [f + '.lmdb' for f in sub_folders], settings)
+    removed = []
+    for folder in sub_folders:
+        removed += [os.path.join(folder, n) for n in remove_stale_temp_files(folder)]
+        removed += _remove_stale_record_temp_files(folder)
         os.makedirs(folder, exist_ok=True)
+        if _read_settings(folder) != settings:
+            _write_settings(folder, settings)  # before any image: a killed run is recorded too
     align = math.lcm(*scales)
-    result = PrepareResult(hr_sub, lr_subs, num_images=len(names))
+    result = PrepareResult(hr_sub, lr_subs, num_images=len(names), removed_temp_files=removed)
     tasks = [(os.path.join(hr_folder, n), n, hr_sub, lr_subs, crop, step, thresh, align) for n in names]
     keys = []
     bar = tqdm(total=len(tasks), unit='image', desc='sub-images', disable=not progress)
@@ -228,7 +362,7 @@ def prepare_dataset(hr_folder: str, out_root: str, scales=(2, 3, 4), crop: int =
     keys.sort()
     result.num_sub_images = len(keys)
     if make_lmdb and keys:
-        for folder in (hr_sub, *lr_subs.values()):
-            build_lmdb(folder, keys)
+        for folder in sub_folders:
+            build_lmdb(folder, keys, settings)
             result.lmdb_folders.append(folder + '.lmdb')
     return result
