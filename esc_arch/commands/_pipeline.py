@@ -492,7 +492,9 @@ def _check_resumed_optimizer(opt: dict, state: dict, path: str) -> None:
         fresh = optimizer_class(optim.get('type'))([torch.zeros(1, requires_grad=True)], **settings)
     except Exception:
         return  # the model reports a bad optimizer itself
-    expected = set(fresh.param_groups[0]) - {'params'}
+    # the optimizer's own settings; not the implementation flags newer torch versions add to every group
+    expected = set(fresh.param_groups[0]) - {'params', 'foreach', 'maximize', 'capturable', 'differentiable',
+                                             'fused', 'decoupled_weight_decay'}
     if not expected <= set(group):
         raise OptionError(f'cannot resume from {path}: it was saved with another optimizer than train.optim_g '
                           f'{optim.get("type")} (its settings lack {", ".join(sorted(expected - set(group)))}); '
