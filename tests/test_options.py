@@ -129,3 +129,20 @@ def test_yaml_loads_with_basicsr_loader():
         with open(path) as f:
             opt = yaml.load(f, Loader=ordered_yaml()[0])
         assert opt['name'] == os.path.splitext(os.path.basename(path))[0]
+
+
+@pytest.mark.parametrize('path', TRAIN_FILES + TEST_FILES, ids=lambda p: os.path.relpath(p, OPTIONS))
+def test_option_file_passes_the_pre_checks(path, capsys):
+    # the checks basicsr train/test run before anything (scale, metrics, optimizers, losses, arch
+    # argument types, unread train keys) accept every shipped file: no false alarms
+    from esc_arch.commands import _pipeline
+    opt = _pipeline.load_options(path)
+    _pipeline._check_scale(opt, path)
+    _pipeline._check_metrics(opt, path)
+    for key, net_opt in opt.items():
+        if key.startswith('network_'):
+            _pipeline._check_arch_arguments(ARCH_REGISTRY.get(net_opt['type']), net_opt, key)
+    if os.path.basename(os.path.dirname(path)) != 'test':
+        _pipeline._check_train_section(opt, path)
+        _pipeline._warn_unread_train_keys(opt)
+        assert 'warning' not in capsys.readouterr().err
