@@ -567,3 +567,86 @@ def test_pixel_shuffle_and_repeat_channels_in_both_layouts(scale):
         repeated = repeat_channels(image, scale * scale, like=y)
         assert torch.equal(repeated, torch.repeat_interleave(image, scale * scale, dim=1))
         assert repeated.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize('shape', [(1, 16, 1, 20), (1, 16, 20, 1), (1, 16, 1, 9), (3, 16, 1, 50)])
+def test_one_pixel_axes_pad_alike_on_every_path(shape):
+    # a 1-pixel axis is replicated, the other one still reflected: the fused kernel's position
+    # maps and the padded copy of SDPA/naive/training agree (they differed by up to 1.2)
+    torch.manual_seed(0)
+    layer = randomize_(WindowAttention(16, 8, 2)).eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        fused = layer(x)
+        assert layer.last_backend == 'fused'
+        layer.attn_type = 'sdpa'
+        assert (fused - layer(x)).abs().max().item() < 1e-5
+        ref = layer.double()(x.double())
+    assert (fused.double() - ref).abs().max().item() < 1e-5
+    padded = reflect_pad_to_multiple(torch.arange(20.).view(1, 1, 1, 20), 8)[0, 0, 0]
+    assert padded[18:].tolist() == [18, 19, 18, 17, 16, 15]  # still reflected along the 20 pixels
+
+
+def test_dense_bias_follows_writes_through_data():
+    # BasicSR's EMA writes parameters through .data, which bumps no version counter
+    layer = WindowAttention(16, 8, 2, attn_type='sdpa').eval()
+    x = torch.randn(1, 16, 16, 16)
+    with torch.no_grad():
+        before = layer(x)
+        layer.relative_position_bias.data.add_(torch.randn_like(layer.relative_position_bias))
+        after = layer(x)
+        fresh = WindowAttention(16, 8, 2, attn_type='sdpa').eval()
+        fresh.load_state_dict(layer.state_dict())
+        assert (after - before).abs().max().item() > 1e-3
+        assert torch.equal(after, fresh(x))
+
+
+def test_flex_on_cpu_trains_when_only_the_weights_need_grad():
+    layer = WindowAttention(16, 8, 2, attn_type='flex').train()
+    layer(torch.randn(2, 16, 12, 20)).square().sum().backward()  # flex has no CPU backward: SDPA
+    assert layer.last_backend == 'sdpa' and layer.to_qkv.weight.grad is not None
+
+
+def test_deploy_then_cast_is_the_cast_then_deploy():
+    # deploy() keeps the trained filter aside: a later .double() symmetrises it in float64 (it was
+    # 2e-9 off from widening the float32-rounded symmetric filter), undeploy() restores it
+    config = dict(dim=16, pdim=8, kernel_size=13, n_blocks=1, conv_blocks=1, window_size=8, num_heads=2,
+                  upscaling_factor=2)
+    model = randomize_(ESC(**config)).eval()
+    trained = model.plk_filter.detach().clone()
+    x = torch.rand(1, 3, 24, 24, dtype=torch.float64)
+    with torch.no_grad():
+        expected = ESC(**config).double().eval()
+        expected.load_state_dict(model.state_dict())
+        expected = expected.deploy()(x)
+        assert (model.deploy().double()(x) - expected).abs().max().item() < 1e-13
+    model.train()
+    assert torch.equal(model.plk_filter.float(), trained)
+    loaded = ESC(**config).eval().deploy()
+    loaded.load_state_dict(ESC(**config).state_dict())
+    loaded.train()  # undeploying after a load keeps the loaded filter
+    assert not torch.equal(loaded.plk_filter, trained)
+
+
+def test_torch_compile_on_cpu():
+    model = ESC(**tiny_config(window_size=8)).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert (torch.compile(model, backend='aot_eager')(x) - model(x)).abs().max().item() < 1e-5
+
+
+def test_bad_arguments_and_inputs_are_named():
+    base = tiny_config(window_size=8)
+    for cls, change, message in [(ESC, dict(kernel_size=6), 'kernel_size must be an odd'),
+                                 (ESC, dict(pdim=1), 'pdim .1. must be at least 2'),
+                                 (ESCFP, dict(pdim=3), 'pdim .3. must be at least 4'),
+                                 (ESC, dict(window_size=0), 'window_size .0. must be at least 1'),
+                                 (ESC, dict(upscaling_factor=0), 'upscaling_factor must be')]:
+        with pytest.raises(ValueError, match=message):
+            cls(**{**base, **change})
+    with pytest.raises(ValueError, match=r'pdim \(16\) must be in 1..dim \(8\)'):
+        ConvAttn(8, 16)
+    model = ESC(**base).eval()
+    for shape in [(0, 3, 16, 16), (3, 16, 16), (1, 4, 16, 16)]:
+        with pytest.raises(ValueError, match=r'takes a \(N >= 1, 3, H, W\) batch'):
+            model(torch.rand(shape))

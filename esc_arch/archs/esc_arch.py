@@ -11,6 +11,8 @@ from .layers import (
     LargeKernel,
     PartialConvAttn,
     WindowAttention,
+    check_kernel_size,
+    check_upscaling_factor,
     conv_plus,
     pixel_shuffle,
     repeat_channels,
@@ -22,6 +24,7 @@ logger = logging.getLogger('basicsr')
 
 
 def _orthogonal_filter(pdim: int, kernel_size: int) -> nn.Parameter:
+    check_kernel_size(kernel_size)
     weight = torch.empty(pdim, pdim, kernel_size, kernel_size)
     nn.init.orthogonal_(weight)
     return nn.Parameter(weight)
@@ -45,11 +48,30 @@ class SharedFilterTrunk(ESCTrunk):
     @torch.no_grad()
     def deploy(self):
         # Symmetrisation is idempotent: the stored filter gives the same output whether or not
-        # a later model symmetrises it again, so deployed weights stay interchangeable (and
-        # training after undeploy() goes on from the same function).
+        # a later model symmetrises it again, so deployed weights stay interchangeable. The
+        # trained filter is kept aside: undeploy() restores it (training goes on from exactly
+        # where it was) and a cast while deployed (.double()) symmetrises it anew in the new dtype,
+        # instead of widening a filter rounded to the old one (2e-9 off in float64 otherwise).
         if not self.deployed:
+            self._trained_filter = self.plk_filter.detach().clone()
             self.plk_filter.copy_(symmetrize_filter(self.plk_filter))
         return super().deploy()
+
+    @torch.no_grad()
+    def undeploy(self):
+        if self.deployed and getattr(self, '_trained_filter', None) is not None:
+            self.plk_filter.copy_(self._trained_filter)
+        self._trained_filter = None
+        return super().undeploy()
+
+    def _apply(self, fn, *args, **kwargs):
+        trained = getattr(self, '_trained_filter', None)
+        result = super()._apply(fn, *args, **kwargs)
+        if self.deployed and trained is not None:
+            self._trained_filter = fn(trained)
+            with torch.no_grad():
+                self.plk_filter.copy_(symmetrize_filter(self._trained_filter.to(self.plk_filter.dtype)))
+        return result
 
 
 @ARCH_REGISTRY.register()
@@ -71,6 +93,7 @@ class ESC(SharedFilterTrunk):
     def __init__(self, dim: int, pdim: int, kernel_size: int, n_blocks: int, conv_blocks: int, window_size: int,
                  num_heads: int, upscaling_factor: int, exp_ratio: float = 2, use_ln: bool = False,
                  attn_type: str = 'auto', deployment: bool = False):
+        check_upscaling_factor(upscaling_factor)
         super().__init__(dim, pdim, kernel_size, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, use_ln,
                          attn_type, deployment)
         self.upscaling_factor = upscaling_factor
@@ -102,6 +125,8 @@ class ConvAttn(PartialConvAttn):
     """
 
     def __init__(self, dim: int, pdim: int, kernel_size: int = 13, symmetric: bool = True):
+        if not 0 < pdim <= dim:
+            raise ValueError(f'pdim ({pdim}) must be in 1..dim ({dim})')
         super().__init__(dim, pdim, ConvolutionalAttention(pdim))
         self.symmetric = symmetric
         self.plk_filter = _orthogonal_filter(pdim, kernel_size)

@@ -5,7 +5,15 @@ import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 
 from .esc_arch import _resample_to_img_hook
-from .layers import DecomposedConvolutionalAttention, ESCTrunk, accumulate, conv_plus, pixel_shuffle
+from .layers import (
+    DecomposedConvolutionalAttention,
+    ESCTrunk,
+    accumulate,
+    check_kernel_size,
+    check_upscaling_factor,
+    conv_plus,
+    pixel_shuffle,
+)
 
 
 @ARCH_REGISTRY.register()
@@ -19,6 +27,8 @@ class ESCFP(ESCTrunk):
     def __init__(self, dim: int, pdim: int, kernel_size: int, n_blocks: int, conv_blocks: int, window_size: int,
                  num_heads: int, upscaling_factor: int, exp_ratio: float = 2, attn_type: str = 'auto',
                  deployment: bool = False):
+        check_kernel_size(kernel_size)
+        check_upscaling_factor(upscaling_factor)
         super().__init__(dim, pdim, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, proj_ratio=1.5,
                          use_ln=True, make_plk=DecomposedConvolutionalAttention, attn_type=attn_type, ln_last=True,
                          deployment=deployment)

@@ -37,17 +37,16 @@ def reflect_pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
     ``F.pad(mode='reflect')`` needs the pad to be smaller than the size; for inputs smaller
     than that (tiny images, tiny windows) the reflection is applied repeatedly, and a
-    1-pixel axis, which has nothing to reflect, is replicated.
+    1-pixel axis, which has nothing to reflect, is replicated (that axis only: the other one is
+    still reflected, as ``padded_positions`` maps it for the fused attention kernel).
     """
-    h, w = x.shape[-2:]
-    pad_h, pad_w = (-h) % multiple, (-w) % multiple
-    while pad_h or pad_w:
-        h, w = x.shape[-2:]
-        step_h = min(pad_h, h - 1) if h > 1 else pad_h
-        step_w = min(pad_w, w - 1) if w > 1 else pad_w
-        mode = 'reflect' if (h > 1 or not step_h) and (w > 1 or not step_w) else 'replicate'
-        x = F.pad(x, (0, step_w, 0, step_h), mode=mode)
-        pad_h, pad_w = pad_h - step_h, pad_w - step_w
+    for dim in (-2, -1):  # one axis at a time (reflection is separable), each by its own rule
+        pad = (-x.shape[dim]) % multiple
+        while pad:
+            size = x.shape[dim]
+            step = min(pad, size - 1) if size > 1 else pad
+            x = F.pad(x, (0, step, 0, 0) if dim == -1 else (0, 0, 0, step), mode='reflect' if size > 1 else 'replicate')
+            pad -= step
     return x
 
 
@@ -56,6 +55,17 @@ def padded_positions(size: int, multiple: int) -> torch.Tensor:
     input it copies (int64; the first ``size`` map to themselves)."""
     index = torch.arange(size, dtype=torch.float64).view(1, 1, size, 1).expand(1, 1, size, multiple)
     return reflect_pad_to_multiple(index, multiple)[0, 0, :, 0].long()  # the width needs no padding
+
+
+def check_kernel_size(kernel_size: int) -> None:
+    """Large kernels are centred on their pixel ('same' padding): an odd size."""
+    if not (isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1):
+        raise ValueError(f'kernel_size must be an odd number >= 1, got {kernel_size!r}')
+
+
+def check_upscaling_factor(scale: int) -> None:
+    if not (isinstance(scale, int) and scale >= 1):
+        raise ValueError(f'upscaling_factor must be a whole number >= 1, got {scale!r}')
 
 
 def symmetrize_filter(kernel: torch.Tensor) -> torch.Tensor:
@@ -69,8 +79,10 @@ def symmetrize_filter(kernel: torch.Tensor) -> torch.Tensor:
 
 
 def tracing() -> bool:
-    """True while exporting (ONNX / TorchScript): graph-friendly code paths are used."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    """True while exporting (ONNX / TorchScript) or compiling (``torch.compile``, ``torch.export``):
+    graph-friendly code paths are used, not the CPU kernels (whose in-place ops on complex views
+    the compiler's functionalization cannot take)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def cpu_float32_inference(x: torch.Tensor) -> bool:
@@ -413,6 +425,9 @@ def _nbytes(spectrum) -> int:
 def dynamic_kernel_head(pdim: int, reduction: int, kernel_size: int = 3) -> nn.Sequential:
     """Pool -> 1x1 (pdim -> pdim//reduction) -> GELU -> 1x1 (-> pdim*k*k): a k x k kernel per
     sample and channel. Indices 1 and 3 hold the weights (the authors' state-dict names)."""
+    if pdim // reduction < 1:
+        raise ValueError(f'pdim ({pdim}) must be at least {reduction}: the dynamic kernel head has pdim // '
+                         f'{reduction} channels')
     return nn.Sequential(
         nn.AdaptiveAvgPool2d(1),
         nn.Conv2d(pdim, pdim // reduction, 1),
@@ -696,6 +711,8 @@ class WindowAttention(nn.Module):
 
     def __init__(self, dim: int, window_size: int, num_heads: int, attn_type: str = 'auto'):
         super().__init__()
+        if num_heads < 1 or window_size < 1:
+            raise ValueError(f'num_heads ({num_heads}) and window_size ({window_size}) must be at least 1')
         if dim % num_heads:
             raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
         self.dim = dim
@@ -707,7 +724,7 @@ class WindowAttention(nn.Module):
         self.to_out = nn.Conv2d(dim, dim, 1)
         self.relative_position_bias = nn.Parameter(torch.randn(num_heads, (2 * window_size - 1)**2) * 0.001)
         self._deployed = False
-        self._drop_bias()  # the dense bias kept outside autograd, and (table, its state) it came from
+        self._drop_bias()  # the dense bias kept outside autograd, and a copy of the table it came from
         self.last_backend = None  # what the latest forward ran ('fused', 'sdpa', ...): for benchmarks
 
     # un-deployed (e.g. BasicSR validating its EMA model) keeps biases up to this size between
@@ -720,15 +737,16 @@ class WindowAttention(nn.Module):
         table = self.relative_position_bias
         if torch.is_grad_enabled() and table.requires_grad:
             return relative_position_bias(table, self.window_size)
-        if table.is_inference():  # made under inference_mode: no version counter to see changes by
-            self._drop_bias()
-            return relative_position_bias(table, self.window_size)
-        state = (table.data_ptr(), table._version, table.dtype, table.device)
-        if self._bias is not None and self._bias_source[0] is table and self._bias_source[1] == state:
+        # kept while the table holds the same values: compared, not versioned, since writes through
+        # .data (BasicSR's EMA) or under inference_mode bump no version counter (the table is small:
+        # 4 x 63 x 63 floats against a 16 MB bias)
+        source = self._bias_source
+        if (self._bias is not None and source.dtype == table.dtype and source.device == table.device
+                and torch.equal(source, table.detach())):
             return self._bias
         bias = relative_position_bias(table.detach(), self.window_size)
         if self._deployed or bias.numel() * bias.element_size() <= self.max_kept_bias_bytes:
-            self._bias, self._bias_source = bias, (table, state)  # a tuple: not registered as a parameter
+            self._bias, self._bias_source = bias, table.detach().clone()
         return bias
 
     def deploy(self):
@@ -741,7 +759,7 @@ class WindowAttention(nn.Module):
         self._drop_bias()
 
     def _drop_bias(self):
-        self._bias, self._bias_source = None, (None, None)
+        self._bias, self._bias_source = None, None
 
     def train(self, mode: bool = True):
         if mode:
@@ -760,7 +778,8 @@ class WindowAttention(nn.Module):
         b, _, h, w = x.shape
         ws, heads, c = self.window_size, self.num_heads, self.dim // self.num_heads
         backend = resolve_attn_type(self.attn_type)
-        if backend == 'flex' and x.device.type != 'cuda' and torch.is_grad_enabled() and x.requires_grad:
+        if (backend == 'flex' and x.device.type != 'cuda' and torch.is_grad_enabled()
+                and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
             backend = 'sdpa'  # flex_attention has no backward on the CPU; SDPA computes the same
         if (backend == 'sdpa' and self.attn_type.lower() == 'auto' and cpu_float32_inference(x)
                 and fused_attention_applies(c, ws)):
@@ -935,6 +954,9 @@ class ESCTrunk(nn.Module):
         return self._kept_kernel
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[0] == 0:
+            raise ValueError(f'{type(self).__name__} takes a (N >= 1, 3, H, W) batch of RGB images, '
+                             f'got shape {tuple(x.shape)}')
         if self.deployment and not self.training and not self.deployed:
             self.deploy()
         feat = self.proj(inference_layout(x))
@@ -986,6 +1008,7 @@ class ESCTrunk(nn.Module):
 
 
 def _undeploy_after_load(module, incompatible_keys):
+    module._trained_filter = None  # the loaded filter replaces the one a deploy() kept aside
     module.undeploy()  # loaded weights are raw: fold them again when deploying
 
 
