@@ -3,6 +3,7 @@
 The subprocess tests run ``python -m esc_arch.cli`` (what the ``basicsr`` script runs) in a
 temporary folder; the in-process tests check the model's pieces directly.
 """
+import argparse
 import os
 import re
 import shutil
@@ -475,3 +476,48 @@ def test_a_corrupt_training_image_is_named(tmp_path):
     err = result.stderr.strip().splitlines()
     assert err[-1].startswith('basicsr train: error: cannot read an image of ') and '002.png' in err[-1], err[-5:]
     assert 'Traceback' not in result.stderr
+
+
+def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = make_pairs(tmp_path / 'data')
+    from esc_arch.commands._pipeline import OptionError, check_options
+
+    def check(change, is_train=True):
+        opt = train_options(data)
+        change(opt)
+        check_options(opt, 'x.yml', is_train, argparse.Namespace(auto_resume=False, launcher='none', debug=False))
+
+    # accepted: BasicSR's _basicsr-suffixed names, a validation GT larger than LQ x scale (BasicSR
+    # crops it), an LMDB's leftover meta_info_file (BasicSR reads the LMDB's own)
+    check(lambda o: (o.update(model_type='RealESRNetModel'), o['train'].update(
+        optim_g=dict(type='Adam', lr=2e-4, betas=[0.9, 0.99]))))  # BasicSR's own models build Adam only
+    big = tmp_path / 'big_hr'
+    big.mkdir()
+    for index in range(4):
+        cv2.imwrite(str(big / f'{index:03d}.png'), np.zeros((33, 34, 3), np.uint8))
+    check(lambda o: o['datasets']['val'].update(dataroot_gt=str(big)))
+    with pytest.raises(OptionError, match='is not x4'):
+        check(lambda o: o['datasets']['train'].update(dataroot_gt=str(big)))  # training pairs must be exact
+    lmdb = tmp_path / 'x.lmdb'
+    lmdb.mkdir()
+    check(lambda o: o['datasets']['val'].update(io_backend=dict(type='lmdb'), dataroot_gt=str(lmdb),
+                                                dataroot_lq=str(lmdb), meta_info_file='basicsr/meta_info.txt'))
+    # refused before training: what BasicSR fails on later
+    refused = {
+        "SGD.*unexpected keyword argument 'betas'": lambda o: o['train']['optim_g'].update(type='SGD'),
+        'cannot be built for SRModel: optimizer AdamW is not supperted': lambda o: o.update(model_type='SRModel'),
+        'periods add up to 2, fewer than total_iter 4': lambda o: o['train'].update(
+            scheduler=dict(type='CosineAnnealingRestartLR', periods=[2], restart_weights=[1])),
+        '2 periods but 1 restart_weights': lambda o: o['train'].update(
+            scheduler=dict(type='CosineAnnealingRestartLR', periods=[2, 2], restart_weights=[1])),
+        'train.scheduler is missing': lambda o: o['train'].pop('scheduler'),
+        'needs a pixel_opt or perceptual_opt': lambda o: o['train'].pop('pixel_opt'),
+        'val.val_freq must be a number': lambda o: o['val'].pop('val_freq'),
+    }
+    for message, change in refused.items():
+        with pytest.raises(OptionError, match=message):
+            check(change)
+    (data / 'lr' / 'Thumbs.db').write_bytes(b'x')  # BasicSR pairs every file of the two folders
+    with pytest.raises(OptionError, match=r'in only one of .*: Thumbs\.db'):
+        check(lambda o: None)

@@ -739,14 +739,17 @@ class WindowAttention(nn.Module):
             return relative_position_bias(table, self.window_size)
         # kept while the table holds the same values: compared, not versioned, since writes through
         # .data (BasicSR's EMA) or under inference_mode bump no version counter (the table is small:
-        # 4 x 63 x 63 floats against a 16 MB bias)
-        source = self._bias_source
-        if (self._bias is not None and source.dtype == table.dtype and source.device == table.device
-                and torch.equal(source, table.detach())):
+        # 4 x 63 x 63 floats against a 16 MB bias). On a GPU, where a comparison would wait for the
+        # device, an undeployed layer rebuilds it (one gather kernel) and a deployed one, whose
+        # weights are fixed, keeps it while the table is the same tensor
+        source, on_cpu = self._bias_source, table.device.type == 'cpu'
+        if self._bias is not None and source.dtype == table.dtype and source.device == table.device and (
+                torch.equal(source, table.detach()) if on_cpu else self._bias_table[0] is table):
             return self._bias
         bias = relative_position_bias(table.detach(), self.window_size)
-        if self._deployed or bias.numel() * bias.element_size() <= self.max_kept_bias_bytes:
+        if self._deployed or (on_cpu and bias.numel() * bias.element_size() <= self.max_kept_bias_bytes):
             self._bias, self._bias_source = bias, table.detach().clone()
+            self._bias_table = (table, )  # a tuple: not registered as a parameter
         return bias
 
     def deploy(self):
@@ -759,7 +762,7 @@ class WindowAttention(nn.Module):
         self._drop_bias()
 
     def _drop_bias(self):
-        self._bias, self._bias_source = None, None
+        self._bias, self._bias_source, self._bias_table = None, None, None
 
     def train(self, mode: bool = True):
         if mode:

@@ -199,12 +199,23 @@ SCALE_KEYS = ('upscaling_factor', 'upscale', 'upscale_factor', 'scale')  # ESC's
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
+def _known(registry, name) -> bool:
+    """Whether ``registry.get(name)`` finds it (BasicSR registers some names with a ``_basicsr``
+    suffix, e.g. RealESRGANModel_basicsr, and ``get`` falls back to that)."""
+    return isinstance(name, str) and (name in registry or f'{name}_basicsr' in registry)
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _image_names(folder: str) -> set:
-    return {name for name in os.listdir(folder) if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith('.')}
+    return {name for name in _file_names(folder) if name.lower().endswith(IMAGE_SUFFIXES)}
+
+
+def _file_names(folder: str) -> set:
+    """The files BasicSR's paired folders pair up (its scandir: every non-hidden file)."""
+    return {entry.name for entry in os.scandir(folder) if entry.is_file() and not entry.name.startswith('.')}
 
 
 def _check_scale(opt: dict, opt_path: str) -> None:
@@ -233,18 +244,50 @@ def _check_train_section(opt: dict, opt_path: str) -> None:
         if not isinstance(value, dict):
             continue
         if key.startswith('optim_'):
-            try:
-                optimizer_class(value.get('type'))
-            except ValueError as exc:
-                raise OptionError(f'{str(exc).replace("optim_g", key)} ({opt_path})') from None
             if not _is_number(value.get('lr')):
                 raise OptionError(f'train.{key}.lr must be a number in {opt_path}, got {value.get("lr")!r}')
+            _check_optimizer(opt, key, value, opt_path)
         elif key == 'scheduler' and value.get('type') not in SCHEDULERS:
             raise OptionError(f'unknown scheduler {value.get("type")!r} (train.scheduler.type in {opt_path}); '
                               f'BasicSR has: {", ".join(SCHEDULERS)}')
-        elif key.endswith('_opt') and value.get('type') not in LOSS_REGISTRY:
+        elif key.endswith('_opt') and not _known(LOSS_REGISTRY, value.get('type')):
             raise OptionError(f'unknown loss {value.get("type")!r} (train.{key}.type in {opt_path}); '
                               f'registered losses: {_registered(LOSS_REGISTRY)}')
+
+
+    model = opt.get('model_type')
+    if model in ('ESCSRModel', 'ESRModel', 'SRModel', 'SwinIRModel'):  # SRModel's set-up
+        if not isinstance(train.get('scheduler'), dict):
+            raise OptionError(f'{opt_path}: train.scheduler is missing (e.g. type: MultiStepLR, milestones, gamma)')
+        if not isinstance(train.get('pixel_opt'), dict) and not isinstance(train.get('perceptual_opt'), dict):
+            raise OptionError(f'{opt_path}: train needs a pixel_opt or perceptual_opt loss (e.g. pixel_opt: '
+                              '{type: L1Loss, loss_weight: 1.0})')
+    scheduler = train.get('scheduler')
+    if isinstance(scheduler, dict) and scheduler.get('type') == 'CosineAnnealingRestartLR':
+        periods, weights = scheduler.get('periods') or [], scheduler.get('restart_weights') or [1]
+        if len(periods) != len(weights):
+            raise OptionError(f'train.scheduler: {len(periods)} periods but {len(weights)} restart_weights '
+                              f'in {opt_path}; give one weight per period')
+        if sum(periods) < total:
+            raise OptionError(f'train.scheduler: the periods add up to {sum(periods)}, fewer than total_iter {total:g} '
+                              f'in {opt_path} (CosineAnnealingRestartLR has no lr past them)')
+    val = opt.get('val')
+    if isinstance(val, dict) and not _is_number(val.get('val_freq')):
+        raise OptionError(f'{opt_path}: val.val_freq must be a number of iterations, got {val.get("val_freq")!r}')
+
+
+def _check_optimizer(opt: dict, key: str, settings: dict, opt_path: str) -> None:
+    """Build the optimizer as the model will (its ``get_optimizer``: BasicSR's own models take
+    Adam only) on a dummy parameter: an unknown type or argument is one line here."""
+    from basicsr.utils.registry import MODEL_REGISTRY
+    kwargs = {k: v for k, v in settings.items() if k not in ('type', 'lr')}
+    try:
+        model = MODEL_REGISTRY.get(opt['model_type'])
+        model.get_optimizer(None, settings.get('type'), [torch.zeros(1, requires_grad=True)], settings['lr'], **kwargs)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OptionError(f'train.{key} ({settings.get("type")}) cannot be built for {opt["model_type"]}: '
+                          f'{message.replace("optim_g", key)} ({opt_path})') from None
 
 
 def _check_metrics(opt: dict, opt_path: str) -> None:
@@ -254,7 +297,7 @@ def _check_metrics(opt: dict, opt_path: str) -> None:
     metrics = (opt.get('val') or {}).get('metrics') or {}
     for name, metric in metrics.items():
         kind = metric.get('type') if isinstance(metric, dict) else None
-        if kind not in METRIC_REGISTRY:
+        if not _known(METRIC_REGISTRY, kind):
             raise OptionError(f'unknown metric {kind!r} (val.metrics.{name}.type in {opt_path}); '
                               f'registered metrics: {_registered(METRIC_REGISTRY)}')
 
@@ -275,7 +318,7 @@ def _check_image_folders(opt: dict, phase: str, dataset: dict, opt_path: str) ->
     if len(names) < 2 or dataset.get('meta_info_file') or dataset.get('filename_tmpl', '{}') != '{}':
         return
     gt_dir, lq_dir = (osp.expanduser(dataset[key]) for key in ('dataroot_gt', 'dataroot_lq'))
-    unpaired = sorted(names['dataroot_gt'] ^ names['dataroot_lq'])
+    unpaired = sorted(_file_names(gt_dir) ^ _file_names(lq_dir))
     if unpaired:
         raise OptionError(f'{len(unpaired)} image(s) in only one of {dataset["dataroot_gt"]} and '
                           f'{dataset["dataroot_lq"]}: {", ".join(unpaired[:5])} ({where}); '
@@ -288,7 +331,8 @@ def _check_image_folders(opt: dict, phase: str, dataset: dict, opt_path: str) ->
     except Exception:
         return  # unreadable: the data set names it when it gets there
     scale = opt.get('scale')
-    if _is_number(scale) and (gt_size[0] != lq_size[0] * scale or gt_size[1] != lq_size[1] * scale):
+    training = phase.startswith('train')  # validation/test crop a larger GT to LQ x scale
+    if _is_number(scale) and any(g != q * scale if training else g < q * scale for g, q in zip(gt_size, lq_size)):
         raise OptionError(f'{first}: GT {gt_size[0]}x{gt_size[1]} is not x{scale} its LQ {lq_size[0]}x{lq_size[1]} '
                           f'({where}; scale is {scale})')
     patch = dataset.get('gt_size')
@@ -344,13 +388,13 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
     missing = [key for key in required if key not in opt]
     if missing:
         raise OptionError(f'{opt_path} lacks the option(s) {", ".join(missing)}')
-    if opt['model_type'] not in MODEL_REGISTRY:
+    if not _known(MODEL_REGISTRY, opt['model_type']):
         raise OptionError(f'unknown model_type {opt["model_type"]!r} in {opt_path}; registered models: '
                           f'{_registered(MODEL_REGISTRY)}')
     for key, net_opt in opt.items():
         if key.startswith('network_'):
             net_type = net_opt.get('type') if isinstance(net_opt, dict) else None
-            if net_type not in ARCH_REGISTRY:
+            if not _known(ARCH_REGISTRY, net_type):
                 raise OptionError(f'unknown arch {net_type!r} ({key}.type in {opt_path}); registered archs: '
                                   f'{_registered(ARCH_REGISTRY)}')
             _check_arch_arguments(ARCH_REGISTRY.get(net_type), net_opt, f'{key} in {opt_path}')
@@ -366,12 +410,14 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
             raise OptionError(f'{opt_path}: data set {phase!r} must be named {" or ".join(phases)} (or *_N)')
         if not isinstance(dataset, dict):
             raise OptionError(f'{opt_path}: datasets.{phase} must be a mapping of data set options')
-        if dataset.get('type') not in DATASET_REGISTRY:
+        if not _known(DATASET_REGISTRY, dataset.get('type')):
             raise OptionError(f'unknown data set type {dataset.get("type")!r} (datasets.{phase}.type in {opt_path}); '
                               f'registered data sets: {_registered(DATASET_REGISTRY)}')
         backend = (dataset.get('io_backend') or {}).get('type', 'disk')
         for key in DATA_PATH_KEYS:
             value = dataset.get(key)
+            if backend == 'lmdb' and key.startswith('meta_info'):
+                continue  # an LMDB's own meta_info.txt is read; BasicSR ignores this key there
             if backend in ('disk', 'lmdb') and isinstance(value, str) and not osp.exists(osp.expanduser(value)):
                 raise OptionError(f'data set path not found: {value} (datasets.{phase}.{key} in {opt_path})')
         _check_image_folders(opt, phase, dataset, opt_path)
@@ -490,8 +536,9 @@ def _check_resumed_optimizer(opt: dict, state: dict, path: str) -> None:
     settings = {k: v for k, v in optim.items() if k != 'type'}
     try:
         fresh = optimizer_class(optim.get('type'))([torch.zeros(1, requires_grad=True)], **settings)
-    except Exception:
-        return  # the model reports a bad optimizer itself
+    except Exception as exc:
+        raise OptionError(f'cannot resume from {path}: train.optim_g ({optim.get("type")}) cannot be built: '
+                          f'{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}') from None
     # the optimizer's own settings; not the implementation flags newer torch versions add to every group
     expected = set(fresh.param_groups[0]) - {'params', 'foreach', 'maximize', 'capturable', 'differentiable',
                                              'fused', 'decoupled_weight_decay'}
