@@ -370,7 +370,7 @@ def test_more_option_mistakes_are_one_line_before_training(tmp_path, capsys, mon
     assert 'GT 32x32 is not x4 its LQ 16x16' in error_for(
         'lqscale', lambda o: o['datasets']['train'].update(dataroot_lq=str(odd)))
     (odd / '003.png').rename(odd / '3.png')
-    assert "image(s) in only one of" in error_for(
+    assert "file(s) in only one of" in error_for(
         'unpaired', lambda o: o['datasets']['train'].update(dataroot_lq=str(odd)))
     assert 'gt_size 64 is larger than 000.png (32x32)' in error_for(
         'patch', lambda o: o['datasets']['train'].update(gt_size=64))

@@ -320,7 +320,7 @@ def _check_image_folders(opt: dict, phase: str, dataset: dict, opt_path: str) ->
     gt_dir, lq_dir = (osp.expanduser(dataset[key]) for key in ('dataroot_gt', 'dataroot_lq'))
     unpaired = sorted(_file_names(gt_dir) ^ _file_names(lq_dir))
     if unpaired:
-        raise OptionError(f'{len(unpaired)} image(s) in only one of {dataset["dataroot_gt"]} and '
+        raise OptionError(f'{len(unpaired)} file(s) in only one of {dataset["dataroot_gt"]} and '
                           f'{dataset["dataroot_lq"]}: {", ".join(unpaired[:5])} ({where}); '
                           'GT and LQ files pair by name')
     from PIL import Image
