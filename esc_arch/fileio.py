@@ -64,12 +64,13 @@ def is_temp_name(name: str) -> bool:
     return bool(_TEMP_NAME.match(name))
 
 
-def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
-    """Delete the temp files a killed writer left in ``directory``; returns their names."""
+def remove_stale_temp_files(directory: str | os.PathLike, stem: str | None = None) -> list[str]:
+    """Delete the temp files a killed writer left in ``directory`` (only those of files named
+    ``stem.*`` when given: a shared folder may hold other writers' files); returns their names."""
     removed = []
     if os.path.isdir(directory):
         for name in os.listdir(directory):
-            if is_temp_name(name):
+            if is_temp_name(name) and (stem is None or name.startswith(f'.{stem}.')):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(directory, name))
                     removed.append(name)

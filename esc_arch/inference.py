@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .archs.layers import reflect_pad_to_multiple
-from .data.image_files import IMAGE_EXTENSIONS
+from .data.image_files import IMAGE_EXTENSIONS, float_range_problem
 from .fileio import atomic_path
 
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -117,11 +117,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     path = os.fspath(path)
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if img is None:  # e.g. a TIFF whose orientation transposes it, which OpenCV 5 fails on
-        img = _read_with_pil(path)
+        img = _read_with_pil(path)  # upright already, gray + alpha as 2 channels
         if img is None:
             raise InferenceError(f'cannot read image {path} (corrupt or not a supported image)')
-        return img
-    mode, orientation, incomplete = _probe(path)
+        mode, orientation, incomplete = None, 1, None
+    else:
+        mode, orientation, incomplete = _probe(path)
     if incomplete:
         raise InferenceError(f'cannot read image {path}: {incomplete} (a truncated file?)')
     if img.dtype not in DTYPE_RANGE:
@@ -137,11 +138,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 img = np.asarray(im.convert('LA'))
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (2, 3, 4)):
         raise InferenceError(f'{path}: unsupported image layout {img.shape}')
-    if img.dtype.kind == 'f':
-        low, high = float(img.min()), float(img.max())
-        if not (np.isfinite(low) and np.isfinite(high)) or low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
-            raise InferenceError(f'{path}: float pixels span [{low:.4g}, {high:.4g}]; the models take [0, 1] '
-                                 '(rescale the image, or store it as 8/16-bit)')
+    if img.dtype.kind == 'f' and (problem := float_range_problem(img, FLOAT_SLACK)):
+        raise InferenceError(f'{path}: float pixels {problem}; the models take [0, 1] '
+                             '(rescale the image, or store it as 8/16-bit)')
     if orientation != 1:
         img = np.ascontiguousarray(_UPRIGHT[orientation](img))
     return img

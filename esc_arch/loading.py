@@ -70,17 +70,19 @@ def read_checkpoint_file(path: str):
     CheckpointError saying what is wrong with the file."""
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
-    with open(path, 'rb') as f:
-        head = f.read(16)
-    if not head:
-        raise CheckpointError(f'cannot read checkpoint {path}: the file is empty')
-    kind = _file_format(head)
     try:
-        if kind == 'safetensors':
-            from safetensors.torch import load_file
-            return load_file(path)
-        with open(path, 'rb') as f:  # a file object: torch.load goes by the name's extension otherwise
+        with open(path, 'rb') as f:
+            head = f.read(16)
+            if not head:
+                raise CheckpointError(f'cannot read checkpoint {path}: the file is empty')
+            kind = _file_format(head)
+            if kind == 'safetensors':
+                from safetensors.torch import load_file
+                return load_file(path)
+            f.seek(0)  # torch.load of the file object: given the path it goes by the name's extension
             return torch.load(f, map_location='cpu', weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as exc:  # corrupt, truncated or foreign file
         text = str(exc)
         if kind == 'unknown':

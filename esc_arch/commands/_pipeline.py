@@ -31,11 +31,11 @@ from os import path as osp
 import torch
 import yaml
 
+from ..data.image_files import list_images
 from ..loading import CheckpointError, describe_mismatch
 from ..models.esr_model import (
     TrainingDivergedError,
     latest_training_state,
-    optimizer_class,
     pretrained_state_dict,
     resolve_amp,
     saved_iterations,
@@ -141,13 +141,9 @@ def _registered(registry) -> str:
     return ', '.join(sorted(registry.keys()))
 
 
-def _check_arch_types(arch, net_opt: dict, where: str) -> None:
+def _check_arch_types(arch, params, net_opt: dict, where: str) -> None:
     """Values of the arch's int / float / bool / str arguments (by their annotations) have that
     type: ``dim: "16"`` or ``dim=abc`` is one line here, a TypeError deep in the layers otherwise."""
-    try:
-        params = inspect.signature(arch, eval_str=True).parameters
-    except Exception:
-        return
     accepted = {int: (int, ), float: (int, float), bool: (bool, ), str: (str, )}
     for name, value in net_opt.items():
         kinds = accepted.get(params[name].annotation) if name in params else None
@@ -178,13 +174,16 @@ def _warn_unread_train_keys(opt: dict) -> None:
 def _check_arch_arguments(arch, net_opt: dict, where: str) -> None:
     """The YAML keys of an arch are its constructor's arguments: name unknown and missing ones."""
     try:
-        params = inspect.signature(arch).parameters
-    except (TypeError, ValueError):
-        return
+        params = inspect.signature(arch, eval_str=True).parameters  # annotations as types
+    except Exception:
+        try:
+            params = inspect.signature(arch).parameters
+        except (TypeError, ValueError):
+            return
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return
     given = set(net_opt) - {'type'}
-    _check_arch_types(arch, net_opt, where)
+    _check_arch_types(arch, params, net_opt, where)
     unknown = sorted(given - set(params))
     missing = [name for name, p in params.items()
                if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in given]
@@ -196,7 +195,6 @@ def _check_arch_arguments(arch, net_opt: dict, where: str) -> None:
 
 SCHEDULERS = ('MultiStepLR', 'MultiStepRestartLR', 'CosineAnnealingRestartLR')  # what BasicSR's models build
 SCALE_KEYS = ('upscaling_factor', 'upscale', 'upscale_factor', 'scale')  # ESC's, SwinIR/EDSR/RCAN's, ...
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
 def _known(registry, name) -> bool:
@@ -207,10 +205,6 @@ def _known(registry, name) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _image_names(folder: str) -> set:
-    return {name for name in _file_names(folder) if name.lower().endswith(IMAGE_SUFFIXES)}
 
 
 def _file_names(folder: str) -> set:
@@ -253,8 +247,6 @@ def _check_train_section(opt: dict, opt_path: str) -> None:
         elif key.endswith('_opt') and not _known(LOSS_REGISTRY, value.get('type')):
             raise OptionError(f'unknown loss {value.get("type")!r} (train.{key}.type in {opt_path}); '
                               f'registered losses: {_registered(LOSS_REGISTRY)}')
-
-
     model = opt.get('model_type')
     if model in ('ESCSRModel', 'ESRModel', 'SRModel', 'SwinIRModel'):  # SRModel's set-up
         if not isinstance(train.get('scheduler'), dict):
@@ -276,18 +268,28 @@ def _check_train_section(opt: dict, opt_path: str) -> None:
         raise OptionError(f'{opt_path}: val.val_freq must be a number of iterations, got {val.get("val_freq")!r}')
 
 
-def _check_optimizer(opt: dict, key: str, settings: dict, opt_path: str) -> None:
-    """Build the optimizer as the model will (its ``get_optimizer``: BasicSR's own models take
-    Adam only) on a dummy parameter: an unknown type or argument is one line here."""
+def _dummy_optimizer(model_type: str, settings: dict):
+    """The optimizer ``settings`` (train.optim_*) make, built as the model will (its
+    ``get_optimizer``: BasicSR's own models take Adam only) on a dummy parameter; the model's or
+    torch's exception if it cannot be."""
     from basicsr.utils.registry import MODEL_REGISTRY
     kwargs = {k: v for k, v in settings.items() if k not in ('type', 'lr')}
+    return MODEL_REGISTRY.get(model_type).get_optimizer(None, settings.get('type'),
+                                                        [torch.zeros(1, requires_grad=True)], settings.get('lr'),
+                                                        **kwargs)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _check_optimizer(opt: dict, key: str, settings: dict, opt_path: str) -> None:
+    """An unknown optimizer type or argument is one line here, not a traceback after start-up."""
     try:
-        model = MODEL_REGISTRY.get(opt['model_type'])
-        model.get_optimizer(None, settings.get('type'), [torch.zeros(1, requires_grad=True)], settings['lr'], **kwargs)
+        _dummy_optimizer(opt['model_type'], settings)
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OptionError(f'train.{key} ({settings.get("type")}) cannot be built for {opt["model_type"]}: '
-                          f'{message.replace("optim_g", key)} ({opt_path})') from None
+                          f'{_first_line(exc).replace("optim_g", key)} ({opt_path})') from None
 
 
 def _check_metrics(opt: dict, opt_path: str) -> None:
@@ -312,7 +314,7 @@ def _check_image_folders(opt: dict, phase: str, dataset: dict, opt_path: str) ->
     for key in ('dataroot_gt', 'dataroot_lq'):
         folder = dataset.get(key)
         if isinstance(folder, str) and osp.isdir(osp.expanduser(folder)):
-            names[key] = _image_names(osp.expanduser(folder))
+            names[key] = list_images(osp.expanduser(folder))
             if not names[key]:
                 raise OptionError(f'no images in {folder} ({key} of {where})')
     if len(names) < 2 or dataset.get('meta_info_file') or dataset.get('filename_tmpl', '{}') != '{}':
@@ -336,10 +338,10 @@ def _check_image_folders(opt: dict, phase: str, dataset: dict, opt_path: str) ->
         raise OptionError(f'{first}: GT {gt_size[0]}x{gt_size[1]} is not x{scale} its LQ {lq_size[0]}x{lq_size[1]} '
                           f'({where}; scale is {scale})')
     patch = dataset.get('gt_size')
-    if phase.startswith('train') and _is_number(patch) and patch > min(gt_size):
+    if training and _is_number(patch) and patch > min(gt_size):
         raise OptionError(f'gt_size {patch} is larger than {first} ({gt_size[0]}x{gt_size[1]}) ({where})')
     batch = dataset.get('batch_size_per_gpu')
-    if phase.startswith('train') and _is_number(batch):
+    if training and _is_number(batch):
         available = len(names['dataroot_gt']) * (dataset.get('dataset_enlarge_ratio') or 1)
         if available < batch:
             raise OptionError(f'{len(names["dataroot_gt"])} training image(s) x dataset_enlarge_ratio make '
@@ -533,12 +535,11 @@ def _check_resumed_optimizer(opt: dict, state: dict, path: str) -> None:
     if not isinstance(optim, dict) or not isinstance(saved, dict) or not saved.get('param_groups'):
         return
     group = saved['param_groups'][0]
-    settings = {k: v for k, v in optim.items() if k != 'type'}
     try:
-        fresh = optimizer_class(optim.get('type'))([torch.zeros(1, requires_grad=True)], **settings)
+        fresh = _dummy_optimizer(opt.get('model_type', 'ESCSRModel'), optim)
     except Exception as exc:
         raise OptionError(f'cannot resume from {path}: train.optim_g ({optim.get("type")}) cannot be built: '
-                          f'{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}') from None
+                          f'{_first_line(exc)}') from None
     # the optimizer's own settings; not the implementation flags newer torch versions add to every group
     expected = set(fresh.param_groups[0]) - {'params', 'foreach', 'maximize', 'capturable', 'differentiable',
                                              'fused', 'decoupled_weight_decay'}

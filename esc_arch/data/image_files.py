@@ -43,15 +43,24 @@ def _imread_quiet(path: str, flags: int):
         logging.setLogLevel(level)
 
 
+def float_range_problem(img: np.ndarray, slack: float = 0.0) -> str | None:
+    """Why the pixels of a float image are not in [0, 1] (up to ``slack``), e.g. 'span [0, 248]', or
+    None when they are (the convention float images follow; guessing another range would give
+    wrong pixels silently)."""
+    low, high = float(img.min()), float(img.max())  # NaN and inf show in these
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return 'include NaN or infinity'
+    if low < -slack or high > 1 + slack:
+        return f'span [{low:.4g}, {high:.4g}]'
+    return None
+
+
 def _float_to_uint8(img: np.ndarray, path: str) -> np.ndarray:
-    """A float image with values in [0, 1] (the usual convention) as rounded 8-bit; anything else is refused,
-    because guessing its range would silently give wrong pixels."""
-    if not np.isfinite(img).all():
-        raise ImageReadError(f'cannot use image {path}: its floating-point pixels include NaN or infinity')
-    low, high = float(img.min()), float(img.max())
-    if low < 0.0 or high > 1.0:
-        raise ImageReadError(f'cannot use image {path}: floating-point pixels must lie in [0, 1], these span '
-                             f'[{low:g}, {high:g}]; convert it to an 8- or 16-bit image')
+    """A float image with values in [0, 1] as rounded 8-bit; anything else is refused."""
+    problem = float_range_problem(img)
+    if problem:
+        raise ImageReadError(f'cannot use image {path}: floating-point pixels must lie in [0, 1], these {problem}; '
+                             'convert it to an 8- or 16-bit image')
     return np.round(img * 255.0).astype(np.uint8)
 
 

@@ -27,7 +27,6 @@ skipped files (the command then exits with status 1).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -186,15 +185,9 @@ def _remove_stale_record_temp_files(folder: str) -> list[str]:
     """Delete the temp files a killed write of ``folder``'s settings record left next to it (only those: the
     parent folder may hold other programs' files)."""
     record = settings_record(folder)
-    parent, prefix = os.path.dirname(record) or os.curdir, '.' + os.path.splitext(os.path.basename(record))[0] + '.'
-    removed = []
-    if os.path.isdir(parent):
-        for name in os.listdir(parent):
-            if name.startswith(prefix) and is_temp_name(name):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(parent, name))
-                    removed.append(os.path.join(parent, name))
-    return removed
+    parent = os.path.dirname(record) or os.curdir
+    stem = os.path.splitext(os.path.basename(record))[0]
+    return [os.path.join(parent, name) for name in remove_stale_temp_files(parent, stem=stem)]
 
 
 def _write_settings(folder: str, settings: dict) -> None:
