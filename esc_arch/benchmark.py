@@ -34,7 +34,6 @@ import collections
 import copy
 import datetime
 import hashlib
-import inspect
 import io
 import json
 import math
@@ -49,6 +48,7 @@ import time
 
 import yaml
 
+from .arch_options import options_problem
 from .fileio import atomic_path, atomic_write_bytes
 
 DEFAULT_OUTPUT_SIZE = (720, 1280)  # H, W of the SR output the default LR size is derived from
@@ -217,17 +217,9 @@ def check_spec(spec: dict) -> None:
     options = spec['options']
     if not isinstance(options, dict):
         raise BenchError(f"{spec['source']}: the options of {spec['type']} must be key=value pairs, got {options!r}")
-    try:
-        signature = inspect.signature(ARCH_REGISTRY.get(spec['type']))
-    except (TypeError, ValueError):  # no introspectable signature: the child reports what fails
-        return
-    try:
-        signature.bind(**options)
-    except TypeError as err:
-        names = [name for name, param in signature.parameters.items()
-                 if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)]
-        raise BenchError(f"{spec['source']}: cannot build {spec['type']}: {err} "
-                         f"(it takes: {', '.join(names)})") from None
+    problem = options_problem(ARCH_REGISTRY.get(spec['type']), options)
+    if problem:
+        raise BenchError(f"{spec['source']}: cannot build {spec['type']}: {problem}")
 
 
 def check_specs(specs: list[dict]) -> None:

@@ -272,10 +272,12 @@ def test_every_spec_is_checked_before_the_first_is_measured(tmp_path, capsys, fa
     out = tmp_path / 'bm'
     assert bench('--preset', 'esc:n_blocks=1', '--preset', 'esc:foo=1', '--out', str(out)) == 2
     err = one_error_line(capsys)
-    assert "esc:foo=1" in err and "'foo'" in err and 'n_blocks' in err  # names what ESC takes
+    assert 'esc:foo=1' in err and 'unknown option(s) foo' in err and 'n_blocks' in err  # names what ESC takes
     assert fake_measure == [] and not out.exists()
     assert bench('--arch', 'EDSR:num_feat=4', '--out', str(out)) == 2
-    assert 'num_in_ch' in one_error_line(capsys)  # a missing required argument
+    assert 'missing option(s) num_in_ch, num_out_ch' in one_error_line(capsys)
+    assert bench('--preset', 'esc:dim=abc', '--out', str(out)) == 2
+    assert "dim must be int, got 'abc'" in one_error_line(capsys)  # a value of the wrong type
     swinir = benchmark.arch_spec('SwinIR:not_an_option=1')  # takes **kwargs: any name goes
     benchmark.check_spec(swinir)
 

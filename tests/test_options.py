@@ -139,9 +139,7 @@ def test_option_file_passes_the_pre_checks(path, capsys):
     opt = _pipeline.load_options(path)
     _pipeline._check_scale(opt, path)
     _pipeline._check_metrics(opt, path)
-    for key, net_opt in opt.items():
-        if key.startswith('network_'):
-            _pipeline._check_arch_arguments(ARCH_REGISTRY.get(net_opt['type']), net_opt, key)
+    _pipeline._check_networks(opt, path)
     if os.path.basename(os.path.dirname(path)) != 'test':
         _pipeline._check_train_section(opt, path)
         _pipeline._warn_unread_train_keys(opt)

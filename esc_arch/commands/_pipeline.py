@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import math
 import os
 import re
@@ -31,6 +30,7 @@ from os import path as osp
 import torch
 import yaml
 
+from ..arch_options import options_problem
 from ..data.image_files import list_images
 from ..loading import CheckpointError, describe_mismatch
 from ..models.esr_model import (
@@ -141,18 +141,6 @@ def _registered(registry) -> str:
     return ', '.join(sorted(registry.keys()))
 
 
-def _check_arch_types(arch, params, net_opt: dict, where: str) -> None:
-    """Values of the arch's int / float / bool / str arguments (by their annotations) have that
-    type: ``dim: "16"`` or ``dim=abc`` is one line here, a TypeError deep in the layers otherwise."""
-    accepted = {int: (int, ), float: (int, float), bool: (bool, ), str: (str, )}
-    for name, value in net_opt.items():
-        kinds = accepted.get(params[name].annotation) if name in params else None
-        if kinds and value is not None and not (isinstance(value, kinds)
-                                                and (bool in kinds or not isinstance(value, bool))):
-            raise OptionError(f'{arch.__name__}: {name} must be {params[name].annotation.__name__}, '
-                              f'got {value!r} ({where})')
-
-
 # what ESCSRModel (and BasicSR's SRModel under it) reads from train:
 TRAIN_KEYS = ('total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'scheduler', 'pixel_opt', 'perceptual_opt',
               'grad_clip', 'amp')
@@ -169,28 +157,6 @@ def _warn_unread_train_keys(opt: dict) -> None:
             hint = f' (did you mean {close[0]}?)' if close else ''
             print(f'warning: train.{key} is not an option {opt["model_type"]} reads; it is ignored{hint}',
                   file=sys.stderr)
-
-
-def _check_arch_arguments(arch, net_opt: dict, where: str) -> None:
-    """The YAML keys of an arch are its constructor's arguments: name unknown and missing ones."""
-    try:
-        params = inspect.signature(arch, eval_str=True).parameters  # annotations as types
-    except Exception:
-        try:
-            params = inspect.signature(arch).parameters
-        except (TypeError, ValueError):
-            return
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return
-    given = set(net_opt) - {'type'}
-    _check_arch_types(arch, params, net_opt, where)
-    unknown = sorted(given - set(params))
-    missing = [name for name, p in params.items()
-               if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in given]
-    if unknown or missing:
-        problem = '; '.join(filter(None, [unknown and f'unknown option(s) {", ".join(unknown)}',
-                                          missing and f'missing option(s) {", ".join(missing)}']))
-        raise OptionError(f'{arch.__name__}: {problem} ({where}); it takes: {", ".join(params)}')
 
 
 SCHEDULERS = ('MultiStepLR', 'MultiStepRestartLR', 'CosineAnnealingRestartLR')  # what BasicSR's models build
@@ -210,6 +176,21 @@ def _is_number(value) -> bool:
 def _file_names(folder: str) -> set:
     """The files BasicSR's paired folders pair up (its scandir: every non-hidden file)."""
     return {entry.name for entry in os.scandir(folder) if entry.is_file() and not entry.name.startswith('.')}
+
+
+def _check_networks(opt: dict, opt_path: str) -> None:
+    """Each ``network_*`` names a registered arch and options that build it."""
+    from basicsr.utils.registry import ARCH_REGISTRY
+    for key, net_opt in opt.items():
+        if key.startswith('network_'):
+            net_type = net_opt.get('type') if isinstance(net_opt, dict) else None
+            if not _known(ARCH_REGISTRY, net_type):
+                raise OptionError(f'unknown arch {net_type!r} ({key}.type in {opt_path}); registered archs: '
+                                  f'{_registered(ARCH_REGISTRY)}')
+            arch = ARCH_REGISTRY.get(net_type)
+            problem = options_problem(arch, {k: v for k, v in net_opt.items() if k != 'type'})
+            if problem:
+                raise OptionError(f'{arch.__name__}: {problem} ({key} in {opt_path})')
 
 
 def _check_scale(opt: dict, opt_path: str) -> None:
@@ -384,7 +365,7 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
     import basicsr.archs  # noqa: F401  (fill the registries)
     import basicsr.data  # noqa: F401
     import basicsr.models  # noqa: F401
-    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
+    from basicsr.utils.registry import DATASET_REGISTRY, MODEL_REGISTRY
 
     required = ['name', 'model_type', 'num_gpu', 'datasets', 'network_g', 'path'] + (['train', 'logger'] * is_train)
     missing = [key for key in required if key not in opt]
@@ -393,13 +374,7 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
     if not _known(MODEL_REGISTRY, opt['model_type']):
         raise OptionError(f'unknown model_type {opt["model_type"]!r} in {opt_path}; registered models: '
                           f'{_registered(MODEL_REGISTRY)}')
-    for key, net_opt in opt.items():
-        if key.startswith('network_'):
-            net_type = net_opt.get('type') if isinstance(net_opt, dict) else None
-            if not _known(ARCH_REGISTRY, net_type):
-                raise OptionError(f'unknown arch {net_type!r} ({key}.type in {opt_path}); registered archs: '
-                                  f'{_registered(ARCH_REGISTRY)}')
-            _check_arch_arguments(ARCH_REGISTRY.get(net_type), net_opt, f'{key} in {opt_path}')
+    _check_networks(opt, opt_path)
 
     datasets = opt['datasets']
     if not isinstance(datasets, dict) or not datasets:
