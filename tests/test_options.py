@@ -144,3 +144,27 @@ def test_option_file_passes_the_pre_checks(path, capsys):
         _pipeline._check_train_section(opt, path)
         _pipeline._warn_unread_train_keys(opt)
         assert 'warning' not in capsys.readouterr().err
+
+
+def test_arch_options_problem_names_what_does_not_bind():
+    from esc_arch.arch_options import options_problem
+
+    def net(scale, /, dim: int, ratio: float = 2.0, use_ln: bool = False, name: str = 'n'):
+        pass
+
+    def typed(*, dim: int, ratio: float = 2.0, use_ln: bool = False, name: str = 'n'):
+        pass
+
+    def open_net(dim: int, **kwargs):
+        pass
+
+    assert options_problem(net, {'dim': 8}) == 'missing option(s) scale; it takes: scale, dim, ratio, use_ln, name'
+    assert options_problem(net, {'scale': 2, 'dim': 8}).startswith('unknown option(s) scale;')  # positional-only
+    assert options_problem(net, {'dim': 8, 'foo': 1, 'bar': 2}).startswith('unknown option(s) bar, foo; missing')
+    assert options_problem(typed, {'dim': 8, 'ratio': 3, 'use_ln': True, 'name': 'x'}) is None  # int for float
+    for key, value in (('dim', '8'), ('dim', True), ('dim', 8.0), ('ratio', 'x'), ('use_ln', 1), ('name', 3)):
+        assert options_problem(typed, {'dim': 8, key: value}) == \
+            f'{key} must be {typed.__annotations__[key].__name__}, got {value!r}'
+    assert options_problem(open_net, {'dim': 8, 'anything': 1}) is None  # **kwargs takes any name
+    assert options_problem(open_net, {'dim': '8'}) == "dim must be int, got '8'"
+    assert options_problem(open_net, {}).startswith('missing option(s) dim')
