@@ -521,3 +521,75 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
     (data / 'lr' / 'Thumbs.db').write_bytes(b'x')  # BasicSR pairs every file of the two folders
     with pytest.raises(OptionError, match=r'in only one of .*: Thumbs\.db'):
         check(lambda o: None)
+
+
+def real_options(tmp_path: Path, model_file: str, **extra) -> dict:
+    """A shipped ESC-Real option file cut to a CPU-sized run on 2 generated GT images listed in a
+    meta_info file (RealESRGANDataset on disk), its perceptual loss removed (no VGG download)."""
+    gt = tmp_path / 'gt'
+    gt.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        base = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+        cv2.imwrite(str(gt / f'{index}.png'), cv2.resize(base, (48, 48), interpolation=cv2.INTER_CUBIC))
+    (tmp_path / 'meta.txt').write_text('0.png\n1.png\n')
+    opt = yaml.safe_load((Path(__file__).parents[1] / 'options' / model_file).read_text())
+    train_set = opt['datasets']['train']
+    train_set.update(dataroot_gt=str(gt), meta_info=str(tmp_path / 'meta.txt'), io_backend=dict(type='disk'),
+                     gt_size=32, batch_size_per_gpu=2, num_worker_per_gpu=0)
+    opt['datasets'] = dict(train=train_set)
+    opt.update(num_gpu=0, gt_size=32, queue_size=2, **extra)
+    opt.pop('val', None)
+    opt['network_g'].update(dim=16, n_blocks=1, conv_blocks=1, window_size=8, num_heads=1)
+    if 'network_d' in opt:
+        opt['network_d']['num_feat'] = 8
+    opt['path'] = dict(pretrain_network_g=None, strict_load_g=True, resume_state=None)
+    opt['train'].update(total_iter=2, warmup_iter=-1)
+    opt['train'].pop('perceptual_opt', None)
+    opt['logger'] = dict(print_freq=1, save_checkpoint_freq=2, use_tb_logger=False)
+    return opt
+
+
+@pytest.mark.parametrize('model_file', ['train_ESC_Real_x4_MSE.yml', 'train_ESC_Real_x4_GAN.yml'])
+def test_real_esrgan_models_train_on_the_cpu(tmp_path, model_file):
+    # BasicSR's RealESRNetModel / RealESRGANModel put their DiffJPEG, USMSharp and pair queue on
+    # CUDA; with num_gpu 0 they train on the CPU (2 iterations, the queue of 2 filled and used)
+    opt = real_options(tmp_path, model_file)
+    result = basicsr('train', '-opt', write_yaml(tmp_path / 'real.yml', opt), cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = newest_log(tmp_path / 'experiments' / opt['name'])
+    assert re.search(r'iter:\s+2,', log) and re.search(r'\bl_(g_)?pix: ', log)
+    assert (tmp_path / 'experiments' / opt['name'] / 'models' / 'net_g_2.pth').is_file()
+
+
+def test_real_esrgan_option_mistakes_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    opt = real_options(tmp_path, 'train_ESC_Real_x4_MSE.yml')
+    for meta, problem in ((None, 'needs meta_info'), ('missing.txt', 'it lists no images'),
+                          ('wrong.txt', '1 of its 2 image(s) are not in')):
+        (tmp_path / 'missing.txt').write_text('\n')
+        (tmp_path / 'wrong.txt').write_text('0.png\nnot_there.png\n')
+        opt['datasets']['train']['meta_info'] = meta and str(tmp_path / meta)
+        code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'meta.yml', opt))
+        assert code == 2 and problem in err and err.count('\n') == 0, err
+    assert not (tmp_path / 'experiments').exists()
+
+
+def test_an_offline_perceptual_loss_says_which_weights_to_put_where(tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    import torchvision.models._api
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError('no network here')
+    monkeypatch.setattr(torchvision.models._api, 'load_state_dict_from_url', offline)
+    opt = train_options(make_pairs(tmp_path / 'data'))
+    opt['train']['perceptual_opt'] = dict(type='PerceptualLoss', layer_weights={'conv5_4': 1}, vgg_type='vgg19',
+                                          perceptual_weight=1.0, style_weight=0, criterion='l1')
+    code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'percep.yml', opt))
+    err = err.splitlines()[-1]  # after BasicSR's start-up log: the model is built once it has run
+    assert code == 2 and err.startswith('basicsr train: error: the perceptual loss needs'), err
+    assert 'vgg19-dcbb9e9d.pth' in err and str(tmp_path / 'torch_home' / 'hub' / 'checkpoints') in err
+    assert 'no network here' in err

@@ -15,6 +15,11 @@ traceback. A few BasicSR functions are replaced, never edited, for CPU and CPU-D
 * the image data sets' ``imfrombytes`` / ``__getitem__``: an image OpenCV cannot decode is an
   ``ImageDecodeError`` naming its files (BasicSR fails on ``None.astype`` without a name).
 * ``train/test.parse_options``: on CPU, ``prefetch_mode: cuda`` becomes the plain loader.
+* the Real-ESRNet/GAN models (``realesrnet_model`` / ``realesrgan_model``): their degradation
+  helpers (``DiffJPEG``, ``USMSharp``) stay on the CPU in a CPU run instead of ``.cuda()`` (and
+  give contiguous outputs there), and the training-pair queue is made on the batch's device.
+* ``vgg_arch.VGGFeatureExtractor`` (the perceptual loss): a failed download of its ImageNet
+  weights is one line saying which file to put where, not a urllib traceback.
 """
 from __future__ import annotations
 
@@ -285,6 +290,26 @@ def _check_metrics(opt: dict, opt_path: str) -> None:
                               f'registered metrics: {_registered(METRIC_REGISTRY)}')
 
 
+def _check_meta_info_list(phase: str, dataset: dict, opt_path: str) -> None:
+    """RealESRGANDataset on disk reads its GT images from the list in ``meta_info`` (one path per
+    line, relative to ``dataroot_gt``): BasicSR fails on a missing key (KeyError) or path."""
+    if dataset.get('type') != 'RealESRGANDataset' or (dataset.get('io_backend') or {}).get('type', 'disk') != 'disk':
+        return
+    where = f'datasets.{phase} in {opt_path}'
+    meta = dataset.get('meta_info')
+    if not isinstance(meta, str):
+        raise OptionError(f'RealESRGANDataset on disk needs meta_info: a text file listing its GT images, one '
+                          f'path per line relative to dataroot_gt ({where})')
+    with open(osp.expanduser(meta), encoding='utf-8', errors='replace') as handle:
+        listed = [line.strip().split(' ')[0] for line in handle if line.strip()]
+    root = osp.expanduser(str(dataset.get('dataroot_gt')))
+    missing = [name for name in listed if not osp.isfile(osp.join(root, name))]
+    if not listed or missing:
+        problem = f'{len(missing)} of its {len(listed)} image(s) are not in {root}, e.g. {missing[0]}' if missing \
+            else 'it lists no images'
+        raise OptionError(f'meta_info {meta}: {problem} ({where})')
+
+
 def _check_image_folders(opt: dict, phase: str, dataset: dict, opt_path: str) -> None:
     """Folders of images on disk: not empty, GT and LQ names paired, the first pair x scale and
     at least gt_size, enough images for a batch (what BasicSR finds out in a data loader worker)."""
@@ -398,6 +423,7 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
             if backend in ('disk', 'lmdb') and isinstance(value, str) and not osp.exists(osp.expanduser(value)):
                 raise OptionError(f'data set path not found: {value} (datasets.{phase}.{key} in {opt_path})')
         _check_image_folders(opt, phase, dataset, opt_path)
+        _check_meta_info_list(phase, dataset, opt_path)
     _check_scale(opt, opt_path)
     _check_metrics(opt, opt_path)
     if is_train:
@@ -602,6 +628,64 @@ def _parse_options_wrapper(original):
     return parse_options
 
 
+_REAL_MODELS = ('realesrnet_model', 'realesrgan_model')
+
+
+def _stays_on_cpu_run(module_class):
+    """``module_class`` whose ``.cuda()`` does nothing in a CPU run (BasicSR's Real-ESRNet/GAN models
+    move their DiffJPEG and USMSharp there unconditionally), with a contiguous output there: DiffJPEG
+    returns a channels-last view, which PyTorch's CPU reflection pad keeps (CUDA's does not), and
+    BasicSR's ``filter2D`` then cannot ``view`` it."""
+    class OnRunDevice(module_class):
+        def cuda(self, device=None):
+            return super().cuda(device) if _RUN['cuda'] else self
+
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            return out if _RUN['cuda'] else out.contiguous()
+
+    OnRunDevice.__name__ = OnRunDevice.__qualname__ = module_class.__name__
+    return OnRunDevice
+
+
+def _queue_on_batch_device(dequeue_and_enqueue):
+    """The Real models' pair queue, made on the batch's device (BasicSR makes it with ``.cuda()``),
+    with a clear error for a ``queue_size`` the batch size does not divide."""
+    def wrapper(self):
+        if not hasattr(self, 'queue_lr'):
+            batch = self.lq.size(0)
+            if self.queue_size % batch:
+                raise OptionError(f'queue_size ({self.queue_size}) must be a multiple of the batch size per '
+                                  f'process ({batch})')
+            self.queue_lr = self.lq.new_zeros((self.queue_size, *self.lq.shape[1:]))
+            self.queue_gt = self.gt.new_zeros((self.queue_size, *self.gt.shape[1:]))
+            self.queue_ptr = 0
+        return dequeue_and_enqueue(self)
+    return wrapper
+
+
+def _named_weight_downloads(init):
+    """VGGFeatureExtractor's ``__init__``, with a failed download of torchvision's ImageNet weights
+    (an offline machine) as an OptionError naming the file and where it is looked for."""
+    import inspect
+    import urllib.error
+    signature = inspect.signature(init)
+
+    def wrapper(self, *args, **kwargs):
+        try:
+            return init(self, *args, **kwargs)
+        except urllib.error.URLError as exc:
+            import torchvision
+            from basicsr.archs import vgg_arch
+            vgg_type = signature.bind(self, *args, **kwargs).arguments.get('vgg_type', 'vgg19')
+            url = torchvision.models.get_model_weights(vgg_type).IMAGENET1K_V1.url
+            cache = osp.join(torch.hub.get_dir(), 'checkpoints')
+            raise OptionError(f'the perceptual loss needs the ImageNet {vgg_type} weights and downloading them failed '
+                              f'({getattr(exc, "reason", exc)}): put {url.rsplit("/", 1)[1]} from {url} in {cache}'
+                              + (f' (or at {vgg_arch.VGG_PRETRAIN_PATH})' if vgg_type == 'vgg19' else '')) from None
+    return wrapper
+
+
 def patch_basicsr(use_cuda: bool) -> None:
     """Install the replacements listed in the module docstring (idempotent)."""
     import basicsr.test
@@ -621,6 +705,14 @@ def patch_basicsr(use_cuda: bool) -> None:
             module.imfrombytes = _checked_imfrombytes(module.imfrombytes)
             dataset = getattr(module, class_name)
             dataset.__getitem__ = _named_decode_errors(dataset.__getitem__)
+        for module_name in _REAL_MODELS:
+            module = importlib.import_module(f'basicsr.models.{module_name}')
+            module.DiffJPEG, module.USMSharp = _stays_on_cpu_run(module.DiffJPEG), _stays_on_cpu_run(module.USMSharp)
+            for model in vars(module).values():
+                if isinstance(model, type) and '_dequeue_and_enqueue' in vars(model):
+                    model._dequeue_and_enqueue = _queue_on_batch_device(model._dequeue_and_enqueue)
+        from basicsr.archs import vgg_arch
+        vgg_arch.VGGFeatureExtractor.__init__ = _named_weight_downloads(vgg_arch.VGGFeatureExtractor.__init__)
         basicsr.train.parse_options = _parse_options_wrapper(basicsr.train.parse_options)
         basicsr.test.parse_options = _parse_options_wrapper(basicsr.test.parse_options)
 
