@@ -1,16 +1,27 @@
 import os
-import sysconfig
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
-# data_files are installed relative to the prefix: aim at site-packages itself.
+# Installed at the top of site-packages: makes `import basicsr` work even before `import esc_arch`
+# (torchvision >= 0.17 removed a module basicsr imports). A wheel's top level is site-packages on
+# every Python and platform; data_files, with a path worked out when the wheel is built, are not.
 PTH_FILE = 'esc_arch_tv_alias.pth'
-SITE_PACKAGES = os.path.relpath(sysconfig.get_path('purelib'), sysconfig.get_path('data'))
 
+
+class BuildPyWithAlias(build_py):
+    """Put the .pth at the top of the build, i.e. of the wheel's purelib (site-packages)."""
+
+    def run(self):
+        super().run()
+        self.copy_file(PTH_FILE, os.path.join(self.build_lib, PTH_FILE))
+
+    def get_outputs(self, *args, **kwargs):
+        return [*super().get_outputs(*args, **kwargs), os.path.join(self.build_lib, PTH_FILE)]
 
 
 def _editable_wheel_with_alias():
-    """PEP 660 editable wheels drop ``data_files``; add the .pth to them ourselves."""
+    """PEP 660 editable wheels do not run build_py into the wheel; add the .pth to them ourselves."""
     try:
         from setuptools.command.editable_wheel import editable_wheel
     except ImportError:  # pragma: no cover - very old setuptools
@@ -40,8 +51,12 @@ def _editable_wheel_with_alias():
     return {'editable_wheel': EditableWheel}
 
 
+def _commands():
+    return {'build_py': BuildPyWithAlias, **_editable_wheel_with_alias()}
+
+
 setup(
-    cmdclass=_editable_wheel_with_alias(),
+    cmdclass=_commands(),
     name='esc-arch',
     version='0.1.0',
     description='ESC (ICCV 2025) super-resolution archs as a BasicSR plugin',
@@ -50,9 +65,6 @@ setup(
     packages=find_packages(include=['esc_arch', 'esc_arch.*']),
     py_modules=['_esc_arch_tv_alias'],
     package_data={'esc_arch.kernels': ['*.cpp', '*.h']},  # compiled on first use (esc_arch/kernels)
-    # Installed next to the package in site-packages: makes `import basicsr` work even
-    # before `import esc_arch` (torchvision >= 0.17 removed a module basicsr imports).
-    data_files=[(SITE_PACKAGES, [PTH_FILE])],
     python_requires='>=3.10',
     install_requires=[
         'torch==2.14.1',
