@@ -700,6 +700,47 @@ def test_switch_off_by_environment(monkeypatch):
     assert kernel_isa() is None
 
 
+def test_without_a_compiler_one_warning_names_it_and_the_users_line(tmp_path):
+    # a child without c++ on PATH and an empty extensions folder: the fallback warns once, saying
+    # why and pointing at the script's line that ran the model, and computes the same values
+    script = tmp_path / 'run_model.py'
+    script.write_text(textwrap.dedent('''
+        import warnings
+        import torch, esc_arch
+        net = esc_arch.ESC(dim=16, pdim=16, kernel_size=7, n_blocks=1, conv_blocks=1, window_size=8,
+                           num_heads=1, upscaling_factor=2).eval()
+        x = torch.rand(1, 3, 12, 20, generator=torch.Generator().manual_seed(0))
+        with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+            warnings.simplefilter('always')
+            y = net(x)
+            y = net(x)
+        for w in caught:
+            print(f'WARNING {w.filename}:{w.lineno}: {w.message}')
+        print('ERROR', (y.double() - net.double()(x.double())).abs().max().item())
+    '''))
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable), TORCH_EXTENSIONS_DIR=str(tmp_path / 'ext'))
+    env.pop('CXX', None)
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    warned = [line for line in lines if line.startswith('WARNING') and 'CPU kernels are unavailable' in line]
+    assert len(warned) == 1 and 'no C++ compiler: c++ is not on PATH' in warned[0], lines
+    assert warned[0].startswith(f'WARNING {script}:9:'), warned  # the first y = net(x), not a line of esc_arch
+    assert float(lines[-1].split()[1]) < 1e-4
+
+
+def test_a_first_build_is_announced(tmp_path, monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    from esc_arch.kernels import _announce_a_first_build
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    _announce_a_first_build(cpp_extension, 'esc_arch_never_built', 'avx2')
+    assert 'compiling the CPU kernels (avx2) for this install, once' in capsys.readouterr().err
+    (tmp_path / 'esc_arch_never_built' / 'esc_arch_never_built.so').write_bytes(b'')
+    _announce_a_first_build(cpp_extension, 'esc_arch_never_built', 'avx2')
+    assert capsys.readouterr().err == ''
+
+
 def test_the_avx2_build_on_an_avx512_cpu(op):
     """Where this process runs the AVX-512 build, the AVX2 one (other CPUs' kernels) must be
     right too: it is built and checked in a child process (one build per process)."""

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      '  basicsr bench --preset esc --preset swinir-light --device cpu\n'
                      '  basicsr bench --arch ESC:dim=64,pdim=16,kernel_size=13,n_blocks=5,conv_blocks=5,'
                      'window_size=32,num_heads=4,upscaling_factor=4,exp_ratio=1.25\n'
-                     '  basicsr bench --opt options/train_ESC_x4.yml --lr-size 48x64 --check\n'
+                     '  basicsr bench --opt options/train_ESC_SRx4.yml --lr-size 48x64 --check\n'
                      '  basicsr bench --import my_archs/hit_srf_arch.py --arch HiT_SRF:upscale=4 --preset esc\n'
                      f"presets: {', '.join(benchmark.PRESETS)} (overrides: --preset esc:n_blocks=3)")
     what = parser.add_argument_group('what to measure (any number, in order)')

@@ -19,7 +19,7 @@ One library of float32 kernels:
 
 The library is built for the CPU's vector ISA: AVX-512 where PyTorch itself runs AVX-512 code,
 else AVX2 + FMA (``ESC_CPU_KERNELS=avx2`` forces the AVX2 build, e.g. to compare the two). The
-first use on a machine compiles it (30-60 s with g++; cached in PyTorch's extensions folder,
+first use of an install compiles it (30-60 s with g++; cached in PyTorch's extensions folder,
 ``TORCH_EXTENSIONS_DIR`` moves it); later processes load the cached library. Where it cannot be
 built or run (no C++ compiler, a CPU without AVX2, ``ESC_CPU_KERNELS=0``) the accessors return
 None after one warning and the layers use PyTorch's operators, which compute the same values.
@@ -31,6 +31,8 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -78,9 +80,14 @@ def _build() -> tuple[bool, str | None]:
         if _switch() in _OFF:
             return False, f'{ENV_SWITCH}={_switch()}'
         return False, f'this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) has no AVX2'
+    compiler = os.environ.get('CXX', 'c++')  # what PyTorch's loader runs
+    if shutil.which(compiler) is None:
+        return False, f'no C++ compiler: {compiler} is not on PATH (install g++, or set CXX)'
     # the loader rebuilds when a source or a flag changes; the digest makes a header change one too
     digest = hashlib.sha1(b''.join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
-    logger.info(f'esc_arch: loading the CPU kernels ({isa}; compiled once per machine, ~30-60 s)')
+    # one build folder per install: its build.ninja names the sources by their absolute path, so two
+    # installs sharing one (a checkout and a venv) would rebuild each other's on every switch
+    name = f'esc_arch_cpu_kernels_{isa}_{hashlib.sha1(str(HERE.resolve()).encode()).hexdigest()[:8]}'
     quiet = logging.getLogger('torch.utils.cpp_extension')  # "No CUDA runtime is found" on CPU machines
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -88,7 +95,8 @@ def _build() -> tuple[bool, str | None]:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             from torch.utils import cpp_extension
-            cpp_extension.load(name=f'esc_arch_cpu_kernels_{isa}', sources=[str(p) for p in SOURCES],
+            _announce_a_first_build(cpp_extension, name, isa)
+            cpp_extension.load(name=name, sources=[str(p) for p in SOURCES],
                                extra_cflags=['-O3', *ISA_FLAGS[isa], '-fopenmp', f'-DESC_KERNELS_DIGEST={digest}'],
                                extra_ldflags=['-fopenmp'], is_python_module=False)
     except Exception as err:  # no compiler / ninja, or a failed build: fall back, say why
@@ -99,12 +107,34 @@ def _build() -> tuple[bool, str | None]:
     return True, None
 
 
+def _announce_a_first_build(cpp_extension, name: str, isa: str) -> None:
+    """A line on stderr when the library is not built yet: the first call then takes a minute."""
+    try:
+        built = os.path.isfile(os.path.join(cpp_extension._get_build_directory(name, verbose=False), f'{name}.so'))
+    except Exception:  # a private helper of PyTorch's loader: say nothing rather than fail
+        return
+    if not built:
+        print(f'esc_arch: compiling the CPU kernels ({isa}) for this install, once (a minute or two; cached in '
+              f'{os.path.dirname(cpp_extension._get_build_directory(name, verbose=False))})', file=sys.stderr,
+              flush=True)
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` from the caller that names the first frame outside
+    esc_arch and torch (the user's line that ran the model), not a line of our layers."""
+    inside = (str(HERE.parent), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
+
+
 def _loaded() -> bool:
     if 'ok' not in _state:
         _state['ok'], _state['why'] = _build()
         if not _state['ok']:
             warnings.warn(f'esc_arch: the CPU kernels are unavailable ({_state["why"]}); using PyTorch '
-                          'operators, which compute the same values more slowly', stacklevel=4)
+                          'operators, which compute the same values more slowly', stacklevel=_outside_stacklevel())
     return _state['ok']
 
 
