@@ -4,7 +4,7 @@ esc-arch (HiT-SR, MambaIR, a model of one's own, ...) that register themselves w
 
 An item is a module name (``hitsr.archs``, importable from ``sys.path``), a ``.py`` file, or a
 folder, whose ``*_arch.py`` files are imported in name order (BasicSR's own convention for
-``basicsr/archs``); a bare name that is a package folder here is imported as that package. A
+``basicsr/archs``); a bare name of a module or package here is imported as that module. A
 file is imported with its folder put first on ``sys.path``, so it can import its neighbours.
 Each item is imported once per process.
 """
@@ -17,6 +17,7 @@ import os
 import sys
 
 _imported: dict[str, str] = {}  # resolved item -> module name
+_imported_files: dict[str, str] = {}  # a file, also one imported through its folder -> module name
 
 
 def add_import_argument(parser, purpose: str) -> None:
@@ -44,6 +45,8 @@ def _resolve(item: str) -> str:
 
 
 def _import_file(path: str) -> str:
+    if path in _imported_files:  # e.g. --import plugins --import plugins/my_arch.py
+        return _imported_files[path]
     stem = os.path.splitext(os.path.basename(path))[0]
     name = f'esc_arch_user_{stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}'
     folder = os.path.dirname(path)
@@ -59,14 +62,17 @@ def _import_file(path: str) -> str:
     except BaseException:
         del sys.modules[name]
         raise
+    _imported_files[path] = name
     return name
 
 
 def _import_one(item: str) -> str:
     """``item`` as ``_resolve`` returns it: an absolute path (folder or file), else a module name."""
     if not os.path.isabs(item):
-        if os.path.isfile(os.path.join(item, '__init__.py')) and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())  # a package here, as `python -m` would find it
+        top = item.split('.')[0]
+        here = os.path.isfile(os.path.join(top, '__init__.py')) or os.path.isfile(f'{top}.py')
+        if here and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # a module or package here, as `python -m` would find it
         return importlib.import_module(item).__name__
     if os.path.isdir(item):
         files = sorted(f for f in os.listdir(item) if f.endswith('_arch.py'))

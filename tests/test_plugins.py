@@ -130,3 +130,19 @@ def test_a_bare_package_name_is_a_module_not_a_folder(tmp_path, monkeypatch):
     assert import_arch_modules([package.name]) == [package.name]  # the package, with its relative imports
     from basicsr.utils.registry import ARCH_REGISTRY
     assert f'PkgNet{tag}' in ARCH_REGISTRY
+
+
+def test_a_folder_and_a_file_in_it_import_the_file_once(tmp_path):
+    path, name = write_arch(tmp_path / 'both')
+    import_arch_modules([str(path.parent), str(path)])  # registering twice would raise
+    from basicsr.utils.registry import ARCH_REGISTRY
+    assert name in ARCH_REGISTRY
+
+
+def test_a_bare_name_of_a_module_file_here_is_imported(tmp_path, monkeypatch):
+    path, name = write_arch(tmp_path / 'here')
+    monkeypatch.chdir(path.parent)
+    monkeypatch.setattr(sys, 'path', list(sys.path))
+    assert import_arch_modules([path.stem]) == [path.stem]  # `--import user..._arch`, as python -m finds it
+    from basicsr.utils.registry import ARCH_REGISTRY
+    assert name in ARCH_REGISTRY
