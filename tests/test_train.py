@@ -180,6 +180,37 @@ def test_cpu_ddp_with_torchrun(tmp_path):
     assert (tmp_path / 'experiments' / 'ddp' / 'models' / 'net_g_latest.pth').is_file()
 
 
+def test_cpu_ddp_names_a_corrupt_image_from_a_spawned_worker(tmp_path):
+    # under DDP BasicSR spawns its loader workers, which import BasicSR afresh: the decode-error
+    # patches are applied there too; the other process says it stops because this one did
+    data = make_pairs(tmp_path / 'data')
+    (data / 'lr' / '002.png').write_bytes((data / 'lr' / '002.png').read_bytes()[:60])  # truncated PNG
+    opt = train_options(data, name='ddpbad', total_iter=8)
+    opt['datasets']['train'].update(batch_size_per_gpu=1, num_worker_per_gpu=1)
+    opt_file = write_yaml(tmp_path / 'ddpbad.yml', opt)
+    torchrun = shutil.which('torchrun', path=os.path.dirname(sys.executable)) or 'torchrun'
+    result = subprocess.run([torchrun, '--standalone', '--nproc_per_node=2', '-m', 'esc_arch.cli', 'train', '-opt',
+                             str(opt_file), '--launcher', 'pytorch'], cwd=tmp_path, env=ENV, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    named = [line for line in lines if line.startswith('basicsr train: error: cannot read an image of ')]
+    assert len(named) == 1 and '002.png' in named[0], lines[-30:]
+    assert re.search(r'basicsr train: error: process [01] of 2 stops: another one stopped', result.stderr)
+    assert "'NoneType' object has no attribute" not in result.stderr
+    assert 'Connection closed by peer' not in result.stderr
+
+
+def test_dist_follows_the_launcher(tmp_path):
+    # --force_yml dist=true without a launcher used to fail deep in model_to_device
+    opt = train_options(make_pairs(tmp_path / 'data'), total_iter=1, warmup_iter=-1)
+    opt['val']['val_freq'] = 10
+    result = basicsr('train', '-opt', write_yaml(tmp_path / 'dist.yml', opt), '--force_yml', 'dist=true', cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'dist is set by --launcher (none): ignoring dist=True' in result.stdout
+    assert re.search(r'iter:\s+1,', newest_log(tmp_path / 'experiments' / 'tiny'))
+
+
 # ---------------------------------------------------------------------------------- in-process
 def run_cli(capsys, *argv):
     code = cli_main(list(map(str, argv)))
@@ -593,3 +624,31 @@ def test_an_offline_perceptual_loss_says_which_weights_to_put_where(tmp_path, ca
     assert code == 2 and err.startswith('basicsr train: error: the perceptual loss needs'), err
     assert 'vgg19-dcbb9e9d.pth' in err and str(tmp_path / 'torch_home' / 'hub' / 'checkpoints') in err
     assert 'no network here' in err
+
+
+def test_loader_and_frequency_mistakes_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = make_pairs(tmp_path / 'data')
+    for change, problem in (
+            (lambda o: o['val'].update(val_freq=0), 'val.val_freq must be a whole number of iterations >= 1, got 0'),
+            (lambda o: o['val'].update(val_freq=-5), 'val.val_freq must be'),
+            (lambda o: o['logger'].update(print_freq=0), 'logger.print_freq must be'),
+            (lambda o: o['logger'].pop('save_checkpoint_freq'), 'logger.save_checkpoint_freq must be a whole number'),
+            (lambda o: o['datasets']['train'].update(num_worker_per_gpu=-1), 'num_worker_per_gpu must be a whole'),
+            (lambda o: o['datasets']['train'].update(prefetch_mode='gpu'), "prefetch_mode must be cpu, cuda or empty")):
+        opt = train_options(data)
+        change(opt)
+        code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'freq.yml', opt))
+        assert code == 2 and problem in err and err.count('\n') == 0, err
+    assert not (tmp_path / 'experiments').exists()
+
+
+def test_too_few_samples_per_ddp_process_for_a_batch_is_one_line(tmp_path):
+    from esc_arch.commands import _pipeline
+    data = make_pairs(tmp_path / 'data')  # 4 pairs
+    opt = train_options(data)
+    opt['datasets']['train']['batch_size_per_gpu'] = 3
+    _pipeline._check_image_folders(opt, 'train', opt['datasets']['train'], 'x.yml')  # one process: 4 >= 3
+    with pytest.raises(_pipeline.OptionError, match=r'make 2 sample\(s\) per process \(2 processes\), fewer than '
+                       r'batch_size_per_gpu 3'):  # 2 processes: ceil(4 / 2) = 2 each, and no full batch
+        _pipeline._check_image_folders(opt, 'train', opt['datasets']['train'], 'x.yml', world=2)

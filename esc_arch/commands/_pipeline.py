@@ -13,8 +13,12 @@ traceback. A few BasicSR functions are replaced, never edited, for CPU and CPU-D
 * ``train.create_train_val_dataloader``: the epoch count from the training loader's real length
   (it drops the last partial batch), so training reaches ``total_iter``.
 * the image data sets' ``imfrombytes`` / ``__getitem__``: an image OpenCV cannot decode is an
-  ``ImageDecodeError`` naming its files (BasicSR fails on ``None.astype`` without a name).
-* ``train/test.parse_options``: on CPU, ``prefetch_mode: cuda`` becomes the plain loader.
+  ``ImageDecodeError`` naming its files (BasicSR fails on ``None.astype`` without a name), also
+  in spawned loader workers (DDP), which apply these patches when they start.
+* ``train/test.parse_options``: on CPU, ``prefetch_mode: cuda`` becomes the plain loader;
+  ``dist`` follows ``--launcher`` even when ``--force_yml`` sets it; under DDP the training
+  loader's workers persist across epochs (``persistent_workers``, unless the options say, or
+  ``prefetch_mode: cpu``).
 * the Real-ESRNet/GAN models (``realesrnet_model`` / ``realesrgan_model``): their degradation
   helpers (``DiffJPEG``, ``USMSharp``) stay on the CPU in a CPU run instead of ``.cuda()`` (and
   give contiguous outputs there), and the training-pair queue is made on the batch's device.
@@ -249,9 +253,16 @@ def _check_train_section(opt: dict, opt_path: str) -> None:
         if sum(periods) < total:
             raise OptionError(f'train.scheduler: the periods add up to {sum(periods)}, fewer than total_iter {total:g} '
                               f'in {opt_path} (CosineAnnealingRestartLR has no lr past them)')
-    val = opt.get('val')
-    if isinstance(val, dict) and not _is_number(val.get('val_freq')):
-        raise OptionError(f'{opt_path}: val.val_freq must be a number of iterations, got {val.get("val_freq")!r}')
+    val, logger = opt.get('val'), opt.get('logger')
+    if not isinstance(logger, dict):
+        raise OptionError(f'{opt_path}: logger must be a mapping (print_freq, save_checkpoint_freq, ...)')
+    frequencies = [('logger', 'print_freq', logger.get('print_freq')),
+                   ('logger', 'save_checkpoint_freq', logger.get('save_checkpoint_freq'))]
+    if isinstance(val, dict):
+        frequencies.append(('val', 'val_freq', val.get('val_freq')))
+    for section, key, value in frequencies:  # BasicSR takes current_iter % value
+        if not (_is_number(value) and value >= 1 and float(value).is_integer()):
+            raise OptionError(f'{opt_path}: {section}.{key} must be a whole number of iterations >= 1, got {value!r}')
 
 
 def _dummy_optimizer(model_type: str, settings: dict):
@@ -310,7 +321,26 @@ def _check_meta_info_list(phase: str, dataset: dict, opt_path: str) -> None:
         raise OptionError(f'meta_info {meta}: {problem} ({where})')
 
 
-def _check_image_folders(opt: dict, phase: str, dataset: dict, opt_path: str) -> None:
+def _world_size(args) -> int:
+    """How many training processes the launcher starts (torchrun's WORLD_SIZE, Slurm's tasks)."""
+    variable = {'pytorch': 'WORLD_SIZE', 'slurm': 'SLURM_NTASKS'}.get(getattr(args, 'launcher', 'none'))
+    try:
+        return max(1, int(os.environ.get(variable, 1))) if variable else 1
+    except ValueError:
+        return 1
+
+
+def _check_loader_settings(dataset: dict, where: str) -> None:
+    """What BasicSR's training loader reads and PyTorch / BasicSR only refuse once it is built."""
+    workers = dataset.get('num_worker_per_gpu', 0)
+    if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0):
+        raise OptionError(f'num_worker_per_gpu must be a whole number >= 0, got {workers!r} ({where})')
+    prefetch = dataset.get('prefetch_mode')
+    if prefetch not in (None, 'cpu', 'cuda'):
+        raise OptionError(f'prefetch_mode must be cpu, cuda or empty, got {prefetch!r} ({where})')
+
+
+def _check_image_folders(opt: dict, phase: str, dataset: dict, opt_path: str, world: int = 1) -> None:
     """Folders of images on disk: not empty, GT and LQ names paired, the first pair x scale and
     at least gt_size, enough images for a batch (what BasicSR finds out in a data loader worker)."""
     if (dataset.get('io_backend') or {}).get('type', 'disk') != 'disk':
@@ -348,10 +378,13 @@ def _check_image_folders(opt: dict, phase: str, dataset: dict, opt_path: str) ->
         raise OptionError(f'gt_size {patch} is larger than {first} ({gt_size[0]}x{gt_size[1]}) ({where})')
     batch = dataset.get('batch_size_per_gpu')
     if training and _is_number(batch):
-        available = len(names['dataroot_gt']) * (dataset.get('dataset_enlarge_ratio') or 1)
+        # each of the world's processes gets ceil(samples / world) of them (BasicSR's EnlargedSampler)
+        # and its loader drops a partial batch: fewer than a batch trains nothing
+        available = math.ceil(len(names['dataroot_gt']) * (dataset.get('dataset_enlarge_ratio') or 1) / world)
         if available < batch:
+            per = f' per process ({world} processes)' if world > 1 else ''
             raise OptionError(f'{len(names["dataroot_gt"])} training image(s) x dataset_enlarge_ratio make '
-                              f'fewer samples than batch_size_per_gpu {batch} ({where})')
+                              f'{available} sample(s){per}, fewer than batch_size_per_gpu {batch} ({where})')
 
 
 def _check_network_fits(net_opt: dict, state_dict: dict, what: str) -> None:
@@ -422,7 +455,9 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
                 continue  # an LMDB's own meta_info.txt is read; BasicSR ignores this key there
             if backend in ('disk', 'lmdb') and isinstance(value, str) and not osp.exists(osp.expanduser(value)):
                 raise OptionError(f'data set path not found: {value} (datasets.{phase}.{key} in {opt_path})')
-        _check_image_folders(opt, phase, dataset, opt_path)
+        _check_image_folders(opt, phase, dataset, opt_path, _world_size(args))
+        if phase == 'train':
+            _check_loader_settings(dataset, f'datasets.{phase} in {opt_path}')
         _check_meta_info_list(phase, dataset, opt_path)
     _check_scale(opt, opt_path)
     _check_metrics(opt, opt_path)
@@ -598,10 +633,12 @@ def _decode_error_line(exc: ImageDecodeError) -> str:
 def _dataloader_wrapper(original):
     """BasicSR counts an epoch as ceil(samples / batch) iterations, but its training loader drops
     the last partial batch, so a small data set ran out of epochs before total_iter: the epoch
-    count is redone from the loader's real length."""
+    count is redone from the loader's real length. Its workers get the data sets' patches."""
 
     def create_train_val_dataloader(opt, logger):
         train_loader, train_sampler, val_loaders, total_epochs, total_iters = original(opt, logger)
+        if train_loader is not None and train_loader.num_workers > 0:
+            train_loader.worker_init_fn = _WorkerInit(train_loader.worker_init_fn)
         if train_loader is not None and len(train_loader) > 0:
             total_epochs = max(total_epochs, math.ceil(total_iters / len(train_loader)))
         return train_loader, train_sampler, val_loaders, total_epochs, total_iters
@@ -613,6 +650,16 @@ def _parse_options_wrapper(original):
 
     def parse_options(root_path, is_train=True):
         opt, args = original(root_path, is_train)
+        launched = args.launcher != 'none'
+        if opt['dist'] != launched:  # set by --force_yml after BasicSR set it from --launcher
+            print(f'dist is set by --launcher ({args.launcher}): ignoring dist={opt["dist"]}', flush=True)
+            opt['dist'] = launched
+        train_set = opt['datasets'].get('train') or {}
+        if launched and train_set.get('num_worker_per_gpu') and train_set.get('prefetch_mode') != 'cpu':
+            # DDP makes BasicSR spawn its loader workers (each imports torch, BasicSR and the archs
+            # afresh): keep them across epochs instead of starting them anew every epoch (not with
+            # the cpu prefetcher, whose thread would share the reused iterator with the next epoch's)
+            train_set.setdefault('persistent_workers', True)
         if opt['num_gpu'] == 0:
             for dataset in opt['datasets'].values():
                 if dataset.get('prefetch_mode') == 'cuda':
@@ -686,6 +733,32 @@ def _named_weight_downloads(init):
     return wrapper
 
 
+def _patch_image_datasets() -> None:
+    """The image data sets' decode-error patches (idempotent; also run in each loader worker)."""
+    if _ORIGINAL.get('datasets'):
+        return
+    import importlib
+    _ORIGINAL['datasets'] = True
+    for module_name, class_name in _IMAGE_DATASETS.items():
+        module = importlib.import_module(f'basicsr.data.{module_name}')
+        module.imfrombytes = _checked_imfrombytes(module.imfrombytes)
+        dataset = getattr(module, class_name)
+        dataset.__getitem__ = _named_decode_errors(dataset.__getitem__)
+
+
+class _WorkerInit:
+    """A training loader worker's start: the data sets' patches, then BasicSR's seeding. Under DDP
+    BasicSR starts workers by spawning, and a spawned worker imports BasicSR afresh, without them."""
+
+    def __init__(self, seeding):
+        self.seeding = seeding
+
+    def __call__(self, worker_id):
+        _patch_image_datasets()
+        if self.seeding is not None:
+            self.seeding(worker_id)
+
+
 def patch_basicsr(use_cuda: bool) -> None:
     """Install the replacements listed in the module docstring (idempotent)."""
     import basicsr.test
@@ -699,12 +772,8 @@ def patch_basicsr(use_cuda: bool) -> None:
         dist_util._init_dist_slurm = _init_dist_slurm
         basicsr.train.load_resume_state = load_resume_state
         basicsr.train.create_train_val_dataloader = _dataloader_wrapper(basicsr.train.create_train_val_dataloader)
+        _patch_image_datasets()
         import importlib
-        for module_name, class_name in _IMAGE_DATASETS.items():
-            module = importlib.import_module(f'basicsr.data.{module_name}')
-            module.imfrombytes = _checked_imfrombytes(module.imfrombytes)
-            dataset = getattr(module, class_name)
-            dataset.__getitem__ = _named_decode_errors(dataset.__getitem__)
         for module_name in _REAL_MODELS:
             module = importlib.import_module(f'basicsr.models.{module_name}')
             module.DiffJPEG, module.USMSharp = _stays_on_cpu_run(module.DiffJPEG), _stays_on_cpu_run(module.USMSharp)
@@ -718,6 +787,13 @@ def patch_basicsr(use_cuda: bool) -> None:
 
 
 # ------------------------------------------------------------------------------ running
+def _peer_stopped(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective's failure because another DDP process went away (gloo's
+    'Connection closed by peer'), i.e. the consequence of that process's error, not a cause."""
+    text = str(exc)
+    return any(words in text for words in ('Connection closed by peer', 'Connection reset by peer'))
+
+
 def run(command: str, args) -> int:
     """Check the options, then run BasicSR's pipeline for ``command`` ('train' or 'test')."""
     import torch.distributed as dist
@@ -759,6 +835,12 @@ def run(command: str, args) -> int:
         return 2
     except ImageDecodeError as exc:
         print(f'basicsr {command}: error: {_decode_error_line(exc)}', file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if not (dist.is_initialized() and _peer_stopped(exc)):
+            raise
+        print(f'basicsr {command}: error: process {dist.get_rank()} of {dist.get_world_size()} stops: another one '
+              f'stopped (its error is above)', file=sys.stderr)
         return 1
     finally:
         sys.argv = saved_argv
