@@ -405,7 +405,7 @@ def test_more_option_mistakes_are_one_line_before_training(tmp_path, capsys, mon
         'unpaired', lambda o: o['datasets']['train'].update(dataroot_lq=str(odd)))
     assert 'gt_size 64 is larger than 000.png (32x32)' in error_for(
         'patch', lambda o: o['datasets']['train'].update(gt_size=64))
-    assert 'fewer samples than batch_size_per_gpu 8' in error_for(
+    assert 'make 4 sample(s), fewer than batch_size_per_gpu 8' in error_for(
         'batch', lambda o: o['datasets']['train'].update(batch_size_per_gpu=8))
     wrong = tmp_path / 'wide.pth'  # an ESC of another width as the pretrained network
     torch.save({'params': ESC(**{**{k: v for k, v in TINY_ESC.items() if k != 'type'}, 'dim': 24}).state_dict()},
@@ -544,7 +544,7 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
             scheduler=dict(type='CosineAnnealingRestartLR', periods=[2, 2], restart_weights=[1])),
         'train.scheduler is missing': lambda o: o['train'].pop('scheduler'),
         'needs a pixel_opt or perceptual_opt': lambda o: o['train'].pop('pixel_opt'),
-        'val.val_freq must be a number': lambda o: o['val'].pop('val_freq'),
+        'val.val_freq must be a whole number of iterations >= 1, got None': lambda o: o['val'].pop('val_freq'),
     }
     for message, change in refused.items():
         with pytest.raises(OptionError, match=message):
