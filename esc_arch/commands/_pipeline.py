@@ -504,6 +504,7 @@ def _has_state(opt: dict, args) -> bool:
 # ------------------------------------------------------------------------------ BasicSR patches
 _RUN = {'cuda': False}
 _ORIGINAL = {}
+_PATCHED: set = set()  # the patches that can also be applied on their own (in a loader worker)
 
 
 def _init_dist_pytorch(backend='nccl', **kwargs):
@@ -735,10 +736,10 @@ def _named_weight_downloads(init):
 
 def _patch_image_datasets() -> None:
     """The image data sets' decode-error patches (idempotent; also run in each loader worker)."""
-    if _ORIGINAL.get('datasets'):
+    if 'datasets' in _PATCHED:
         return
     import importlib
-    _ORIGINAL['datasets'] = True
+    _PATCHED.add('datasets')
     for module_name, class_name in _IMAGE_DATASETS.items():
         module = importlib.import_module(f'basicsr.data.{module_name}')
         module.imfrombytes = _checked_imfrombytes(module.imfrombytes)
