@@ -396,6 +396,34 @@ def test_deployed_model_keeps_its_spectra_across_images_until_changed(arch):
     assert model._kept_kernel is None
 
 
+@pytest.mark.parametrize('dtype, tolerance', [(torch.float64, 1e-12), (torch.float32, 2e-5)])  # float32: FFT paths
+@pytest.mark.parametrize('arch', ['ESC', 'ESCFP', 'ESCReal'])
+def test_a_deployed_model_follows_writes_through_data(arch, dtype, tolerance, monkeypatch):
+    # BasicSR's EMA updates its EMA model (eval: deployed on first use with deployment: true)
+    # through .data; the kept symmetrised filter and spectra must follow, as an undeployed model does
+    from esc_arch.archs import layers
+    monkeypatch.setattr(layers, 'FFT_MIN_PIXELS', 0)  # the kept spectra even on a tiny image
+    config = tiny_config(kernel_size=13, upscaling_factor=4 if arch == 'ESCReal' else 2)
+    model = randomize_(ARCHS[arch](**config, deployment=True), scale=0.1).to(dtype).eval()
+    x = torch.rand(1, 3, 24, 20, dtype=dtype)
+    with torch.no_grad():
+        model(x)
+        assert model.deployed
+        online = randomize_(ARCHS[arch](**config), seed=1, scale=0.1).to(dtype)
+        for ema, new in zip(model.parameters(), online.parameters()):
+            ema.data.mul_(0.5).add_(new.data, alpha=0.5)  # BasicSR's model_ema, decay 0.5
+        expected = ARCHS[arch](**config).double().eval()
+        expected.load_state_dict(model.state_dict())
+        assert (model(x).double() - expected(x.double())).abs().max().item() < tolerance
+        written = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.train()  # undeployed: training goes on from the written (not the first deployed) weights
+    for name, param in model.named_parameters():
+        if name == 'plk_filter':  # kept folded while deployed: the same filter up to symmetry
+            assert torch.allclose(symmetrize_filter(param), symmetrize_filter(written[name]), atol=tolerance * 1e-3)
+        else:
+            assert torch.equal(param, written[name]), name
+
+
 @pytest.mark.parametrize('fixture', PARITY)
 def test_parity_through_the_cpu_fast_paths(fixture, monkeypatch):
     from esc_arch.archs import layers

@@ -652,3 +652,22 @@ def test_too_few_samples_per_ddp_process_for_a_batch_is_one_line(tmp_path):
     with pytest.raises(_pipeline.OptionError, match=r'make 2 sample\(s\) per process \(2 processes\), fewer than '
                        r'batch_size_per_gpu 3'):  # 2 processes: ceil(4 / 2) = 2 each, and no full batch
         _pipeline._check_image_folders(opt, 'train', opt['datasets']['train'], 'x.yml', world=2)
+
+
+def test_ema_of_a_network_deployed_by_validation(tmp_path):
+    # deployment: true deploys the EMA network at its first validation forward; the next EMA
+    # update must reach its trained weights, and its output then be the undeployed EMA's
+    model = ESCSRModel(model_options(tmp_path, network=dict(TINY_ESC, kernel_size=13, deployment=True)))
+    x = torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        before = {k: v.clone() for k, v in model.net_g_ema.state_dict().items()}
+        model.net_g_ema.eval()(x)
+        assert model.net_g_ema.deployed
+        for param in model.net_g.parameters():
+            param.add_(torch.randn_like(param) * 0.05)  # a few training steps
+        model.model_ema(decay=0.5)
+        assert not model.net_g_ema.deployed
+        online = model.net_g.state_dict()
+        expected = ESC(**{k: v for k, v in TINY_ESC.items() if k != 'type'} | dict(kernel_size=13)).eval()
+        expected.load_state_dict({k: 0.5 * v + 0.5 * online[k] for k, v in before.items()})
+        assert (model.net_g_ema.eval()(x) - expected(x)).abs().max().item() < 1e-5

@@ -18,6 +18,7 @@ from .layers import (
     repeat_channels,
     resample_subpixel_conv,
     symmetrize_filter,
+    unchanged,
 )
 
 logger = logging.getLogger('basicsr')
@@ -42,8 +43,19 @@ class SharedFilterTrunk(ESCTrunk):
         self.plk_filter = _orthogonal_filter(pdim, kernel_size)
 
     def large_kernel_filters(self):
-        # deployed, plk_filter holds the symmetrised filter (and its spectra are kept across images)
+        # deployed, plk_filter holds the symmetrised filter (and its spectra are kept across images);
+        # written since (BasicSR's EMA updates a deployed EMA model through .data), it is the trained
+        # filter anew and symmetrised again, so the output is that of the undeployed model
+        if self.deployed and not unchanged(self._deployed_filter, self.plk_filter):
+            self._fold_filter()
         return (self._large_kernel(self.plk_filter if self.deployed else symmetrize_filter(self.plk_filter)), )
+
+    @torch.no_grad()
+    def _fold_filter(self, trained=None):
+        """Keep ``trained`` (default: plk_filter as it is) aside; plk_filter becomes its symmetrisation."""
+        self._trained_filter = (self.plk_filter if trained is None else trained).detach().clone()
+        self.plk_filter.copy_(symmetrize_filter(self._trained_filter.to(self.plk_filter.dtype)))
+        self._deployed_filter = self.plk_filter.detach().clone()
 
     @torch.no_grad()
     def deploy(self):
@@ -53,24 +65,23 @@ class SharedFilterTrunk(ESCTrunk):
         # where it was) and a cast while deployed (.double()) symmetrises it anew in the new dtype,
         # instead of widening a filter rounded to the old one (2e-9 off in float64 otherwise).
         if not self.deployed:
-            self._trained_filter = self.plk_filter.detach().clone()
-            self.plk_filter.copy_(symmetrize_filter(self.plk_filter))
+            self._fold_filter()
         return super().deploy()
 
     @torch.no_grad()
     def undeploy(self):
+        if self.deployed and not unchanged(self._deployed_filter, self.plk_filter):
+            self._fold_filter()  # written while deployed: that is the filter to go on from
         if self.deployed and getattr(self, '_trained_filter', None) is not None:
             self.plk_filter.copy_(self._trained_filter)
-        self._trained_filter = None
+        self._trained_filter = self._deployed_filter = None
         return super().undeploy()
 
     def _apply(self, fn, *args, **kwargs):
         trained = getattr(self, '_trained_filter', None)
         result = super()._apply(fn, *args, **kwargs)
         if self.deployed and trained is not None:
-            self._trained_filter = fn(trained)
-            with torch.no_grad():
-                self.plk_filter.copy_(symmetrize_filter(self._trained_filter.to(self.plk_filter.dtype)))
+            self._fold_filter(fn(trained))
         return result
 
 

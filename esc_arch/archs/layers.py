@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -66,6 +67,22 @@ def check_kernel_size(kernel_size: int) -> None:
 def check_upscaling_factor(scale: int) -> None:
     if not (isinstance(scale, int) and scale >= 1):
         raise ValueError(f'upscaling_factor must be a whole number >= 1, got {scale!r}')
+
+
+def unchanged(kept: torch.Tensor | None, current: torch.Tensor) -> bool:
+    """Whether ``current`` still holds the values of ``kept`` (a copy made when something was
+    derived from it: a dense bias, a symmetrised filter, FFT spectra). Compared, not versioned:
+    writes through ``.data`` (BasicSR's EMA) or under ``inference_mode`` bump no version counter.
+    On the CPU through NumPy (``torch.equal`` wakes PyTorch's thread pool: 1.5-8 ms on a busy 2-core
+    host against ~30 us); on a GPU, where comparing would wait for the device, a copy of the same
+    dtype and shape counts as unchanged (callers keep derived values there only while deployed)."""
+    if kept is None or kept.dtype != current.dtype or kept.device != current.device or kept.shape != current.shape:
+        return False
+    if current.device.type != 'cpu':
+        return True
+    if current.dtype in (torch.float16, torch.float32, torch.float64):
+        return bool(np.array_equal(kept.numpy(), current.detach().numpy()))
+    return torch.equal(kept, current.detach())
 
 
 def symmetrize_filter(kernel: torch.Tensor) -> torch.Tensor:
@@ -737,14 +754,11 @@ class WindowAttention(nn.Module):
         table = self.relative_position_bias
         if torch.is_grad_enabled() and table.requires_grad:
             return relative_position_bias(table, self.window_size)
-        # kept while the table holds the same values: compared, not versioned, since writes through
-        # .data (BasicSR's EMA) or under inference_mode bump no version counter (the table is small:
-        # 4 x 63 x 63 floats against a 16 MB bias). On a GPU, where a comparison would wait for the
-        # device, an undeployed layer rebuilds it (one gather kernel) and a deployed one, whose
-        # weights are fixed, keeps it while the table is the same tensor
-        source, on_cpu = self._bias_source, table.device.type == 'cpu'
-        if self._bias is not None and source.dtype == table.dtype and source.device == table.device and (
-                torch.equal(source, table.detach()) if on_cpu else self._bias_table[0] is table):
+        # kept while the table holds the same values (the table is small: 4 x 63 x 63 floats against
+        # a 16 MB bias). On a GPU, where a comparison would wait for the device, an undeployed layer
+        # rebuilds it (one gather kernel) and a deployed one keeps it while the table is the same tensor
+        on_cpu = table.device.type == 'cpu'
+        if self._bias is not None and unchanged(self._bias_source, table) and (on_cpu or self._bias_table[0] is table):
             return self._bias
         bias = relative_position_bias(table.detach(), self.window_size)
         if self._deployed or (on_cpu and bias.numel() * bias.element_size() <= self.max_kept_bias_bytes):
@@ -931,6 +945,7 @@ class ESCTrunk(nn.Module):
         self.deployment = deployment  # deploy() automatically on the first inference forward
         self.deployed = False
         self._kept_kernel = None  # a deployed model's LargeKernel: its FFT spectra kept across images
+        self._kept_source = None  # a copy of the filter it was made from
         self.register_load_state_dict_post_hook(_undeploy_after_load)
         if not 0 < pdim <= dim:
             raise ValueError(f'pdim ({pdim}) must be in 1..dim ({dim})')
@@ -948,12 +963,12 @@ class ESCTrunk(nn.Module):
         raise NotImplementedError
 
     def _large_kernel(self, weight: torch.Tensor, depthwise: bool = False) -> LargeKernel:
-        """``LargeKernel(weight)``; a deployed model keeps one, with its spectra, until undeployed
-        or moved (its filter is fixed while deployed)."""
+        """``LargeKernel(weight)``; a deployed model keeps one, with its spectra, while ``weight``
+        is ``unchanged`` (the filter is small next to its spectra)."""
         if not self.deployed:
             return LargeKernel(weight, depthwise)
-        if self._kept_kernel is None:
-            self._kept_kernel = LargeKernel(weight, depthwise)
+        if self._kept_kernel is None or not unchanged(self._kept_source, weight):
+            self._kept_kernel, self._kept_source = LargeKernel(weight, depthwise), weight.detach().clone()
         return self._kept_kernel
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

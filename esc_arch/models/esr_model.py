@@ -176,7 +176,11 @@ class ESCSRModel(SRModel):
                     group['lr'] = group['lr'] * current_iter / warmup_iter
 
     def model_ema(self, decay=0.999):
-        """EMA of parameters (one fused op) and a copy of the buffers."""
+        """EMA of parameters (one fused op) and a copy of the buffers. An EMA network deployed by a
+        validation (``deployment: true``) is undeployed first: the update goes to its trained
+        weights, and the next validation folds them again."""
+        if getattr(self.net_g_ema, 'deployed', False):
+            self.net_g_ema.undeploy()
         net_g = self.get_bare_model(self.net_g)
         ema_params = list(self.net_g_ema.parameters())
         params = [param.detach() for param in net_g.parameters()]
