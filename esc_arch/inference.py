@@ -110,6 +110,31 @@ def _read_with_pil(path: str) -> np.ndarray | None:
     return np.ascontiguousarray(img)
 
 
+def _png_color_type(path: str) -> int | None:
+    """A PNG's colour type from its header (0 gray, 2 RGB, 3 palette, 4 gray + alpha, 6 RGBA)."""
+    try:
+        with open(path, 'rb') as handle:
+            head = handle.read(26)
+    except OSError:
+        return None
+    return head[25] if len(head) == 26 and head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR' else None
+
+
+def _write_png_gray_alpha16(path: str, img: np.ndarray) -> None:
+    """A 16-bit gray + alpha PNG (colour type 4), which neither OpenCV nor PIL writes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    h, w = img.shape[:2]
+    rows = np.ascontiguousarray(img.astype('>u2')).view(np.uint8).reshape(h, w * 4)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter 0 on each row
+    with open(path, 'wb') as handle:
+        handle.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, 4, 0, 0, 0))
+                     + chunk(b'IDAT', zlib.compress(raw, 6)) + chunk(b'IEND', b''))
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """The image as stored (``cv2.IMREAD_UNCHANGED``: its bit depth and channels), turned upright by
     its EXIF orientation: HxW, or HxWxC with C = 2 (gray + alpha), 3 (BGR) or 4 (BGRA). Float pixels
@@ -129,7 +154,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InferenceError(f'{path}: unsupported pixel type {img.dtype} (8-bit, 16-bit or float only)')
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
-    if mode in ('LA', 'La'):  # gray + alpha, which OpenCV reads as BGRA (PNG) or drops the alpha of
+    if mode in ('LA', 'La') or _png_color_type(path) == 4:  # gray + alpha (PIL says RGBA for a 16-bit
+        # one), which OpenCV reads as BGRA (PNG) or drops the alpha of
         if img.ndim == 3 and img.shape[2] == 4:
             img = img[:, :, [0, 3]]
         elif img.ndim == 2 and img.dtype == np.uint8:
@@ -155,6 +181,10 @@ def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
             from PIL import Image
             with atomic_path(path) as tmp:
                 Image.fromarray(np.ascontiguousarray(img), 'LA').save(tmp)
+            return
+        if img.dtype == np.uint16 and path.suffix.lower() == '.png':
+            with atomic_path(path) as tmp:
+                _write_png_gray_alpha16(tmp, img)
             return
         img = img[:, :, [0, 0, 0, 1]]  # as BGRA, the gray in all three colours
     try:

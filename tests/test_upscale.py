@@ -214,6 +214,26 @@ def test_gray_with_alpha_stays_gray_with_alpha(tmp_path, esc_pth, capsys):
             assert (np.asarray(im)[:, :, 1] == 180).all()  # constant alpha stays constant
 
 
+def test_16_bit_gray_with_alpha_png_stays_so(tmp_path, esc_pth, capsys):
+    # PIL reports a 16-bit gray + alpha PNG as RGBA, and neither PIL nor OpenCV writes one
+    from esc_arch.inference import _write_png_gray_alpha16
+    rng = np.random.default_rng(4)
+    la = np.stack([rng.integers(0, 65536, (10, 12)), np.full((10, 12), 40000)], axis=2).astype(np.uint16)
+    folder = tmp_path / 'la16'
+    folder.mkdir()
+    _write_png_gray_alpha16(str(folder / 'la.png'), la)
+    decoded = cv2.imread(str(folder / 'la.png'), cv2.IMREAD_UNCHANGED)  # OpenCV's decoder: BGRA, gray thrice
+    assert decoded.dtype == np.uint16 and np.array_equal(decoded[:, :, [0, 3]], la)
+    assert np.array_equal(decoded[:, :, 0], decoded[:, :, 2])
+    assert np.array_equal(read_image(folder / 'la.png'), la)
+    assert main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'o'), '-m', esc_pth]) == 0
+    out = tmp_path / 'o' / 'la.png'
+    assert out.read_bytes()[24:26] == bytes([16, 4])  # IHDR: 16-bit, colour type 4 (gray + alpha)
+    decoded = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
+    assert decoded.shape == (20, 24, 4) and decoded.dtype == np.uint16
+    assert np.array_equal(decoded[:, :, 0], decoded[:, :, 1]) and (decoded[:, :, 3] == 40000).all()
+
+
 def test_float_images(tmp_path, esc_pth, capsys):
     rng = np.random.default_rng(3)
     folder = tmp_path / 'f'
