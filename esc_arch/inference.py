@@ -299,11 +299,9 @@ class Upscaler:
         if tile < 0 or tile_overlap < 0 or batch < 1:
             raise InferenceError('tile and tile overlap must be >= 0 and batch >= 1')
         self.tile = math.ceil(tile / self.window) * self.window if tile else 0
-        if self.tile and tile_overlap >= self.tile:
-            raise InferenceError(f'tile overlap ({tile_overlap}) must be smaller than the tile ({self.tile})')
         if self.tile:
-            # steps are whole windows: a tile less than one window longer than the overlap would
-            # step by a window and overlap less (or not at all), so such a tile grows
+            # steps are whole windows: a tile less than one window longer than the overlap (or no
+            # longer than it) would step by a window and overlap less, or not at all: it grows
             self.tile = max(self.tile, math.ceil(tile_overlap / self.window) * self.window + self.window)
         self.step = (self.tile - tile_overlap) // self.window * self.window if self.tile else 0
         self.tile_overlap = self.tile - self.step if self.tile else 0  # what neighbouring tiles share
