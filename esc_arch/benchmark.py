@@ -50,6 +50,7 @@ import yaml
 
 from .arch_options import options_problem
 from .fileio import atomic_path, atomic_write_bytes
+from .messages import first_line
 
 DEFAULT_OUTPUT_SIZE = (720, 1280)  # H, W of the SR output the default LR size is derived from
 DTYPES = ('fp32', 'bf16', 'fp16')
@@ -227,10 +228,6 @@ def check_specs(specs: list[dict]) -> None:
         check_spec(spec)
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def _make_folder(folder: str, what: str) -> None:
     """Create ``folder`` (and its parents) and make sure a file can be written into it."""
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -264,7 +261,7 @@ def plot_format(path: str) -> str | None:
         ax.set_title('x')
         fig.savefig(io.BytesIO(), format=ext)
     except Exception as err:  # e.g. jpg without Pillow, pgf without LaTeX
-        raise BenchError(f'--plot {path}: matplotlib cannot write .{ext} here: {_first_line(err)}') from None
+        raise BenchError(f'--plot {path}: matplotlib cannot write .{ext} here: {first_line(err)}') from None
     finally:
         plt.close(fig)
     return ext
@@ -564,7 +561,7 @@ def write_record(out_dir: str, record: dict) -> str:
             path = f'{base[:-len(".json")]}_{number}.json'
         atomic_write_bytes(path, (json.dumps(record, indent=2) + '\n').encode('utf-8'))
     except OSError as err:
-        raise BenchError(f"cannot write the record of {record['arch']} into {out_dir}: {_first_line(err)}") from None
+        raise BenchError(f"cannot write the record of {record['arch']} into {out_dir}: {first_line(err)}") from None
     return path
 
 
@@ -740,8 +737,8 @@ def _worker_main(job_path: str, result_path: str) -> int:
     except BenchError as err:
         answer = {'error': str(err)}
     except (RuntimeError, ValueError, TypeError, MemoryError) as err:  # e.g. an arch that rejects the size
-        first_line = (str(err).strip().splitlines() or [''])[0]
-        answer = {'error': f"{job['spec']['label']}: {type(err).__name__}: {first_line}"}
+        detail = (str(err).strip().splitlines() or [''])[0]
+        answer = {'error': f"{job['spec']['label']}: {type(err).__name__}: {detail}"}
     atomic_write_bytes(result_path, json.dumps(answer).encode('utf-8'))
     return 0
 

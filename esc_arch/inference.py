@@ -83,6 +83,8 @@ def _probe(path: str) -> tuple[str | None, int, str | None]:
     try:
         with Image.open(path) as im:
             mode = im.mode
+            if im.format == 'PNG' and im.tile and str(im.tile[0][3]).startswith('LA'):
+                mode = 'LA'  # a 16-bit gray + alpha PNG, which PIL opens as RGBA (raw mode 'LA;16B')
             orientation = im.getexif().get(0x0112, 1) if im.format in ('JPEG', 'MPO', 'PNG', 'WEBP') else 1
             if im.format == 'JPEG':
                 try:
@@ -108,16 +110,6 @@ def _read_with_pil(path: str) -> np.ndarray | None:
     if img.ndim == 3 and img.shape[2] in (3, 4):
         img = img[:, :, [2, 1, 0, 3][:img.shape[2]]]  # RGB(A) -> BGR(A)
     return np.ascontiguousarray(img)
-
-
-def _png_color_type(path: str) -> int | None:
-    """A PNG's colour type from its header (0 gray, 2 RGB, 3 palette, 4 gray + alpha, 6 RGBA)."""
-    try:
-        with open(path, 'rb') as handle:
-            head = handle.read(26)
-    except OSError:
-        return None
-    return head[25] if len(head) == 26 and head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR' else None
 
 
 def _write_png_gray_alpha16(path: str, img: np.ndarray) -> None:
@@ -154,8 +146,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InferenceError(f'{path}: unsupported pixel type {img.dtype} (8-bit, 16-bit or float only)')
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
-    if mode in ('LA', 'La') or _png_color_type(path) == 4:  # gray + alpha (PIL says RGBA for a 16-bit
-        # one), which OpenCV reads as BGRA (PNG) or drops the alpha of
+    if mode in ('LA', 'La'):  # gray + alpha, which OpenCV reads as BGRA (PNG) or drops the alpha of
         if img.ndim == 3 and img.shape[2] == 4:
             img = img[:, :, [0, 3]]
         elif img.ndim == 2 and img.dtype == np.uint8:

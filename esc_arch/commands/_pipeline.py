@@ -42,6 +42,7 @@ import yaml
 from ..arch_options import options_problem
 from ..data.image_files import list_images
 from ..loading import CheckpointError, describe_mismatch
+from ..messages import first_line
 from ..models.esr_model import (
     TrainingDivergedError,
     latest_training_state,
@@ -276,17 +277,13 @@ def _dummy_optimizer(model_type: str, settings: dict):
                                                         **kwargs)
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def _check_optimizer(opt: dict, key: str, settings: dict, opt_path: str) -> None:
     """An unknown optimizer type or argument is one line here, not a traceback after start-up."""
     try:
         _dummy_optimizer(opt['model_type'], settings)
     except Exception as exc:
         raise OptionError(f'train.{key} ({settings.get("type")}) cannot be built for {opt["model_type"]}: '
-                          f'{_first_line(exc).replace("optim_g", key)} ({opt_path})') from None
+                          f'{first_line(exc).replace("optim_g", key)} ({opt_path})') from None
 
 
 def _check_metrics(opt: dict, opt_path: str) -> None:
@@ -553,7 +550,7 @@ def load_resume_state(opt):
                 network = pretrained_state_dict(net_path, 'params')[0]  # readable, not truncated
         except Exception as exc:
             if index + 1 == len(candidates) or not opt['auto_resume']:
-                raise OptionError(f'cannot resume from {path}: {str(exc).strip().splitlines()[0]}') from None
+                raise OptionError(f'cannot resume from {path}: {first_line(exc)}') from None
             print(f'Cannot resume from {path} ({exc}); trying {candidates[index + 1]}.', flush=True)
             continue
         if network is not None:
@@ -576,7 +573,7 @@ def _check_resumed_optimizer(opt: dict, state: dict, path: str) -> None:
         fresh = _dummy_optimizer(opt.get('model_type', 'ESCSRModel'), optim)
     except Exception as exc:
         raise OptionError(f'cannot resume from {path}: train.optim_g ({optim.get("type")}) cannot be built: '
-                          f'{_first_line(exc)}') from None
+                          f'{first_line(exc)}') from None
     # the optimizer's own settings; not the implementation flags newer torch versions add to every group
     expected = set(fresh.param_groups[0]) - {'params', 'foreach', 'maximize', 'capturable', 'differentiable',
                                              'fused', 'decoupled_weight_decay'}

@@ -110,13 +110,12 @@ def _build() -> tuple[bool, str | None]:
 def _announce_a_first_build(cpp_extension, name: str, isa: str) -> None:
     """A line on stderr when the library is not built yet: the first call then takes a minute."""
     try:
-        built = os.path.isfile(os.path.join(cpp_extension._get_build_directory(name, verbose=False), f'{name}.so'))
+        folder = cpp_extension._get_build_directory(name, verbose=False)
     except Exception:  # a private helper of PyTorch's loader: say nothing rather than fail
         return
-    if not built:
+    if not os.path.isfile(os.path.join(folder, f'{name}.so')):
         print(f'esc_arch: compiling the CPU kernels ({isa}) for this install, once (a minute or two; cached in '
-              f'{os.path.dirname(cpp_extension._get_build_directory(name, verbose=False))})', file=sys.stderr,
-              flush=True)
+              f'{os.path.dirname(folder)})', file=sys.stderr, flush=True)
 
 
 def _outside_stacklevel() -> int:

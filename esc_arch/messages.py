@@ -1,0 +1,7 @@
+"""How the commands turn an exception into their one-line messages."""
+from __future__ import annotations
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when the message is empty)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
