@@ -92,7 +92,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, fp16
                           input_names=['input'], output_names=['output'],
                           dynamic_axes={'input': {0: 'batch', 2: 'height', 3: 'width'},
                                         'output': {0: 'batch', 2: 'out_height', 3: 'out_width'}})
+        _fix_output_channels(tmp, wrapper(sample).shape[1])
     return path
+
+
+def _fix_output_channels(path, channels: int) -> None:
+    """The traced crop loses the output's static channel count (ONNX names it
+    ``Sliceoutput_dim_1``); write it back so that consumers see (N, C, H, W) with C fixed."""
+    import onnx
+
+    graph = onnx.load(os.fspath(path))
+    graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value = int(channels)
+    onnx.save(graph, os.fspath(path))
 
 
 def verify_onnx(path: str | os.PathLike, model: nn.Module, fp16: bool = False, seed: int = 0) -> list[dict]:

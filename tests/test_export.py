@@ -37,6 +37,10 @@ def test_onnx_cli_round_trip_dynamic_sizes(tmp_path, capsys):
         got = run_onnx(out, x)
         assert got.shape == (shape[0], 3, 3 * shape[2], 3 * shape[3])
         assert (got - reference.forward(x)).abs().max().item() < 1e-4
+    import onnx
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in onnx.load(str(out)).graph.output}
+    assert shapes == {'output': ['batch', 3, 'out_height', 'out_width']}
     assert main(['export', '-m', pth, '-o', str(out)]) == 2  # exists
     assert '--overwrite' in capsys.readouterr().err
 
