@@ -170,6 +170,10 @@ def test_escfp_checkpoint_with_tiles(tmp_path, images, capsys):
                '--tile-overlap', '4', '--batch', '2', '--precision', 'bf16'])
     assert rc == 0 and summary(capsys.readouterr().out).startswith('done: 1, skipped: 0, failed: 0')
     assert read_image(tmp_path / 'o' / 'rgb.png').shape == (60, 90, 3)
+    assert 'seams' not in capsys.readouterr().err
+    rc = main(['upscale', '-i', str(folder / 'rgb.png'), '-o', str(tmp_path / 'o0'), '-m', pth, '--tile', '12',
+               '--tile-overlap', '0'])
+    assert rc == 0 and 'warning: --tile-overlap 0' in capsys.readouterr().err
 
 
 def _exif_image(path, pixels, orientation, **save):

@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, InferenceError) as exc:
         _error(str(exc))
         return 2
+    if upscaler.tile and args.tile_overlap == 0:
+        _warn('--tile-overlap 0: each tile is computed without its neighbours, so tile borders show '
+              'as seams (the default 32 hides them)')
     if upscaler.dtype == torch.bfloat16 and (warning := slow_bf16_warning(device)):
         _warn(warning)
     try:
