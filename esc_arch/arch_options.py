@@ -29,17 +29,20 @@ def _type_problem(params, options: dict) -> str | None:
     return None
 
 
-def options_problem(arch, options: dict) -> str | None:
+def options_problem(arch, options: dict, supplied: tuple = (), names_only: bool = False) -> str | None:
     """None when ``arch(**options)`` binds its signature with values of the annotated types;
     otherwise one line: unknown and missing options (with the names it takes), or the first value
-    of a wrong type (``dim: "16"``). An arch taking ``**kwargs`` accepts any name; its required
-    arguments and annotated types are still checked."""
+    of a wrong type (``dim: "16"``). An arch taking ``**kwargs`` accepts any name (unless
+    ``names_only``: its ``**kwargs`` are known to be unused); its required arguments and annotated
+    types are still checked. ``supplied``: arguments the caller passes itself (e.g. a metric's
+    images), neither required nor allowed in ``options``."""
     signature = _signature(arch)
     if signature is None:
         return None
     params = signature.parameters
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    named = {name: p for name, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values()) and not names_only
+    named = {name: p for name, p in params.items()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in supplied}
     unknown = [] if takes_any else sorted(set(options) - set(named))
     unknown += sorted(name for name in options  # positional-only: cannot be given by name
                       if name in named and named[name].kind == inspect.Parameter.POSITIONAL_ONLY)

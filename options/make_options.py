@@ -86,7 +86,9 @@ def classic_train(run: str, scale: int) -> dict:
         'datasets': {
             'train': {'name': train_set, 'type': 'PairedImageDataset', 'dataroot_gt': gt_path,
                       'dataroot_lq': lq_path.format(s=scale), 'filename_tmpl': '{}', 'io_backend': {'type': 'lmdb'},
-                      'gt_size': 256, 'use_hflip': True, 'use_rot': True, 'use_shuffle': True,
+                      # the paper's GT patch 256; at x3 the largest multiple of 3 below it (BasicSR crops the
+                      # LQ patch to gt_size // scale, so 256 would give 85 LQ / 256 GT pixels and fail)
+                      'gt_size': 256 // scale * scale, 'use_hflip': True, 'use_rot': True, 'use_shuffle': True,
                       # batch 64 in total: with N GPUs set batch_size_per_gpu to 64 / N
                       'num_worker_per_gpu': 8, 'batch_size_per_gpu': 64, 'dataset_enlarge_ratio': 100,
                       'prefetch_mode': None},

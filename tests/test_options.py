@@ -140,10 +140,17 @@ def test_option_file_passes_the_pre_checks(path, capsys):
     _pipeline._check_scale(opt, path)
     _pipeline._check_metrics(opt, path)
     _pipeline._check_networks(opt, path)
-    if os.path.basename(os.path.dirname(path)) != 'test':
+    _pipeline._check_path_keys(opt['path'], path)
+    training = os.path.basename(os.path.dirname(path)) != 'test'
+    for phase, dataset in opt['datasets'].items():
+        _pipeline._data_checks.check_required_keys(phase, dataset, opt, path)
+        if phase == 'train':
+            _pipeline._data_checks.check_loader_settings(dataset, path)
+    if training:
         _pipeline._check_train_section(opt, path)
-        _pipeline._warn_unread_train_keys(opt)
-        assert 'warning' not in capsys.readouterr().err
+        _pipeline._warn_unread_keys(opt, 'train', _pipeline.TRAIN_KEYS)
+    _pipeline._warn_unread_keys(opt, 'val', _pipeline.VAL_KEYS)
+    assert 'warning' not in capsys.readouterr().err
 
 
 def test_arch_options_problem_names_what_does_not_bind():

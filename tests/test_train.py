@@ -420,13 +420,17 @@ def test_more_option_mistakes_are_one_line_before_training(tmp_path, capsys, mon
     assert not (tmp_path / 'experiments').exists()
 
 
-def test_misspelt_train_keys_are_named(tmp_path, capsys):
-    from esc_arch.commands._pipeline import _warn_unread_train_keys
+def test_misspelt_train_and_val_keys_are_named(tmp_path, capsys):
+    from esc_arch.commands._pipeline import TRAIN_KEYS, VAL_KEYS, _warn_unread_keys
     opt = train_options(tmp_path, gradclip=0.01, amp_mode='bf16')
-    _warn_unread_train_keys(opt)
+    _warn_unread_keys(opt, 'train', TRAIN_KEYS)
     err = capsys.readouterr().err
     assert 'train.gradclip is not an option ESCSRModel reads; it is ignored (did you mean grad_clip?)' in err
     assert 'train.amp_mode' in err and 'train.ema_decay' not in err and 'train.optim_g' not in err
+    opt['val']['metric'] = opt['val'].pop('metrics')  # validation would run with no metrics at all
+    _warn_unread_keys(opt, 'val', VAL_KEYS)
+    err = capsys.readouterr().err
+    assert err.strip() == 'warning: val.metric is not an option ESCSRModel reads; it is ignored (did you mean metrics?)'
 
 
 def test_yaml_exponent_numbers_and_force_yml_values(tmp_path):
@@ -530,10 +534,13 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
     check(lambda o: o['datasets']['val'].update(dataroot_gt=str(big)))
     with pytest.raises(OptionError, match='is not x4'):
         check(lambda o: o['datasets']['train'].update(dataroot_gt=str(big)))  # training pairs must be exact
-    lmdb = tmp_path / 'x.lmdb'
-    lmdb.mkdir()
-    check(lambda o: o['datasets']['val'].update(io_backend=dict(type='lmdb'), dataroot_gt=str(lmdb),
-                                                dataroot_lq=str(lmdb), meta_info_file='basicsr/meta_info.txt'))
+    lmdbs = {}
+    for side, size in (('gt', 32), ('lq', 8)):  # what basicsr prepare writes next to data.mdb
+        lmdbs[side] = tmp_path / f'{side}.lmdb'
+        lmdbs[side].mkdir()
+        (lmdbs[side] / 'meta_info.txt').write_text(''.join(f'{i:03d}.png ({size},{size},3) 1\n' for i in range(4)))
+    check(lambda o: o['datasets']['val'].update(io_backend=dict(type='lmdb'), dataroot_gt=str(lmdbs['gt']),
+                                                dataroot_lq=str(lmdbs['lq']), meta_info_file='basicsr/meta_info.txt'))
     # refused before training: what BasicSR fails on later
     refused = {
         "SGD.*unexpected keyword argument 'betas'": lambda o: o['train']['optim_g'].update(type='SGD'),
@@ -552,6 +559,97 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
     (data / 'lr' / 'Thumbs.db').write_bytes(b'x')  # BasicSR pairs every file of the two folders
     with pytest.raises(OptionError, match=r'in only one of .*: Thumbs\.db'):
         check(lambda o: None)
+
+
+def test_every_pair_and_option_basicsr_reads_later_is_checked_first(tmp_path, monkeypatch):
+    # each of these was a traceback mid-run (a later pair, the first validation, a milestone),
+    # a silent wrong result (a x8 GT cropped for x4 metrics, an EMA stuck at its start, random
+    # weights tested) or lost work; each is now one line before the run
+    monkeypatch.chdir(tmp_path)
+    from esc_arch.commands._pipeline import OptionError, check_options
+
+    def error(change, is_train=True, data_change=None):
+        data = make_pairs(tmp_path / f'd{len(list(tmp_path.iterdir()))}')
+        if data_change:
+            data_change(data)
+        opt = train_options(data)
+        if not is_train:
+            opt['datasets'] = dict(test_1=opt['datasets']['val'])
+            opt.pop('train')
+        change(opt)
+        with pytest.raises(OptionError) as info:
+            check_options(opt, 'x.yml', is_train, argparse.Namespace(auto_resume=False, launcher='none', debug=False))
+        return str(info.value)
+
+    def png(path, side):
+        cv2.imwrite(str(path), np.zeros((side, side, 3), np.uint8))
+
+    keep = lambda o: None  # noqa: E731
+    assert '003.png: GT 32x32 is not x4 its LQ 9x9' in error(keep, data_change=lambda d: png(d / 'lr' / '003.png', 9))
+    assert 'gt_size 16 is larger than 002.png (12x12)' in error(keep, data_change=lambda d: (
+        png(d / 'hr' / '002.png', 12), png(d / 'lr' / '002.png', 3)))
+    big = tmp_path / 'x8'
+    big.mkdir()
+    for index in range(4):
+        png(big / f'{index:03d}.png', 64)
+    assert 'GT 64x64 is not x4 its LQ 8x8' in error(lambda o: o['datasets']['val'].update(dataroot_gt=str(big)))
+    empty = lambda d: (d / 'lr' / '002.png').write_bytes(b'')  # noqa: E731
+    assert '002.png: it is empty (0 bytes)' in error(keep, data_change=empty)
+    notes = lambda d: [(d / side / 'notes.txt').write_text('x') for side in ('hr', 'lr')]  # noqa: E731
+    assert 'notes.txt: neither PIL nor OpenCV can read it as an image' in error(keep, data_change=notes)
+    meta = tmp_path / 'meta.txt'
+    meta.write_text('000.png (32,32,3)\n007.png (32,32,3)\n')
+    assert '007.png: it does not exist' in error(lambda o: o['datasets']['train'].update(meta_info_file=str(meta)))
+    meta.write_text('000.png (32,32,3)\n')
+    assert '1 training image(s) x dataset_enlarge_ratio make 1 sample(s), fewer than batch_size_per_gpu 2' in error(
+        lambda o: o['datasets']['train'].update(meta_info_file=str(meta)))
+    assert "filename_tmpl '{}_x4': 000_x4.png is not in lq_paths" in error(
+        lambda o: o['datasets']['train'].update(filename_tmpl='{}_x4'))
+    # LMDBs, by their meta_info.txt
+    lmdbs = {}
+    for side, size in (('gt', 32), ('lq', 8), ('lq2', 16)):
+        lmdbs[side] = tmp_path / f'{side}.lmdb'
+        lmdbs[side].mkdir()
+        (lmdbs[side] / 'meta_info.txt').write_text(''.join(f'{i:03d}.png ({size},{size},3) 1\n' for i in range(4)))
+
+    def lmdb(gt='gt', lq='lq', **extra):
+        return lambda o: o['datasets']['train'].update(io_backend=dict(type='lmdb'), dataroot_gt=str(lmdbs[gt]),
+                                                      dataroot_lq=str(lmdbs.get(lq, lq)), **extra)
+    assert 'gt_size 48 is larger than 000 (32x32) and 3 more of the 4 pairs' in error(lmdb(gt_size=48))
+    assert '000: GT 32x32 is not x4 its LQ 16x16' in error(lmdb(lq='lq2'))
+    assert 'both dataroot_gt and dataroot_lq must be .lmdb folders' in error(lmdb(lq=str(tmp_path)))
+    # data-set, scheduler, EMA and metric options
+    train = lambda **kw: lambda o: o['datasets']['train'].update(**kw)  # noqa: E731
+    assert 'needs the option(s) dataroot_gt (did you mean dataroot_GT?)' in error(
+        lambda o: o['datasets']['train'].update(dataroot_GT=o['datasets']['train'].pop('dataroot_gt')))
+    assert 'needs the option(s) gt_size (did you mean gt_szie?)' in error(
+        lambda o: o['datasets']['train'].update(gt_szie=o['datasets']['train'].pop('gt_size')))
+    assert "batch_size_per_gpu must be a whole number >= 1, got '2'" in error(train(batch_size_per_gpu='2'))
+    assert "gt_size must be a whole number of pixels, got '16'" in error(train(gt_size='16'))
+    assert 'gt_size 18 is not a multiple of scale 4' in error(train(gt_size=18))
+    assert "scale must be a whole number >= 1 in x.yml, got '4'" in error(lambda o: o.update(scale='4'))
+    sched = lambda **kw: lambda o: o['train']['scheduler'].update(**kw)  # noqa: E731
+    assert 'milestones must be a list of whole numbers, got 3' in error(sched(milestones=3))
+    assert "gamma must be a number, got '0.5'" in error(sched(gamma='0.5'))
+    assert 'unknown option(s) milestone; missing option(s) milestones' in error(
+        lambda o: o['train']['scheduler'].update(milestone=o['train']['scheduler'].pop('milestones')))
+    assert 'train.ema_decay must be below 1' in error(lambda o: o['train'].update(ema_decay=1.0))
+    psnr = lambda **kw: lambda o: o['val']['metrics']['psnr'].update(**kw)  # noqa: E731
+    assert 'calculate_psnr: unknown option(s) crop_boder; missing option(s) crop_border' in error(
+        lambda o: o['val']['metrics']['psnr'].update(crop_boder=o['val']['metrics']['psnr'].pop('crop_border')))
+    assert "crop_border must be a whole number >= 0, got '2'" in error(psnr(crop_border='2'))
+    assert "test_y_channel must be true or false, got 'false'" in error(psnr(test_y_channel='false'))
+    single = lambda o: o['datasets']['test_1'].update(type='SingleImageDataset', dataroot_gt=None)  # noqa: E731
+    assert 'val.metrics psnr compare with GT images, but datasets.test_1 (SingleImageDataset) has none' in error(
+        single, is_train=False)
+    # what is tested: weights of the run's scale, given under the right key
+    assert 'path.pretrain_network_g is not set' in error(keep, is_train=False)
+    x2 = ESC(**{**{k: v for k, v in TINY_ESC.items() if k != 'type'}, 'upscaling_factor': 2})
+    torch.save({'params': x2.state_dict()}, tmp_path / 'x2.pth')
+    assert 'x2.pth (path.pretrain_network_g in x.yml) is an x2 checkpoint but network_g is x4' in error(
+        lambda o: o['path'].update(pretrain_network_g=str(tmp_path / 'x2.pth')), is_train=False)
+    assert 'path.pretrained_network_g is not an option BasicSR reads (did you mean pretrain_network_g?)' in error(
+        lambda o: o['path'].update(pretrained_network_g=str(tmp_path / 'x2.pth')), is_train=False)
 
 
 def real_options(tmp_path: Path, model_file: str, **extra) -> dict:
@@ -648,10 +746,10 @@ def test_too_few_samples_per_ddp_process_for_a_batch_is_one_line(tmp_path):
     data = make_pairs(tmp_path / 'data')  # 4 pairs
     opt = train_options(data)
     opt['datasets']['train']['batch_size_per_gpu'] = 3
-    _pipeline._check_image_folders(opt, 'train', opt['datasets']['train'], 'x.yml')  # one process: 4 >= 3
+    _pipeline._data_checks.check_images(opt, 'train', opt['datasets']['train'], 'x.yml')  # one process: 4 >= 3
     with pytest.raises(_pipeline.OptionError, match=r'make 2 sample\(s\) per process \(2 processes\), fewer than '
                        r'batch_size_per_gpu 3'):  # 2 processes: ceil(4 / 2) = 2 each, and no full batch
-        _pipeline._check_image_folders(opt, 'train', opt['datasets']['train'], 'x.yml', world=2)
+        _pipeline._data_checks.check_images(opt, 'train', opt['datasets']['train'], 'x.yml', world=2)
 
 
 def test_ema_of_a_network_deployed_by_validation(tmp_path):

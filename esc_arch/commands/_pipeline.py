@@ -40,9 +40,8 @@ import torch
 import yaml
 
 from ..arch_options import options_problem
-from ..data.image_files import list_images
 from ..loading import CheckpointError, describe_mismatch
-from ..messages import first_line
+from ..messages import OptionError, first_line
 from ..models.esr_model import (
     TrainingDivergedError,
     latest_training_state,
@@ -51,12 +50,9 @@ from ..models.esr_model import (
     saved_iterations,
 )
 from ..plugins import PluginImportError, add_import_argument, import_arch_modules
+from . import _data_checks
 
 DATA_PATH_KEYS = ('dataroot_gt', 'dataroot_lq', 'dataroot', 'meta_info_file', 'meta_info')
-
-
-class OptionError(Exception):
-    """An option file or flag the pipeline cannot run; the message is one line."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,20 +152,58 @@ TRAIN_KEYS = ('total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'scheduler', 
               'grad_clip', 'amp')
 
 
-def _warn_unread_train_keys(opt: dict) -> None:
-    """A misspelt train key (``gradclip``) is otherwise silently ignored."""
+def _warn_unread_keys(opt: dict, section: str, known: tuple) -> None:
+    """A misspelt train or val key (``gradclip``, ``metric``) is otherwise silently ignored."""
     import difflib
-    if opt.get('model_type') not in ('ESCSRModel', 'ESRModel') or not isinstance(opt.get('train'), dict):
+    if opt.get('model_type') not in ('ESCSRModel', 'ESRModel') or not isinstance(opt.get(section), dict):
         return
-    for key in opt['train']:
-        if key not in TRAIN_KEYS:
-            close = difflib.get_close_matches(key, TRAIN_KEYS, n=1)
+    for key in opt[section]:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
             hint = f' (did you mean {close[0]}?)' if close else ''
-            print(f'warning: train.{key} is not an option {opt["model_type"]} reads; it is ignored{hint}',
+            print(f'warning: {section}.{key} is not an option {opt["model_type"]} reads; it is ignored{hint}',
                   file=sys.stderr)
 
 
+# what BasicSR reads from path (the rest it sets itself); a near miss of one is a typo
+PATH_KEYS = ('pretrain_network_g', 'param_key_g', 'strict_load_g', 'resume_state', 'pretrain_network_d',
+             'param_key_d', 'strict_load_d', 'ignore_resume_networks', 'experiments_root', 'models',
+             'training_states', 'log', 'visualization', 'results_root', 'root')
+
+
+def _check_path_keys(paths: dict, opt_path: str) -> None:
+    """``pretrained_network_g`` is not read, and BasicSR makes a folder of its value."""
+    import difflib
+    for key in paths:
+        close = difflib.get_close_matches(key, PATH_KEYS, n=1, cutoff=0.8) if key not in PATH_KEYS else None
+        if close:
+            raise OptionError(f'path.{key} is not an option BasicSR reads (did you mean {close[0]}?) in {opt_path}')
+
+
+def _check_scheduler(settings: dict, where: str) -> None:
+    """The scheduler's arguments, named and typed as its class takes them (BasicSR passes them
+    straight to it: a typo or a string fails after start-up, a string gamma only at a milestone)."""
+    from basicsr.models import lr_scheduler
+    cls = {'MultiStepLR': lr_scheduler.MultiStepRestartLR, 'MultiStepRestartLR': lr_scheduler.MultiStepRestartLR,
+           'CosineAnnealingRestartLR': lr_scheduler.CosineAnnealingRestartLR}[settings['type']]
+    kwargs = {k: v for k, v in settings.items() if k != 'type'}
+    problem = options_problem(cls, kwargs, supplied=('optimizer', 'last_epoch'))
+    if problem:
+        raise OptionError(f'{settings["type"]}: {problem} ({where})')
+    whole_lists, number_lists = ('milestones', 'restarts', 'periods'), ('restart_weights', )
+    for key, value in kwargs.items():
+        if key in whole_lists + number_lists:
+            whole = key in whole_lists
+            if not (isinstance(value, (list, tuple))
+                    and all(_is_number(v) and (not whole or float(v).is_integer()) for v in value)):
+                raise OptionError(f'{key} must be a list of {"whole numbers" if whole else "numbers"}, '
+                                  f'got {value!r} ({where})')
+        elif key in ('gamma', 'eta_min') and not _is_number(value):
+            raise OptionError(f'{key} must be a number, got {value!r} ({where})')
+
+
 SCHEDULERS = ('MultiStepLR', 'MultiStepRestartLR', 'CosineAnnealingRestartLR')  # what BasicSR's models build
+VAL_KEYS = ('val_freq', 'save_img', 'suffix', 'metrics', 'pbar')  # what SRModel's validation reads
 SCALE_KEYS = ('upscaling_factor', 'upscale', 'upscale_factor', 'scale')  # ESC's, SwinIR/EDSR/RCAN's, ...
 
 
@@ -181,11 +215,6 @@ def _known(registry, name) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _file_names(folder: str) -> set:
-    """The files BasicSR's paired folders pair up (its scandir: every non-hidden file)."""
-    return {entry.name for entry in os.scandir(folder) if entry.is_file() and not entry.name.startswith('.')}
 
 
 def _check_networks(opt: dict, opt_path: str) -> None:
@@ -207,6 +236,8 @@ def _check_scale(opt: dict, opt_path: str) -> None:
     """The network's own upscaling factor must be the run's ``scale`` (BasicSR would crop or mis-size
     the output and report wrong metrics, or fail later with a shape error)."""
     scale, net_opt = opt.get('scale'), opt['network_g']
+    if scale is not None and not (isinstance(scale, int) and not isinstance(scale, bool) and scale >= 1):
+        raise OptionError(f'scale must be a whole number >= 1 in {opt_path}, got {scale!r}')
     for key in SCALE_KEYS:
         if scale is not None and key in net_opt and net_opt[key] != scale:
             raise OptionError(f'network_g.{key} is {net_opt[key]} but scale is {scale} in {opt_path}; they must agree')
@@ -225,6 +256,10 @@ def _check_train_section(opt: dict, opt_path: str) -> None:
     for key in ('warmup_iter', 'ema_decay', 'grad_clip'):
         if train.get(key) is not None and not _is_number(train[key]):
             raise OptionError(f'train.{key} must be a number in {opt_path}, got {train[key]!r}')
+    if _is_number(train.get('ema_decay')) and train['ema_decay'] >= 1:
+        raise OptionError(f'train.ema_decay must be below 1 in {opt_path} (0 or less: no EMA), '
+                          f'got {train["ema_decay"]!r}: at 1 the EMA network never moves from its start, '
+                          'above it it runs away')
     for key, value in train.items():
         if not isinstance(value, dict):
             continue
@@ -235,6 +270,8 @@ def _check_train_section(opt: dict, opt_path: str) -> None:
         elif key == 'scheduler' and value.get('type') not in SCHEDULERS:
             raise OptionError(f'unknown scheduler {value.get("type")!r} (train.scheduler.type in {opt_path}); '
                               f'BasicSR has: {", ".join(SCHEDULERS)}')
+        elif key == 'scheduler':
+            _check_scheduler(value, f'train.scheduler in {opt_path}')
         elif key.endswith('_opt') and not _known(LOSS_REGISTRY, value.get('type')):
             raise OptionError(f'unknown loss {value.get("type")!r} (train.{key}.type in {opt_path}); '
                               f'registered losses: {_registered(LOSS_REGISTRY)}')
@@ -287,35 +324,49 @@ def _check_optimizer(opt: dict, key: str, settings: dict, opt_path: str) -> None
 
 
 def _check_metrics(opt: dict, opt_path: str) -> None:
+    """Each metric's type and arguments (BasicSR calls it with them at the first validation, after
+    the training so far is lost), and full-reference metrics only on data sets with GT images."""
+    import inspect
+
     import basicsr.metrics  # noqa: F401  (fill the registry)
     from basicsr.utils.registry import METRIC_REGISTRY
 
     metrics = (opt.get('val') or {}).get('metrics') or {}
+    if not isinstance(metrics, dict):
+        raise OptionError('val.metrics must be a mapping of metrics (psnr: {type: calculate_psnr, ...}) '
+                          f'in {opt_path}')
+    needs_gt = []
     for name, metric in metrics.items():
         kind = metric.get('type') if isinstance(metric, dict) else None
         if not _known(METRIC_REGISTRY, kind):
             raise OptionError(f'unknown metric {kind!r} (val.metrics.{name}.type in {opt_path}); '
                               f'registered metrics: {_registered(METRIC_REGISTRY)}')
-
-
-def _check_meta_info_list(phase: str, dataset: dict, opt_path: str) -> None:
-    """RealESRGANDataset on disk reads its GT images from the list in ``meta_info`` (one path per
-    line, relative to ``dataroot_gt``): BasicSR fails on a missing key (KeyError) or path."""
-    if dataset.get('type') != 'RealESRGANDataset' or (dataset.get('io_backend') or {}).get('type', 'disk') != 'disk':
-        return
-    where = f'datasets.{phase} in {opt_path}'
-    meta = dataset.get('meta_info')
-    if not isinstance(meta, str):
-        raise OptionError(f'RealESRGANDataset on disk needs meta_info: a text file listing its GT images, one '
-                          f'path per line relative to dataroot_gt ({where})')
-    with open(osp.expanduser(meta), encoding='utf-8', errors='replace') as handle:
-        listed = [line.strip().split(' ')[0] for line in handle if line.strip()]
-    root = osp.expanduser(str(dataset.get('dataroot_gt')))
-    missing = [name for name in listed if not osp.isfile(osp.join(root, name))]
-    if not listed or missing:
-        problem = f'{len(missing)} of its {len(listed)} image(s) are not in {root}, e.g. {missing[0]}' if missing \
-            else 'it lists no images'
-        raise OptionError(f'meta_info {meta}: {problem} ({where})')
+        where = f'val.metrics.{name} in {opt_path}'
+        function = METRIC_REGISTRY.get(kind)
+        arguments = {k: v for k, v in metric.items() if k not in ('type', 'better')}
+        params = list(inspect.signature(function).parameters)
+        images = tuple(params[:2] if 'img2' in params else params[:1])  # what the model passes
+        # BasicSR's own metrics take **kwargs they never read: a misspelt argument is unknown there
+        problem = options_problem(function, arguments, supplied=images,
+                                  names_only=function.__module__.startswith('basicsr.'))
+        if problem:
+            raise OptionError(f'{kind}: {problem} ({where})')
+        if 'crop_border' in arguments and not (isinstance(arguments['crop_border'], int)
+                                               and not isinstance(arguments['crop_border'], bool)
+                                               and arguments['crop_border'] >= 0):
+            raise OptionError(f'crop_border must be a whole number >= 0, got {arguments["crop_border"]!r} ({where})')
+        for key in ('test_y_channel', ):
+            if key in arguments and not isinstance(arguments[key], bool):
+                raise OptionError(f'{key} must be true or false, got {arguments[key]!r} ({where})')
+        if metric.get('better', 'higher') not in ('higher', 'lower'):
+            raise OptionError(f'better must be higher or lower, got {metric["better"]!r} ({where})')
+        if len(images) == 2:
+            needs_gt.append(name)
+    for phase, dataset in opt['datasets'].items():
+        if needs_gt and phase.split('_')[0] in ('val', 'test') and dataset.get('type') == 'SingleImageDataset':
+            raise OptionError(f'val.metrics {", ".join(needs_gt)} compare with GT images, but datasets.{phase} '
+                              f'(SingleImageDataset) has none, in {opt_path}: remove them (calculate_niqe needs no GT) '
+                              'or use a PairedImageDataset with dataroot_gt')
 
 
 def _world_size(args) -> int:
@@ -325,63 +376,6 @@ def _world_size(args) -> int:
         return max(1, int(os.environ.get(variable, 1))) if variable else 1
     except ValueError:
         return 1
-
-
-def _check_loader_settings(dataset: dict, where: str) -> None:
-    """What BasicSR's training loader reads and PyTorch / BasicSR only refuse once it is built."""
-    workers = dataset.get('num_worker_per_gpu', 0)
-    if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0):
-        raise OptionError(f'num_worker_per_gpu must be a whole number >= 0, got {workers!r} ({where})')
-    prefetch = dataset.get('prefetch_mode')
-    if prefetch not in (None, 'cpu', 'cuda'):
-        raise OptionError(f'prefetch_mode must be cpu, cuda or empty, got {prefetch!r} ({where})')
-
-
-def _check_image_folders(opt: dict, phase: str, dataset: dict, opt_path: str, world: int = 1) -> None:
-    """Folders of images on disk: not empty, GT and LQ names paired, the first pair x scale and
-    at least gt_size, enough images for a batch (what BasicSR finds out in a data loader worker)."""
-    if (dataset.get('io_backend') or {}).get('type', 'disk') != 'disk':
-        return
-    where = f'datasets.{phase} in {opt_path}'
-    names = {}
-    for key in ('dataroot_gt', 'dataroot_lq'):
-        folder = dataset.get(key)
-        if isinstance(folder, str) and osp.isdir(osp.expanduser(folder)):
-            names[key] = list_images(osp.expanduser(folder))
-            if not names[key]:
-                raise OptionError(f'no images in {folder} ({key} of {where})')
-    if len(names) < 2 or dataset.get('meta_info_file') or dataset.get('filename_tmpl', '{}') != '{}':
-        return
-    gt_dir, lq_dir = (osp.expanduser(dataset[key]) for key in ('dataroot_gt', 'dataroot_lq'))
-    unpaired = sorted(_file_names(gt_dir) ^ _file_names(lq_dir))
-    if unpaired:
-        raise OptionError(f'{len(unpaired)} file(s) in only one of {dataset["dataroot_gt"]} and '
-                          f'{dataset["dataroot_lq"]}: {", ".join(unpaired[:5])} ({where}); '
-                          'GT and LQ files pair by name')
-    from PIL import Image
-    first = min(names['dataroot_gt'])
-    try:
-        with Image.open(osp.join(gt_dir, first)) as gt, Image.open(osp.join(lq_dir, first)) as lq:
-            gt_size, lq_size = gt.size, lq.size
-    except Exception:
-        return  # unreadable: the data set names it when it gets there
-    scale = opt.get('scale')
-    training = phase.startswith('train')  # validation/test crop a larger GT to LQ x scale
-    if _is_number(scale) and any(g != q * scale if training else g < q * scale for g, q in zip(gt_size, lq_size)):
-        raise OptionError(f'{first}: GT {gt_size[0]}x{gt_size[1]} is not x{scale} its LQ {lq_size[0]}x{lq_size[1]} '
-                          f'({where}; scale is {scale})')
-    patch = dataset.get('gt_size')
-    if training and _is_number(patch) and patch > min(gt_size):
-        raise OptionError(f'gt_size {patch} is larger than {first} ({gt_size[0]}x{gt_size[1]}) ({where})')
-    batch = dataset.get('batch_size_per_gpu')
-    if training and _is_number(batch):
-        # each of the world's processes gets ceil(samples / world) of them (BasicSR's EnlargedSampler)
-        # and its loader drops a partial batch: fewer than a batch trains nothing
-        available = math.ceil(len(names['dataroot_gt']) * (dataset.get('dataset_enlarge_ratio') or 1) / world)
-        if available < batch:
-            per = f' per process ({world} processes)' if world > 1 else ''
-            raise OptionError(f'{len(names["dataroot_gt"])} training image(s) x dataset_enlarge_ratio make '
-                              f'{available} sample(s){per}, fewer than batch_size_per_gpu {batch} ({where})')
 
 
 def _check_network_fits(net_opt: dict, state_dict: dict, what: str) -> None:
@@ -401,7 +395,7 @@ def _check_network_fits(net_opt: dict, state_dict: dict, what: str) -> None:
         raise OptionError(f'{what} does not fit network_g ({net_opt.get("type")}): {problems}') from None
 
 
-def _check_pretrained(opt: dict, opt_path: str) -> None:
+def _check_pretrained(opt: dict, opt_path: str, is_train: bool = True) -> None:
     paths = opt['path']
     load_path = paths.get('pretrain_network_g')
     if not isinstance(load_path, str):
@@ -411,8 +405,17 @@ def _check_pretrained(opt: dict, opt_path: str) -> None:
         state_dict, _ = pretrained_state_dict(osp.expanduser(load_path), paths.get('param_key_g', 'params'))
     except CheckpointError as exc:
         raise OptionError(f'{exc} (path.pretrain_network_g in {opt_path})') from None
+    net_opt = opt['network_g']
+    to_img = state_dict.get('to_img.weight')
+    if not is_train and net_opt.get('type') in ('ESC', 'ESCFP') and isinstance(to_img, torch.Tensor) \
+            and to_img.shape[0] != 3 * net_opt.get('upscaling_factor', 0) ** 2:
+        # ESC re-samples another scale's to_img as it loads: a training start, not weights to test
+        trained = math.isqrt(to_img.shape[0] // 3)
+        raise OptionError(f'{what} is an x{trained} checkpoint but network_g is x{net_opt.get("upscaling_factor")}: '
+                          'testing needs weights trained at that scale (re-sampling another scale\'s to_img '
+                          'only starts a training)')
     if paths.get('strict_load_g', True):
-        _check_network_fits(opt['network_g'], state_dict, what)
+        _check_network_fits(net_opt, state_dict, what)
 
 
 def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
@@ -430,6 +433,7 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
         raise OptionError(f'unknown model_type {opt["model_type"]!r} in {opt_path}; registered models: '
                           f'{_registered(MODEL_REGISTRY)}')
     _check_networks(opt, opt_path)
+    _check_scale(opt, opt_path)
 
     datasets = opt['datasets']
     if not isinstance(datasets, dict) or not datasets:
@@ -452,15 +456,17 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
                 continue  # an LMDB's own meta_info.txt is read; BasicSR ignores this key there
             if backend in ('disk', 'lmdb') and isinstance(value, str) and not osp.exists(osp.expanduser(value)):
                 raise OptionError(f'data set path not found: {value} (datasets.{phase}.{key} in {opt_path})')
-        _check_image_folders(opt, phase, dataset, opt_path, _world_size(args))
+        where = f'datasets.{phase} in {opt_path}'
+        _data_checks.check_required_keys(phase, dataset, opt, where)
         if phase == 'train':
-            _check_loader_settings(dataset, f'datasets.{phase} in {opt_path}')
-        _check_meta_info_list(phase, dataset, opt_path)
-    _check_scale(opt, opt_path)
+            _data_checks.check_loader_settings(dataset, where)
+        _data_checks.check_images(opt, phase, dataset, opt_path, _world_size(args))
+        _data_checks.check_meta_info_list(phase, dataset, opt_path)
     _check_metrics(opt, opt_path)
     if is_train:
         _check_train_section(opt, opt_path)
-        _warn_unread_train_keys(opt)
+        _warn_unread_keys(opt, 'train', TRAIN_KEYS)
+    _warn_unread_keys(opt, 'val', VAL_KEYS)
 
     paths = opt['path']
     if not isinstance(paths, dict):
@@ -470,8 +476,12 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
         if isinstance(value, str) and (key == 'resume_state' or (key.startswith('pretrain_network') and not resuming)):
             if not osp.isfile(osp.expanduser(value)):
                 raise OptionError(f'file not found: {value} (path.{key} in {opt_path})')
+    _check_path_keys(paths, opt_path)
+    if not is_train and not isinstance(paths.get('pretrain_network_g'), str):
+        raise OptionError(f'{opt_path}: path.pretrain_network_g is not set: basicsr test would test an untrained '
+                          'network; give the checkpoint to test')
     if not resuming:
-        _check_pretrained(opt, opt_path)
+        _check_pretrained(opt, opt_path, is_train)
 
     num_gpu = opt['num_gpu']
     if num_gpu != 'auto' and not (isinstance(num_gpu, int) and num_gpu >= 0):
@@ -597,10 +607,12 @@ _IMAGE_DATASETS = {'paired_image_dataset': 'PairedImageDataset', 'single_image_d
 
 
 def _checked_imfrombytes(original):
+    import cv2
+
     def imfrombytes(content, *args, **kwargs):
         try:
             img = original(content, *args, **kwargs)
-        except AttributeError:  # None.astype: OpenCV decoded nothing
+        except (AttributeError, cv2.error):  # None.astype: OpenCV decoded nothing; an empty file
             img = None
         if img is None:
             raise ImageDecodeError('OpenCV cannot decode it (corrupt or truncated?)')

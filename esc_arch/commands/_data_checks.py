@@ -1,0 +1,250 @@
+"""The data sets of an option file, checked before BasicSR builds them.
+
+BasicSR finds a bad image pair in a data loader worker, as a traceback, when it first reads it:
+hours into a run for a pair late in the list, or at the first validation. Here every pair it will
+read is listed as BasicSR lists them (its own ``paired_paths_from_*`` functions: a folder, a
+``meta_info_file`` with ``filename_tmpl``, or two LMDBs), and each image's size is read from its
+header (an LMDB's from its ``meta_info.txt``), so a file that is not an image, a pair that is not
+``scale`` apart or smaller than ``gt_size``, and a missing option are one line before the run.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from os import path as osp
+
+from ..data.image_files import list_images
+from ..messages import OptionError, first_line
+
+PAIRED_TYPES = ('PairedImageDataset', 'RealESRGANPairedDataset')  # GT + LQ pairs, BasicSR's pairing
+# options BasicSR's data sets read with opt[key] (a KeyError without them): always, and for training
+REQUIRED = {'PairedImageDataset': (('dataroot_gt', 'dataroot_lq', 'io_backend'), ('gt_size', 'use_hflip', 'use_rot')),
+            'RealESRGANPairedDataset': (('dataroot_gt', 'dataroot_lq', 'io_backend'),
+                                        ('gt_size', 'use_hflip', 'use_rot')),
+            'SingleImageDataset': (('dataroot_lq', 'io_backend'), ())}
+MANY_PAIRS = 2000  # reading more image headers than this takes a moment: say so
+
+
+def _is_whole(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _file_names(folder: str) -> set:
+    """The files BasicSR's paired folders pair up (its scandir: every non-hidden file)."""
+    return {entry.name for entry in os.scandir(folder) if entry.is_file() and not entry.name.startswith('.')}
+
+
+def check_loader_settings(dataset: dict, where: str) -> None:
+    """What BasicSR's training loader reads and PyTorch / BasicSR only refuse once it is built."""
+    workers = dataset.get('num_worker_per_gpu', 0)
+    if not _is_whole(workers, 0):
+        raise OptionError(f'num_worker_per_gpu must be a whole number >= 0, got {workers!r} ({where})')
+    prefetch = dataset.get('prefetch_mode')
+    if prefetch not in (None, 'cpu', 'cuda'):
+        raise OptionError(f'prefetch_mode must be cpu, cuda or empty, got {prefetch!r} ({where})')
+    batch = dataset.get('batch_size_per_gpu')
+    if not _is_whole(batch, 1):
+        raise OptionError(f'batch_size_per_gpu must be a whole number >= 1, got {batch!r} ({where})')
+    ratio = dataset.get('dataset_enlarge_ratio', 1)
+    if not _is_whole(ratio, 1):
+        raise OptionError(f'dataset_enlarge_ratio must be a whole number >= 1, got {ratio!r} ({where})')
+
+
+def check_required_keys(phase: str, dataset: dict, opt: dict, where: str) -> None:
+    """The options BasicSR's data set reads without a default, with a hint for a misspelt one, and
+    the types of those that would fail (or be taken as true) deep inside a worker."""
+    always, for_training = REQUIRED.get(dataset.get('type'), ((), ()))
+    training = phase.startswith('train')
+    missing = [key for key in always + for_training * training if key not in dataset]
+    if missing:
+        others = {str(k).lower(): k for k in dataset if k not in always + for_training}  # typos, any case
+        hints = [f'{key} (did you mean {others[close[0]]}?)' if (close := difflib.get_close_matches(key, others, n=1))
+                 else key for key in missing]
+        raise OptionError(f'{dataset.get("type")} needs the option(s) {", ".join(hints)} ({where})')
+    if not isinstance(dataset.get('io_backend', {}), dict):
+        raise OptionError(f'io_backend must be a mapping such as {{type: disk}}, '
+                          f'got {dataset["io_backend"]!r} ({where})')
+    for key in ('use_hflip', 'use_rot', 'use_shuffle'):
+        if key in dataset and not isinstance(dataset[key], bool) and dataset[key] is not None:
+            raise OptionError(f'{key} must be true or false, got {dataset[key]!r} ({where})')
+    patch, scale = dataset.get('gt_size'), opt.get('scale')
+    if training and dataset.get('type') in PAIRED_TYPES:
+        if not _is_whole(patch, 1):
+            raise OptionError(f'gt_size must be a whole number of pixels, got {patch!r} ({where})')
+        if _is_whole(scale, 1) and patch % scale:
+            raise OptionError(f'gt_size {patch} is not a multiple of scale {scale}: its LQ patch would be '
+                              f'{patch / scale:g} pixels ({where})')
+
+
+def _image_size(path: str) -> tuple[int, int] | str:
+    """(height, width) from the file's header, or why it is not an image BasicSR can read."""
+    from PIL import Image
+    try:
+        if os.path.getsize(path) == 0:
+            return 'it is empty (0 bytes)'
+        with Image.open(path) as image:
+            return image.size[1], image.size[0]
+    except OSError as exc:
+        if not osp.isfile(path):
+            return 'it does not exist'
+        reason = first_line(exc)
+    except Exception as exc:  # PIL's own decoders raise a few other types
+        reason = first_line(exc)
+    import cv2  # what PIL does not know (e.g. OpenCV-only formats): decode it as BasicSR will
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    return image.shape[:2] if image is not None else f'neither PIL nor OpenCV can read it as an image ({reason})'
+
+
+def _header_sizes(paths: list[str], where: str) -> dict[str, tuple[int, int]]:
+    if len(paths) > MANY_PAIRS:
+        print(f'Checking the sizes of {len(paths)} images ({where}) ...', flush=True)
+    with ThreadPoolExecutor(8) as pool:  # file system latency, not CPU: threads overlap it
+        sizes = dict(zip(paths, pool.map(_image_size, paths)))
+    for path in paths:
+        if isinstance(sizes[path], str):
+            raise OptionError(f'cannot use {path}: {sizes[path]} ({where})')
+    return sizes
+
+
+def _lmdb_sizes(folder: str, where: str) -> dict[str, tuple[int, int]]:
+    """Key -> (height, width) from an LMDB's meta_info.txt (``name.png (h,w,c) level`` lines; the key
+    is the name up to its first dot, as BasicSR takes it)."""
+    meta = osp.join(folder, 'meta_info.txt')
+    if not osp.isfile(meta):
+        raise OptionError(f'{folder} has no meta_info.txt, so it is not an LMDB BasicSR can read '
+                          f'(make one with basicsr prepare) ({where})')
+    sizes = {}
+    with open(meta, encoding='utf-8', errors='replace') as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            name, _, rest = line.strip().partition(' ')
+            try:
+                height, width = (int(v) for v in rest.split(')')[0].strip(' (').split(',')[:2])
+            except ValueError:
+                raise OptionError(f'{meta}, line {number}: expected "name.png (h,w,c) level", got {line.strip()!r} '
+                                  f'({where})') from None
+            sizes[name.split('.')[0]] = (height, width)
+    if not sizes:
+        raise OptionError(f'{meta} lists no images ({where})')
+    return sizes
+
+
+def _pairs_on_disk(dataset: dict, gt_dir: str, lq_dir: str, where: str) -> list[tuple[str, str, str]]:
+    """(name, GT path, LQ path) of every pair BasicSR's data set will read from disk."""
+    from basicsr.data.data_util import paired_paths_from_folder, paired_paths_from_meta_info_file
+    template = dataset.get('filename_tmpl', '{}')
+    meta = dataset.get('meta_info_file') if dataset.get('type') == 'PairedImageDataset' else None
+    if not meta and template == '{}':
+        unpaired = sorted(_file_names(gt_dir) ^ _file_names(lq_dir))
+        if unpaired:
+            raise OptionError(f'{len(unpaired)} file(s) in only one of {dataset["dataroot_gt"]} and '
+                              f'{dataset["dataroot_lq"]}: {", ".join(unpaired[:5])} ({where}); '
+                              'GT and LQ files pair by name')
+    try:
+        if meta:
+            paths = paired_paths_from_meta_info_file([lq_dir, gt_dir], ['lq', 'gt'], osp.expanduser(meta), template)
+        else:
+            paths = paired_paths_from_folder([lq_dir, gt_dir], ['lq', 'gt'], template)
+    except (AssertionError, ValueError, IndexError, KeyError, OSError) as exc:
+        source = f'meta_info_file {meta}' if meta else f'{dataset["dataroot_gt"]} and {dataset["dataroot_lq"]}'
+        raise OptionError(f'cannot pair {source} with filename_tmpl {template!r}: {first_line(exc)} '
+                          f'({where})') from None
+    if not paths:
+        raise OptionError(f'{f"meta_info_file {meta}" if meta else dataset["dataroot_gt"]} lists no images ({where})')
+    return sorted((osp.basename(p['gt_path']), p['gt_path'], p['lq_path']) for p in paths)
+
+
+def _check_pair_sizes(pairs, sizes_gt, sizes_lq, phase: str, dataset: dict, scale, where: str) -> None:
+    training = phase.startswith('train')
+    patch = dataset.get('gt_size')
+    wrong, small = [], []
+    for name, gt_key, lq_key in pairs:
+        gt, lq = sizes_gt[gt_key], sizes_lq[lq_key]
+        # training pairs must be exact; validation/test crop a GT up to scale - 1 pixels larger
+        if _is_whole(scale, 1) and any(g != q * scale if training else not q * scale <= g < (q + 1) * scale
+                                       for g, q in zip(gt, lq)):
+            wrong.append(f'{name}: GT {gt[1]}x{gt[0]} is not x{scale} its LQ {lq[1]}x{lq[0]}')
+        elif training and _is_whole(patch, 1) and patch > min(gt):
+            small.append(f'{name} ({gt[1]}x{gt[0]})')
+    if wrong:
+        many = f' (and {len(wrong) - 1} more of the {len(pairs)} pairs)' if len(wrong) > 1 else ''
+        raise OptionError(f'{wrong[0]}{many} ({where}; scale is {scale})')
+    if small:
+        many = f' and {len(small) - 1} more of the {len(pairs)} pairs' if len(small) > 1 else ''
+        raise OptionError(f'gt_size {patch} is larger than {small[0]}{many} ({where})')
+
+
+def _check_batch(count: int, dataset: dict, where: str, world: int) -> None:
+    """Each of the world's processes gets ceil(samples / world) samples (BasicSR's EnlargedSampler)
+    and its loader drops a partial batch: fewer than a batch trains nothing."""
+    batch = dataset.get('batch_size_per_gpu')
+    if _is_whole(batch, 1):
+        available = math.ceil(count * (dataset.get('dataset_enlarge_ratio') or 1) / world)
+        if available < batch:
+            per = f' per process ({world} processes)' if world > 1 else ''
+            raise OptionError(f'{count} training image(s) x dataset_enlarge_ratio make '
+                              f'{available} sample(s){per}, fewer than batch_size_per_gpu {batch} ({where})')
+
+
+def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int = 1) -> None:
+    """Every GT/LQ pair (or LQ image) the data set will read: readable, x scale, at least gt_size,
+    and enough of them for a training batch."""
+    where = f'datasets.{phase} in {opt_path}'
+    backend = (dataset.get('io_backend') or {}).get('type', 'disk')
+    kind = dataset.get('type')
+    folders = {key: osp.expanduser(dataset[key]) for key in ('dataroot_gt', 'dataroot_lq')
+               if isinstance(dataset.get(key), str)}
+    if backend == 'disk':
+        for key, folder in folders.items():
+            if osp.isdir(folder) and not list_images(folder) and not dataset.get('meta_info_file'):
+                hint = '; an LMDB needs io_backend: {type: lmdb}' if folder.rstrip('/').endswith('.lmdb') else ''
+                raise OptionError(f'no images in {dataset[key]} ({key} of {where}{hint})')
+    if kind in PAIRED_TYPES and len(folders) == 2 and backend in ('disk', 'lmdb'):
+        if backend == 'lmdb':
+            if not all(folder.rstrip('/').endswith('.lmdb') for folder in folders.values()):
+                raise OptionError(f'with io_backend lmdb both dataroot_gt and dataroot_lq must be .lmdb folders, '
+                                  f'got {dataset["dataroot_gt"]} and {dataset["dataroot_lq"]} ({where})')
+            sizes_gt, sizes_lq = (_lmdb_sizes(folders[key], where) for key in ('dataroot_gt', 'dataroot_lq'))
+            if set(sizes_gt) != set(sizes_lq):
+                only = sorted(set(sizes_gt) ^ set(sizes_lq))
+                raise OptionError(f'{len(only)} key(s) in only one of the two LMDBs, e.g. {only[0]} ({where}); '
+                                  'they must hold the same images')
+            pairs = [(key, key, key) for key in sorted(sizes_gt)]
+        else:
+            pairs = _pairs_on_disk(dataset, folders['dataroot_gt'], folders['dataroot_lq'], where)
+            sizes_gt = _header_sizes([gt for _, gt, _ in pairs], where)
+            sizes_lq = _header_sizes([lq for _, _, lq in pairs], where)
+        _check_pair_sizes(pairs, sizes_gt, sizes_lq, phase, dataset, opt.get('scale'), where)
+        if phase.startswith('train'):
+            _check_batch(len(pairs), dataset, where, world)
+    elif kind == 'SingleImageDataset' and backend == 'disk' and osp.isdir(folders.get('dataroot_lq', '')):
+        meta = dataset.get('meta_info_file')
+        if meta:
+            with open(osp.expanduser(meta), encoding='utf-8', errors='replace') as handle:
+                names = [line.rstrip('\n').split(' ')[0] for line in handle if line.strip()]
+        else:
+            names = sorted(_file_names(folders['dataroot_lq']))
+        _header_sizes([osp.join(folders['dataroot_lq'], name) for name in names], where)
+
+
+def check_meta_info_list(phase: str, dataset: dict, opt_path: str) -> None:
+    """RealESRGANDataset on disk reads its GT images from the list in ``meta_info`` (one path per
+    line, relative to ``dataroot_gt``): BasicSR fails on a missing key (KeyError) or path."""
+    if dataset.get('type') != 'RealESRGANDataset' or (dataset.get('io_backend') or {}).get('type', 'disk') != 'disk':
+        return
+    where = f'datasets.{phase} in {opt_path}'
+    meta = dataset.get('meta_info')
+    if not isinstance(meta, str):
+        raise OptionError(f'RealESRGANDataset on disk needs meta_info: a text file listing its GT images, one '
+                          f'path per line relative to dataroot_gt ({where})')
+    with open(osp.expanduser(meta), encoding='utf-8', errors='replace') as handle:
+        listed = [line.strip().split(' ')[0] for line in handle if line.strip()]
+    root = osp.expanduser(str(dataset.get('dataroot_gt')))
+    missing = [name for name in listed if not osp.isfile(osp.join(root, name))]
+    if not listed or missing:
+        problem = f'{len(missing)} of its {len(listed)} image(s) are not in {root}, e.g. {missing[0]}' if missing \
+            else 'it lists no images'
+        raise OptionError(f'meta_info {meta}: {problem} ({where})')
