@@ -102,17 +102,24 @@ def _split_top_level(text: str, sep: str = ',') -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+class _ValueLoader(yaml.SafeLoader):
+    """YAML values as ``basicsr train`` reads them (``1e-1`` is a number, not a string)."""
+
+
 def parse_options(text: str) -> dict:
     """``'dim=64,depths=[6,6],use_ln=true'`` -> dict; values are parsed as YAML scalars/lists."""
+    from .commands._pipeline import read_exponent_floats
+    read_exponent_floats(_ValueLoader)
     options = {}
     for item in _split_top_level(text):
         key, eq, value = item.partition('=')
         if not eq or not key.strip().isidentifier():
             raise BenchError(f'bad option {item!r}: expected key=value (e.g. dim=64)')
         try:
-            options[key.strip()] = yaml.safe_load(value)
+            options[key.strip()] = yaml.load(value, Loader=_ValueLoader)
         except yaml.YAMLError as err:
-            raise BenchError(f'bad value in option {item!r}: {err}') from None
+            raise BenchError(f'bad value in option {item!r}: {getattr(err, "problem", None) or first_line(err)}') \
+                from None
     return options
 
 
@@ -155,14 +162,16 @@ def preset_spec(text: str, scale: int) -> dict:
 
 
 def opt_spec(path: str) -> dict:
-    """The ``network_g`` section of a BasicSR option YAML -> spec dict."""
+    """The ``network_g`` section of a BasicSR option YAML (read as ``basicsr train`` reads it) -> spec dict."""
+    from .commands._pipeline import load_options
+    from .messages import OptionError
+    if not os.path.isfile(path):
+        raise BenchError(f'cannot read option file {path}: ' + ('it is a folder' if os.path.isdir(path)
+                                                                 else 'no such file'))
     try:
-        with open(path, encoding='utf-8') as handle:
-            opt = yaml.safe_load(handle)
-    except OSError as err:
-        raise BenchError(f'cannot read option file {path}: {err.strerror}') from None
-    except yaml.YAMLError as err:
-        raise BenchError(f'option file {path} is not valid YAML: {err}') from None
+        opt = load_options(path)
+    except OptionError as err:
+        raise BenchError(str(err)) from None
     network = opt.get('network_g') if isinstance(opt, dict) else None
     if not isinstance(network, dict) or 'type' not in network:
         raise BenchError(f'option file {path} has no network_g section with a type')
@@ -305,9 +314,30 @@ def build_model(spec: dict):
     check_arch_name(spec['type'])
     try:
         model = ARCH_REGISTRY.get(spec['type'])(**spec['options'])
-    except (TypeError, ValueError) as err:
-        raise BenchError(f"cannot build {spec['type']} with options {spec['options']}: {err}") from None
+    except Exception as err:  # the arch's own checks: asserts, KeyErrors, ...
+        raise BenchError(f"cannot build {spec['type']} with options {spec['options']}: {describe_error(err)}") \
+            from None
     return model.eval()
+
+
+def describe_error(err: BaseException) -> str:
+    """``Type: first line (at file:line in function)``: where an arch failed, in one line."""
+    import traceback
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f' (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name})' if frames else ''
+    message = (str(err).strip().splitlines() or [''])[0]
+    return f'{type(err).__name__}{": " + message if message else ""}{where}'
+
+
+def deploy_model(model):
+    """The model as it runs at inference: ``deploy()`` where the arch has such a method (it may
+    work in place and return None); ``(model, deployed)``. A ``deploy`` attribute that is not
+    callable (RepVGG-style flags) is left alone."""
+    deploy = getattr(model, 'deploy', None)
+    if not callable(deploy):
+        return model, False
+    deployed = deploy()
+    return (deployed if deployed is not None else model), True
 
 
 def count_params(model) -> int:
@@ -329,14 +359,19 @@ def count_flops(model, x) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     class SeenOps(TorchDispatchMode):
+        """The ops that added no FLOPs (inside the counter, which decomposes ops it has no formula
+        for, e.g. SDPA on the meta device into counted matmuls)."""
 
-        def __init__(self):
+        def __init__(self, counter):
             super().__init__()
-            self.ops = set()
+            self.ops, self.counter = set(), counter
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(func.overloadpacket)
-            return func(*args, **(kwargs or {}))
+            before = self.counter.get_total_flops()
+            out = func(*args, **(kwargs or {}))
+            if self.counter.get_total_flops() == before:
+                self.ops.add(func.overloadpacket)
+            return out
 
     counted = copy.deepcopy(model)
     attn_type = None
@@ -367,7 +402,8 @@ def _run_counter(model, x, counter_cls, seen_cls):
     # FlopCounterMode's module tracker hooks autograd for inputs that require grad (e.g. shared
     # filters passed between modules), which fails under inference_mode: count without grads.
     model.requires_grad_(False)
-    counter, seen = counter_cls(display=False), seen_cls()
+    counter = counter_cls(display=False)
+    seen = seen_cls(counter)
     with torch.inference_mode(), disabled(), counter, seen:  # PyTorch's operators, which it counts
         model(x)
     return counter.get_total_flops(), seen.ops, counter.flop_registry
@@ -425,9 +461,7 @@ def measure(spec: dict, settings: dict) -> dict:
     model = build_model(spec)
     params = count_params(model)
     reference_model = copy.deepcopy(model) if settings.get('check') else None
-    deployed = hasattr(model, 'deploy')
-    if deployed:
-        model = model.deploy()
+    model, deployed = deploy_model(model)
     model = model.to(device, dtype)
 
     lr_h, lr_w = settings['lr_size']
@@ -508,20 +542,51 @@ def measure(spec: dict, settings: dict) -> dict:
 # --------------------------------------------------------------------------------------
 # driver (parent process)
 # --------------------------------------------------------------------------------------
+# the worker runs the installed module without the current folder first on sys.path (``python -m``
+# would put it there: a yaml.py or basicsr/ folder in it would be measured instead of the packages)
+_WORKER = ('import sys; del sys.path[0]; import runpy; '
+           'runpy.run_module("esc_arch.benchmark", run_name="__main__", alter_sys=True)')
+
+
+def _worker_env() -> dict:
+    """This process's environment, with this esc_arch's folder first on the worker's path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [root, env.get('PYTHONPATH')]))
+    return env
+
+
+def _exit_reason(code: int) -> str:
+    import signal
+    if code < 0:
+        try:
+            return f'was killed by {signal.Signals(-code).name}'
+        except ValueError:
+            return f'was killed by signal {-code}'
+    return f'exited with code {code}'
+
+
 def run_in_child(spec: dict, settings: dict, timeout: float | None = None) -> dict:
-    """``measure`` in a fresh ``python -m esc_arch.benchmark --worker`` process."""
+    """``measure`` in a fresh worker process (killed, and its folder removed, if this one is
+    interrupted or times out)."""
     with tempfile.TemporaryDirectory(prefix='esc-bench-') as tmp:
         job, result = os.path.join(tmp, 'job.json'), os.path.join(tmp, 'result.json')
         with open(job, 'w', encoding='utf-8') as handle:
-            json.dump({'spec': spec, 'settings': settings}, handle)
+            json.dump({'spec': spec, 'settings': settings}, handle, default=str)
+        proc = subprocess.Popen([sys.executable, '-c', _WORKER, '--worker', job, result], env=_worker_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            proc = subprocess.run([sys.executable, '-m', 'esc_arch.benchmark', '--worker', job, result],
-                                  capture_output=True, text=True, timeout=timeout)
+            stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise BenchError(f"{spec['label']}: measurement took longer than {timeout} s") from None
+        finally:  # a timeout, Ctrl-C or SIGTERM here: the worker goes too
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         if not os.path.exists(result):
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise BenchError(f"{spec['label']}: worker failed (exit {proc.returncode}): " + ' | '.join(tail))
+            lines = [line.strip() for line in (stderr or stdout or '').splitlines() if line.strip()]
+            said = f': {lines[-1]}' if lines else ' without a message'
+            raise BenchError(f"{spec['label']}: the measuring process {_exit_reason(proc.returncode)}{said}")
         with open(result, encoding='utf-8') as handle:
             answer = json.load(handle)
     if 'error' in answer:
@@ -544,7 +609,7 @@ def record_path(out_dir: str, record: dict) -> str:
     stamp = record['timestamp'].replace(':', '').replace('-', '').replace('+0000', 'Z')
     h, w = record['lr_size']
     digest = hashlib.sha1(config_key(record).encode('utf-8')).hexdigest()[:8]
-    name = (f"{_safe_name(record['arch'])}_{digest}_{record['device'].replace(':', '')}_{record['dtype']}_"
+    name = (f"{_safe_name(record['arch'])[:80]}_{digest}_{record['device'].replace(':', '')}_{record['dtype']}_"
             f"{h}x{w}_{stamp}.json")
     return os.path.join(out_dir, name)
 
@@ -595,8 +660,11 @@ def collect_records(out_dir: str, like: dict) -> list[dict]:
                 record = json.load(handle)
         except (OSError, ValueError):
             continue
-        if not isinstance(record, dict) or not {'arch', 'type', 'options', 'timestamp'} <= record.keys():
-            continue
+        if not (isinstance(record, dict) and {'arch', 'type', 'options', 'timestamp'} <= record.keys()
+                and isinstance(record['options'], dict)
+                and all(isinstance(record.get(key), (int, float)) and not isinstance(record.get(key), bool)
+                        for key in ('params', 'median_ms'))):
+            continue  # not a record this tool wrote (or edited by hand): not plotted
         if not measured_alike(record, like):
             continue
         key = (config_key(record), record_padding(record))  # padded and unpadded runs are two points
@@ -707,8 +775,10 @@ def unique_labels(specs: list[dict]) -> list[dict]:
 
 
 def run_benchmarks(specs: list[dict], settings: dict, out_dir: str | None = None, progress: bool = True,
-                   timeout: float | None = None) -> list[dict]:
-    """Measure every spec in its own child process; write one JSON record each into ``out_dir``."""
+                   timeout: float | None = None, failures: list | None = None) -> list[dict]:
+    """Measure every spec in its own child process; write one JSON record each into ``out_dir``.
+    A measurement that fails raises ``BenchError``, or, given a ``failures`` list, is appended
+    to it as (label, message) and the other specs are measured."""
     from tqdm import tqdm
     validate_settings(settings)  # every check before the first measurement
     validate_timeout(timeout)
@@ -720,15 +790,34 @@ def run_benchmarks(specs: list[dict], settings: dict, out_dir: str | None = None
     bar = tqdm(specs, desc='bench', unit='arch', disable=not progress)
     for spec in bar:
         bar.set_postfix_str(spec['label'])
-        record = run_in_child(spec, settings, timeout=timeout)
+        try:
+            record = run_in_child(spec, settings, timeout=timeout)
+        except BenchError as err:
+            if failures is None:
+                raise
+            failures.append((spec['label'], str(err)))
+            tqdm.write(f'basicsr bench: error: {err}', file=sys.stderr)
+            continue
         if out_dir:
             record['record_path'] = write_record(out_dir, record)
         records.append(record)
     return records
 
 
+def _die_with_parent() -> None:
+    """Linux: this worker gets SIGTERM when the ``basicsr bench`` process that started it ends,
+    however it ends (``kill -9`` included), instead of measuring on as an orphan."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker_main(job_path: str, result_path: str) -> int:
     from .runtime import tune_cpu_allocator
+    _die_with_parent()
     tune_cpu_allocator()  # as in every `basicsr` command; the same for every arch measured
     with open(job_path, encoding='utf-8') as handle:
         job = json.load(handle)
@@ -736,9 +825,8 @@ def _worker_main(job_path: str, result_path: str) -> int:
         answer = {'record': measure(job['spec'], job['settings'])}
     except BenchError as err:
         answer = {'error': str(err)}
-    except (RuntimeError, ValueError, TypeError, MemoryError) as err:  # e.g. an arch that rejects the size
-        detail = (str(err).strip().splitlines() or [''])[0]
-        answer = {'error': f"{job['spec']['label']}: {type(err).__name__}: {detail}"}
+    except Exception as err:  # e.g. an arch that rejects the size: its error and where, in one line
+        answer = {'error': f"{job['spec']['label']}: {describe_error(err)}"}
     atomic_write_bytes(result_path, json.dumps(answer).encode('utf-8'))
     return 0
 

@@ -316,3 +316,156 @@ def test_runs_of_different_configs_into_one_folder_stay_apart(tmp_path, capsys, 
 def test_the_same_record_twice_gets_two_files(tmp_path, esc_record):
     first, second = (benchmark.write_record(str(tmp_path), esc_record) for _ in range(2))
     assert first != second and os.path.exists(first) and os.path.exists(second)
+
+
+ODD_ARCHS = '''
+import time
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from basicsr.utils.registry import ARCH_REGISTRY
+
+
+@ARCH_REGISTRY.register()
+class AssertingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        assert x.shape[-1] > 1000
+        return x
+
+
+@ARCH_REGISTRY.register()
+class FlagDeployNet(nn.Module):  # RepVGG style: deploy is a flag, not a method
+    def __init__(self):
+        super().__init__()
+        self.deploy = False
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+
+    def forward(self, x):
+        return F.pixel_shuffle(self.conv(x), 2)
+
+
+@ARCH_REGISTRY.register()
+class InPlaceDeployNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+
+    def deploy(self):  # folds in place, returns nothing
+        self.folded = True
+
+    def forward(self, x):
+        return F.pixel_shuffle(self.conv(x), 2)
+
+
+@ARCH_REGISTRY.register()
+class AttentionNet(nn.Module):  # d channels as tokens of dim 3: q k^T then a v
+    def __init__(self):
+        super().__init__()
+        self.deploy = None
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2).unsqueeze(1)  # (1, 1, HW, 3)
+        y = F.scaled_dot_product_attention(t, t, t)
+        return F.interpolate(y.squeeze(1).transpose(1, 2).reshape(x.shape), scale_factor=2)
+
+
+@ARCH_REGISTRY.register()
+class SleepingNet(nn.Module):
+    def forward(self, x):
+        time.sleep(60)
+        return x
+'''
+
+
+@pytest.fixture
+def odd_archs(tmp_path, monkeypatch):
+    (tmp_path / 'odd_archs.py').write_text(ODD_ARCHS)
+    monkeypatch.chdir(tmp_path)
+    return 'odd_archs.py'
+
+
+def test_a_failing_arch_is_one_line_and_the_others_are_measured(tmp_path, capsys, odd_archs):
+    # the arch that fails (an assert, deep in its forward) was the end of the run, its traceback
+    # squeezed into the message; RepVGG-style deploy flags and in-place deploy() could not be measured;
+    # the workers ran `python -m`, so a yaml.py in the current folder replaced PyYAML in them
+    (tmp_path / 'yaml.py').write_text('raise ImportError("a yaml.py in the current folder")\n')
+    out = tmp_path / 'out'
+    code = cli_main(['bench', '--import', odd_archs, '--arch', 'InPlaceDeployNet', '--arch', 'AssertingNet',
+                     '--preset', 'edsr-baseline:num_block=1,num_feat=8', '--arch', 'FlagDeployNet',
+                     '--out', str(out), '--lr-size', '8x8', '--runs', '1', '--warmup', '0', '--no-progress'])
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if 'error' in line]
+    assert code == 1 and len(errors) == 1 and 'Traceback' not in captured.err, captured.err
+    assert errors[0].startswith('basicsr bench: error: AssertingNet: AssertionError (at odd_archs.py:')
+    assert errors[0].endswith('in forward)')
+    assert 'basicsr bench: 1 of 4 not measured: AssertingNet' in captured.err
+    rows = [line.split()[0] for line in captured.out.splitlines()[2:5]]
+    assert rows == ['InPlaceDeployNet', 'edsr-baseline', 'FlagDeployNet']  # the order given, presets too
+    records = [json.loads(p.read_text()) for p in out.glob('*.json')]
+    assert {r['arch']: r['deployed'] for r in records} == {'FlagDeployNet': False, 'edsr-baseline': False,
+                                                          'InPlaceDeployNet': True}
+    assert (out / 'latency_vs_params.png').is_file()
+
+
+def test_attention_through_sdpa_is_counted_and_not_reported_missing():
+    from basicsr.utils.registry import ARCH_REGISTRY
+    if 'AttentionNet' not in ARCH_REGISTRY:
+        exec(ODD_ARCHS, {})  # registers the test archs in this process
+    h, w = 4, 6
+    n, d = h * w, 3
+    result = benchmark.count_flops(ARCH_REGISTRY.get('AttentionNet')(), torch.rand(1, d, h, w))
+    assert result['flops'] >= 2 * (2 * n * n * d)  # q k^T and the weighted sum of v, each 2 n^2 d
+    assert result['flops_uncounted_ops'] == []
+
+
+def test_option_values_and_files_read_as_basicsr_train_reads_them(tmp_path, capsys):
+    assert benchmark.parse_options('res_scale=1e-1,depths=[6,6]') == {'res_scale': 0.1, 'depths': [6, 6]}
+    with pytest.raises(benchmark.BenchError) as info:
+        benchmark.parse_options('depths=[6,6')
+    assert '\n' not in str(info.value) and 'depths=[6,6' in str(info.value)
+    binary = tmp_path / 'bin.yml'
+    binary.write_bytes(b'\xff\xfe\x00network_g')
+    with pytest.raises(benchmark.BenchError, match='cannot read .*bin.yml'):
+        benchmark.opt_spec(str(binary))
+    bad = tmp_path / 'bad.yml'
+    bad.write_text('network_g:\n  type: EDSR\n   num_feat: 8\n')
+    with pytest.raises(benchmark.BenchError) as info:
+        benchmark.opt_spec(str(bad))
+    assert '\n' not in str(info.value) and 'at line 3' in str(info.value)
+
+
+def test_records_with_long_labels_and_foreign_json_in_the_folder(tmp_path, esc_record):
+    long = {**esc_record, 'arch': 'EDSR:' + ','.join(f'option_{i}=1.000000000000000' for i in range(20))}
+    path = benchmark.write_record(str(tmp_path), long)
+    assert os.path.isfile(path) and len(os.path.basename(path)) < 200
+    (tmp_path / 'edited.json').write_text(json.dumps({**esc_record, 'params': None}))
+    (tmp_path / 'listy.json').write_text(json.dumps({**esc_record, 'options': [1]}))
+    assert [r['arch'] for r in benchmark.collect_records(str(tmp_path), esc_record)] == [long['arch']]
+
+
+def test_killing_bench_ends_its_worker_and_removes_its_folder(tmp_path, odd_archs):
+    import signal
+    import tempfile
+    import time
+    env = dict(os.environ, TMPDIR=str(tmp_path / 'tmp'))
+    os.makedirs(env['TMPDIR'])
+    proc = subprocess.Popen([sys.executable, '-m', 'esc_arch.cli', 'bench', '--import', odd_archs, '--arch',
+                             'SleepingNet', '--lr-size', '8x8', '--runs', '1', '--out', str(tmp_path / 'out'),
+                             '--no-progress'], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    job = None
+    while time.monotonic() < deadline and not job:
+        job = [p for p in os.listdir(env['TMPDIR']) if p.startswith('esc-bench-')]
+        time.sleep(0.2)
+    assert job, 'the worker never started'
+    time.sleep(3)  # the worker is inside its forward
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith('basicsr bench: interrupted'), err
+    assert 'Traceback' not in err
+    assert os.listdir(env['TMPDIR']) == []  # the job folder went, and its worker with it
+    assert tempfile.gettempdir() != env['TMPDIR']  # (this process's own is untouched)

@@ -13,6 +13,14 @@ from esc_arch.plugins import add_import_argument
 from esc_arch.runtime import slow_bf16_warning
 
 
+class _InOrder(argparse.Action):
+    """``append``, also noting (kind, value) in ``ordered``: the archs are measured in the order given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), values])
+        namespace.ordered = [*(getattr(namespace, 'ordered', None) or []), (self.dest, values)]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = ('examples:\n'
@@ -23,12 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      '  basicsr bench --import my_archs/hit_srf_arch.py --arch HiT_SRF:upscale=4 --preset esc\n'
                      f"presets: {', '.join(benchmark.PRESETS)} (overrides: --preset esc:n_blocks=3)")
     what = parser.add_argument_group('what to measure (any number, in order)')
-    what.add_argument('--arch', action='append', default=[], metavar='NAME[:k=v,...]',
+    what.add_argument('--arch', action=_InOrder, default=[], metavar='NAME[:k=v,...]',
                       help='a registered arch and its constructor options, e.g. EDSR:num_feat=64,upscale=4')
-    what.add_argument('--opt', action='append', default=[], metavar='YAML',
+    what.add_argument('--opt', action=_InOrder, default=[], metavar='YAML',
                       help='a BasicSR option file; its network_g section is measured')
     add_import_argument(what, '--arch / --opt can name')
-    what.add_argument('--preset', action='append', default=[], metavar='NAME[:k=v,...]',
+    what.add_argument('--preset', action=_InOrder, default=[], metavar='NAME[:k=v,...]',
                       help=f"a named config: {', '.join(benchmark.PRESETS)}")
     how = parser.add_argument_group('settings')
     how.add_argument('--scale', type=int, default=4, help='upscaling factor of the presets; the default LR size '
@@ -53,12 +61,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument('--no-progress', action='store_true', help='hide the progress bar')
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
+    import signal
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # kill: end the worker and clean up too
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print('basicsr bench: interrupted; the records written so far are kept', file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         imports = benchmark.import_user_archs(args.imports)  # before the specs check the arch names
-        specs = [benchmark.preset_spec(p, args.scale) for p in args.preset]
-        specs += [benchmark.arch_spec(a) for a in args.arch]
-        specs += [benchmark.opt_spec(o) for o in args.opt]
+        ordered = getattr(args, 'ordered', None) or ([('preset', p) for p in args.preset] + [
+            ('arch', a) for a in args.arch] + [('opt', o) for o in args.opt])
+        make = {'preset': lambda text: benchmark.preset_spec(text, args.scale), 'arch': benchmark.arch_spec,
+                'opt': benchmark.opt_spec}
+        specs = [make[kind](value) for kind, value in ordered]
         if not specs:
             raise benchmark.BenchError('nothing to measure: give --preset, --arch or --opt '
                                        f"(presets: {', '.join(benchmark.PRESETS)})")
@@ -74,16 +100,19 @@ def run(args: argparse.Namespace) -> int:
         plot = benchmark.prepare_output(args.out, args.plot)  # the folders, before measuring
         if settings['dtype'] == 'bf16' and (warning := slow_bf16_warning(settings['device'])):
             print(f'basicsr bench: warning: {warning}', file=sys.stderr)
+        failures = []
         records = benchmark.run_benchmarks(specs, settings, out_dir=args.out, progress=not args.no_progress,
-                                           timeout=args.timeout)
+                                           timeout=args.timeout, failures=failures)
     except benchmark.BenchError as err:
         print(f'basicsr bench: error: {err}', file=sys.stderr)
+        return 2
+    if not records:  # each failure was said as it happened
         return 2
     print(benchmark.format_table(records))
     first = records[0]
     print(f"device {first['device']} ({first['device_name'] or first['cpu_model']}), {first['dtype']}, "
-          f"{first['threads']} threads, torch {first['torch_version']}, {first['runs']} runs after "
-          f"{first['warmup']} warm-up; FLOPs: {first['flops_method']}")
+          f"{first['threads']} threads, torch {first['torch_version']}, {first['runs']} "
+          f"run{'s' * (first['runs'] != 1)} after {first['warmup']} warm-up; FLOPs: {first['flops_method']}")
     for record in records:
         if record['check_max_abs_err'] is not None:
             print(f"check {record['arch']}: max abs error vs float64 = {record['check_max_abs_err']:.3g}")
@@ -99,4 +128,8 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         print(f'plot: {plot}' if plot else 'plot skipped: matplotlib is not installed (pip install matplotlib)')
+    if failures:
+        print(f"basicsr bench: {len(failures)} of {len(specs)} not measured: {', '.join(l for l, _ in failures)}",
+              file=sys.stderr)
+        return 1
     return 0
