@@ -469,3 +469,11 @@ def test_killing_bench_ends_its_worker_and_removes_its_folder(tmp_path, odd_arch
     assert 'Traceback' not in err
     assert os.listdir(env['TMPDIR']) == []  # the job folder went, and its worker with it
     assert tempfile.gettempdir() != env['TMPDIR']  # (this process's own is untouched)
+
+
+def test_an_output_not_at_the_scale_the_options_say_is_warned(tmp_path, capsys, fake_measure):
+    # the fake measurement returns the tiny ESC's x4 output whatever the options say
+    assert bench('--preset', 'esc:upscaling_factor=4', '--out', str(tmp_path / 'a')) == 0
+    assert 'warning' not in capsys.readouterr().out
+    assert bench('--preset', 'esc:upscaling_factor=2', '--out', str(tmp_path / 'b')) == 0
+    assert 'warning: esc: its output 64x96 is x4 its input, but upscaling_factor is 2' in capsys.readouterr().out

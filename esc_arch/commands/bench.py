@@ -9,6 +9,7 @@ import os
 import sys
 
 from esc_arch import benchmark
+from esc_arch.commands._pipeline import SCALE_KEYS
 from esc_arch.plugins import add_import_argument
 from esc_arch.runtime import slow_bf16_warning
 
@@ -118,6 +119,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"check {record['arch']}: max abs error vs float64 = {record['check_max_abs_err']:.3g}")
         if record['flops_uncounted_ops']:
             print(f"warning: {record['arch']}: FLOPs miss {', '.join(record['flops_uncounted_ops'])}")
+        said = [(key, record['options'][key]) for key in SCALE_KEYS if isinstance(record['options'].get(key), int)]
+        if said and record['scale'] != said[0][1]:
+            h, w = record['output_size']
+            print(f"warning: {record['arch']}: its output {h}x{w} is x{record['scale']:g} its input, but "
+                  f"{said[0][0]} is {said[0][1]}")
     print(f'records written to {args.out}/')
     if plot:
         everything = benchmark.collect_records(args.out, records[0]) or records
