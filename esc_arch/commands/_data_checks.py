@@ -98,8 +98,8 @@ def _image_size(path: str) -> tuple[int, int] | str:
 
 
 def _header_sizes(paths: list[str], where: str) -> dict[str, tuple[int, int]]:
-    if len(paths) > MANY_PAIRS:
-        print(f'Checking the sizes of {len(paths)} images ({where}) ...', flush=True)
+    if len(paths) > MANY_PAIRS:  # ~0.25 ms an image once cached (3000 pairs of PNGs: 1.5 s)
+        print(f'Checking the headers of {len(paths)} images ({where}) ...', flush=True)
     with ThreadPoolExecutor(8) as pool:  # file system latency, not CPU: threads overlap it
         sizes = dict(zip(paths, pool.map(_image_size, paths)))
     for path in paths:
@@ -215,8 +215,8 @@ def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int
             pairs = [(key, key, key) for key in sorted(sizes_gt)]
         else:
             pairs = _pairs_on_disk(dataset, folders['dataroot_gt'], folders['dataroot_lq'], where)
-            sizes_gt = _header_sizes([gt for _, gt, _ in pairs], where)
-            sizes_lq = _header_sizes([lq for _, _, lq in pairs], where)
+            sizes = _header_sizes([path for _, gt, lq in pairs for path in (gt, lq)], where)
+            sizes_gt = sizes_lq = sizes
         _check_pair_sizes(pairs, sizes_gt, sizes_lq, phase, dataset, opt.get('scale'), where)
         if phase.startswith('train'):
             _check_batch(len(pairs), dataset, where, world)
