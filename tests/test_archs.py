@@ -1,4 +1,5 @@
 """The ESC family against the authors' fixtures and layouts, plus the behaviour the spec adds."""
+import copy
 import logging
 import math
 import subprocess
@@ -162,6 +163,20 @@ def test_other_kernel_sizes(arch, kernel_size):
     response = attn.plk(impulse[:, :4], *filters)[0].abs().sum(0)
     rows = response.sum(1).nonzero().flatten()
     assert rows.min().item() == 15 - kernel_size // 2 and rows.max().item() == 15 + kernel_size // 2
+
+
+@pytest.mark.parametrize('kernel_size', [1, 3])
+@pytest.mark.parametrize('arch', ['ESC', 'ESCFP'])
+def test_kernels_smaller_than_the_dynamic_3x3_on_the_fast_path(arch, kernel_size):
+    # ESC-FP's kernel of 1 keeps only the centre of its dynamic 3x3 (its sum pads it by -1); the
+    # CPU in-place path added all of it (0.47 off): it runs the plain path there
+    config = tiny_config(kernel_size=kernel_size, dim=32, pdim=8, window_size=16)  # pdim 8: the CPU kernels' path
+    model = randomize_(ARCHS[arch](**config), scale=0.05).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        fast = model(x)
+        exact = copy.deepcopy(model).double()(x.double())
+    assert (fast.double() - exact).abs().max().item() < 1e-5
 
 
 def test_symmetrised_filter_is_dihedral_invariant():

@@ -525,7 +525,7 @@ class LargeKernelAttention(nn.Module):
     channels-last maps (with the CPU kernels) ``forward_in_place`` writes the result over the
     input's first ``pdim`` channels."""
 
-    def in_place_applies(self, x: torch.Tensor) -> bool:
+    def in_place_applies(self, x: torch.Tensor, *filters) -> bool:
         return cpu_float32_inference(x) and is_channels_last(x) and conv_attn_merge_op() is not None
 
 
@@ -594,6 +594,13 @@ class DecomposedConvolutionalAttention(LargeKernelAttention):
         kernel = (dynamic + spatial.view(1, self.pdim, k, k)).reshape(b * self.pdim, 1, k, k)
         return per_sample_depthwise(F.conv2d(x1, lk_channel), kernel)
 
+    def in_place_applies(self, x: torch.Tensor, lk_channel: torch.Tensor = None,
+                         lk_spatial: LargeKernel | torch.Tensor = None) -> bool:
+        # a shared kernel smaller than 3x3 crops the dynamic 3x3 to its centre (``forward``), where
+        # the CPU kernels add all of it
+        spatial = lk_spatial.weight if isinstance(lk_spatial, LargeKernel) else lk_spatial
+        return (spatial is None or spatial.shape[-1] >= 3) and super().in_place_applies(x)
+
     def forward_in_place(self, x: torch.Tensor, lk_channel: torch.Tensor,
                          lk_spatial: LargeKernel | torch.Tensor) -> None:
         """``forward`` of x's first ``pdim`` channels, written over them (x channels-last, see
@@ -628,7 +635,7 @@ class PartialConvAttn(nn.Module):
         of ``plk`` is written into it instead of allocating a concatenation. ``residual``: returns
         residual + the output instead (see ``conv_accumulate``; a temporary of the caller's)."""
         in_place = overwrite_input and isinstance(self.plk, LargeKernelAttention)
-        if in_place and self.plk.in_place_applies(x):
+        if in_place and self.plk.in_place_applies(x, *filters):
             self.plk.forward_in_place(x, *filters)
             return conv_accumulate(residual, self.aggr, x)
         x1 = x[:, :self.pdim]
