@@ -769,3 +769,23 @@ def test_ema_of_a_network_deployed_by_validation(tmp_path):
         expected = ESC(**{k: v for k, v in TINY_ESC.items() if k != 'type'} | dict(kernel_size=13)).eval()
         expected.load_state_dict({k: 0.5 * v + 0.5 * online[k] for k, v in before.items()})
         assert (model.net_g_ema.eval()(x) - expected(x)).abs().max().item() < 1e-5
+
+
+def test_force_yml_manual_seed_seeds_the_run():
+    # BasicSR seeds before it applies --force_yml, so manual_seed=5 there was saved but not used
+    import random
+
+    from basicsr.utils import set_random_seed
+
+    from esc_arch.commands._pipeline import _parse_options_wrapper
+
+    def basicsr_parse(root_path, is_train=True):
+        set_random_seed(0)  # what BasicSR does with the file's seed, before the override
+        opt = dict(manual_seed=5, rank=0, dist=False, num_gpu=0, datasets={})
+        return opt, argparse.Namespace(force_yml=['manual_seed=5'], launcher='none')
+
+    _parse_options_wrapper(basicsr_parse)('.', is_train=True)
+    drawn = (torch.rand(3), np.random.rand(), random.random())
+    set_random_seed(5)
+    expected = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(drawn[0], expected[0]) and drawn[1:] == expected[1:]

@@ -660,6 +660,10 @@ def _parse_options_wrapper(original):
 
     def parse_options(root_path, is_train=True):
         opt, args = original(root_path, is_train)
+        if any(entry.partition('=')[0].strip() == 'manual_seed' for entry in args.force_yml or ()):
+            # BasicSR seeds before it applies --force_yml: seed with the forced value
+            from basicsr.utils import set_random_seed
+            set_random_seed(opt['manual_seed'] + opt.get('rank', 0))
         launched = args.launcher != 'none'
         if opt['dist'] != launched:  # set by --force_yml after BasicSR set it from --launcher
             print(f'dist is set by --launcher ({args.launcher}): ignoring dist={opt["dist"]}', flush=True)
