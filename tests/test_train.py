@@ -457,6 +457,9 @@ def test_resume_checks_the_state_against_the_options(tmp_path, capsys):
     model = ESC(**net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
     torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10])  # sets initial_lr, as BasicSR's
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.step()  # its state: exp_avg, exp_avg_sq, step
     for it in (2, 4):
         atomic_torch_save({'epoch': 0, 'iter': it, 'optimizers': [optimizer.state_dict()], 'schedulers': []},
                           str(states / f'{it}.state'))
@@ -474,6 +477,12 @@ def test_resume_checks_the_state_against_the_options(tmp_path, capsys):
         load_resume_state(options(network_g=dict(dim=24)))
     with pytest.raises(OptionError, match='saved with another optimizer than train.optim_g SGD'):
         load_resume_state(options(train=dict(optim_g=dict(type='SGD', lr=0.1, momentum=0.9))))
+    # settings that are a subset of AdamW's: Adamax failed in torch (KeyError: 'exp_inf'), Adam resumed
+    with pytest.raises(OptionError, match=r'another optimizer than train.optim_g Adamax \(its state holds exp_avg, '
+                       r'exp_avg_sq, step, Adamax keeps exp_avg, exp_inf, step\)'):
+        load_resume_state(options(train=dict(optim_g=dict(type='Adamax', lr=5e-4))))
+    with pytest.raises(OptionError, match=r'another optimizer than train.optim_g Adam \(decoupled_weight_decay differ'):
+        load_resume_state(options(train=dict(optim_g=dict(type='Adam', lr=5e-4))))
     assert load_resume_state(options(train=dict(optim_g=dict(type='AdamW', lr=1e-3))))['iter'] == 4
     assert 'the learning rate follows the saved schedule (base lr 0.0005)' in capsys.readouterr().out
     (models / 'net_g_4.pth').write_bytes((models / 'net_g_4.pth').read_bytes()[:1000])  # truncated network

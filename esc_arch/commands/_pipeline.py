@@ -591,6 +591,21 @@ def _check_resumed_optimizer(opt: dict, state: dict, path: str) -> None:
         raise OptionError(f'cannot resume from {path}: it was saved with another optimizer than train.optim_g '
                           f'{optim.get("type")} (its settings lack {", ".join(sorted(expected - set(group)))}); '
                           'resume with the options of that run, or give this run another name')
+    # settings alike (Adamax's or Adam's are a subset of AdamW's): the per-parameter state tells
+    saved_state = next(iter((saved.get('state') or {}).values()), None)
+    if isinstance(saved_state, dict):
+        fresh.param_groups[0]['params'][0].grad = torch.ones(1)
+        fresh.step()
+        wanted = set(next(iter(fresh.state.values()), {}))
+        flags = [key for key in ('decoupled_weight_decay', 'amsgrad', 'nesterov')
+                 if key in group and key in fresh.param_groups[0] and group[key] != fresh.param_groups[0][key]]
+        if wanted != set(saved_state) or flags:
+            detail = (f'{", ".join(flags)} differ' if flags else
+                      f'its state holds {", ".join(sorted(saved_state))}, {optim.get("type")} keeps '
+                      f'{", ".join(sorted(wanted))}')
+            raise OptionError(f'cannot resume from {path}: it was saved with another optimizer than train.optim_g '
+                              f'{optim.get("type")} ({detail}); resume with the options of that run, or give this '
+                              'run another name')
     base = group.get('initial_lr')
     if _is_number(base) and _is_number(optim.get('lr')) and not math.isclose(base, optim['lr']):
         print(f'Resuming from {path}: the learning rate follows the saved schedule (base lr {base:g}); '
