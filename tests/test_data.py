@@ -301,6 +301,8 @@ def test_input_file_and_demo_option_conflicts_give_one_error_line(tmp_path, caps
             (['--demo', '-o', str(tmp_path / 'd'), '--scales', '5', '--report-bicubic'],
              'the demo set has scales 2, 3, 4, not 5'),
             (['--demo', '-o', str(tmp_path / 'd'), '--crop', '96'], 'takes no --crop'),
+            (['--demo', '-o', str(tmp_path / 'd'), '--scales', '3', '--report-model', 'x2.pth'],
+             '--scales only picks the scales of --report-bicubic'),
             (['-i', hr, '--report-bicubic'], '--report-bicubic: only with --demo')):
         assert cli_main(['prepare', *argv]) == 2, argv
         err = capsys.readouterr().err

@@ -11,7 +11,8 @@ def add_arguments(parser):
     parser.add_argument('-i', '--input', help='folder of HR images, e.g. datasets/DIV2K/DIV2K_train_HR')
     parser.add_argument('-o', '--output', default=None,
                         help='output root (default: the parent of --input; with --demo: datasets/demo)')
-    parser.add_argument('--scales', type=int, nargs='+', default=[2, 3, 4], help='LR scales (default: 2 3 4)')
+    parser.add_argument('--scales', type=int, nargs='+', help='LR scales (default: 2 3 4; with --demo: those '
+                        '--report-bicubic scores)')
     # crop/step/thresh default to None so that giving them with --demo (which ignores them) is an error
     parser.add_argument('--crop', type=int, default=None, help=f'sub-image size (default {DEFAULTS["crop"]})')
     parser.add_argument('--step', type=int, default=None, help=f'sub-image stride (default {DEFAULTS["step"]})')
@@ -43,9 +44,12 @@ def _usage_error(args) -> str | None:
         if ignored:
             return (f'--demo builds the demo set of whole images and takes no {", ".join(ignored)}; drop '
                     f'{"it" if len(ignored) == 1 else "them"}, or drop --demo to prepare -i')
+        if args.scales and not args.report_bicubic:
+            return ('--demo always builds X2, X3 and X4 (and --report-model scores at the model\'s own scale): '
+                    '--scales only picks the scales of --report-bicubic; drop it, or add --report-bicubic')
         if args.report_bicubic:
             from esc_arch.data.demo import SCALES
-            unknown = [s for s in args.scales if s not in SCALES]
+            unknown = [s for s in args.scales or () if s not in SCALES]
             if unknown:
                 return (f'--report-bicubic: the demo set has scales {", ".join(map(str, SCALES))}, not '
                         f'{", ".join(map(str, unknown))}; pick --scales among them')
@@ -72,7 +76,7 @@ def run(args) -> int:
         paths = ensure_demo_data(root)
         print(f'train: {paths["train"]["HR"]}  val: {paths["val"]["HR"]}  (LR in .../LR_bicubic/X2, X3, X4)')
         if args.report_bicubic:
-            for scale in args.scales:
+            for scale in args.scales or (2, 3, 4):
                 _print_scores(f'bicubic x{scale}', bicubic_baseline(root, scale))
         if args.report_model:
             from esc_arch.data.demo import model_psnr
@@ -90,7 +94,7 @@ def run(args) -> int:
                 for name, default in DEFAULTS.items()}
     try:
         out_root = args.output or default_out_root(args.input)  # '-i .' -> '..', not '.'
-        result = prepare_dataset(args.input, out_root, scales=args.scales, workers=max(1, args.workers),
+        result = prepare_dataset(args.input, out_root, scales=args.scales or [2, 3, 4], workers=max(1, args.workers),
                                  make_lmdb=not args.no_lmdb, **settings)
     except (ValueError, OSError) as err:  # bad settings or input, other settings recorded, unwritable output
         print(f'basicsr prepare: {err}', file=sys.stderr)
