@@ -73,6 +73,9 @@ def test_export_errors(tmp_path, capsys, monkeypatch):
     pth = save_checkpoint(ESC(**tiny_config()), tmp_path / 'esc.pth')
     assert main(['export', '-m', pth, '-o', str(tmp_path / 'esc.bin')]) == 2
     assert '.onnx or .safetensors' in capsys.readouterr().err
+    assert main(['export', '-m', pth, '-o', str(tmp_path / 'esc.safetensors'), '--fp16', '--attn', 'naive']) == 2
+    assert '--fp16, --attn: ONNX only' in capsys.readouterr().err  # were ignored
+    assert not (tmp_path / 'esc.safetensors').exists()
     foreign = tmp_path / 'foreign.pth'
     torch.save({'weight': torch.zeros(2)}, foreign)
     assert main(['export', '-m', str(foreign), '-o', str(tmp_path / 'f.onnx')]) == 2

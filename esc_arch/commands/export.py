@@ -11,8 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('-o', '--output', required=True,
                         help='output file; its extension picks the format: .onnx or .safetensors')
     parser.add_argument('--fp16', action='store_true', help='ONNX: fp16 weights, input and output')
-    parser.add_argument('--opset', type=int, default=17, help='ONNX opset (default 17)')
-    parser.add_argument('--attn', choices=('sdpa', 'naive'), default='sdpa',
+    parser.add_argument('--opset', type=int, help='ONNX opset (default 17)')
+    parser.add_argument('--attn', choices=('sdpa', 'naive'),
                         help='attention backend traced into the ONNX graph (default sdpa)')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing output file')
 
@@ -31,6 +31,11 @@ def run(args: argparse.Namespace) -> int:
     kind = output.suffix.lower()
     if kind not in ('.onnx', '.safetensors'):
         return _error(f'cannot tell the format of {output}: use a .onnx or .safetensors file name')
+    onnx_only = [flag for flag, given in (('--fp16', args.fp16), ('--opset', args.opset is not None),
+                                          ('--attn', args.attn is not None)) if given]
+    if kind == '.safetensors' and onnx_only:
+        return _error(f'{", ".join(onnx_only)}: ONNX only; a .safetensors file keeps the checkpoint\'s weights '
+                      'as they are')
     if output.exists() and not args.overwrite:
         return _error(f'{output} exists (use --overwrite)')
     if not output.parent.is_dir():
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     precision = 'fp16' if args.fp16 else 'fp32'
     try:
-        export_onnx(model, output, opset=args.opset, fp16=args.fp16, attn_type=args.attn)
+        export_onnx(model, output, opset=args.opset or 17, fp16=args.fp16, attn_type=args.attn or 'sdpa')
         results = verify_onnx(output, model, fp16=args.fp16)
     except ExportError as exc:
         return _error(str(exc))
@@ -67,5 +72,5 @@ def run(args: argparse.Namespace) -> int:
         print(f'error: ONNX output differs from PyTorch by {worst:.3g} > {tolerance:g} ({precision}); '
               f'{output} is kept for inspection', file=sys.stderr)
         return 1
-    print(f'wrote {output} ({precision}, opset {args.opset}, dynamic batch/height/width; {config})')
+    print(f'wrote {output} ({precision}, opset {args.opset or 17}, dynamic batch/height/width; {config})')
     return 0
