@@ -179,6 +179,14 @@ def test_kernels_smaller_than_the_dynamic_3x3_on_the_fast_path(arch, kernel_size
     assert (fast.double() - exact).abs().max().item() < 1e-5
 
 
+def test_esc_real_on_an_input_too_small_for_its_skip_branch_says_so():
+    model = ESCReal(**tiny_config(upscaling_factor=4)).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 4, 5)).shape == (1, 3, 16, 20)
+        with pytest.raises(ValueError, match='ESCReal needs inputs of at least 4x4 pixels .* got 3x5'):
+            model(torch.rand(1, 3, 3, 5))
+
+
 def test_symmetrised_filter_is_dihedral_invariant():
     kernel = torch.randn(4, 4, 7, 7, dtype=torch.float64)
     sym = symmetrize_filter(kernel)

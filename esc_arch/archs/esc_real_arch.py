@@ -43,6 +43,10 @@ class ESCReal(SharedFilterTrunk):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < 4:  # PyTorch's own message names neither the model nor the way out
+            raise ValueError(f'ESCReal needs inputs of at least 4x4 pixels (its skip branch reflect-pads a 7x7 '
+                             f'conv by 3), got {x.shape[-2]}x{x.shape[-1]}; pad the image first (esc_arch.Upscaler '
+                             'and basicsr upscale do)')
         x = inference_layout(x)
         feat = self.features(x) + self.skip(x)
         for layer in self.to_img:  # its 3x3 convs through conv_plus (Winograd at CPU inference)
