@@ -395,19 +395,18 @@ def test_a_failing_arch_is_one_line_and_the_others_are_measured(tmp_path, capsys
     (tmp_path / 'yaml.py').write_text('raise ImportError("a yaml.py in the current folder")\n')
     out = tmp_path / 'out'
     code = cli_main(['bench', '--import', odd_archs, '--arch', 'InPlaceDeployNet', '--arch', 'AssertingNet',
-                     '--preset', 'edsr-baseline:num_block=1,num_feat=8', '--arch', 'FlagDeployNet',
+                     '--arch', 'FlagDeployNet',
                      '--out', str(out), '--lr-size', '8x8', '--runs', '1', '--warmup', '0', '--no-progress'])
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if 'error' in line]
     assert code == 1 and len(errors) == 1 and 'Traceback' not in captured.err, captured.err
     assert errors[0].startswith('basicsr bench: error: AssertingNet: AssertionError (at odd_archs.py:')
     assert errors[0].endswith('in forward)')
-    assert 'basicsr bench: 1 of 4 not measured: AssertingNet' in captured.err
-    rows = [line.split()[0] for line in captured.out.splitlines()[2:5]]
-    assert rows == ['InPlaceDeployNet', 'edsr-baseline', 'FlagDeployNet']  # the order given, presets too
+    assert 'basicsr bench: 1 of 3 not measured: AssertingNet' in captured.err
+    rows = [line.split()[0] for line in captured.out.splitlines()[2:4]]
+    assert rows == ['InPlaceDeployNet', 'FlagDeployNet']
     records = [json.loads(p.read_text()) for p in out.glob('*.json')]
-    assert {r['arch']: r['deployed'] for r in records} == {'FlagDeployNet': False, 'edsr-baseline': False,
-                                                          'InPlaceDeployNet': True}
+    assert {r['arch']: r['deployed'] for r in records} == {'FlagDeployNet': False, 'InPlaceDeployNet': True}
     assert (out / 'latency_vs_params.png').is_file()
 
 
@@ -477,3 +476,12 @@ def test_an_output_not_at_the_scale_the_options_say_is_warned(tmp_path, capsys, 
     assert 'warning' not in capsys.readouterr().out
     assert bench('--preset', 'esc:upscaling_factor=2', '--out', str(tmp_path / 'b')) == 0
     assert 'warning: esc: its output 64x96 is x4 its input, but upscaling_factor is 2' in capsys.readouterr().out
+
+
+def test_archs_are_measured_in_the_order_given(tmp_path, fake_measure):
+    # presets were measured first, then --arch, then --opt, whatever the command line said
+    opt = tmp_path / 'n3.yml'
+    opt.write_text('name: from_yaml\nnetwork_g:\n  type: ESC\n  dim: 16\n  pdim: 4\n  kernel_size: 13\n'
+                   '  n_blocks: 3\n  conv_blocks: 1\n  window_size: 8\n  num_heads: 2\n  upscaling_factor: 4\n')
+    assert bench('--opt', str(opt), '--arch', TINY_ESC, '--preset', 'esc:n_blocks=2', '--out', str(tmp_path)) == 0
+    assert fake_measure == ['from_yaml', 'ESC', 'esc']
