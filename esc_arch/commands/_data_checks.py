@@ -202,7 +202,8 @@ def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int
             if osp.isdir(folder) and not list_images(folder) and not dataset.get('meta_info_file'):
                 hint = '; an LMDB needs io_backend: {type: lmdb}' if folder.rstrip('/').endswith('.lmdb') else ''
                 raise OptionError(f'no images in {dataset[key]} ({key} of {where}{hint})')
-    if kind in PAIRED_TYPES and len(folders) == 2 and backend in ('disk', 'lmdb'):
+    own_list = kind == 'RealESRGANPairedDataset' and dataset.get('meta_info')  # "gt, lq" lines of its own
+    if kind in PAIRED_TYPES and len(folders) == 2 and backend in ('disk', 'lmdb') and not own_list:
         if backend == 'lmdb':
             if not all(folder.rstrip('/').endswith('.lmdb') for folder in folders.values()):
                 raise OptionError(f'with io_backend lmdb both dataroot_gt and dataroot_lq must be .lmdb folders, '
