@@ -442,6 +442,9 @@ def test_yaml_exponent_numbers_and_force_yml_values(tmp_path):
     assert opt['train']['total_iter'] == 1000.0 and opt['train']['tag'] == '1e3x'
     opt = load_options(str(path), ['name=nan', 'train:total_iter=2e4', 'train:tag=1_000'])
     assert opt['name'] == 'nan' and opt['train']['total_iter'] == 2e4 and opt['train']['tag'] == '1_000'
+    opt = load_options(str(path), ['train:tag=-1', 'train:total_iter=+2', 'train:optim_g:eps=-0.5'])
+    assert [type(opt['train'][k]) for k in ('tag', 'total_iter')] == [int, int]  # were -1.0 and 2.0
+    assert opt['train']['tag'] == -1 and opt['train']['optim_g']['eps'] == -0.5
     for bad in ('=4', 'train:=4', 'train:optim_g:lr=[1,2'):
         with pytest.raises(OptionError, match='--force_yml') as info:
             load_options(str(path), [bad])
@@ -780,7 +783,7 @@ def test_ema_of_a_network_deployed_by_validation(tmp_path):
         assert (model.net_g_ema.eval()(x) - expected(x)).abs().max().item() < 1e-5
 
 
-def test_force_yml_manual_seed_seeds_the_run():
+def test_force_yml_manual_seed_seeds_the_run_and_signed_numbers_stay_ints():
     # BasicSR seeds before it applies --force_yml, so manual_seed=5 there was saved but not used
     import random
 
@@ -798,3 +801,9 @@ def test_force_yml_manual_seed_seeds_the_run():
     set_random_seed(5)
     expected = (torch.rand(3), np.random.rand(), random.random())
     assert torch.equal(drawn[0], expected[0]) and drawn[1:] == expected[1:]
+    # a signed whole number (normalized to !!float, which BasicSR applied as -1.0) is put back as an int
+    forced, _ = _parse_options_wrapper(lambda *a, **k: (dict(manual_seed=0, dist=False, num_gpu=0, datasets={},
+                                                           logger=dict(print_freq=-1.0)),
+                                                      argparse.Namespace(force_yml=['logger:print_freq=!!float -1'],
+                                                                         launcher='none')))('.')
+    assert forced['logger']['print_freq'] == -1 and isinstance(forced['logger']['print_freq'], int)

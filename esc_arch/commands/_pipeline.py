@@ -88,6 +88,21 @@ def normalize_force_yml(entries):
     return normalized
 
 
+_SIGNED_WHOLE = re.compile(r'^!!float\s*[-+][0-9]+$')  # a normalized -1 / +2
+
+
+def signed_whole_numbers(entries) -> list[tuple[list[str], int]]:
+    """(key path, int) of the normalized ``--force_yml`` entries that are signed whole numbers
+    (``save_checkpoint_freq=-1``): BasicSR's parser knows no signed int, ``!!float`` makes them
+    floats, and they are put back as ints."""
+    found = []
+    for entry in entries or ():
+        key, _, value = entry.partition('=')
+        if _SIGNED_WHOLE.match(value.strip()):
+            found.append(([part.strip() for part in key.split(':')], int(value.strip()[len('!!float'):])))
+    return found
+
+
 def read_exponent_floats(loader) -> None:
     """Make ``loader`` (BasicSR's YAML loader class) read ``1e-3`` as a number: PyYAML follows YAML
     1.1, whose floats need a dot (``1.0e-3``), and keeps ``lr: 1e-3`` a string that only fails
@@ -132,6 +147,8 @@ def load_options(opt_path: str, force_yml=None) -> dict:
             node = node[key]
         try:
             node[last] = _postprocess_yml_value(value)  # lists go through eval(), as in BasicSR
+            for _, number in signed_whole_numbers([entry]):
+                node[last] = number
         except Exception as exc:
             raise OptionError(f'--force_yml {entry!r}: cannot read the value {value!r} '
                               f'({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""})') from None
@@ -675,6 +692,11 @@ def _parse_options_wrapper(original):
 
     def parse_options(root_path, is_train=True):
         opt, args = original(root_path, is_train)
+        for keys, number in signed_whole_numbers(args.force_yml):  # BasicSR applied them as floats
+            node = opt
+            for key in keys[:-1]:
+                node = node[key]
+            node[keys[-1]] = number
         if any(entry.partition('=')[0].strip() == 'manual_seed' for entry in args.force_yml or ()):
             # BasicSR seeds before it applies --force_yml: seed with the forced value
             from basicsr.utils import set_random_seed
