@@ -27,7 +27,8 @@ REQUIRED = {'PairedImageDataset': (('dataroot_gt', 'dataroot_lq', 'io_backend'),
 MANY_PAIRS = 2000  # reading more image headers than this takes a moment: say so
 
 
-def _is_whole(value, least: int) -> bool:
+def is_whole(value, least: int) -> bool:
+    """A whole number (not a bool) of at least ``least``."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
@@ -39,16 +40,16 @@ def _file_names(folder: str) -> set:
 def check_loader_settings(dataset: dict, where: str) -> None:
     """What BasicSR's training loader reads and PyTorch / BasicSR only refuse once it is built."""
     workers = dataset.get('num_worker_per_gpu', 0)
-    if not _is_whole(workers, 0):
+    if not is_whole(workers, 0):
         raise OptionError(f'num_worker_per_gpu must be a whole number >= 0, got {workers!r} ({where})')
     prefetch = dataset.get('prefetch_mode')
     if prefetch not in (None, 'cpu', 'cuda'):
         raise OptionError(f'prefetch_mode must be cpu, cuda or empty, got {prefetch!r} ({where})')
     batch = dataset.get('batch_size_per_gpu')
-    if not _is_whole(batch, 1):
+    if not is_whole(batch, 1):
         raise OptionError(f'batch_size_per_gpu must be a whole number >= 1, got {batch!r} ({where})')
     ratio = dataset.get('dataset_enlarge_ratio', 1)
-    if not _is_whole(ratio, 1):
+    if not is_whole(ratio, 1):
         raise OptionError(f'dataset_enlarge_ratio must be a whole number >= 1, got {ratio!r} ({where})')
 
 
@@ -71,9 +72,9 @@ def check_required_keys(phase: str, dataset: dict, opt: dict, where: str) -> Non
             raise OptionError(f'{key} must be true or false, got {dataset[key]!r} ({where})')
     patch, scale = dataset.get('gt_size'), opt.get('scale')
     if training and dataset.get('type') in PAIRED_TYPES:
-        if not _is_whole(patch, 1):
+        if not is_whole(patch, 1):
             raise OptionError(f'gt_size must be a whole number of pixels, got {patch!r} ({where})')
-        if _is_whole(scale, 1) and patch % scale:
+        if is_whole(scale, 1) and patch % scale:
             raise OptionError(f'gt_size {patch} is not a multiple of scale {scale}: its LQ patch would be '
                               f'{patch / scale:g} pixels ({where})')
 
@@ -164,10 +165,10 @@ def _check_pair_sizes(pairs, sizes_gt, sizes_lq, phase: str, dataset: dict, scal
     for name, gt_key, lq_key in pairs:
         gt, lq = sizes_gt[gt_key], sizes_lq[lq_key]
         # training pairs must be exact; validation/test crop a GT up to scale - 1 pixels larger
-        if _is_whole(scale, 1) and any(g != q * scale if training else not q * scale <= g < (q + 1) * scale
+        if is_whole(scale, 1) and any(g != q * scale if training else not q * scale <= g < (q + 1) * scale
                                        for g, q in zip(gt, lq)):
             wrong.append(f'{name}: GT {gt[1]}x{gt[0]} is not x{scale} its LQ {lq[1]}x{lq[0]}')
-        elif training and _is_whole(patch, 1) and patch > min(gt):
+        elif training and is_whole(patch, 1) and patch > min(gt):
             small.append(f'{name} ({gt[1]}x{gt[0]})')
     if wrong:
         many = f' (and {len(wrong) - 1} more of the {len(pairs)} pairs)' if len(wrong) > 1 else ''
@@ -181,7 +182,7 @@ def _check_batch(count: int, dataset: dict, where: str, world: int) -> None:
     """Each of the world's processes gets ceil(samples / world) samples (BasicSR's EnlargedSampler)
     and its loader drops a partial batch: fewer than a batch trains nothing."""
     batch = dataset.get('batch_size_per_gpu')
-    if _is_whole(batch, 1):
+    if is_whole(batch, 1):
         available = math.ceil(count * (dataset.get('dataset_enlarge_ratio') or 1) / world)
         if available < batch:
             per = f' per process ({world} processes)' if world > 1 else ''

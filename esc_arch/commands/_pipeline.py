@@ -253,7 +253,7 @@ def _check_scale(opt: dict, opt_path: str) -> None:
     """The network's own upscaling factor must be the run's ``scale`` (BasicSR would crop or mis-size
     the output and report wrong metrics, or fail later with a shape error)."""
     scale, net_opt = opt.get('scale'), opt['network_g']
-    if scale is not None and not (isinstance(scale, int) and not isinstance(scale, bool) and scale >= 1):
+    if scale is not None and not _data_checks.is_whole(scale, 1):
         raise OptionError(f'scale must be a whole number >= 1 in {opt_path}, got {scale!r}')
     for key in SCALE_KEYS:
         if scale is not None and key in net_opt and net_opt[key] != scale:
@@ -368,13 +368,10 @@ def _check_metrics(opt: dict, opt_path: str) -> None:
                                   names_only=function.__module__.startswith('basicsr.'))
         if problem:
             raise OptionError(f'{kind}: {problem} ({where})')
-        if 'crop_border' in arguments and not (isinstance(arguments['crop_border'], int)
-                                               and not isinstance(arguments['crop_border'], bool)
-                                               and arguments['crop_border'] >= 0):
+        if 'crop_border' in arguments and not _data_checks.is_whole(arguments['crop_border'], 0):
             raise OptionError(f'crop_border must be a whole number >= 0, got {arguments["crop_border"]!r} ({where})')
-        for key in ('test_y_channel', ):
-            if key in arguments and not isinstance(arguments[key], bool):
-                raise OptionError(f'{key} must be true or false, got {arguments[key]!r} ({where})')
+        if not isinstance(arguments.get('test_y_channel', False), bool):
+            raise OptionError(f'test_y_channel must be true or false, got {arguments["test_y_channel"]!r} ({where})')
         if metric.get('better', 'higher') not in ('higher', 'lower'):
             raise OptionError(f'better must be higher or lower, got {metric["better"]!r} ({where})')
         if len(images) == 2:

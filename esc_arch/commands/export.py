@@ -5,13 +5,15 @@ import argparse
 import sys
 from pathlib import Path
 
+DEFAULT_OPSET = 17
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('-m', '--model', required=True, help='ESC checkpoint (.pth/.pt/.safetensors)')
     parser.add_argument('-o', '--output', required=True,
                         help='output file; its extension picks the format: .onnx or .safetensors')
     parser.add_argument('--fp16', action='store_true', help='ONNX: fp16 weights, input and output')
-    parser.add_argument('--opset', type=int, help='ONNX opset (default 17)')
+    parser.add_argument('--opset', type=int, help=f'ONNX opset (default {DEFAULT_OPSET})')
     parser.add_argument('--attn', choices=('sdpa', 'naive'),
                         help='attention backend traced into the ONNX graph (default sdpa)')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing output file')
@@ -57,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     precision = 'fp16' if args.fp16 else 'fp32'
+    opset = args.opset or DEFAULT_OPSET
     try:
-        export_onnx(model, output, opset=args.opset or 17, fp16=args.fp16, attn_type=args.attn or 'sdpa')
+        export_onnx(model, output, opset=opset, fp16=args.fp16, attn_type=args.attn or 'sdpa')
         results = verify_onnx(output, model, fp16=args.fp16)
     except ExportError as exc:
         return _error(str(exc))
@@ -72,5 +75,5 @@ def run(args: argparse.Namespace) -> int:
         print(f'error: ONNX output differs from PyTorch by {worst:.3g} > {tolerance:g} ({precision}); '
               f'{output} is kept for inspection', file=sys.stderr)
         return 1
-    print(f'wrote {output} ({precision}, opset {args.opset or 17}, dynamic batch/height/width; {config})')
+    print(f'wrote {output} ({precision}, opset {opset}, dynamic batch/height/width; {config})')
     return 0

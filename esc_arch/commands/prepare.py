@@ -5,13 +5,15 @@ import os
 import sys
 
 DEFAULTS = {'crop': 480, 'step': 240, 'thresh': 48}
+DEFAULT_SCALES = (2, 3, 4)
 
 
 def add_arguments(parser):
     parser.add_argument('-i', '--input', help='folder of HR images, e.g. datasets/DIV2K/DIV2K_train_HR')
     parser.add_argument('-o', '--output', default=None,
                         help='output root (default: the parent of --input; with --demo: datasets/demo)')
-    parser.add_argument('--scales', type=int, nargs='+', help='LR scales (default: 2 3 4; with --demo: those '
+    parser.add_argument('--scales', type=int, nargs='+',
+                        help=f'LR scales (default: {" ".join(map(str, DEFAULT_SCALES))}; with --demo: those '
                         '--report-bicubic scores)')
     # crop/step/thresh default to None so that giving them with --demo (which ignores them) is an error
     parser.add_argument('--crop', type=int, default=None, help=f'sub-image size (default {DEFAULTS["crop"]})')
@@ -76,7 +78,7 @@ def run(args) -> int:
         paths = ensure_demo_data(root)
         print(f'train: {paths["train"]["HR"]}  val: {paths["val"]["HR"]}  (LR in .../LR_bicubic/X2, X3, X4)')
         if args.report_bicubic:
-            for scale in args.scales or (2, 3, 4):
+            for scale in args.scales or DEFAULT_SCALES:
                 _print_scores(f'bicubic x{scale}', bicubic_baseline(root, scale))
         if args.report_model:
             from esc_arch.data.demo import model_psnr
@@ -94,8 +96,8 @@ def run(args) -> int:
                 for name, default in DEFAULTS.items()}
     try:
         out_root = args.output or default_out_root(args.input)  # '-i .' -> '..', not '.'
-        result = prepare_dataset(args.input, out_root, scales=args.scales or [2, 3, 4], workers=max(1, args.workers),
-                                 make_lmdb=not args.no_lmdb, **settings)
+        result = prepare_dataset(args.input, out_root, scales=list(args.scales or DEFAULT_SCALES),
+                                 workers=max(1, args.workers), make_lmdb=not args.no_lmdb, **settings)
     except (ValueError, OSError) as err:  # bad settings or input, other settings recorded, unwritable output
         print(f'basicsr prepare: {err}', file=sys.stderr)
         return 2
