@@ -842,6 +842,13 @@ def _peer_stopped(exc: BaseException) -> bool:
     return any(words in text for words in ('Connection closed by peer', 'Connection reset by peer'))
 
 
+def _say_error(command: str, problem) -> None:
+    """One error line in one write: under torchrun every process shares the terminal, and ``print``
+    writes the text and its newline separately (stderr is unbuffered), so lines could interleave."""
+    sys.stderr.write(f'basicsr {command}: error: {problem}\n')
+    sys.stderr.flush()
+
+
 def run(command: str, args) -> int:
     """Check the options, then run BasicSR's pipeline for ``command`` ('train' or 'test')."""
     import torch.distributed as dist
@@ -849,7 +856,7 @@ def run(command: str, args) -> int:
     try:
         import_arch_modules(getattr(args, 'imports', None))
     except PluginImportError as exc:
-        print(f'basicsr {command}: error: {exc}', file=sys.stderr)
+        _say_error(command, exc)
         return 2
     try:
         opt = load_options(args.opt, args.force_yml)
@@ -857,7 +864,7 @@ def run(command: str, args) -> int:
         ensure_demo_data_for_options(opt)  # the embedded demo set is built on first use (idempotent)
         check_options(opt, args.opt, is_train, args)
     except OptionError as exc:
-        print(f'basicsr {command}: error: {exc}', file=sys.stderr)
+        _say_error(command, exc)
         return 2
     patch_basicsr(use_cuda=resolve_num_gpu(opt) > 0)
 
@@ -879,16 +886,16 @@ def run(command: str, args) -> int:
             get_root_logger().error(str(exc))
         return 1
     except OptionError as exc:  # found once BasicSR has the experiment set up (e.g. a state to resume)
-        print(f'basicsr {command}: error: {exc}', file=sys.stderr)
+        _say_error(command, exc)
         return 2
     except ImageDecodeError as exc:
-        print(f'basicsr {command}: error: {_decode_error_line(exc)}', file=sys.stderr)
+        _say_error(command, _decode_error_line(exc))
         return 1
     except RuntimeError as exc:
         if not (dist.is_initialized() and _peer_stopped(exc)):
             raise
-        print(f'basicsr {command}: error: process {dist.get_rank()} of {dist.get_world_size()} stops: another one '
-              f'stopped (its error is above)', file=sys.stderr)
+        _say_error(command, f'process {dist.get_rank()} of {dist.get_world_size()} stops: another one stopped (its '
+                            f'error is above)')
         return 1
     finally:
         sys.argv = saved_argv
