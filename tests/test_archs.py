@@ -686,6 +686,23 @@ def test_torch_compile_on_cpu():
         assert (torch.compile(model, backend='aot_eager')(x) - model(x)).abs().max().item() < 1e-5
 
 
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
+def test_torch_jit_trace_passes_its_check_and_runs_other_sizes():
+    # the cached dense bias and the deployed model's kept FFT kernel were baked into the trace as
+    # constants, so the default check_trace failed ("Graphs differed across invocations")
+    for cls in (ESC, ESCFP):
+        model = randomize_(cls(**tiny_config(window_size=8))).eval()
+        for net in (model, model.deploy()):
+            with torch.no_grad():
+                net(torch.rand(1, 3, 16, 16))  # a forward first: its caches must not leak into the trace
+                traced = torch.jit.trace(net, torch.rand(1, 3, 21, 30))  # padded at the traced size
+                for size in ((21, 30), (24, 32), (13, 45)):
+                    x = torch.rand(1, 3, *size)
+                    expected = net(x)  # the CPU kernels, against the trace's plain float32 operators
+                    error = (traced(x) - expected).abs().max().item()
+                    assert error < 1e-5 * expected.abs().max().item(), (cls.__name__, size, error)
+
+
 def test_bad_arguments_and_inputs_are_named():
     base = tiny_config(window_size=8)
     for cls, change, message in [(ESC, dict(kernel_size=6), 'kernel_size must be an odd'),

@@ -759,7 +759,7 @@ class WindowAttention(nn.Module):
         """The (heads, N, N) bias. Outside autograd it is kept until the table changes (updated
         in place, reloaded, moved), so evaluation does not rebuild it on every forward."""
         table = self.relative_position_bias
-        if torch.is_grad_enabled() and table.requires_grad:
+        if (torch.is_grad_enabled() and table.requires_grad) or tracing():  # a trace records it, not a constant
             return relative_position_bias(table, self.window_size)
         # kept while the table holds the same values (the table is small: 4 x 63 x 63 floats against
         # a 16 MB bias). On a GPU, where a comparison would wait for the device, an undeployed layer
@@ -972,7 +972,7 @@ class ESCTrunk(nn.Module):
     def _large_kernel(self, weight: torch.Tensor, depthwise: bool = False) -> LargeKernel:
         """``LargeKernel(weight)``; a deployed model keeps one, with its spectra, while ``weight``
         is ``unchanged`` (the filter is small next to its spectra)."""
-        if not self.deployed:
+        if not self.deployed or tracing():  # a trace records the kernel's making, not a kept one
             return LargeKernel(weight, depthwise)
         if self._kept_kernel is None or not unchanged(self._kept_source, weight):
             self._kept_kernel, self._kept_source = LargeKernel(weight, depthwise), weight.detach().clone()
