@@ -78,6 +78,7 @@ setup(
         'safetensors',
         'scikit-image',
         'Pillow',  # image metadata: EXIF orientation, gray + alpha, truncated JPEGs
+        'tifffile',  # TIFFs OpenCV cannot read (sideways-oriented ones): 16-bit colour and float kept
         'ninja',  # builds the fused CPU attention kernel (torch.utils.cpp_extension)
     ],
     extras_require={

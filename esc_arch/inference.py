@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .archs.layers import reflect_pad_to_multiple
-from .data.image_files import IMAGE_EXTENSIONS, float_range_problem
+from .data.image_files import IMAGE_EXTENSIONS, float_range_problem, imread_quiet
 from .fileio import atomic_path
 
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -74,9 +74,9 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _probe(path: str) -> tuple[str | None, int, str | None]:
+def _probe(path: str) -> tuple[str | None, int, str | None, int | None]:
     """PIL's reading of the file's header: (mode, the EXIF orientation still to apply, why the pixel
-    data is incomplete or None). OpenCV's ``IMREAD_UNCHANGED`` ignores the orientation of JPEG, PNG
+    data is incomplete or None, a gray image's transparent level or None). OpenCV's ``IMREAD_UNCHANGED`` ignores the orientation of JPEG, PNG
     and WebP files (TIFFs it turns itself). JPEGs are decoded to the end, since OpenCV fills a
     truncated one with gray."""
     from PIL import Image
@@ -90,18 +90,54 @@ def _probe(path: str) -> tuple[str | None, int, str | None]:
                 try:
                     im.load()
                 except OSError as exc:
-                    return mode, 1, str(exc).splitlines()[0]
+                    return mode, 1, str(exc).splitlines()[0], None
+            transparent = im.info.get('transparency') if mode in ('1', 'L', 'I', 'I;16', 'I;16B') else None
     except Exception:  # a format PIL does not read (or a huge image): OpenCV's reading stands
-        return None, 1, None
-    return mode, orientation if orientation in _UPRIGHT else 1, None
+        return None, 1, None, None
+    return mode, orientation if orientation in _UPRIGHT else 1, None, transparent if isinstance(transparent, int) else None
 
 
-def _read_with_pil(path: str) -> np.ndarray | None:
-    """What OpenCV could not read, through PIL (upright, in read_image's layouts), or None."""
-    from PIL import Image, ImageOps
+def _read_fallback(path: str) -> tuple[np.ndarray, int] | None:
+    """What OpenCV could not read (e.g. a TIFF whose orientation transposes it, which OpenCV 5
+    fails on): (the stored pixels in read_image's layouts, the EXIF orientation to apply), or None."""
+    try:
+        with open(path, 'rb') as handle:
+            is_tiff = handle.read(4) in (b'II*\x00', b'MM\x00*', b'II+\x00', b'MM\x00+')
+    except OSError:
+        return None
+    if is_tiff and (tiff := _read_tiff(path)) is not None:
+        return tiff
+    return _read_with_pil(path)
+
+
+def _read_tiff(path: str) -> tuple[np.ndarray, int] | None:
+    """A gray / RGB TIFF's first page through tifffile, which keeps 16-bit colour and float samples
+    (PIL reduces 16-bit RGB to 8-bit and does not open float RGB); None for other photometrics."""
+    try:
+        import tifffile
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            if page.photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB):
+                return None
+            img = page.asarray()
+            tag = page.tags.get('Orientation')
+            orientation = int(tag.value) if tag is not None else 1
+            if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and img.ndim == 3:
+                img = np.moveaxis(img, 0, -1)
+    except Exception:
+        return None
+    if img.ndim == 3 and img.shape[2] in (3, 4):
+        img = img[:, :, [2, 1, 0, 3][:img.shape[2]]]  # RGB(A) -> BGR(A)
+    return np.ascontiguousarray(img), orientation if orientation in _UPRIGHT else 1
+
+
+def _read_with_pil(path: str) -> tuple[np.ndarray, int] | None:
+    """Through PIL, as stored, with its EXIF orientation (PIL's exif_transpose does not transpose
+    the pixels of 16-bit gray)."""
+    from PIL import Image
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
+            orientation = im.getexif().get(0x0112, 1)
             if im.mode not in ('L', 'LA', 'I;16', 'F', 'RGB', 'RGBA'):
                 im = im.convert('RGBA' if 'A' in im.getbands() or 'transparency' in im.info else 'RGB')
             img = np.asarray(im)
@@ -109,7 +145,7 @@ def _read_with_pil(path: str) -> np.ndarray | None:
         return None
     if img.ndim == 3 and img.shape[2] in (3, 4):
         img = img[:, :, [2, 1, 0, 3][:img.shape[2]]]  # RGB(A) -> BGR(A)
-    return np.ascontiguousarray(img)
+    return np.ascontiguousarray(img), orientation if orientation in _UPRIGHT else 1
 
 
 def _write_png_gray_alpha16(path: str, img: np.ndarray) -> None:
@@ -132,14 +168,14 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     its EXIF orientation: HxW, or HxWxC with C = 2 (gray + alpha), 3 (BGR) or 4 (BGRA). Float pixels
     must lie in [0, 1] (up to ``FLOAT_SLACK``)."""
     path = os.fspath(path)
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if img is None:  # e.g. a TIFF whose orientation transposes it, which OpenCV 5 fails on
-        img = _read_with_pil(path)  # upright already, gray + alpha as 2 channels
-        if img is None:
+    img = imread_quiet(path, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        fallback = _read_fallback(path)  # gray + alpha as 2 channels
+        if fallback is None:
             raise InferenceError(f'cannot read image {path} (corrupt or not a supported image)')
-        mode, orientation, incomplete = None, 1, None
+        (img, orientation), mode, incomplete, transparent = fallback, None, None, None
     else:
-        mode, orientation, incomplete = _probe(path)
+        mode, orientation, incomplete, transparent = _probe(path)
     if incomplete:
         raise InferenceError(f'cannot read image {path}: {incomplete} (a truncated file?)')
     if img.dtype not in DTYPE_RANGE:
@@ -153,6 +189,13 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             from PIL import Image
             with Image.open(path) as im:
                 img = np.asarray(im.convert('LA'))
+    elif transparent is not None and img.ndim == 2:  # gray whose transparent level (PNG tRNS) OpenCV drops
+        if img.dtype == np.uint8:
+            from PIL import Image
+            with Image.open(path) as im:
+                img = np.asarray(im.convert('LA'))  # PIL maps the level of 1/2/4-bit gray too
+        else:
+            img = np.stack([img, np.where(img == transparent, 0, DTYPE_RANGE[img.dtype]).astype(img.dtype)], axis=2)
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (2, 3, 4)):
         raise InferenceError(f'{path}: unsupported image layout {img.shape}')
     if img.dtype.kind == 'f' and (problem := float_range_problem(img, FLOAT_SLACK)):

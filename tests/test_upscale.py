@@ -201,6 +201,70 @@ def test_exif_orientation_is_applied(tmp_path, ext):
         assert np.abs(got.astype(int) - upright).max() <= (3 if ext == '.jpg' else 0), (ext, orientation)
 
 
+def test_sideways_tiffs_keep_their_type_and_turn_upright(tmp_path):
+    # OpenCV 5 cannot read a TIFF whose orientation transposes it; PIL, the old fallback, read
+    # 16-bit colour as 8-bit, left 16-bit gray sideways and could not open float colour
+    import tifffile
+    rng = np.random.default_rng(5)
+    rgb16 = rng.integers(0, 65536, (6, 10, 3), dtype=np.uint16)
+    kinds = {'rgb16': (rgb16, 'rgb'), 'gray16': (rgb16[:, :, 0], 'minisblack'),
+             'float': ((rgb16 / 65535).astype(np.float32), 'rgb'),
+             'rgba16': (np.concatenate([rgb16, rgb16[:, :, :1]], axis=2), 'rgb')}
+    for orientation in range(1, 9):
+        for name, (stored, photometric) in kinds.items():
+            path = tmp_path / f'{name}_o{orientation}.tif'
+            alpha = dict(extrasamples=['unassalpha']) if stored.ndim == 3 and stored.shape[2] == 4 else {}
+            tifffile.imwrite(path, stored, photometric=photometric, extratags=[(0x0112, 'H', 1, orientation, True)],
+                             **alpha)
+            bgr = stored if stored.ndim == 2 else stored[:, :, [2, 1, 0, 3][:stored.shape[2]]]
+            # upright by the TIFF convention, written out: where the stored row 0 / column 0 lie
+            upright = {1: bgr, 2: bgr[:, ::-1], 3: bgr[::-1, ::-1], 4: bgr[::-1], 5: bgr.swapaxes(0, 1),
+                       6: bgr.swapaxes(0, 1)[:, ::-1], 7: bgr.swapaxes(0, 1)[::-1, ::-1],
+                       8: bgr.swapaxes(0, 1)[::-1]}[orientation]
+            got = read_image(path)
+            assert got.dtype == stored.dtype and np.array_equal(got, upright), (name, orientation)
+
+
+def test_gray_with_a_transparent_level_keeps_it_as_alpha(tmp_path):
+    # a gray PNG's tRNS chunk names one transparent level; OpenCV reads the gray alone
+    import struct
+    import zlib
+    from PIL import Image
+    gray = np.where(np.add.outer(np.arange(8), np.arange(12)) % 3 == 0, 0, 200).astype(np.uint8)
+    Image.fromarray(gray, 'L').save(tmp_path / 'g8.png', transparency=0)
+    got = read_image(tmp_path / 'g8.png')
+    assert got.shape == (8, 12, 2) and np.array_equal(got[:, :, 0], gray)
+    assert np.array_equal(got[:, :, 1], np.where(gray == 0, 0, 255))
+    deep = gray.astype(np.uint16) * 257
+    assert cv2.imwrite(str(tmp_path / 'g16.png'), deep)
+    data = (tmp_path / 'g16.png').read_bytes()
+    trns = struct.pack('>I', 2) + b'tRNS' + struct.pack('>H', 200 * 257)
+    trns += struct.pack('>I', zlib.crc32(trns[4:]))
+    (tmp_path / 'g16.png').write_bytes(data[:33] + trns + data[33:])  # after the signature and IHDR
+    got = read_image(tmp_path / 'g16.png')
+    assert got.dtype == np.uint16 and got.shape == (8, 12, 2) and np.array_equal(got[:, :, 0], deep)
+    assert np.array_equal(got[:, :, 1], np.where(deep == 200 * 257, 0, 65535))
+    Image.fromarray(gray, 'L').save(tmp_path / 'opaque.png')
+    assert read_image(tmp_path / 'opaque.png').shape == (8, 12)
+
+
+def test_subfolders_and_non_images_are_named(tmp_path, esc_pth, images, capsys):
+    folder, _ = images
+    (folder / 'more').mkdir()
+    cv2.imwrite(str(folder / 'more' / 'x.png'), np.zeros((4, 4, 3), np.uint8))
+    assert main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'o'), '-m', esc_pth]) == 1  # its corrupt.png
+    captured = capsys.readouterr()
+    assert f'warning: skipping folder {folder / "more"}: subfolders are not searched' in captured.err
+    assert summary(captured.out).startswith('done: 8,')
+    nested = tmp_path / 'nested'
+    (nested / 'a').mkdir(parents=True)
+    assert main(['upscale', '-i', str(nested), '-o', str(tmp_path / 'o2'), '-m', esc_pth]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and f'no files in {nested} (its 1 subfolder(s) are not searched' in err
+    assert main(['upscale', '-i', str(folder / 'notes.txt'), '-o', str(tmp_path / 'o3'), '-m', esc_pth]) == 2
+    assert 'notes.txt is not an image by its extension' in capsys.readouterr().err
+
+
 def test_gray_with_alpha_stays_gray_with_alpha(tmp_path, esc_pth, capsys):
     from PIL import Image
     rng = np.random.default_rng(2)

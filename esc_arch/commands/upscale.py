@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import esc_arch
+    from esc_arch.data.image_files import IMAGE_EXTENSIONS
     from esc_arch.inference import InferenceError, Upscaler, is_image_path, read_image, resolve_device, write_image
     from esc_arch.loading import CheckpointError
     from esc_arch.runtime import slow_bf16_warning
@@ -44,7 +45,20 @@ def run(args: argparse.Namespace) -> int:
     if not source.exists():
         _error(f'input not found: {source}')
         return 2
-    files = sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [source]
+    if source.is_dir():
+        entries = sorted(source.iterdir())
+        files, folders = [p for p in entries if p.is_file()], [p for p in entries if p.is_dir()]
+        if not files:
+            _error(f'no files in {source}' + (f' (its {len(folders)} subfolder(s) are not searched: give one as -i)'
+                                              if folders else ''))
+            return 2
+        for folder in folders:
+            _warn(f'skipping folder {folder}: subfolders are not searched (give it as -i)')
+    elif not is_image_path(source):
+        _error(f'{source} is not an image by its extension (one of {", ".join(sorted(IMAGE_EXTENSIONS))})')
+        return 2
+    else:
+        files = [source]
     in_dir = source if source.is_dir() else source.parent
     if out_dir.exists() and out_dir.resolve() == in_dir.resolve():
         _error(f'the output folder {out_dir} is the input folder: outputs would replace the inputs')

@@ -30,13 +30,14 @@ def list_images(folder: str) -> list[str]:
                   and os.path.isfile(os.path.join(folder, name)))
 
 
-def _imread_quiet(path: str, flags: int):
-    """``cv2.imread`` without OpenCV's WARN lines (a float TIFF read as 8-bit logs one before failing)."""
+def imread_quiet(path: str, flags: int):
+    """``cv2.imread`` without OpenCV's log lines (a float TIFF read as 8-bit logs a warning before
+    failing, a TIFF whose orientation transposes it an internal error): callers say what failed."""
     logging = getattr(getattr(cv2, 'utils', None), 'logging', None)
     if logging is None:
         return cv2.imread(path, flags)
     level = logging.getLogLevel()
-    logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+    logging.setLogLevel(logging.LOG_LEVEL_SILENT)
     try:
         return cv2.imread(path, flags)
     finally:
@@ -70,10 +71,10 @@ def read_image_bgr(path: str) -> np.ndarray:
     8-bit and 16-bit images go through OpenCV's colour reader (16-bit is scaled to 8-bit);
     floating-point images (e.g. float32 TIFF) must hold values in [0, 1] and are rounded to 8-bit.
     """
-    img = _imread_quiet(path, cv2.IMREAD_COLOR)
+    img = imread_quiet(path, cv2.IMREAD_COLOR)
     if img is not None and img.size:
         return img
-    raw = _imread_quiet(path, cv2.IMREAD_UNCHANGED)
+    raw = imread_quiet(path, cv2.IMREAD_UNCHANGED)
     if raw is None or raw.size == 0:
         raise ImageReadError(f'cannot read image {path}: the file is not a decodable image (corrupt or truncated?)')
     if raw.dtype not in (np.float16, np.float32, np.float64):
