@@ -76,9 +76,9 @@ def is_image_path(path: str | os.PathLike) -> bool:
 
 def _probe(path: str) -> tuple[str | None, int, str | None, int | None]:
     """PIL's reading of the file's header: (mode, the EXIF orientation still to apply, why the pixel
-    data is incomplete or None, a gray image's transparent level or None). OpenCV's ``IMREAD_UNCHANGED`` ignores the orientation of JPEG, PNG
-    and WebP files (TIFFs it turns itself). JPEGs are decoded to the end, since OpenCV fills a
-    truncated one with gray."""
+    data is incomplete or None, a gray image's transparent level or None). OpenCV's
+    ``IMREAD_UNCHANGED`` ignores the orientation of JPEG, PNG and WebP files (TIFFs it turns
+    itself). JPEGs are decoded to the end, since OpenCV fills a truncated one with gray."""
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -94,7 +94,8 @@ def _probe(path: str) -> tuple[str | None, int, str | None, int | None]:
             transparent = im.info.get('transparency') if mode in ('1', 'L', 'I', 'I;16', 'I;16B') else None
     except Exception:  # a format PIL does not read (or a huge image): OpenCV's reading stands
         return None, 1, None, None
-    return mode, orientation if orientation in _UPRIGHT else 1, None, transparent if isinstance(transparent, int) else None
+    transparent = transparent if isinstance(transparent, int) else None
+    return mode, orientation if orientation in _UPRIGHT else 1, None, transparent
 
 
 def _read_fallback(path: str) -> tuple[np.ndarray, int] | None:

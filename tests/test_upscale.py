@@ -229,6 +229,7 @@ def test_gray_with_a_transparent_level_keeps_it_as_alpha(tmp_path):
     # a gray PNG's tRNS chunk names one transparent level; OpenCV reads the gray alone
     import struct
     import zlib
+
     from PIL import Image
     gray = np.where(np.add.outer(np.arange(8), np.arange(12)) % 3 == 0, 0, 200).astype(np.uint8)
     Image.fromarray(gray, 'L').save(tmp_path / 'g8.png', transparency=0)
