@@ -679,6 +679,28 @@ def test_deploy_then_cast_is_the_cast_then_deploy():
     assert not torch.equal(loaded.plk_filter, trained)
 
 
+def test_gradients_through_a_deployed_model_are_the_undeployed_ones():
+    # a deployed ESC keeps the symmetrised filter; backpropagating through it in eval mode (e.g. an
+    # optimiser on a deployed model) gave the raw gradient, not its projection on symmetric filters
+    # (2.3 off here), so Adam's statistics drifted from the undeployed model's
+    for cls in (ESC, ESCFP):
+        plain = randomize_(cls(**tiny_config(window_size=8))).double().eval()
+        deployed = cls(**tiny_config(window_size=8)).double()
+        deployed.load_state_dict(plain.state_dict())
+        deployed = deployed.eval().deploy()
+        x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+        optimizers = [torch.optim.Adam(net.parameters(), lr=1e-2) for net in (plain, deployed)]
+        for _ in range(2):  # the second step runs on the re-symmetrised filter of a changed deployed model
+            for net, optimizer in zip((plain, deployed), optimizers):
+                optimizer.zero_grad()
+                net(x).square().mean().backward()
+                optimizer.step()
+            for (name, a), b in zip(plain.named_parameters(), deployed.parameters()):
+                assert (a.grad - b.grad).abs().max().item() < 1e-9, (cls.__name__, name)
+        with torch.no_grad():
+            assert (plain(x) - deployed(x)).abs().max().item() < 1e-9
+
+
 def test_torch_compile_on_cpu():
     model = ESC(**tiny_config(window_size=8)).eval()
     x = torch.rand(1, 3, 16, 16)

@@ -48,7 +48,11 @@ class SharedFilterTrunk(ESCTrunk):
         # filter anew and symmetrised again, so the output is that of the undeployed model
         if self.deployed and not unchanged(self._deployed_filter, self.plk_filter):
             self._fold_filter()
-        return (self._large_kernel(self.plk_filter if self.deployed else symmetrize_filter(self.plk_filter)), )
+        if self.deployed and not (torch.is_grad_enabled() and self.plk_filter.requires_grad):
+            return (self._large_kernel(self.plk_filter), )
+        # symmetrised in the graph, also deployed (idempotent there): its gradient is projected on the
+        # symmetric filters, as the undeployed model's, not that of the 8 symmetries' one tap
+        return (self._large_kernel(symmetrize_filter(self.plk_filter)), )
 
     @torch.no_grad()
     def _fold_filter(self, trained=None):

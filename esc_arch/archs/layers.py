@@ -972,8 +972,8 @@ class ESCTrunk(nn.Module):
     def _large_kernel(self, weight: torch.Tensor, depthwise: bool = False) -> LargeKernel:
         """``LargeKernel(weight)``; a deployed model keeps one, with its spectra, while ``weight``
         is ``unchanged`` (the filter is small next to its spectra)."""
-        if not self.deployed or tracing():  # a trace records the kernel's making, not a kept one
-            return LargeKernel(weight, depthwise)
+        if not self.deployed or tracing() or (torch.is_grad_enabled() and weight.requires_grad):
+            return LargeKernel(weight, depthwise)  # a trace or a graph records the kernel's making
         if self._kept_kernel is None or not unchanged(self._kept_source, weight):
             self._kept_kernel, self._kept_source = LargeKernel(weight, depthwise), weight.detach().clone()
         return self._kept_kernel
