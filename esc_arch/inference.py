@@ -207,10 +207,40 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return img
 
 
+# what each output format stores (OpenCV otherwise converts silently: a float image written as PNG
+# comes out black, a 16-bit one as JPEG saturated)
+FORMAT_TYPES = {'.png': ('uint8', 'uint16'), '.jpg': ('uint8', ), '.jpeg': ('uint8', ), '.webp': ('uint8', ),
+                '.bmp': ('uint8', ), '.ppm': ('uint8', 'uint16'), '.pgm': ('uint8', 'uint16'),
+                '.tif': ('uint8', 'uint16', 'float32', 'float64'), '.tiff': ('uint8', 'uint16', 'float32', 'float64')}
+_NO_ALPHA = ('.jpg', '.jpeg', '.ppm', '.pgm')
+
+
+def fit_to_format(img: np.ndarray, suffix: str) -> tuple[np.ndarray, list[str]]:
+    """``img`` in what a ``suffix`` file stores, and what was changed: pixels the format cannot hold
+    are rounded to its deepest type (16-bit PNG for float, 8-bit JPEG for 16-bit), an alpha it has
+    no place for is dropped."""
+    suffix = suffix.lower()
+    changes = []
+    if suffix in _NO_ALPHA and img.ndim == 3 and img.shape[2] in (2, 4):
+        img = img[:, :, 0] if img.shape[2] == 2 else img[:, :, :3]
+        changes.append(f'{suffix} has no alpha: the alpha is dropped')
+    types = FORMAT_TYPES.get(suffix)
+    if types and img.dtype.name not in types:
+        target = np.dtype(types[-1] if img.dtype.kind == 'f' else types[0])
+        img = np.round(np.clip(img.astype(np.float64) / DTYPE_RANGE[img.dtype], 0, 1) * DTYPE_RANGE[target])
+        img = img.astype(target)
+        changes.append(f'{suffix} stores {" or ".join(types)}: the pixels are rounded to {target}')
+    return img, changes
+
+
 def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
     """Write atomically: a temp file in the same folder (same extension, so OpenCV picks the
     format), then ``os.replace``; a failed write leaves no partial file behind."""
     path = Path(path)
+    types = FORMAT_TYPES.get(path.suffix.lower())
+    if types and img.dtype.name not in types:
+        raise InferenceError(f'cannot write {path}: {path.suffix} stores {" or ".join(types)} pixels, not '
+                             f'{img.dtype} (see fit_to_format)')
     if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha: OpenCV writes 1, 3 or 4 channels only
         if img.dtype == np.uint8 and path.suffix.lower() in ('.png', '.tif', '.tiff'):
             from PIL import Image

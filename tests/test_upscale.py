@@ -327,3 +327,41 @@ def test_truncated_jpeg_fails_instead_of_gray_fill(tmp_path):
     assert cv2.imread(str(path)) is not None  # OpenCV decodes it, the missing part gray
     with pytest.raises(InferenceError, match='cut.jpg: image file is truncated'):
         read_image(path)
+
+
+def test_output_format_chosen_with_ext(tmp_path, esc_pth, images, capsys):
+    folder, inputs = images
+    rc = main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'png'), '-m', esc_pth, '--ext', 'png'])
+    assert rc == 1  # the corrupt image
+    outputs = {p.name: read_image(p) for p in (tmp_path / 'png').iterdir()}
+    assert sorted(outputs) == sorted(name.rsplit('.', 1)[0] + '.png' for name in inputs)
+    for name, src in inputs.items():
+        out = outputs[name.rsplit('.', 1)[0] + '.png']
+        assert out.dtype == src.dtype and out.shape[2:] == src.shape[2:], name  # 16-bit and alpha kept
+    capsys.readouterr()
+    rc = main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'jpg'), '-m', esc_pth, '--ext', 'jpg'])
+    err = capsys.readouterr().err
+    # 16-bit rounded to 8-bit (not saturated by OpenCV), the alpha dropped, each said once
+    assert err.count('stores uint8: the pixels are rounded to uint8') == 1
+    assert err.count('has no alpha: the alpha is dropped') == 1
+    deep = read_image(tmp_path / 'png' / 'deep.png')
+    jpeg = read_image(tmp_path / 'jpg' / 'deep.jpg')
+    assert (jpeg == 255).mean() < 0.2 and abs(jpeg.mean() - (deep / 257).mean()) < 3  # OpenCV: nearly all 255
+    assert read_image(tmp_path / 'jpg' / 'rgba.jpg').shape[2] == 3
+    # two inputs with one output name: the second is refused, not written over the first
+    cv2.imwrite(str(folder / 'rgb.bmp'), np.zeros((5, 5, 3), np.uint8))
+    rc = main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'clash'), '-m', esc_pth, '--ext', 'png'])
+    err = capsys.readouterr().err
+    assert rc == 1 and 'rgb.png: its output' in err and 'is that of' in err and 'rgb.bmp' in err
+    assert read_image(tmp_path / 'clash' / 'rgb.png').shape == (10, 10, 3)  # rgb.bmp's (sorted first), kept
+
+
+def test_write_image_refuses_what_the_format_cannot_store(tmp_path):
+    from esc_arch.inference import fit_to_format, write_image
+    float_img = np.random.default_rng(6).random((4, 5, 3))
+    with pytest.raises(InferenceError, match=r'\.png stores uint8 or uint16 pixels, not float64'):
+        write_image(tmp_path / 'f.png', float_img)  # OpenCV writes it black
+    fitted, changes = fit_to_format(float_img, '.png')
+    assert fitted.dtype == np.uint16 and np.abs(fitted / 65535 - float_img).max() <= 0.5 / 65535 + 1e-12
+    assert changes == ['.png stores uint8 or uint16: the pixels are rounded to uint16']
+    assert fit_to_format(float_img, '.tif') == (float_img, [])

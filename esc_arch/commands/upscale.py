@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--device', default='auto', help='cpu, cuda or auto (default: cuda when available)')
     parser.add_argument('--batch', type=int, default=1, help='tiles or same-size images per forward pass')
     parser.add_argument('--overwrite', action='store_true', help='replace existing output files')
+    parser.add_argument('--ext', choices=('auto', 'png', 'jpg', 'webp', 'tif', 'bmp'), default='auto',
+                        help="output format: auto keeps each input's (default); png is lossless, 16-bit and "
+                             "alpha included (JPEG inputs are not compressed again)")
 
 
 def _error(message: str) -> None:
@@ -37,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     import esc_arch
     from esc_arch.data.image_files import IMAGE_EXTENSIONS
-    from esc_arch.inference import InferenceError, Upscaler, is_image_path, read_image, resolve_device, write_image
+    from esc_arch.inference import (InferenceError, Upscaler, fit_to_format, is_image_path, read_image,
+                                    resolve_device, write_image)
     from esc_arch.loading import CheckpointError
     from esc_arch.runtime import slow_bf16_warning
 
@@ -83,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     counts = {'done': 0, 'skipped': 0, 'failed': 0}
+    written: dict[Path, Path] = {}  # output -> its input
+    said: set[str] = set()
     pending: list[tuple[Path, Path, object]] = []  # same-size images waiting for one batch
     bar = tqdm(total=len(files), unit='img', desc=f'x{upscaler.scale} {model.config["type"]}')
 
@@ -102,8 +108,13 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if tile_bar:
                 tile_bar.close()
-        for (_, dst, _), result in zip(pending, outputs):
+        for (src, dst, _), result in zip(pending, outputs):
             try:
+                result, changes = fit_to_format(result, dst.suffix)
+                for change in changes:
+                    if change not in said:  # once per kind of change, not per image
+                        said.add(change)
+                        _warn(f'{src} -> {dst.name}: {change} (said once for all such images)')
                 write_image(dst, result)
                 counts['done'] += 1
             except (InferenceError, OSError) as exc:
@@ -118,7 +129,13 @@ def run(args: argparse.Namespace) -> int:
             counts['skipped'] += 1
             bar.update(1)
             continue
-        dst = out_dir / src.name
+        dst = out_dir / (src.name if args.ext == 'auto' else f'{src.stem}.{args.ext}')
+        if dst in written:  # photo.jpg and photo.png with --ext png
+            _error(f'{src}: its output {dst} is that of {written[dst]}, written in this run')
+            counts['failed'] += 1
+            bar.update(1)
+            continue
+        written[dst] = src
         if dst.exists() and not args.overwrite:
             _warn(f'skipping {src}: {dst} exists (use --overwrite)')
             counts['skipped'] += 1
