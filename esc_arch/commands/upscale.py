@@ -40,8 +40,15 @@ def run(args: argparse.Namespace) -> int:
 
     import esc_arch
     from esc_arch.data.image_files import IMAGE_EXTENSIONS
-    from esc_arch.inference import (InferenceError, Upscaler, fit_to_format, is_image_path, read_image,
-                                    resolve_device, write_image)
+    from esc_arch.inference import (
+        InferenceError,
+        Upscaler,
+        fit_to_format,
+        is_image_path,
+        read_image,
+        resolve_device,
+        write_image,
+    )
     from esc_arch.loading import CheckpointError
     from esc_arch.runtime import slow_bf16_warning
 
