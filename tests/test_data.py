@@ -134,6 +134,28 @@ def test_bad_settings_give_one_clear_error(tmp_path, capsys):
     assert rc == 2 and 'does not exist' in capsys.readouterr().err
 
 
+def test_images_whose_sub_images_share_names_are_refused_before_writing(tmp_path, capsys):
+    # x.png / x.jpg and y.b.png / y_b.png gave the same sub-image names: the patches of one were
+    # written over the other's, and the HR of one was paired with the LR of the other (exit 0)
+    hr = _make_hr(str(tmp_path / 'Clash_HR'))
+    for name in ('a.jpg', 'y.b.png', 'y_b.png'):
+        cv2.imwrite(os.path.join(hr, name), np.zeros((96, 96, 3), np.uint8))
+    out = tmp_path / 'out'
+    rc = cli_main(['prepare', '-i', hr, '-o', str(out), '--scales', '2', '--crop', '48', '--step', '24'])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count('\n') == 0
+    assert 'the same names: a.jpg and a.png; y.b.png and y_b.png' in err
+    assert not out.exists()
+
+
+def test_images_all_smaller_than_the_crop_fail_the_command(tmp_path, capsys):
+    hr = _make_hr(str(tmp_path / 'Small_HR'))
+    rc = cli_main(['prepare', '-i', hr, '-o', str(tmp_path / 'out'), '--scales', '2', '--crop', '480', '--step', '240'])
+    captured = capsys.readouterr()
+    assert rc == 1 and '0 sub-images' in captured.out
+    assert 'no image in' in captured.err and 'as large as the crop (480 px)' in captured.err
+
+
 @pytest.fixture(scope='module')
 def demo_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('demo') / 'demo')

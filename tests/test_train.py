@@ -560,6 +560,11 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
         (lmdbs[side] / 'meta_info.txt').write_text(''.join(f'{i:03d}.png ({size},{size},3) 1\n' for i in range(4)))
     check(lambda o: o['datasets']['val'].update(io_backend=dict(type='lmdb'), dataroot_gt=str(lmdbs['gt']),
                                                 dataroot_lq=str(lmdbs['lq']), meta_info_file='basicsr/meta_info.txt'))
+    for side, size in (('gt', 32), ('lq', 8)):  # names with spaces (BasicSR keys them up to the first dot)
+        (lmdbs[side] / 'meta_info.txt').write_text(''.join(f'my img_s{i:03d}.png ({size},{size},3) 1\n'
+                                                           for i in range(4)))
+    check(lambda o: o['datasets']['train'].update(io_backend=dict(type='lmdb'), dataroot_gt=str(lmdbs['gt']),
+                                                  dataroot_lq=str(lmdbs['lq'])))
     # refused before training: what BasicSR fails on later
     refused = {
         "SGD.*unexpected keyword argument 'betas'": lambda o: o['train']['optim_g'].update(type='SGD'),

@@ -121,9 +121,9 @@ def _lmdb_sizes(folder: str, where: str) -> dict[str, tuple[int, int]]:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
-            name, _, rest = line.strip().partition(' ')
+            name, _, rest = line.strip().rpartition(' (')  # from the right: names may hold spaces
             try:
-                height, width = (int(v) for v in rest.split(')')[0].strip(' (').split(',')[:2])
+                height, width = (int(v) for v in rest.split(')')[0].split(',')[:2])
             except ValueError:
                 raise OptionError(f'{meta}, line {number}: expected "name.png (h,w,c) level", got {line.strip()!r} '
                                   f'({where})') from None

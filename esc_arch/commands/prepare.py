@@ -114,4 +114,8 @@ def run(args) -> int:
         for line in result.failed:
             print(f'  {line}', file=sys.stderr)
         return 1
+    if not result.num_sub_images:
+        print(f'basicsr prepare: no image in {args.input} is as large as the crop ({settings["crop"]} px), so there '
+              'is nothing to train on; give a smaller --crop (and --step)', file=sys.stderr)
+        return 1
     return 0

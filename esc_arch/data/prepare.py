@@ -200,6 +200,20 @@ def sub_image_stem(image_name: str) -> str:
     return os.path.splitext(image_name)[0].replace('.', '_')
 
 
+def _check_unique_stems(names: list[str], hr_folder: str) -> None:
+    """Two images whose sub-images would share names (``x.png`` / ``x.jpg``, ``y.b.png`` /
+    ``y_b.png``) would write over each other's patches: the HR of one paired with the LR of the other."""
+    by_stem: dict[str, list[str]] = {}
+    for name in names:
+        by_stem.setdefault(sub_image_stem(name), []).append(name)
+    clashes = [group for group in by_stem.values() if len(group) > 1]
+    if clashes:
+        shown = '; '.join(' and '.join(group) for group in clashes[:3])
+        more = f' (and {len(clashes) - 3} more)' if len(clashes) > 3 else ''
+        raise ValueError(f'images in {hr_folder} would give their sub-images the same names: {shown}{more} '
+                         '(names are taken without the extension, dots as underscores); rename or move them')
+
+
 def _check_settings(scales, crop, step, thresh):
     if not scales:
         raise ValueError('give at least one scale')
@@ -318,6 +332,7 @@ def prepare_dataset(hr_folder: str, out_root: str, scales=(2, 3, 4), crop: int =
     if not names:
         raise FileNotFoundError(f'no images ({", ".join(e[1:] for e in (".png", ".jpg", ".bmp", ".tif"))}, ...) '
                                 f'in {hr_folder}')
+    _check_unique_stems(names, hr_folder)
     hr_sub, lr_subs = output_folders(hr_folder, out_root, scales)
     sub_folders = [hr_sub, *lr_subs.values()]
     settings = run_settings(hr_folder, scales, crop, step, thresh)
