@@ -248,7 +248,12 @@ def all_options() -> dict[str, dict]:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Block-style mappings, inline lists: readable and close to BasicSR's own option files."""
+    """Block-style mappings, inline lists: readable and close to BasicSR's own option files. No
+    anchors and aliases: a value written twice (kernel_list / kernel_list2, the two optimizers'
+    betas) is two settings, and editing one must not change the other."""
+
+    def ignore_aliases(self, data):
+        return True
 
 
 _Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence('tag:yaml.org,2002:seq', data,

@@ -53,6 +53,15 @@ def test_generated_files_are_up_to_date():
             assert yaml.safe_load(f) == opt, f'{rel} is stale: run python options/make_options.py'
 
 
+def test_no_value_is_shared_between_two_settings():
+    # YAML aliases (kernel_list2: *id001) made an edit of the first degradation's kernels, or of the
+    # generator's betas, change the second's / the discriminator's too
+    for path in TRAIN_FILES + TEST_FILES:
+        with open(path) as f:
+            events = list(yaml.parse(f))
+        assert not any(isinstance(e, yaml.AliasEvent) or getattr(e, 'anchor', None) for e in events), path
+
+
 @pytest.mark.parametrize('path', TRAIN_FILES + TEST_FILES, ids=lambda p: os.path.relpath(p, OPTIONS))
 def test_option_file_parses_and_builds(path, monkeypatch):
     is_train = os.path.basename(os.path.dirname(path)) != 'test'
