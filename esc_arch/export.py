@@ -13,8 +13,11 @@ in the eager model are not traceable for dynamic shapes and are handled here, at
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,6 +29,9 @@ from .fileio import atomic_path
 
 ONNX_TOLERANCE = {'fp32': 1e-4, 'fp16': 1e-2}
 EXPORT_ATTN_TYPES = ('naive', 'sdpa')
+# the lowest opset each traced attention exports at (measured: SDPA is an ONNX op from 14 on; the
+# naive path's repeat_interleave needs 13, the wrapper's dynamic pad 11)
+MIN_OPSET = {'naive': 13, 'sdpa': 14}
 
 
 class ExportError(ValueError):
@@ -79,6 +85,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, fp16
     require_onnx()
     if attn_type not in EXPORT_ATTN_TYPES:
         raise ExportError(f'ONNX export supports attention {", ".join(EXPORT_ATTN_TYPES)}, got {attn_type!r}')
+    if opset < MIN_OPSET[attn_type]:
+        lower = [f'--attn {name} exports from opset {least}' for name, least in MIN_OPSET.items() if least <= opset]
+        raise ExportError(f'opset {opset} is too old for the {attn_type} attention (it needs {MIN_OPSET[attn_type]} '
+                          f'or later){"; " + lower[0] if lower else ""}')
     path = Path(path)
     model = copy.deepcopy(model).cpu().deploy()  # the caller's model stays as it was
     model.set_attn_type(attn_type)
@@ -86,7 +96,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, fp16
     wrapper = PadRunCrop(model).to(dtype).eval()
     window = wrapper.window
     sample = torch.rand(1, 3, 2 * window, 2 * window, dtype=dtype)
-    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad(), _without_native_stdout():
         warnings.simplefilter('ignore')  # TracerWarnings on the shape arithmetic, checked by verify_onnx
         torch.onnx.export(wrapper, (sample, ), tmp, dynamo=False, opset_version=opset,
                           input_names=['input'], output_names=['output'],
@@ -94,6 +104,25 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, fp16
                                         'output': {0: 'batch', 2: 'out_height', 3: 'out_width'}})
         _fix_output_channels(tmp, wrapper(sample).shape[1])
     return path
+
+
+@contextlib.contextmanager
+def _without_native_stdout():
+    """Send file descriptor 1 to a discarded file: when the TorchScript exporter fails, PyTorch's
+    C++ prints the whole graph there ("Torch IR graph at exception", 1 MB for ESC x4; its ONNX log is
+    on whatever ``torch.onnx`` says), past ``sys.stdout``. The failure itself is raised as usual."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 1)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
 
 
 def _fix_output_channels(path, channels: int) -> None:

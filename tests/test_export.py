@@ -88,6 +88,22 @@ def test_export_errors(tmp_path, capsys, monkeypatch):
     assert 'pip install esc-arch[export]' in capsys.readouterr().err
 
 
+def test_opset_problems_are_one_line_without_the_exporters_graph_dump(tmp_path, capfd):
+    # a failing TorchScript export printed its whole graph to the C++ stdout (278 lines for this
+    # tiny model, 1 MB for ESC x4) before the error line
+    pth = save_checkpoint(ESC(**tiny_config()), tmp_path / 'esc.pth')
+    assert main(['export', '-m', pth, '-o', str(tmp_path / 'a.onnx'), '--opset', '13']) == 2
+    captured = capfd.readouterr()
+    assert captured.err.strip() == ('error: opset 13 is too old for the sdpa attention (it needs 14 or later); '
+                                    '--attn naive exports from opset 13')
+    assert main(['export', '-m', pth, '-o', str(tmp_path / 'b.onnx'), '--opset', '99']) == 2  # the exporter's own
+    captured = capfd.readouterr()
+    assert captured.out == '' and 'Torch IR graph' not in captured.err
+    assert [line for line in captured.err.splitlines() if line.startswith('error:')] == [
+        'error: ONNX export failed (RuntimeError): Unsupported onnx_opset_version: 99']
+    assert not (tmp_path / 'a.onnx').exists() and not (tmp_path / 'b.onnx').exists()
+
+
 def test_unwritable_safetensors_output_is_one_line(tmp_path, capsys):
     pth = save_checkpoint(ESC(**tiny_config()), tmp_path / 'esc.pth')
     (tmp_path / 'dir.safetensors').mkdir()  # a folder where the file should go

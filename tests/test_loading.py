@@ -89,6 +89,16 @@ def test_not_an_esc_checkpoint(tmp_path):
         esc_arch.load_model(tmp_path / 'missing.pth')
     with pytest.raises(CheckpointError, match='not a tensor'):
         read_state_dict({'proj.weight': 'oops'})
+    # what BasicSR's save_training_state writes to training_states/<iter>.state
+    model = esc_arch.ESC(dim=8, pdim=4, kernel_size=5, n_blocks=1, conv_blocks=1, window_size=4, num_heads=2,
+                         upscaling_factor=2)
+    optimizer = torch.optim.Adam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10)
+    torch.save({'epoch': 1, 'iter': 8, 'optimizers': [optimizer.state_dict()], 'schedulers': [scheduler.state_dict()]},
+               tmp_path / '8.state')
+    with pytest.raises(CheckpointError, match=r'8.state is a BasicSR training state .* give the run\'s '
+                                              r'models/net_g_8.pth instead'):
+        esc_arch.load_model(tmp_path / '8.state')
 
 
 def test_refuses_pickled_code(tmp_path):

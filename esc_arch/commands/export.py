@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     onnx_only = [flag for flag, given in (('--fp16', args.fp16), ('--opset', args.opset is not None),
                                           ('--attn', args.attn is not None)) if given]
     if kind == '.safetensors' and onnx_only:
-        return _error(f'{", ".join(onnx_only)}: ONNX only; a .safetensors file keeps the checkpoint\'s weights '
-                      'as they are')
+        return _error(f'{", ".join(onnx_only)}: ONNX only; a .safetensors file holds the checkpoint\'s weights '
+                      '(in float32) for PyTorch')
     if output.exists() and not args.overwrite:
         return _error(f'{output} exists (use --overwrite)')
     if not output.parent.is_dir():
@@ -75,5 +75,6 @@ def run(args: argparse.Namespace) -> int:
         print(f'error: ONNX output differs from PyTorch by {worst:.3g} > {tolerance:g} ({precision}); '
               f'{output} is kept for inspection', file=sys.stderr)
         return 1
-    print(f'wrote {output} ({precision}, opset {opset}, dynamic batch/height/width; {config})')
+    print(f'wrote {output} ({precision}, opset {opset}, dynamic batch/height/width, each side more than '
+          f'{model.window_size // 2} px; {config})')
     return 0
