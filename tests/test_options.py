@@ -184,3 +184,21 @@ def test_arch_options_problem_names_what_does_not_bind():
     assert options_problem(open_net, {'dim': 8, 'anything': 1}) is None  # **kwargs takes any name
     assert options_problem(open_net, {'dim': '8'}) == "dim must be int, got '8'"
     assert options_problem(open_net, {}).startswith('missing option(s) dim')
+
+
+def test_suffixed_arch_names_are_found_without_basicsrs_alarm(capsys, monkeypatch):
+    # the GAN file's network_d is UNetDiscriminatorSN, which BasicSR registers as
+    # UNetDiscriminatorSN_basicsr: its lookup printed "Name UNetDiscriminatorSN is not found"
+    from basicsr.utils.registry import Registry
+
+    from esc_arch.commands import _pipeline
+    original = Registry.get
+    assert original(ARCH_REGISTRY, 'UNetDiscriminatorSN').__name__ == 'UNetDiscriminatorSN'
+    assert 'Name UNetDiscriminatorSN is not found' in capsys.readouterr().out
+    monkeypatch.setattr(Registry, 'get', _pipeline._quiet_suffixed_get(original))
+    path = os.path.join(OPTIONS, 'train_ESC_Real_x4_GAN.yml')
+    _pipeline._check_networks(_pipeline.load_options(path), path)
+    assert ARCH_REGISTRY.get('UNetDiscriminatorSN') is original(ARCH_REGISTRY, 'UNetDiscriminatorSN_basicsr')
+    assert 'is not found' not in capsys.readouterr().out
+    with pytest.raises(KeyError, match='NoSuchArch'):
+        ARCH_REGISTRY.get('NoSuchArch')

@@ -713,6 +713,7 @@ def test_real_esrgan_models_train_on_the_cpu(tmp_path, model_file):
     log = newest_log(tmp_path / 'experiments' / opt['name'])
     assert re.search(r'iter:\s+2,', log) and re.search(r'\bl_(g_)?pix: ', log)
     assert (tmp_path / 'experiments' / opt['name'] / 'models' / 'net_g_2.pth').is_file()
+    assert 'is not found, use name' not in result.stdout  # BasicSR's line for UNetDiscriminatorSN_basicsr
 
 
 def test_real_esrgan_option_mistakes_are_one_line(tmp_path, capsys, monkeypatch):

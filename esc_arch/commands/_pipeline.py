@@ -24,11 +24,14 @@ traceback. A few BasicSR functions are replaced, never edited, for CPU and CPU-D
   give contiguous outputs there), and the training-pair queue is made on the batch's device.
 * ``vgg_arch.VGGFeatureExtractor`` (the perceptual loss): a failed download of its ImageNet
   weights is one line saying which file to put where, not a urllib traceback.
+* ``Registry.get``: a name BasicSR registered with its ``_basicsr`` suffix
+  (``UNetDiscriminatorSN``) is found without BasicSR's 'Name ... is not found' line.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import os
 import re
@@ -834,6 +837,23 @@ def patch_basicsr(use_cuda: bool) -> None:
         basicsr.test.parse_options = _parse_options_wrapper(basicsr.test.parse_options)
 
 
+def _quiet_suffixed_get(get):
+    """BasicSR registers some names with a suffix (``UNetDiscriminatorSN_basicsr``, so that
+    Real-ESRGAN's own can sit beside it) and prints 'Name UNetDiscriminatorSN is not found, use
+    name: UNetDiscriminatorSN_basicsr!' every time an option file names it plainly: the same
+    lookup, without the alarming line."""
+    if getattr(get, 'quiet_suffixed', False):
+        return get
+
+    @functools.wraps(get)
+    def wrapper(self, name, suffix='basicsr'):
+        if name not in self._obj_map and f'{name}_{suffix}' in self._obj_map:
+            return self._obj_map[f'{name}_{suffix}']
+        return get(self, name, suffix)
+    wrapper.quiet_suffixed = True
+    return wrapper
+
+
 # ------------------------------------------------------------------------------ running
 def _peer_stopped(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective's failure because another DDP process went away (gloo's
@@ -858,6 +878,8 @@ def run(command: str, args) -> int:
     except PluginImportError as exc:
         _say_error(command, exc)
         return 2
+    from basicsr.utils.registry import Registry
+    Registry.get = _quiet_suffixed_get(Registry.get)  # before the checks, which look the archs up too
     try:
         opt = load_options(args.opt, args.force_yml)
         from esc_arch.data.demo import ensure_demo_data_for_options
