@@ -98,27 +98,24 @@ def _probe(path: str) -> tuple[str | None, int, str | None, int | None]:
     return mode, orientation if orientation in _UPRIGHT else 1, None, transparent
 
 
-def _read_fallback(path: str) -> tuple[np.ndarray, int] | None:
-    """What OpenCV could not read (e.g. a TIFF whose orientation transposes it, which OpenCV 5
-    fails on): (the stored pixels in read_image's layouts, the EXIF orientation to apply), or None."""
+def _is_tiff(path: str) -> bool:
     try:
         with open(path, 'rb') as handle:
-            is_tiff = handle.read(4) in (b'II*\x00', b'MM\x00*', b'II+\x00', b'MM\x00+')
+            return handle.read(4) in (b'II*\x00', b'MM\x00*', b'II+\x00', b'MM\x00+')
     except OSError:
-        return None
-    if is_tiff and (tiff := _read_tiff(path)) is not None:
-        return tiff
-    return _read_with_pil(path)
+        return False
 
 
 def _read_tiff(path: str) -> tuple[np.ndarray, int] | None:
     """A gray / RGB TIFF's first page through tifffile, which keeps 16-bit colour and float samples
-    (PIL reduces 16-bit RGB to 8-bit and does not open float RGB); None for other photometrics."""
+    (PIL reduces 16-bit RGB to 8-bit and does not open float RGB); None for other photometrics and
+    what it cannot decode."""
     try:
         import tifffile
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            if page.photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB):
+            samples = {tifffile.PHOTOMETRIC.MINISBLACK: (1, 2), tifffile.PHOTOMETRIC.RGB: (3, 4)}
+            if page.samplesperpixel not in samples.get(page.photometric, ()):
                 return None
             img = page.asarray()
             tag = page.tags.get('Orientation')
@@ -133,8 +130,8 @@ def _read_tiff(path: str) -> tuple[np.ndarray, int] | None:
 
 
 def _read_with_pil(path: str) -> tuple[np.ndarray, int] | None:
-    """Through PIL, as stored, with its EXIF orientation (PIL's exif_transpose does not transpose
-    the pixels of 16-bit gray)."""
+    """What OpenCV could not read, through PIL: (the stored pixels in read_image's layouts, the
+    EXIF orientation to apply; PIL's exif_transpose does not transpose 16-bit gray), or None."""
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -169,9 +166,13 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     its EXIF orientation: HxW, or HxWxC with C = 2 (gray + alpha), 3 (BGR) or 4 (BGRA). Float pixels
     must lie in [0, 1] (up to ``FLOAT_SLACK``)."""
     path = os.fspath(path)
-    img = imread_quiet(path, cv2.IMREAD_UNCHANGED)
+    # TIFFs through tifffile where it decodes them (not LZW/JPEG without imagecodecs): OpenCV 5 reads
+    # samples stored in separate planes and 16-bit gray + alpha as wrong pixels, and fails on
+    # orientations that transpose
+    tiff = _read_tiff(path) if _is_tiff(path) else None
+    img = None if tiff else imread_quiet(path, cv2.IMREAD_UNCHANGED)
     if img is None:
-        fallback = _read_fallback(path)  # gray + alpha as 2 channels
+        fallback = tiff or _read_with_pil(path)  # e.g. a TIFF tifffile cannot decode; gray + alpha as 2 channels
         if fallback is None:
             raise InferenceError(f'cannot read image {path} (corrupt or not a supported image)')
         (img, orientation), mode, incomplete, transparent = fallback, None, None, None

@@ -1,4 +1,6 @@
 """basicsr upscale / esc_arch.inference: every image kind, tiling, batching, precision, errors."""
+import itertools
+
 import cv2
 import numpy as np
 import pytest
@@ -201,28 +203,34 @@ def test_exif_orientation_is_applied(tmp_path, ext):
         assert np.abs(got.astype(int) - upright).max() <= (3 if ext == '.jpg' else 0), (ext, orientation)
 
 
-def test_sideways_tiffs_keep_their_type_and_turn_upright(tmp_path):
-    # OpenCV 5 cannot read a TIFF whose orientation transposes it; PIL, the old fallback, read
-    # 16-bit colour as 8-bit, left 16-bit gray sideways and could not open float colour
+def test_sideways_and_planar_tiffs_keep_their_type_and_turn_upright(tmp_path):
+    # OpenCV 5 cannot read a TIFF whose orientation transposes it (PIL, the old fallback, read
+    # 16-bit colour as 8-bit, left 16-bit gray sideways and could not open float colour), and reads
+    # samples stored in separate planes as wrong pixels, even upright
     import tifffile
     rng = np.random.default_rng(5)
     rgb16 = rng.integers(0, 65536, (6, 10, 3), dtype=np.uint16)
     kinds = {'rgb16': (rgb16, 'rgb'), 'gray16': (rgb16[:, :, 0], 'minisblack'),
              'float': ((rgb16 / 65535).astype(np.float32), 'rgb'),
-             'rgba16': (np.concatenate([rgb16, rgb16[:, :, :1]], axis=2), 'rgb')}
-    for orientation in range(1, 9):
-        for name, (stored, photometric) in kinds.items():
-            path = tmp_path / f'{name}_o{orientation}.tif'
-            alpha = dict(extrasamples=['unassalpha']) if stored.ndim == 3 and stored.shape[2] == 4 else {}
-            tifffile.imwrite(path, stored, photometric=photometric, extratags=[(0x0112, 'H', 1, orientation, True)],
-                             **alpha)
-            bgr = stored if stored.ndim == 2 else stored[:, :, [2, 1, 0, 3][:stored.shape[2]]]
-            # upright by the TIFF convention, written out: where the stored row 0 / column 0 lie
-            upright = {1: bgr, 2: bgr[:, ::-1], 3: bgr[::-1, ::-1], 4: bgr[::-1], 5: bgr.swapaxes(0, 1),
-                       6: bgr.swapaxes(0, 1)[:, ::-1], 7: bgr.swapaxes(0, 1)[::-1, ::-1],
-                       8: bgr.swapaxes(0, 1)[::-1]}[orientation]
-            got = read_image(path)
-            assert got.dtype == stored.dtype and np.array_equal(got, upright), (name, orientation)
+             'rgba16': (np.concatenate([rgb16, rgb16[:, :, :1]], axis=2), 'rgb'),
+             'gray_alpha16': (rgb16[:, :, :2], 'minisblack')}
+    for orientation, planar, (name, (stored, photometric)) in itertools.product(range(1, 9), (False, True),
+                                                                                kinds.items()):
+        if stored.ndim == 2 and planar:
+            continue
+        path = tmp_path / f'{name}_o{orientation}{"_planar" * planar}.tif'
+        extra = dict(extrasamples=['unassalpha']) if stored.ndim == 3 and stored.shape[2] in (2, 4) else {}
+        if planar:
+            extra.update(planarconfig='separate')
+        tifffile.imwrite(path, np.moveaxis(stored, -1, 0) if planar else stored, photometric=photometric,
+                         extratags=[(0x0112, 'H', 1, orientation, True)], **extra)
+        bgr = stored if stored.ndim == 2 or stored.shape[2] == 2 else stored[:, :, [2, 1, 0, 3][:stored.shape[2]]]
+        # upright by the TIFF convention, written out: where the stored row 0 / column 0 lie
+        upright = {1: bgr, 2: bgr[:, ::-1], 3: bgr[::-1, ::-1], 4: bgr[::-1], 5: bgr.swapaxes(0, 1),
+                   6: bgr.swapaxes(0, 1)[:, ::-1], 7: bgr.swapaxes(0, 1)[::-1, ::-1],
+                   8: bgr.swapaxes(0, 1)[::-1]}[orientation]
+        got = read_image(path)
+        assert got.dtype == stored.dtype and np.array_equal(got, upright), (name, orientation, planar)
 
 
 def test_gray_with_a_transparent_level_keeps_it_as_alpha(tmp_path):
