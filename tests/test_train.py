@@ -143,6 +143,11 @@ def test_train_kill_resume_then_test(tmp_path):
     images = sorted((tmp_path / 'results' / 'tiny_test' / 'visualization' / 'tinytest').glob('*.png'))
     assert len(images) == 4
     assert cv2.imread(str(images[0])).shape == (32, 32, 3)
+    # an empty `val:` (all of it commented out) is no val section: images saved, no metrics
+    test_opt.update(name='tiny_test_noval', val=None)
+    result = basicsr('test', '-opt', write_yaml(tmp_path / 'noval.yml', test_opt), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / 'results' / 'tiny_test_noval' / 'visualization' / 'tinytest').glob('*.png'))) == 4
 
 
 def test_nan_loss_stops_with_message(tmp_path):
@@ -565,6 +570,22 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
                                                            for i in range(4)))
     check(lambda o: o['datasets']['train'].update(io_backend=dict(type='lmdb'), dataroot_gt=str(lmdbs['gt']),
                                                   dataroot_lq=str(lmdbs['lq'])))
+    # a phone photo: stored 40 wide and 32 high with EXIF orientation 6, which OpenCV (so BasicSR)
+    # decodes turned, 32 wide and 40 high; its LQ made from that decode is 8 x 10
+    from PIL import Image
+    turned = tmp_path / 'turned'
+    (turned / 'hr').mkdir(parents=True)
+    (turned / 'lr').mkdir()
+    photo = Image.fromarray(np.zeros((32, 40, 3), np.uint8))
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(turned / 'hr' / 'p.jpg', exif=exif.tobytes())
+    assert cv2.imread(str(turned / 'hr' / 'p.jpg')).shape[:2] == (40, 32)
+    cv2.imwrite(str(turned / 'lr' / 'p.jpg'), np.zeros((10, 8, 3), np.uint8))
+    check(lambda o: o['datasets']['val'].update(dataroot_gt=str(turned / 'hr'), dataroot_lq=str(turned / 'lr')))
+    capsys.readouterr()
+    check(lambda o: o['path'].update(experiments_root='elsewhere'))
+    assert "warning: path.experiments_root is set by BasicSR from the run's name" in capsys.readouterr().err
     # refused before training: what BasicSR fails on later
     refused = {
         "SGD.*unexpected keyword argument 'betas'": lambda o: o['train']['optim_g'].update(type='SGD'),
@@ -674,6 +695,24 @@ def test_every_pair_and_option_basicsr_reads_later_is_checked_first(tmp_path, mo
         lambda o: o['path'].update(pretrain_network_g=str(tmp_path / 'x2.pth')), is_train=False)
     assert 'path.pretrained_network_g is not an option BasicSR reads (did you mean pretrain_network_g?)' in error(
         lambda o: o['path'].update(pretrained_network_g=str(tmp_path / 'x2.pth')), is_train=False)
+    # metrics taking tensors, where SRModel's validation gives arrays (a traceback at the first validation)
+    assert 'calculate_psnr_pt takes tensors, but ESCSRModel validates on uint8 images (arrays): use calculate_psnr' in \
+        error(psnr(type='calculate_psnr_pt'))
+    # BasicSR archives experiments/<name> and makes its folders before these fail
+    assert 'logger.wandb.project is set but wandb is not installed' in error(
+        lambda o: o['logger'].update(wandb=dict(project='mine')))
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: object() if name == 'wandb' else real_find_spec(
+        name, *a))
+    assert 'logger.wandb needs logger.use_tb_logger: true' in error(
+        lambda o: o['logger'].update(wandb=dict(project='m')))
+    monkeypatch.setattr(importlib.util, 'find_spec', real_find_spec)
+    earlier = tmp_path / 'experiments' / 'tiny' / 'models'
+    earlier.mkdir(parents=True)
+    torch.save({'params': ESC(**{k: v for k, v in TINY_ESC.items() if k != 'type'}).state_dict()}, earlier / 'net.pth')
+    assert 'lies in experiments/tiny, which this run archives (renames) before it loads it' in error(
+        lambda o: o['path'].update(pretrain_network_g='experiments/tiny/models/net.pth'))
 
 
 def real_options(tmp_path: Path, model_file: str, **extra) -> dict:

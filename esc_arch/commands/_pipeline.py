@@ -191,9 +191,17 @@ PATH_KEYS = ('pretrain_network_g', 'param_key_g', 'strict_load_g', 'resume_state
              'training_states', 'log', 'visualization', 'results_root', 'root')
 
 
+# what BasicSR's parse_options sets itself, from the run's name (an option's value is overwritten)
+SET_PATH_KEYS = ('experiments_root', 'models', 'training_states', 'log', 'visualization', 'results_root')
+
+
 def _check_path_keys(paths: dict, opt_path: str) -> None:
     """``pretrained_network_g`` is not read, and BasicSR makes a folder of its value."""
     import difflib
+    for key in SET_PATH_KEYS:
+        if paths.get(key) is not None:
+            print(f'warning: path.{key} is set by BasicSR from the run\'s name (experiments/<name>/..., '
+                  f'results/<name>/...); {paths[key]!r} in {opt_path} is ignored', file=sys.stderr)
     for key in paths:
         close = difflib.get_close_matches(key, PATH_KEYS, n=1, cutoff=0.8) if key not in PATH_KEYS else None
         if close:
@@ -362,6 +370,9 @@ def _check_metrics(opt: dict, opt_path: str) -> None:
             raise OptionError(f'unknown metric {kind!r} (val.metrics.{name}.type in {opt_path}); '
                               f'registered metrics: {_registered(METRIC_REGISTRY)}')
         where = f'val.metrics.{name} in {opt_path}'
+        if kind.endswith('_pt') and _validates_on_arrays(opt.get('model_type')):
+            raise OptionError(f'{kind} takes tensors, but {opt["model_type"]} validates on uint8 images (arrays): '
+                              f'use {kind[:-3]} ({where})')
         function = METRIC_REGISTRY.get(kind)
         arguments = {k: v for k, v in metric.items() if k not in ('type', 'better')}
         params = list(inspect.signature(function).parameters)
@@ -384,6 +395,18 @@ def _check_metrics(opt: dict, opt_path: str) -> None:
             raise OptionError(f'val.metrics {", ".join(needs_gt)} compare with GT images, but datasets.{phase} '
                               f'(SingleImageDataset) has none, in {opt_path}: remove them (calculate_niqe needs no GT) '
                               'or use a PairedImageDataset with dataroot_gt')
+
+
+def _validates_on_arrays(model_type) -> bool:
+    """Whether the model validates as BasicSR's SRModel family does (its own and ours), giving the
+    metrics numpy uint8 images; a model of another package may have its own validation."""
+    from basicsr.models.sr_model import SRModel
+    from basicsr.utils.registry import MODEL_REGISTRY
+    if not _known(MODEL_REGISTRY, model_type):
+        return False
+    model = MODEL_REGISTRY.get(model_type)
+    return (isinstance(model, type) and issubclass(model, SRModel)
+            and model.nondist_validation.__module__.startswith(('basicsr.', 'esc_arch.')))
 
 
 def _world_size(args) -> int:
@@ -499,6 +522,9 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
                           'network; give the checkpoint to test')
     if not resuming:
         _check_pretrained(opt, opt_path, is_train)
+    if is_train:
+        _check_not_in_archived_folder(opt, opt_path, args, resuming)
+        _check_wandb(opt, opt_path, args)
 
     num_gpu = opt['num_gpu']
     if num_gpu != 'auto' and not (isinstance(num_gpu, int) and num_gpu >= 0):
@@ -514,6 +540,34 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
             resolve_amp(opt['train'].get('amp'), torch.device('cpu'))
         except ValueError as exc:
             raise OptionError(f'{exc} ({opt_path})') from None
+
+
+def _check_not_in_archived_folder(opt: dict, opt_path: str, args, resuming: bool) -> None:
+    """A new run renames an existing experiments/<name> to <name>_archived_<time> before it loads
+    its networks: a pretrained file inside that folder is gone by then (FileNotFoundError)."""
+    if resuming:
+        return
+    folder = osp.realpath(osp.join('experiments', _experiment_name(opt, args)))
+    for key, value in opt['path'].items():
+        if key.startswith('pretrain_network') and isinstance(value, str):
+            if osp.realpath(osp.expanduser(value)).startswith(folder + os.sep):
+                raise OptionError(f'path.{key} {value} lies in {osp.relpath(folder)}, which this run archives '
+                                  f'(renames) before it loads it: copy the file out, or give the run another name '
+                                  f'({opt_path})')
+
+
+def _check_wandb(opt: dict, opt_path: str, args) -> None:
+    """BasicSR starts wandb after it has archived the old run and made the new folders."""
+    import importlib.util
+    wandb = (opt.get('logger') or {}).get('wandb') or {}
+    if not isinstance(wandb, dict) or wandb.get('project') is None or 'debug' in _experiment_name(opt, args):
+        return
+    if importlib.util.find_spec('wandb') is None:
+        raise OptionError(f'logger.wandb.project is set but wandb is not installed (pip install wandb), in {opt_path}; '
+                          'or remove logger.wandb')
+    if opt['logger'].get('use_tb_logger') is not True:
+        raise OptionError(f'logger.wandb needs logger.use_tb_logger: true (BasicSR syncs the tensorboard log to '
+                          f'wandb), in {opt_path}')
 
 
 def _experiment_name(opt: dict, args) -> str:
@@ -718,7 +772,8 @@ def _parse_options_wrapper(original):
                     print(f'{dataset.get("name")}: prefetch_mode cuda needs a GPU; using the plain loader.', flush=True)
                 dataset['pin_memory'] = False
         if not is_train:
-            opt.setdefault('val', OrderedDict(save_img=True))
+            if not isinstance(opt.get('val'), dict):  # none, or an empty `val:` (None)
+                opt['val'] = OrderedDict(save_img=True)
             opt['val'].setdefault('suffix', None)
             opt['val'].setdefault('save_img', True)
         return opt, args
