@@ -586,6 +586,13 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
     capsys.readouterr()
     check(lambda o: o['path'].update(experiments_root='elsewhere'))
     assert "warning: path.experiments_root is set by BasicSR from the run's name" in capsys.readouterr().err
+    for side in ('hr', 'lr'):  # a1.png and a1.jpg: BasicSR saves both as a1_<suffix>.png
+        cv2.imwrite(str(turned / side / 'p.png'), np.zeros((40, 32) if side == 'hr' else (10, 8), np.uint8))
+    check(lambda o: o['datasets']['val'].update(dataroot_gt=str(turned / 'hr'), dataroot_lq=str(turned / 'lr')))
+    assert 'warning: p.jpg and p.png save to one output image' not in capsys.readouterr().err  # save_img is off
+    check(lambda o: (o['val'].update(save_img=True), o['datasets']['val'].update(
+        dataroot_gt=str(turned / 'hr'), dataroot_lq=str(turned / 'lr'))))
+    assert 'warning: p.jpg and p.png save to one output image' in capsys.readouterr().err
     # refused before training: what BasicSR fails on later
     refused = {
         "SGD.*unexpected keyword argument 'betas'": lambda o: o['train']['optim_g'].update(type='SGD'),

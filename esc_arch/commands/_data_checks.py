@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from os import path as osp
 
@@ -205,6 +206,19 @@ def _check_batch(count: int, dataset: dict, where: str, world: int) -> None:
                               f'{available} sample(s){per}, fewer than batch_size_per_gpu {batch} ({where})')
 
 
+def _warn_shared_output_names(lq_paths: list[str], where: str) -> None:
+    """BasicSR saves an output as <LQ name without extension>_<suffix>.png: a1.png and a1.jpg write
+    one file (the metrics still count both)."""
+    by_stem: dict[str, list[str]] = {}
+    for path in lq_paths:
+        by_stem.setdefault(osp.splitext(osp.basename(path))[0], []).append(osp.basename(path))
+    shared = [names for names in by_stem.values() if len(names) > 1]
+    if shared:
+        print(f'warning: {" and ".join(shared[0])}{f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""} '
+              f'save to one output image, the last written kept ({where}; BasicSR names outputs by the name '
+              'without its extension)', file=sys.stderr)
+
+
 def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int = 1) -> None:
     """Every GT/LQ pair (or LQ image) the data set will read: readable, x scale, at least gt_size,
     and enough of them for a training batch."""
@@ -237,6 +251,8 @@ def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int
         _check_pair_sizes(pairs, sizes_gt, sizes_lq, phase, dataset, opt.get('scale'), where)
         if phase.startswith('train'):
             _check_batch(len(pairs), dataset, where, world)
+        elif (opt.get('val') or {}).get('save_img'):
+            _warn_shared_output_names([lq for _, _, lq in pairs], where)
     elif kind == 'SingleImageDataset' and backend == 'disk' and osp.isdir(folders.get('dataroot_lq', '')):
         meta = dataset.get('meta_info_file')
         if meta:
