@@ -803,3 +803,68 @@ def test_the_avx2_build_on_an_avx512_cpu(op):
     result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'max error' in result.stdout
+
+
+def test_a_model_in_channels_last_memory_format_runs_the_fast_path_exactly():
+    # model.to(memory_format=torch.channels_last) gave 3x3 weights the Winograd kernel refused
+    # ("conv3x3: contiguous float32 CPU tensors only")
+    import copy
+    for cls in (ESC, ESCFP):
+        model = cls(dim=16, pdim=8, kernel_size=13, n_blocks=1, conv_blocks=1, window_size=8, num_heads=2,
+                    upscaling_factor=2).eval()
+        reference = copy.deepcopy(model).double()
+        model = model.to(memory_format=torch.channels_last).deploy()
+        x = torch.rand(1, 3, 40, 48)
+        with torch.no_grad():
+            expected = reference(x.double())
+            assert (model(x).double() - expected).abs().max().item() < 1e-4 * max(1.0, expected.abs().max().item())
+
+
+def test_one_deployed_model_serves_several_threads(op):
+    # the per-size spectra cache was evicted while another thread summed it: "dictionary keys
+    # changed during iteration" (more sizes than it keeps; a tiny switch interval widens the race)
+    import threading
+    model = ESC(dim=16, pdim=8, kernel_size=13, n_blocks=1, conv_blocks=1, window_size=8, num_heads=2,
+                upscaling_factor=2).eval().deploy()
+    inputs = [torch.rand(1, 3, 32, 32 + i) for i in range(8)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    errors = []
+
+    def work(first):
+        try:
+            with torch.no_grad():
+                for step in range(12):
+                    index = (first * 3 + step) % len(inputs)
+                    assert (model(inputs[index]) - expected[index]).abs().max().item() < 1e-5
+        except Exception as exc:  # reported below
+            errors.append(repr(exc))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(i, )) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    # disabled() is per thread: another thread inside it does not switch this thread's kernels off
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold():
+        with disabled():
+            inside.set()
+            leave.wait(10)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(10)
+        assert window_attention_op() is not None
+        with disabled():
+            assert window_attention_op() is None
+        assert window_attention_op() is not None
+    finally:
+        leave.set()
+        holder.join()

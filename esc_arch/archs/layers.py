@@ -236,8 +236,14 @@ def _residual_fits(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | No
                                 and residual.shape == (b, conv.out_channels, h, w))
 
 
+def _weight_fits(conv: nn.Conv2d) -> bool:
+    """The kernels read a float32 weight in its default layout (a model moved to channels-last
+    memory format has 3x3 weights that are not)."""
+    return conv.weight.dtype == torch.float32 and conv.weight.is_contiguous()
+
+
 def _winograd_applies(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    return (cpu_float32_inference(x) and is_channels_last(x) and conv.weight.dtype == torch.float32
+    return (cpu_float32_inference(x) and is_channels_last(x) and _weight_fits(conv)
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == 'zeros'
             and conv.bias is not None and conv.in_channels % 8 == 0 and conv.out_channels % 8 == 0
@@ -245,7 +251,7 @@ def _winograd_applies(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor |
 
 
 def _conv1x1_applies(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    return (cpu_float32_inference(x) and is_channels_last(x) and conv.weight.dtype == torch.float32
+    return (cpu_float32_inference(x) and is_channels_last(x) and _weight_fits(conv)
             and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
             and conv.groups == 1 and conv.bias is not None and conv.out_channels % 8 == 0
             and _residual_fits(conv, x, residual) and conv1x1_preferred())
@@ -410,13 +416,18 @@ class LargeKernel:
         op = spectral_mix_op() if x.dtype == torch.float32 else None
         factored = op is not None and self._factorable()
         key = (size, x.dtype, factored)
+        # one deployed model may serve several threads: every step below is one dict operation
+        # (atomic under the GIL), no iteration over the dict while another thread changes it
         kernel = self._spectra.pop(key, None)  # re-inserted last: least recently used go first
         if kernel is None:
             kernel = self._spectrum(size, x.dtype, factored)
         self._spectra[key] = kernel
         while len(self._spectra) > 1 and (len(self._spectra) > self.max_spectra or sum(
-                _nbytes(t) for t in self._spectra.values()) > self.max_spectra_bytes):
-            del self._spectra[next(iter(self._spectra))]
+                _nbytes(t) for t in list(self._spectra.values())) > self.max_spectra_bytes):
+            oldest = next(iter(list(self._spectra)), None)
+            if oldest is None or oldest == key:
+                break
+            self._spectra.pop(oldest, None)
         signal = torch.fft.rfft2(x, s=size) if padded is None else torch.fft.rfft2(padded)  # (B, in, h, w)
         if factored:
             rows, cols = kernel
@@ -504,7 +515,7 @@ class ConvFFN(nn.Module):
 
     def _fused_applies(self, x: torch.Tensor) -> bool:
         return (cpu_float32_inference(x) and is_channels_last(x) and self.dwc.kernel_size == (3, 3)
-                and self.aggr.out_channels % 8 == 0 and self.proj.weight.dtype == torch.float32
+                and self.aggr.out_channels % 8 == 0 and all(map(_weight_fits, (self.proj, self.dwc, self.aggr)))
                 and conv_ffn_op() is not None)
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:

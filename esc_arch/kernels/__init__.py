@@ -33,6 +33,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -46,7 +47,8 @@ HEADERS = [HERE / 'vec.h', HERE / 'gemm.h', HERE / 'parallel.h']
 ENV_SWITCH = 'ESC_CPU_KERNELS'
 logger = logging.getLogger(__name__)
 
-_state: dict = {}  # 'ok': whether the library loaded, 'why': why not, 'disabled': see disabled()
+_state: dict = {}  # 'ok': whether the library loaded, 'why': why not
+_disabled = threading.local()  # .on: inside disabled(), per thread (another thread keeps the kernels)
 
 # compiler flags of each build; the sources pick their vector width from the macros they define
 ISA_FLAGS = {'avx2': ['-mavx2', '-mfma'], 'avx512': ['-mavx512f', '-mavx2', '-mfma']}
@@ -139,19 +141,19 @@ def _loaded() -> bool:
 
 def _op(name: str):
     """``torch.ops.esc_arch.<name>``, or None while ``disabled()`` or where the library is unavailable."""
-    return getattr(torch.ops.esc_arch, name) if not _state.get('disabled') and _loaded() else None
+    return getattr(torch.ops.esc_arch, name) if not getattr(_disabled, 'on', False) and _loaded() else None
 
 
 @contextlib.contextmanager
 def disabled():
     """Within this block the accessors return None, so the layers run PyTorch's aten operators (e.g.
     to count FLOPs, which PyTorch's counter cannot see inside a custom kernel)."""
-    before = _state.get('disabled', False)
-    _state['disabled'] = True
+    before = getattr(_disabled, 'on', False)
+    _disabled.on = True
     try:
         yield
     finally:
-        _state['disabled'] = before
+        _disabled.on = before
 
 
 def window_attention_op():
@@ -252,7 +254,7 @@ def onednn_conv_add_op():
 
     op(residual, x, weight, bias, padding, stride, dilation, groups, 'add', 1.0, None, [], None)
     """
-    if _state.get('disabled'):
+    if getattr(_disabled, 'on', False):
         return None
     try:
         return torch.ops.mkldnn._convolution_pointwise_.binary if torch.backends.mkldnn.is_available() else None
