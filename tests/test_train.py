@@ -602,6 +602,9 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
         '2 periods but 1 restart_weights': lambda o: o['train'].update(
             scheduler=dict(type='CosineAnnealingRestartLR', periods=[2, 2], restart_weights=[1])),
         'train.scheduler is missing': lambda o: o['train'].pop('scheduler'),
+        'train.optim_g is missing': lambda o: o['train'].pop('optim_g'),
+        "train.optim_g must be a mapping of options .* in x.yml, got 'Adam'": lambda o: o[
+            'train'].update(optim_g='Adam'),
         'needs a pixel_opt or perceptual_opt': lambda o: o['train'].pop('pixel_opt'),
         'val.val_freq must be a whole number of iterations >= 1, got None': lambda o: o['val'].pop('val_freq'),
     }

@@ -290,6 +290,9 @@ def _check_train_section(opt: dict, opt_path: str) -> None:
                           'above it it runs away')
     for key, value in train.items():
         if not isinstance(value, dict):
+            if (key.startswith('optim_') or key == 'scheduler' or key.endswith('_opt')) and value is not None:
+                raise OptionError(f'train.{key} must be a mapping of options (type: ..., ...) in {opt_path}, got '
+                                  f'{value!r} (--force_yml sets strings and numbers only: write mappings in the file)')
             continue
         if key.startswith('optim_'):
             if not _is_number(value.get('lr')):
@@ -305,6 +308,8 @@ def _check_train_section(opt: dict, opt_path: str) -> None:
                               f'registered losses: {_registered(LOSS_REGISTRY)}')
     model = opt.get('model_type')
     if model in ('ESCSRModel', 'ESRModel', 'SRModel', 'SwinIRModel'):  # SRModel's set-up
+        if not isinstance(train.get('optim_g'), dict):
+            raise OptionError(f'{opt_path}: train.optim_g is missing (e.g. type: Adam, lr: 2e-4, betas: [0.9, 0.99])')
         if not isinstance(train.get('scheduler'), dict):
             raise OptionError(f'{opt_path}: train.scheduler is missing (e.g. type: MultiStepLR, milestones, gamma)')
         if not isinstance(train.get('pixel_opt'), dict) and not isinstance(train.get('perceptual_opt'), dict):
