@@ -106,6 +106,13 @@ def _is_tiff(path: str) -> bool:
         return False
 
 
+def _as_read(rgb: np.ndarray, orientation: int) -> tuple[np.ndarray, int]:
+    """A fallback reader's result in read_image's layouts: RGB(A) as BGR(A), a known orientation."""
+    if rgb.ndim == 3 and rgb.shape[2] in (3, 4):
+        rgb = rgb[:, :, [2, 1, 0, 3][:rgb.shape[2]]]
+    return np.ascontiguousarray(rgb), orientation if orientation in _UPRIGHT else 1
+
+
 def _read_tiff(path: str) -> tuple[np.ndarray, int] | None:
     """A gray / RGB TIFF's first page through tifffile, which keeps 16-bit colour and float samples
     (PIL reduces 16-bit RGB to 8-bit and does not open float RGB); None for other photometrics and
@@ -124,9 +131,7 @@ def _read_tiff(path: str) -> tuple[np.ndarray, int] | None:
                 img = np.moveaxis(img, 0, -1)
     except Exception:
         return None
-    if img.ndim == 3 and img.shape[2] in (3, 4):
-        img = img[:, :, [2, 1, 0, 3][:img.shape[2]]]  # RGB(A) -> BGR(A)
-    return np.ascontiguousarray(img), orientation if orientation in _UPRIGHT else 1
+    return _as_read(img, orientation)
 
 
 def _read_with_pil(path: str) -> tuple[np.ndarray, int] | None:
@@ -141,9 +146,7 @@ def _read_with_pil(path: str) -> tuple[np.ndarray, int] | None:
             img = np.asarray(im)
     except Exception:
         return None
-    if img.ndim == 3 and img.shape[2] in (3, 4):
-        img = img[:, :, [2, 1, 0, 3][:img.shape[2]]]  # RGB(A) -> BGR(A)
-    return np.ascontiguousarray(img), orientation if orientation in _UPRIGHT else 1
+    return _as_read(img, orientation)
 
 
 def _write_png_gray_alpha16(path: str, img: np.ndarray) -> None:
@@ -184,20 +187,17 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InferenceError(f'{path}: unsupported pixel type {img.dtype} (8-bit, 16-bit or float only)')
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
-    if mode in ('LA', 'La'):  # gray + alpha, which OpenCV reads as BGRA (PNG) or drops the alpha of
-        if img.ndim == 3 and img.shape[2] == 4:
-            img = img[:, :, [0, 3]]
-        elif img.ndim == 2 and img.dtype == np.uint8:
-            from PIL import Image
-            with Image.open(path) as im:
-                img = np.asarray(im.convert('LA'))
-    elif transparent is not None and img.ndim == 2:  # gray whose transparent level (PNG tRNS) OpenCV drops
-        if img.dtype == np.uint8:
-            from PIL import Image
-            with Image.open(path) as im:
-                img = np.asarray(im.convert('LA'))  # PIL maps the level of 1/2/4-bit gray too
-        else:
-            img = np.stack([img, np.where(img == transparent, 0, DTYPE_RANGE[img.dtype]).astype(img.dtype)], axis=2)
+    # gray + alpha, which OpenCV reads as BGRA (PNG) or without its alpha, as it reads a gray image's
+    # transparent level (PNG tRNS)
+    gray_alpha = mode in ('LA', 'La')
+    if gray_alpha and img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, [0, 3]]
+    elif (gray_alpha or transparent is not None) and img.ndim == 2 and img.dtype == np.uint8:
+        from PIL import Image
+        with Image.open(path) as im:
+            img = np.asarray(im.convert('LA'))  # PIL maps the transparent level of 1/2/4-bit gray too
+    elif transparent is not None and img.ndim == 2:
+        img = np.stack([img, np.where(img == transparent, 0, DTYPE_RANGE[img.dtype]).astype(img.dtype)], axis=2)
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (2, 3, 4)):
         raise InferenceError(f'{path}: unsupported image layout {img.shape}')
     if img.dtype.kind == 'f' and (problem := float_range_problem(img, FLOAT_SLACK)):

@@ -31,8 +31,8 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict:
     if not isinstance(data, Mapping):
         raise CheckpointError(f'a checkpoint must hold a dict of tensors, got {type(data).__name__}')
     if {'iter', 'optimizers', 'schedulers'} <= set(data):
-        where = f' {os.fspath(source)}' if isinstance(source, (str, os.PathLike)) else ''
-        raise CheckpointError(f'{where.strip() or "this"} is a BasicSR training state (optimizers and schedulers, '
+        what = os.fspath(source) if isinstance(source, (str, os.PathLike)) else 'this'
+        raise CheckpointError(f'{what} is a BasicSR training state (optimizers and schedulers, '
                               f'for resuming; iteration {data.get("iter")}), not network weights: give the run\'s '
                               f'models/net_g_{data.get("iter")}.pth instead')
     for key in WRAPPER_KEYS:

@@ -16,7 +16,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from os import path as osp
 
-from ..data.image_files import list_images
+from ..data.image_files import list_images, name_clashes
 from ..messages import OptionError, first_line
 
 PAIRED_TYPES = ('PairedImageDataset', 'RealESRGANPairedDataset')  # GT + LQ pairs, BasicSR's pairing
@@ -209,10 +209,7 @@ def _check_batch(count: int, dataset: dict, where: str, world: int) -> None:
 def _warn_shared_output_names(lq_paths: list[str], where: str) -> None:
     """BasicSR saves an output as <LQ name without extension>_<suffix>.png: a1.png and a1.jpg write
     one file (the metrics still count both)."""
-    by_stem: dict[str, list[str]] = {}
-    for path in lq_paths:
-        by_stem.setdefault(osp.splitext(osp.basename(path))[0], []).append(osp.basename(path))
-    shared = [names for names in by_stem.values() if len(names) > 1]
+    shared = name_clashes([osp.basename(path) for path in lq_paths], lambda name: osp.splitext(name)[0])
     if shared:
         print(f'warning: {" and ".join(shared[0])}{f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""} '
               f'save to one output image, the last written kept ({where}; BasicSR names outputs by the name '

@@ -527,8 +527,9 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
                           'network; give the checkpoint to test')
     if not resuming:
         _check_pretrained(opt, opt_path, is_train)
+        if is_train:
+            _check_not_in_archived_folder(opt, opt_path, args)
     if is_train:
-        _check_not_in_archived_folder(opt, opt_path, args, resuming)
         _check_wandb(opt, opt_path, args)
 
     num_gpu = opt['num_gpu']
@@ -547,11 +548,9 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
             raise OptionError(f'{exc} ({opt_path})') from None
 
 
-def _check_not_in_archived_folder(opt: dict, opt_path: str, args, resuming: bool) -> None:
+def _check_not_in_archived_folder(opt: dict, opt_path: str, args) -> None:
     """A new run renames an existing experiments/<name> to <name>_archived_<time> before it loads
     its networks: a pretrained file inside that folder is gone by then (FileNotFoundError)."""
-    if resuming:
-        return
     folder = osp.realpath(osp.join('experiments', _experiment_name(opt, args)))
     for key, value in opt['path'].items():
         if key.startswith('pretrain_network') and isinstance(value, str):

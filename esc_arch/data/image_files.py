@@ -30,6 +30,15 @@ def list_images(folder: str) -> list[str]:
                   and os.path.isfile(os.path.join(folder, name)))
 
 
+def name_clashes(names, key) -> list[list[str]]:
+    """The groups of ``names`` (in their order) that ``key`` maps to one name, e.g. ``x.png`` and
+    ``x.jpg`` to the output name ``x``."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(key(name), []).append(name)
+    return [group for group in groups.values() if len(group) > 1]
+
+
 def imread_quiet(path: str, flags: int):
     """``cv2.imread`` without OpenCV's log lines (a float TIFF read as 8-bit logs a warning before
     failing, a TIFF whose orientation transposes it an internal error): callers say what failed."""

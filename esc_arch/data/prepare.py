@@ -45,6 +45,7 @@ from .image_files import (
     bicubic_downscale,
     list_images,
     mod_crop,
+    name_clashes,
     png_complete,
     read_image_bgr,
     write_png_atomic,
@@ -203,10 +204,7 @@ def sub_image_stem(image_name: str) -> str:
 def _check_unique_stems(names: list[str], hr_folder: str) -> None:
     """Two images whose sub-images would share names (``x.png`` / ``x.jpg``, ``y.b.png`` /
     ``y_b.png``) would write over each other's patches: the HR of one paired with the LR of the other."""
-    by_stem: dict[str, list[str]] = {}
-    for name in names:
-        by_stem.setdefault(sub_image_stem(name), []).append(name)
-    clashes = [group for group in by_stem.values() if len(group) > 1]
+    clashes = name_clashes(names, sub_image_stem)
     if clashes:
         shown = '; '.join(' and '.join(group) for group in clashes[:3])
         more = f' (and {len(clashes) - 3} more)' if len(clashes) > 3 else ''

@@ -139,16 +139,20 @@ def _loaded() -> bool:
     return _state['ok']
 
 
+def _is_disabled() -> bool:
+    return getattr(_disabled, 'on', False)
+
+
 def _op(name: str):
     """``torch.ops.esc_arch.<name>``, or None while ``disabled()`` or where the library is unavailable."""
-    return getattr(torch.ops.esc_arch, name) if not getattr(_disabled, 'on', False) and _loaded() else None
+    return getattr(torch.ops.esc_arch, name) if not _is_disabled() and _loaded() else None
 
 
 @contextlib.contextmanager
 def disabled():
     """Within this block the accessors return None, so the layers run PyTorch's aten operators (e.g.
     to count FLOPs, which PyTorch's counter cannot see inside a custom kernel)."""
-    before = getattr(_disabled, 'on', False)
+    before = _is_disabled()
     _disabled.on = True
     try:
         yield
@@ -254,7 +258,7 @@ def onednn_conv_add_op():
 
     op(residual, x, weight, bias, padding, stride, dilation, groups, 'add', 1.0, None, [], None)
     """
-    if getattr(_disabled, 'on', False):
+    if _is_disabled():
         return None
     try:
         return torch.ops.mkldnn._convolution_pointwise_.binary if torch.backends.mkldnn.is_available() else None
