@@ -593,6 +593,10 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
     check(lambda o: (o['val'].update(save_img=True), o['datasets']['val'].update(
         dataroot_gt=str(turned / 'hr'), dataroot_lq=str(turned / 'lr'))))
     assert 'warning: p.jpg and p.png save to one output image' in capsys.readouterr().err
+    check(lambda o: (o['val'].update(save_img=True), o['val'].pop('metrics', None), o['datasets'].update(
+        val=dict(name='lq only', type='SingleImageDataset', dataroot_lq=str(turned / 'lr'),
+                 io_backend=dict(type='disk')))))  # no GT: BasicSR names the outputs the same way
+    assert 'warning: p.jpg and p.png save to one output image' in capsys.readouterr().err
     # refused before training: what BasicSR fails on later
     refused = {
         "SGD.*unexpected keyword argument 'betas'": lambda o: o['train']['optim_g'].update(type='SGD'),

@@ -257,7 +257,10 @@ def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int
                 names = [line.rstrip('\n').split(' ')[0] for line in handle if line.strip()]
         else:
             names = sorted(_file_names(folders['dataroot_lq']))
-        _header_sizes([osp.join(folders['dataroot_lq'], name) for name in names], where)
+        paths = [osp.join(folders['dataroot_lq'], name) for name in names]
+        _header_sizes(paths, where)
+        if not phase.startswith('train') and (opt.get('val') or {}).get('save_img'):
+            _warn_shared_output_names(paths, where)
 
 
 def check_meta_info_list(phase: str, dataset: dict, opt_path: str) -> None:
