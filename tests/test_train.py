@@ -523,6 +523,8 @@ def test_training_reaches_total_iter_on_a_small_data_set(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     log = newest_log(tmp_path / 'experiments' / 'tiny')
     assert re.search(r'iter:\s+5,', log) and not re.search(r'iter:\s+6,', log)
+    # the validation after the loop is labelled total_iter (BasicSR passes its counter, 6)
+    assert re.findall(r'Best: [\d.]+ @ (\d+) iter', log) == ['5']
 
 
 def test_a_corrupt_training_image_is_named(tmp_path):

@@ -24,6 +24,9 @@ traceback. A few BasicSR functions are replaced, never edited, for CPU and CPU-D
   give contiguous outputs there), and the training-pair queue is made on the batch's device.
 * ``vgg_arch.VGGFeatureExtractor`` (the perceptual loss): a failed download of its ImageNet
   weights is one line saying which file to put where, not a urllib traceback.
+* ``train.build_model``: the model's ``validation`` labels the final validation, after the loop,
+  ``total_iter`` (BasicSR passes its loop counter, one past the end: images ``*_1001.png`` and a
+  TensorBoard point at 1001 for a 1000-iteration run).
 * ``Registry.get``: a name BasicSR registered with its ``_basicsr`` suffix
   (``UNetDiscriminatorSN``) is found without BasicSR's 'Name ... is not found' line.
 """
@@ -869,6 +872,25 @@ class _WorkerInit:
             self.seeding(worker_id)
 
 
+def _validation_within_total_iter(build_model):
+    """BasicSR's training loop stops when its counter passes ``total_iter`` and then validates with
+    that counter: the last validation would be labelled ``total_iter + 1``."""
+    @functools.wraps(build_model)
+    def wrapper(opt):
+        model = build_model(opt)
+        total = (opt.get('train') or {}).get('total_iter')
+        validation = model.validation
+
+        @functools.wraps(validation)
+        def within_total(dataloader, current_iter, *args, **kwargs):
+            if isinstance(total, (int, float)) and isinstance(current_iter, int) and current_iter > total:
+                current_iter = int(total)
+            return validation(dataloader, current_iter, *args, **kwargs)
+        model.validation = within_total
+        return model
+    return wrapper
+
+
 def patch_basicsr(use_cuda: bool) -> None:
     """Install the replacements listed in the module docstring (idempotent)."""
     import basicsr.test
@@ -882,6 +904,7 @@ def patch_basicsr(use_cuda: bool) -> None:
         dist_util._init_dist_slurm = _init_dist_slurm
         basicsr.train.load_resume_state = load_resume_state
         basicsr.train.create_train_val_dataloader = _dataloader_wrapper(basicsr.train.create_train_val_dataloader)
+        basicsr.train.build_model = _validation_within_total_iter(basicsr.train.build_model)
         _patch_image_datasets()
         import importlib
         for module_name in _REAL_MODELS:
