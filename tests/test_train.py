@@ -511,6 +511,39 @@ def test_resume_checks_the_state_against_the_options(tmp_path, capsys):
         load_resume_state(opt)
 
 
+class _Draws(torch.utils.data.Dataset):
+    """What an augmenting data set draws per sample (BasicSR's crops use random, flips NumPy)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        import random
+        return torch.tensor([np.random.rand(), random.random()], dtype=torch.float64)
+
+
+def test_loader_workers_draw_new_augmentations_every_epoch():
+    # BasicSR's worker_init_fn seeds every epoch's new workers alike: the same crops and flips again
+    from functools import partial
+
+    from basicsr.data import worker_init_fn
+
+    from esc_arch.commands._pipeline import _WorkerInit
+
+    def two_epochs(seed):
+        torch.manual_seed(seed)
+        loader = torch.utils.data.DataLoader(_Draws(), batch_size=2, num_workers=2, worker_init_fn=_WorkerInit(
+            partial(worker_init_fn, num_workers=2, rank=0, seed=seed)))
+        return [torch.cat(list(loader)) for _ in range(2)]
+
+    first, second = two_epochs(10)
+    assert not torch.equal(first, second)
+    assert not torch.equal(first[:2], first[2:])  # the two workers' draws differ
+    again = two_epochs(10)  # and manual_seed still fixes them
+    assert torch.equal(first, again[0]) and torch.equal(second, again[1])
+    assert not torch.equal(first, two_epochs(11)[0])
+
+
 def test_training_reaches_total_iter_on_a_small_data_set(tmp_path):
     # 4 pairs in batches of 3: BasicSR counts ceil(4 / 3) = 2 iterations per epoch, its loader
     # (drop_last) makes 1, so 5 iterations would have stopped after 3

@@ -12,6 +12,8 @@ traceback. A few BasicSR functions are replaced, never edited, for CPU and CPU-D
   back to an older state if the newest (or its network file) cannot be read.
 * ``train.create_train_val_dataloader``: the epoch count from the training loader's real length
   (it drops the last partial batch), so training reaches ``total_iter``.
+* the training loader's ``worker_init_fn``: the workers' ``random``/NumPy seeds differ between
+  epochs (BasicSR's repeat every epoch, as its workers restart, so do the crops and flips).
 * the image data sets' ``imfrombytes`` / ``__getitem__``: an image OpenCV cannot decode is an
   ``ImageDecodeError`` naming its files (BasicSR fails on ``None.astype`` without a name), also
   in spawned loader workers (DDP), which apply these patches when they start.
@@ -860,16 +862,28 @@ def _patch_image_datasets() -> None:
 
 
 class _WorkerInit:
-    """A training loader worker's start: the data sets' patches, then BasicSR's seeding. Under DDP
-    BasicSR starts workers by spawning, and a spawned worker imports BasicSR afresh, without them."""
+    """A training loader worker's start: the data sets' patches, then seeding. Under DDP BasicSR
+    starts workers by spawning, and a spawned worker imports BasicSR afresh, without the patches.
+
+    BasicSR seeds ``random`` and NumPy (the crops and flips) with seed + worker + rank, the same
+    every epoch, and its loader starts new workers every epoch (unless ``persistent_workers``): each
+    epoch would draw the same crop positions and flips again. The seed is PyTorch's for the worker
+    instead (a base drawn from the main process's generator for each epoch's workers, + the
+    worker's index), so it differs between epochs, workers and DDP processes (seeded seed + rank)
+    and is still fixed by ``manual_seed``."""
 
     def __init__(self, seeding):
         self.seeding = seeding
 
     def __call__(self, worker_id):
         _patch_image_datasets()
-        if self.seeding is not None:
-            self.seeding(worker_id)
+        if self.seeding is not None:  # BasicSR's, given a manual_seed: ours replaces it
+            import random
+
+            import numpy as np
+            seed = torch.initial_seed()
+            random.seed(seed)
+            np.random.seed(seed % 2 ** 32)
 
 
 def _validation_within_total_iter(build_model):
