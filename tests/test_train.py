@@ -558,6 +558,7 @@ def test_training_reaches_total_iter_on_a_small_data_set(tmp_path):
     assert re.search(r'iter:\s+5,', log) and not re.search(r'iter:\s+6,', log)
     # the validation after the loop is labelled total_iter (BasicSR passes its counter, 6)
     assert re.findall(r'Best: [\d.]+ @ (\d+) iter', log) == ['5']
+    assert re.search(r'iter:\s+5, .*\[eta: 0:00:00, ', log) and '-1 day' not in log  # BasicSR's said -1 day, 23:59:59
 
 
 def test_a_corrupt_training_image_is_named(tmp_path):

@@ -29,6 +29,8 @@ traceback. A few BasicSR functions are replaced, never edited, for CPU and CPU-D
 * ``train.build_model``: the model's ``validation`` labels the final validation, after the loop,
   ``total_iter`` (BasicSR passes its loop counter, one past the end: images ``*_1001.png`` and a
   TensorBoard point at 1001 for a 1000-iteration run).
+* ``train.MessageLogger``: the eta counts the iterations left (BasicSR's one fewer: the last
+  line said 'eta: -1 day, 23:59:59').
 * ``Registry.get``: a name BasicSR registered with its ``_basicsr`` suffix
   (``UNetDiscriminatorSN``) is found without BasicSR's 'Name ... is not found' line.
 """
@@ -886,6 +888,17 @@ class _WorkerInit:
             np.random.seed(seed % 2 ** 32)
 
 
+def _eta_of_the_iterations_left(message_logger):
+    """BasicSR's training log estimates the time left from ``total_iter - iter - 1`` iterations, one
+    too few: the last line said 'eta: -1 day, 23:59:59'."""
+    class MessageLogger(message_logger):
+        def __init__(self, opt, *args, **kwargs):
+            super().__init__(opt, *args, **kwargs)
+            self.max_iters += 1
+
+    return MessageLogger
+
+
 def _validation_within_total_iter(build_model):
     """BasicSR's training loop stops when its counter passes ``total_iter`` and then validates with
     that counter: the last validation would be labelled ``total_iter + 1``."""
@@ -919,6 +932,7 @@ def patch_basicsr(use_cuda: bool) -> None:
         basicsr.train.load_resume_state = load_resume_state
         basicsr.train.create_train_val_dataloader = _dataloader_wrapper(basicsr.train.create_train_val_dataloader)
         basicsr.train.build_model = _validation_within_total_iter(basicsr.train.build_model)
+        basicsr.train.MessageLogger = _eta_of_the_iterations_left(basicsr.train.MessageLogger)
         _patch_image_datasets()
         import importlib
         for module_name in _REAL_MODELS:
