@@ -79,6 +79,7 @@ setup(
         'scikit-image',
         'Pillow',  # image metadata: EXIF orientation, gray + alpha, truncated JPEGs
         'tifffile',  # TIFFs OpenCV cannot read (sideways-oriented ones): 16-bit colour and float kept
+        'imagecodecs',  # tifffile's decoders of compressed TIFFs (LZW, Zstd, ...), which OpenCV misreads
         'ninja',  # builds the fused CPU attention kernel (torch.utils.cpp_extension)
     ],
     extras_require={

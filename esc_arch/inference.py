@@ -116,7 +116,9 @@ def _as_read(rgb: np.ndarray, orientation: int) -> tuple[np.ndarray, int]:
 def _read_tiff(path: str) -> tuple[np.ndarray, int] | None:
     """A gray / RGB TIFF's first page through tifffile, which keeps 16-bit colour and float samples
     (PIL reduces 16-bit RGB to 8-bit and does not open float RGB); None for other photometrics and
-    what it cannot decode."""
+    what it cannot decode. Its compressions (LZW, Deflate, Zstd, JPEG, ...) come from imagecodecs:
+    without it OpenCV's reading of such files is no way out, as it gives wrong pixels for many
+    (premultiplied 8-bit RGBA, 16-bit gray + alpha or Zstd RGB as 8-bit, planar samples)."""
     try:
         import tifffile
         with tifffile.TiffFile(path) as tif:
@@ -124,11 +126,19 @@ def _read_tiff(path: str) -> tuple[np.ndarray, int] | None:
             samples = {tifffile.PHOTOMETRIC.MINISBLACK: (1, 2), tifffile.PHOTOMETRIC.RGB: (3, 4)}
             if page.samplesperpixel not in samples.get(page.photometric, ()):
                 return None
-            img = page.asarray()
+            try:
+                img = page.asarray()
+            except ValueError as exc:
+                if 'imagecodecs' in str(exc):
+                    raise InferenceError(f'cannot read image {path}: its {getattr(page.compression, "name", page.compression)} compression needs '
+                                         'the imagecodecs package (pip install imagecodecs)') from None
+                raise
             tag = page.tags.get('Orientation')
             orientation = int(tag.value) if tag is not None else 1
             if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and img.ndim == 3:
                 img = np.moveaxis(img, 0, -1)
+    except InferenceError:
+        raise
     except Exception:
         return None
     return _as_read(img, orientation)
@@ -169,9 +179,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     its EXIF orientation: HxW, or HxWxC with C = 2 (gray + alpha), 3 (BGR) or 4 (BGRA). Float pixels
     must lie in [0, 1] (up to ``FLOAT_SLACK``)."""
     path = os.fspath(path)
-    # TIFFs through tifffile where it decodes them (not LZW/JPEG without imagecodecs): OpenCV 5 reads
-    # samples stored in separate planes and 16-bit gray + alpha as wrong pixels, and fails on
-    # orientations that transpose
+    # TIFFs through tifffile (+ imagecodecs): OpenCV 5 reads samples stored in separate planes,
+    # 16-bit gray + alpha and compressed RGBA as wrong pixels, and fails on orientations that transpose
     tiff = _read_tiff(path) if _is_tiff(path) else None
     img = None if tiff else imread_quiet(path, cv2.IMREAD_UNCHANGED)
     if img is None:

@@ -233,6 +233,36 @@ def test_sideways_and_planar_tiffs_keep_their_type_and_turn_upright(tmp_path):
         assert got.dtype == stored.dtype and np.array_equal(got, upright), (name, orientation, planar)
 
 
+def test_compressed_tiffs_read_as_stored(tmp_path, monkeypatch):
+    # OpenCV 5 reads an LZW 8-bit RGBA TIFF premultiplied by its alpha, LZW 16-bit gray + alpha and
+    # Zstd 16-bit RGB as 8-bit, planar LZW/Zstd samples as wrong pixels: tifffile + imagecodecs reads them
+    import tifffile
+    rng = np.random.default_rng(6)
+    rgb16 = rng.integers(0, 65536, (6, 10, 3), dtype=np.uint16)
+    kinds = {'rgba8': (np.concatenate([rgb16 >> 8, rng.integers(0, 256, (6, 10, 1))], axis=2).astype(np.uint8), 'rgb'),
+             'gray_alpha16': (rgb16[:, :, :2], 'minisblack'), 'rgb16': (rgb16, 'rgb'),
+             'float': ((rgb16 / 65535).astype(np.float32), 'rgb')}
+    for compression, planar, (name, (stored, photometric)) in itertools.product(('lzw', 'zstd', 'deflate'),
+                                                                                (False, True), kinds.items()):
+        path = tmp_path / f'{name}_{compression}{"_planar" * planar}.tif'
+        extra = dict(extrasamples=['unassalpha']) if stored.shape[2] in (2, 4) else {}
+        tifffile.imwrite(path, np.moveaxis(stored, -1, 0) if planar else stored, photometric=photometric,
+                         compression=compression, planarconfig='separate' if planar else 'contig', **extra)
+        bgr = stored if stored.shape[2] == 2 else stored[:, :, [2, 1, 0, 3][:stored.shape[2]]]
+        got = read_image(path)
+        assert got.dtype == stored.dtype and np.array_equal(got, bgr), (name, compression, planar)
+    ramp = np.arange(16) * 12
+    jpeg = np.stack([np.add.outer(ramp, ramp) // 2, np.add.outer(ramp, ramp[::-1]) // 2,
+                     np.broadcast_to(ramp, (16, 16))], axis=2).astype(np.uint8)
+    tifffile.imwrite(tmp_path / 'jpeg.tif', jpeg, photometric='rgb', compression='jpeg')
+    assert np.abs(read_image(tmp_path / 'jpeg.tif').astype(int) - jpeg[:, :, ::-1]).max() <= 12  # lossy
+    # without imagecodecs, one line saying so (not OpenCV's wrong pixels)
+    monkeypatch.setattr(tifffile.TiffPage, 'asarray', lambda *a, **k: (_ for _ in ()).throw(
+        ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")))
+    with pytest.raises(InferenceError, match=r'rgba8_lzw.tif: its LZW compression needs the imagecodecs package'):
+        read_image(tmp_path / 'rgba8_lzw.tif')
+
+
 def test_gray_with_a_transparent_level_keeps_it_as_alpha(tmp_path):
     # a gray PNG's tRNS chunk names one transparent level; OpenCV reads the gray alone
     import struct
