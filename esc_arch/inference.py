@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .archs.layers import reflect_pad_to_multiple
-from .data.image_files import IMAGE_EXTENSIONS, float_range_problem, imread_quiet
+from .data.image_files import IMAGE_EXTENSIONS, float_range_problem, imread_quiet, is_tiff
 from .fileio import atomic_path
 
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -98,14 +98,6 @@ def _probe(path: str) -> tuple[str | None, int, str | None, int | None]:
     return mode, orientation if orientation in _UPRIGHT else 1, None, transparent
 
 
-def _is_tiff(path: str) -> bool:
-    try:
-        with open(path, 'rb') as handle:
-            return handle.read(4) in (b'II*\x00', b'MM\x00*', b'II+\x00', b'MM\x00+')
-    except OSError:
-        return False
-
-
 def _as_read(rgb: np.ndarray, orientation: int) -> tuple[np.ndarray, int]:
     """A fallback reader's result in read_image's layouts: RGB(A) as BGR(A), a known orientation."""
     if rgb.ndim == 3 and rgb.shape[2] in (3, 4):
@@ -130,8 +122,9 @@ def _read_tiff(path: str) -> tuple[np.ndarray, int] | None:
                 img = page.asarray()
             except ValueError as exc:
                 if 'imagecodecs' in str(exc):
-                    raise InferenceError(f'cannot read image {path}: its {getattr(page.compression, "name", page.compression)} compression needs '
-                                         'the imagecodecs package (pip install imagecodecs)') from None
+                    codec = getattr(page.compression, 'name', page.compression)
+                    raise InferenceError(f'cannot read image {path}: its {codec} compression needs the imagecodecs '
+                                         'package (pip install imagecodecs)') from None
                 raise
             tag = page.tags.get('Orientation')
             orientation = int(tag.value) if tag is not None else 1
@@ -181,7 +174,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     path = os.fspath(path)
     # TIFFs through tifffile (+ imagecodecs): OpenCV 5 reads samples stored in separate planes,
     # 16-bit gray + alpha and compressed RGBA as wrong pixels, and fails on orientations that transpose
-    tiff = _read_tiff(path) if _is_tiff(path) else None
+    tiff = _read_tiff(path) if is_tiff(path) else None
     img = None if tiff else imread_quiet(path, cv2.IMREAD_UNCHANGED)
     if img is None:
         fallback = tiff or _read_with_pil(path)  # e.g. a TIFF tifffile cannot decode; gray + alpha as 2 channels

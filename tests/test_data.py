@@ -344,8 +344,19 @@ def test_float_tiff_is_read_as_8_bit_and_out_of_range_floats_are_named(tmp_path)
     assert cv2.imwrite(gray, pixels[:, :, 0])
     np.testing.assert_array_equal(image_files.read_image_bgr(gray), np.repeat(img[:, :, :1], 3, axis=2))
     assert cv2.imwrite(path, pixels * 255)
-    with pytest.raises(image_files.ImageReadError, match=r'floating-point pixels must lie in \[0, 1\]'):
+    with pytest.raises(image_files.ImageReadError, match=r'f.tif: float pixels span \[.*\]; the models take \[0, 1\]'):
         image_files.read_image_bgr(path)
     assert cv2.imwrite(path, np.ones((6, 5, 3), np.int32))
-    with pytest.raises(image_files.ImageReadError, match='pixel type int32 is not supported'):
+    with pytest.raises(image_files.ImageReadError, match='unsupported pixel type int32'):
         image_files.read_image_bgr(path)
+    # planar and compressed TIFFs, which OpenCV reads as wrong pixels, are read as stored
+    import tifffile
+    rgb16 = rng.integers(0, 65536, (6, 5, 3), dtype=np.uint16)
+    tifffile.imwrite(path, np.moveaxis(rgb16, -1, 0), photometric='rgb', planarconfig='separate', compression='lzw')
+    np.testing.assert_array_equal(image_files.read_image_bgr(path), (rgb16 >> 8).astype(np.uint8)[:, :, ::-1])
+    rgba = rng.integers(0, 256, (6, 5, 4), dtype=np.uint8)
+    tifffile.imwrite(path, rgba, photometric='rgb', extrasamples=['unassalpha'], compression='lzw')
+    np.testing.assert_array_equal(image_files.read_image_bgr(path), rgba[:, :, 2::-1])  # not premultiplied
+    tifffile.imwrite(path, rgb16[:, :, :2], photometric='minisblack', extrasamples=['unassalpha'], compression='lzw')
+    np.testing.assert_array_equal(image_files.read_image_bgr(path),
+                                  np.repeat((rgb16[:, :, :1] >> 8).astype(np.uint8), 3, axis=2))

@@ -74,12 +74,33 @@ def _float_to_uint8(img: np.ndarray, path: str) -> np.ndarray:
     return np.round(img * 255.0).astype(np.uint8)
 
 
+def is_tiff(path: str) -> bool:
+    try:
+        with open(path, 'rb') as handle:
+            return handle.read(4) in (b'II*\x00', b'MM\x00*', b'II+\x00', b'MM\x00+')
+    except OSError:
+        return False
+
+
 def read_image_bgr(path: str) -> np.ndarray:
     """Read an image as uint8 HxWx3 BGR (gray images are repeated to 3 channels, alpha is dropped).
 
-    8-bit and 16-bit images go through OpenCV's colour reader (16-bit is scaled to 8-bit);
+    8-bit and 16-bit images go through OpenCV's colour reader (16-bit is scaled to 8-bit), TIFFs
+    through ``inference.read_image`` (OpenCV misreads planar and some compressed ones);
     floating-point images (e.g. float32 TIFF) must hold values in [0, 1] and are rounded to 8-bit.
     """
+    if is_tiff(path):
+        from ..inference import InferenceError, read_image
+        try:
+            raw = read_image(path)
+        except InferenceError as exc:
+            raise ImageReadError(str(exc)) from None
+        if raw.ndim == 2 or raw.shape[2] == 2:
+            raw = np.repeat((raw if raw.ndim == 2 else raw[:, :, 0])[:, :, None], 3, axis=2)
+        raw = raw[:, :, :3]
+        if raw.dtype == np.uint16:
+            raw = (raw >> 8).astype(np.uint8)  # as OpenCV's colour reader scales 16-bit
+        return np.ascontiguousarray(raw if raw.dtype == np.uint8 else _float_to_uint8(raw, path))
     img = imread_quiet(path, cv2.IMREAD_COLOR)
     if img is not None and img.size:
         return img
