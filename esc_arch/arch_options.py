@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import inspect
 
+# the names archs give their upscaling factor: ESC's, SwinIR/EDSR/RCAN's, ..., RRDBNet's
+SCALE_KEYS = ('upscaling_factor', 'upscale', 'upscale_factor', 'scale')
+
 # annotation -> the Python types a value for it may have (bool is not an int here)
 _ACCEPTED = {int: (int, ), float: (int, float), bool: (bool, ), str: (str, )}
 
@@ -52,3 +55,15 @@ def options_problem(arch, options: dict, supplied: tuple = (), names_only: bool 
                                           missing and f'missing option(s) {", ".join(missing)}']))
         return f'{problem}; it takes: {", ".join(named)}'
     return _type_problem(params, options)
+
+
+def default_scale(arch) -> tuple[str, int] | None:
+    """(name, value) of the upscaling factor ``arch`` builds when its options leave it out: the
+    default of its constructor's first ``SCALE_KEYS`` parameter, if that is a whole number."""
+    signature = _signature(arch)
+    for key in SCALE_KEYS if signature is not None else ():
+        param = signature.parameters.get(key)
+        if param is not None:
+            default = param.default
+            return (key, default) if isinstance(default, int) and not isinstance(default, bool) else None
+    return None

@@ -54,7 +54,6 @@ from .messages import first_line
 
 DEFAULT_OUTPUT_SIZE = (720, 1280)  # H, W of the SR output the default LR size is derived from
 DTYPES = ('fp32', 'bf16', 'fp16')
-SCALE_KEYS = ('upscaling_factor', 'upscale', 'scale')
 
 # Released ESC configs (ESC_SPEC.md) and the usual comparison set; the scale key is filled in.
 PRESETS = {

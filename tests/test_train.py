@@ -393,6 +393,8 @@ def test_more_option_mistakes_are_one_line_before_training(tmp_path, capsys, mon
 
     assert 'network_g.upscaling_factor is 2 but scale is 4' in error_for(
         'netscale', lambda o: o['network_g'].update(upscaling_factor=2))
+    assert 'network_g (EDSR) upscales x4 (upscale defaults to 4) but scale is 2' in error_for(  # a shape error later
+        'netdefault', lambda o: (o.update(scale=2), o.update(network_g=dict(type='EDSR', num_in_ch=3, num_out_ch=3))))
     assert "unknown metric 'calculate_pnsr'" in error_for(
         'metric', lambda o: o['val']['metrics']['psnr'].update(type='calculate_pnsr'))
     assert "unknown loss 'L2Loss'" in error_for('loss', lambda o: o['train']['pixel_opt'].update(type='L2Loss'))

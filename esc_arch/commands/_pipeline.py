@@ -49,7 +49,7 @@ from os import path as osp
 import torch
 import yaml
 
-from ..arch_options import options_problem
+from ..arch_options import SCALE_KEYS, default_scale, options_problem
 from ..loading import CheckpointError, describe_mismatch
 from ..messages import OptionError, first_line
 from ..models.esr_model import (
@@ -239,7 +239,6 @@ def _check_scheduler(settings: dict, where: str) -> None:
 
 SCHEDULERS = ('MultiStepLR', 'MultiStepRestartLR', 'CosineAnnealingRestartLR')  # what BasicSR's models build
 VAL_KEYS = ('val_freq', 'save_img', 'suffix', 'metrics', 'pbar')  # what SRModel's validation reads
-SCALE_KEYS = ('upscaling_factor', 'upscale', 'upscale_factor', 'scale')  # ESC's, SwinIR/EDSR/RCAN's, ...
 
 
 def _known(registry, name) -> bool:
@@ -273,9 +272,17 @@ def _check_scale(opt: dict, opt_path: str) -> None:
     scale, net_opt = opt.get('scale'), opt['network_g']
     if scale is not None and not _data_checks.is_whole(scale, 1):
         raise OptionError(f'scale must be a whole number >= 1 in {opt_path}, got {scale!r}')
+    if scale is None:
+        return
     for key in SCALE_KEYS:
-        if scale is not None and key in net_opt and net_opt[key] != scale:
+        if key in net_opt and net_opt[key] != scale:
             raise OptionError(f'network_g.{key} is {net_opt[key]} but scale is {scale} in {opt_path}; they must agree')
+    if not any(key in net_opt for key in SCALE_KEYS):
+        from basicsr.utils.registry import ARCH_REGISTRY
+        default = default_scale(ARCH_REGISTRY.get(net_opt['type']))
+        if default and default[1] != scale:
+            raise OptionError(f'network_g ({net_opt["type"]}) upscales x{default[1]} ({default[0]} defaults to '
+                              f'{default[1]}) but scale is {scale} in {opt_path}: set network_g.{default[0]}: {scale}')
 
 
 def _check_train_section(opt: dict, opt_path: str) -> None:

@@ -113,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"device {first['device']} ({first['device_name'] or first['cpu_model']}), {first['dtype']}, "
           f"{first['threads']} threads, torch {first['torch_version']}, {first['runs']} "
           f"run{'s' * (first['runs'] != 1)} after {first['warmup']} warm-up; FLOPs: {first['flops_method']}")
-    from esc_arch.commands._pipeline import SCALE_KEYS
+    from esc_arch.arch_options import SCALE_KEYS
     for record in records:
         if record['check_max_abs_err'] is not None:
             print(f"check {record['arch']}: max abs error vs float64 = {record['check_max_abs_err']:.3g}")
