@@ -129,18 +129,22 @@ def registered_archs() -> list[str]:
     return sorted(ARCH_REGISTRY.keys())
 
 
-def check_arch_name(name: str) -> None:
+def registered_name(name: str) -> str:
+    """The registry's key for ``name``: itself, or as BasicSR registered some of its archs, with a
+    ``_basicsr`` suffix (``SRVGGNetCompact``), which its option files leave out."""
     names = registered_archs()
-    if name not in names:
-        raise BenchError(f"unknown arch {name!r}; registered archs: {', '.join(names)}")
+    if name in names:
+        return name
+    if f'{name}_basicsr' in names:
+        return f'{name}_basicsr'
+    raise BenchError(f"unknown arch {name!r}; registered archs: {', '.join(names)}")
 
 
 def arch_spec(text: str) -> dict:
     """``'ESC:dim=64,...'`` (``--arch``) -> spec dict."""
     name, _, opts = text.partition(':')
     name = name.strip()
-    check_arch_name(name)
-    return {'label': name, 'type': name, 'options': parse_options(opts), 'source': f'--arch {text}',
+    return {'label': name, 'type': registered_name(name), 'options': parse_options(opts), 'source': f'--arch {text}',
             'variant': opts.strip()}
 
 
@@ -155,8 +159,7 @@ def preset_spec(text: str, scale: int) -> dict:
         raise BenchError(f'preset {name} exists only for x{fixed}, got --scale {scale}')
     arch_type, options = PRESETS[name]
     options = {**options, PRESET_SCALE_KEY[arch_type]: scale, **parse_options(overrides)}
-    check_arch_name(arch_type)
-    return {'label': name, 'type': arch_type, 'options': options, 'source': f'--preset {text}',
+    return {'label': name, 'type': registered_name(arch_type), 'options': options, 'source': f'--preset {text}',
             'variant': overrides.strip()}
 
 
@@ -176,9 +179,8 @@ def opt_spec(path: str) -> dict:
         raise BenchError(f'option file {path} has no network_g section with a type')
     options = dict(network)
     arch_type = options.pop('type')
-    check_arch_name(arch_type)
     label = opt.get('name') or os.path.splitext(os.path.basename(path))[0]
-    return {'label': str(label), 'type': arch_type, 'options': options, 'source': f'--opt {path}'}
+    return {'label': str(label), 'type': registered_name(arch_type), 'options': options, 'source': f'--opt {path}'}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -222,7 +224,7 @@ def check_spec(spec: dict) -> None:
     arguments), so a bad spec is reported before anything is measured. Archs whose constructor
     takes ``**kwargs`` accept any name; only their required arguments are checked."""
     from basicsr.utils.registry import ARCH_REGISTRY
-    check_arch_name(spec['type'])
+    registered_name(spec['type'])
     options = spec['options']
     if not isinstance(options, dict):
         raise BenchError(f"{spec['source']}: the options of {spec['type']} must be key=value pairs, got {options!r}")
@@ -310,7 +312,7 @@ def import_user_archs(items) -> list[str]:
 def build_model(spec: dict):
     import basicsr.archs  # noqa: F401
     from basicsr.utils.registry import ARCH_REGISTRY
-    check_arch_name(spec['type'])
+    registered_name(spec['type'])
     try:
         model = ARCH_REGISTRY.get(spec['type'])(**spec['options'])
     except Exception as err:  # the arch's own checks: asserts, KeyErrors, ...

@@ -78,8 +78,24 @@ def _import_one(item: str) -> str:
         files = sorted(f for f in os.listdir(item) if f.endswith('_arch.py'))
         if not files:
             raise PluginImportError(f'--import {item}: the folder has no *_arch.py files')
-        return ', '.join(_import_file(os.path.join(item, f)) for f in files)
+        names = []
+        for file in files:
+            try:
+                names.append(_import_file(os.path.join(item, file)))
+            except PluginImportError:
+                raise
+            except Exception as exc:  # noqa: BLE001  (say which of the folder's files failed)
+                raise _failure(f'{item} ({file})', exc) from None
+        return ', '.join(names)
     return _import_file(item)
+
+
+def _failure(where: str, exc: Exception) -> PluginImportError:
+    """Anything the user's module raised, as one line."""
+    if isinstance(exc, SyntaxError):
+        return PluginImportError(f'--import {where}: syntax error in {exc.filename}, line {exc.lineno}: {exc.msg}')
+    first = (str(exc).strip().splitlines() or [''])[0]
+    return PluginImportError(f'--import {where}: {type(exc).__name__}: {first}')
 
 
 def import_arch_modules(items) -> list[str]:
@@ -95,11 +111,7 @@ def import_arch_modules(items) -> list[str]:
                 _imported[key] = _import_one(key)
             except PluginImportError:
                 raise
-            except SyntaxError as exc:
-                raise PluginImportError(f'--import {item}: syntax error in {exc.filename}, line {exc.lineno}: '
-                                        f'{exc.msg}') from None
             except Exception as exc:  # noqa: BLE001  (anything the user's module raises: one line)
-                first = (str(exc).strip().splitlines() or [''])[0]
-                raise PluginImportError(f'--import {item}: {type(exc).__name__}: {first}') from None
+                raise _failure(item, exc) from None
         resolved.append(key)
     return resolved

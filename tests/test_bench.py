@@ -151,6 +151,11 @@ def test_bad_arch_name_lists_registered_names(capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert 'NoSuchNet' in err and 'ESC' in err and 'EDSR' in err and 'SwinIR' in err
+    # a name BasicSR registered with its _basicsr suffix, as its option files (and basicsr train) name it
+    record = benchmark.measure(benchmark.arch_spec('SRVGGNetCompact:num_feat=4,num_conv=1,upscale=2'),
+                               settings(lr_size=(6, 8), runs=1, warmup=0))
+    assert record['arch'] == 'SRVGGNetCompact' and record['output_size'] == [12, 16]
+    assert 'not found' not in capsys.readouterr().out  # BasicSR's 'Name ... is not found, use name' line
 
 
 def test_fp16_on_cpu_is_a_clear_error(capsys):

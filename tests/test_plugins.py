@@ -101,6 +101,14 @@ def test_import_errors_name_the_item(tmp_path, capsys):
         with pytest.raises(PluginImportError, match=re.escape(expected)) as info:
             import_arch_modules([item])
         assert str(info.value).startswith(f'--import {item}: ') and '\n' not in str(info.value)
+    folder = tmp_path / 'folder'  # a folder: the failing one of its files is named
+    folder.mkdir()
+    (folder / 'a_arch.py').write_text('')
+    (folder / 'bad_arch.py').write_text('import no_such_module_xyz\n')
+    with pytest.raises(PluginImportError) as info:
+        import_arch_modules([str(folder)])
+    assert str(info.value) == (f"--import {folder} (bad_arch.py): ModuleNotFoundError: No module named "
+                               "'no_such_module_xyz'")
     assert cli_main(['bench', '--import', 'no_such_module_xyz', '--preset', 'esc']) == 2
     err = capsys.readouterr().err.strip()
     assert err == "basicsr bench: error: --import no_such_module_xyz: ModuleNotFoundError: No module named " \

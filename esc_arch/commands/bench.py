@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      f"presets: {', '.join(benchmark.PRESETS)} (overrides: --preset esc:n_blocks=3)")
     what = parser.add_argument_group('what to measure (any number, in order)')
     what.add_argument('--arch', action=_InOrder, default=[], metavar='NAME[:k=v,...]',
-                      help='a registered arch and its constructor options, e.g. EDSR:num_feat=64,upscale=4')
+                      help='a registered arch and its constructor options, '
+                      'e.g. EDSR:num_in_ch=3,num_out_ch=3,num_feat=64,upscale=4')
     what.add_argument('--opt', action=_InOrder, default=[], metavar='YAML',
                       help='a BasicSR option file; its network_g section is measured')
     add_import_argument(what, '--arch / --opt can name')
