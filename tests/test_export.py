@@ -94,13 +94,13 @@ def test_opset_problems_are_one_line_without_the_exporters_graph_dump(tmp_path, 
     pth = save_checkpoint(ESC(**tiny_config()), tmp_path / 'esc.pth')
     assert main(['export', '-m', pth, '-o', str(tmp_path / 'a.onnx'), '--opset', '13']) == 2
     captured = capfd.readouterr()
-    assert captured.err.strip() == ('error: opset 13 is too old for the sdpa attention (it needs 14 or later); '
-                                    '--attn naive exports from opset 13')
+    assert captured.err.strip() == ('basicsr export: error: opset 13 is too old for the sdpa attention '
+                                    '(it needs 14 or later); --attn naive exports from opset 13')
     assert main(['export', '-m', pth, '-o', str(tmp_path / 'b.onnx'), '--opset', '99']) == 2  # the exporter's own
     captured = capfd.readouterr()
     assert captured.out == '' and 'Torch IR graph' not in captured.err
-    assert [line for line in captured.err.splitlines() if line.startswith('error:')] == [
-        'error: ONNX export failed (RuntimeError): Unsupported onnx_opset_version: 99']
+    assert [line for line in captured.err.splitlines() if line.startswith('basicsr export: error:')] == [
+        'basicsr export: error: ONNX export failed (RuntimeError): Unsupported onnx_opset_version: 99']
     assert not (tmp_path / 'a.onnx').exists() and not (tmp_path / 'b.onnx').exists()
 
 
@@ -109,5 +109,6 @@ def test_unwritable_safetensors_output_is_one_line(tmp_path, capsys):
     (tmp_path / 'dir.safetensors').mkdir()  # a folder where the file should go
     assert main(['export', '-m', pth, '-o', str(tmp_path / 'dir.safetensors'), '--overwrite']) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f'error: cannot write {tmp_path / "dir.safetensors"}: Is a directory']  # not the temp file
+    # the output named, not the temp file
+    assert err == [f'basicsr export: error: cannot write {tmp_path / "dir.safetensors"}: Is a directory']
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]  # no temp file left

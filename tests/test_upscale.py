@@ -155,7 +155,7 @@ def test_cli_errors(tmp_path, esc_pth, images, capsys, monkeypatch):
     torch.save({'params_ema': {'conv.weight': torch.zeros(3, 3, 3, 3)}}, foreign)
     assert main(['upscale', '-i', str(folder), '-o', out, '-m', str(foreign)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and 'not an ESC checkpoint' in err[0]
+    assert len(err) == 1 and err[0].startswith('basicsr upscale: error: ') and 'not an ESC checkpoint' in err[0]
     assert main(['upscale', '-i', str(folder), '-o', str(folder), '-m', esc_pth]) == 2
     assert 'input folder' in capsys.readouterr().err
     monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _error(message: str) -> int:
-    print(f'error: {message}', file=sys.stderr)
+    print(f'basicsr export: error: {message}', file=sys.stderr)
     return 2
 
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         print(f'onnxruntime vs PyTorch, input {"x".join(map(str, r["shape"]))}: max abs error {r["max_abs_err"]:.3g}')
     tolerance = ONNX_TOLERANCE[precision]
     if worst > tolerance:
-        print(f'error: ONNX output differs from PyTorch by {worst:.3g} > {tolerance:g} ({precision}); '
+        print(f'basicsr export: error: ONNX output differs from PyTorch by {worst:.3g} > {tolerance:g} ({precision}); '
               f'{output} is kept for inspection', file=sys.stderr)
         return 1
     print(f'wrote {output} ({precision}, opset {opset}, dynamic batch/height/width, each side more than '

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _error(message: str) -> None:
-    tqdm.write(f'error: {message}', file=sys.stderr)
+    tqdm.write(f'basicsr upscale: error: {message}', file=sys.stderr)
 
 
 def _warn(message: str) -> None:
