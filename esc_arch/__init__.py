@@ -9,9 +9,10 @@ from . import (  # noqa: E402,F401  (registration)
            models,
 )
 from .archs import ESC, ESCFP, ConvAttn, ESCReal, WindowAttention  # noqa: E402
+from .inference import Upscaler, read_image, write_image  # noqa: E402
 from .loading import build_from_state_dict, infer_config, load_model  # noqa: E402
 from .runtime import tune_cpu_allocator  # noqa: E402
 
 __version__ = '0.1.0'
 __all__ = ['ESC', 'ESCFP', 'ESCReal', 'ConvAttn', 'WindowAttention', 'load_model', 'infer_config',
-           'build_from_state_dict', 'tune_cpu_allocator']
+           'build_from_state_dict', 'tune_cpu_allocator', 'Upscaler', 'read_image', 'write_image']

@@ -727,11 +727,23 @@ def test_torch_jit_trace_passes_its_check_and_runs_other_sizes():
 
 def test_bad_arguments_and_inputs_are_named():
     base = tiny_config(window_size=8)
-    for cls, change, message in [(ESC, dict(kernel_size=6), 'kernel_size must be an odd'),
-                                 (ESC, dict(pdim=1), 'pdim .1. must be at least 2'),
-                                 (ESCFP, dict(pdim=3), 'pdim .3. must be at least 4'),
-                                 (ESC, dict(window_size=0), 'window_size .0. must be at least 1'),
-                                 (ESC, dict(upscaling_factor=0), 'upscaling_factor must be')]:
+    whole = 'must be a whole number'
+    for cls, change, message in [
+            (ESC, dict(kernel_size=6), 'kernel_size must be an odd'),
+            (ESC, dict(pdim=1), 'pdim .1. must be at least 2'),
+            (ESCFP, dict(pdim=3), 'pdim .3. must be at least 4'),
+            (ESC, dict(window_size=0), f'window_size {whole} >= 1, got 0'),
+            (ESC, dict(upscaling_factor=0), 'upscaling_factor must be'),
+            # True ran as x1 on the fast path and failed in pixel_shuffle on the plain one
+            (ESC, dict(upscaling_factor=True), f'upscaling_factor {whole}'),
+            (ESCFP, dict(n_blocks=-1), f'n_blocks {whole} >= 0, got -1'),  # built with no blocks
+            (ESC, dict(conv_blocks=-2), f'conv_blocks {whole} >= 0'),
+            (ESC, dict(window_size=8.0), f'window_size {whole} >= 1, got 8.0'),  # torch's TypeErrors
+            (ESCReal, dict(dim=16.0, upscaling_factor=4), f'dim {whole} >= 1, got 16.0'),
+            (ESC, dict(num_heads=2.0), f'num_heads {whole}'),
+            (ESC, dict(exp_ratio=0.05), r'exp_ratio 0.05 gives int\(dim \* exp_ratio\) = 0 hidden'),  # "groups must"
+            (ESCFP, dict(exp_ratio=-1), 'exp_ratio -1 gives'),
+            (ESC, dict(exp_ratio=float('nan')), 'exp_ratio nan gives')]:
         with pytest.raises(ValueError, match=message):
             cls(**{**base, **change})
     with pytest.raises(ValueError, match=r'pdim \(16\) must be in 1..dim \(8\)'):

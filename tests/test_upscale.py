@@ -403,3 +403,14 @@ def test_write_image_refuses_what_the_format_cannot_store(tmp_path):
     assert fitted.dtype == np.uint16 and np.abs(fitted / 65535 - float_img).max() <= 0.5 / 65535 + 1e-12
     assert changes == ['.png stores uint8 or uint16: the pixels are rounded to uint16']
     assert fit_to_format(float_img, '.tif') == (float_img, [])
+
+
+def test_the_readme_python_api(tmp_path):
+    import esc_arch
+    model = randomize_(ESC(**tiny_config(window_size=8))).eval()
+    cv2.imwrite(str(tmp_path / 'photo.png'), np.random.default_rng(7).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    up = esc_arch.Upscaler(model, device='cpu', tile=16, tile_overlap=8)
+    sr = up.upscale_image(esc_arch.read_image(tmp_path / 'photo.png'))
+    esc_arch.write_image(tmp_path / 'photo_x2.png', sr)
+    assert sr.shape == (40, 60, 3) and sr.dtype == np.uint8
+    assert np.array_equal(cv2.imread(str(tmp_path / 'photo_x2.png')), sr)

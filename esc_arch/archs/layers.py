@@ -58,15 +58,24 @@ def padded_positions(size: int, multiple: int) -> torch.Tensor:
     return reflect_pad_to_multiple(index, multiple)[0, 0, :, 0].long()  # the width needs no padding
 
 
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_whole(name: str, value, minimum: int = 1) -> None:
+    """A size or count: a whole number (not a bool, nor a float such as 8.0) of at least ``minimum``."""
+    if not (_is_whole(value) and value >= minimum):
+        raise ValueError(f'{name} must be a whole number >= {minimum}, got {value!r}')
+
+
 def check_kernel_size(kernel_size: int) -> None:
     """Large kernels are centred on their pixel ('same' padding): an odd size."""
-    if not (isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1):
+    if not (_is_whole(kernel_size) and kernel_size >= 1 and kernel_size % 2 == 1):
         raise ValueError(f'kernel_size must be an odd number >= 1, got {kernel_size!r}')
 
 
 def check_upscaling_factor(scale: int) -> None:
-    if not (isinstance(scale, int) and scale >= 1):
-        raise ValueError(f'upscaling_factor must be a whole number >= 1, got {scale!r}')
+    check_whole('upscaling_factor', scale)
 
 
 def unchanged(kept: torch.Tensor | None, current: torch.Tensor) -> bool:
@@ -502,7 +511,10 @@ class ConvFFN(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int, exp_ratio: float):
         super().__init__()
-        hidden = int(dim * exp_ratio)
+        hidden = int(dim * exp_ratio) if math.isfinite(dim * exp_ratio) else 0
+        if hidden < 1:
+            raise ValueError(f'exp_ratio {exp_ratio!r} gives int(dim * exp_ratio) = {hidden} hidden channels of the '
+                             f'ConvFFN (dim {dim}); it needs at least 1')
         self.proj = nn.Conv2d(dim, hidden, 1)
         self.dwc = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden)
         self.aggr = nn.Conv2d(hidden, dim, 1)
@@ -746,8 +758,8 @@ class WindowAttention(nn.Module):
 
     def __init__(self, dim: int, window_size: int, num_heads: int, attn_type: str = 'auto'):
         super().__init__()
-        if num_heads < 1 or window_size < 1:
-            raise ValueError(f'num_heads ({num_heads}) and window_size ({window_size}) must be at least 1')
+        for name, value in (('dim', dim), ('window_size', window_size), ('num_heads', num_heads)):
+            check_whole(name, value)
         if dim % num_heads:
             raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
         self.dim = dim
@@ -965,6 +977,10 @@ class ESCTrunk(nn.Module):
         self._kept_kernel = None  # a deployed model's LargeKernel: its FFT spectra kept across images
         self._kept_source = None  # a copy of the filter it was made from
         self.register_load_state_dict_post_hook(_undeploy_after_load)
+        for name, value, minimum in (('dim', dim, 1), ('pdim', pdim, 1), ('n_blocks', n_blocks, 0),
+                                     ('conv_blocks', conv_blocks, 0), ('window_size', window_size, 1),
+                                     ('num_heads', num_heads, 1)):
+            check_whole(name, value, minimum)
         if not 0 < pdim <= dim:
             raise ValueError(f'pdim ({pdim}) must be in 1..dim ({dim})')
         self.dim, self.pdim, self.window_size = dim, pdim, window_size
