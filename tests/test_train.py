@@ -344,6 +344,46 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ['net_g_1.pth']  # no temp file left
 
 
+def test_a_save_on_a_full_disk_is_retried_then_given_up(tmp_path):
+    # torch.save says a failed write with a RuntimeError ('unexpected pos', 'iostream error'): the
+    # retries caught OSError only, so a full disk ended training with a traceback
+    import logging
+    import resource
+
+    from basicsr.utils import get_root_logger
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    get_root_logger().addHandler(handler)
+    target = tmp_path / 'net_g_2.pth'
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # a "disk" of 20 kB (Python ignores SIGXFSZ)
+    try:
+        with pytest.raises(OSError, match=r'cannot write .*net_g_2.pth: the write failed, is the disk full\?'):
+            atomic_torch_save({'params': {'w': torch.zeros(100_000)}}, str(target))
+        assert ESCSRModel._save_with_retry({'params': {'w': torch.zeros(100_000)}}, str(target), tries=2) is False
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        get_root_logger().removeHandler(handler)
+    assert len(said) == 3 and 'try 2 of 2' in said[1] and said[2].startswith('Giving up on saving')
+    assert list(tmp_path.iterdir()) == []  # no partial file
+
+
+def test_environment_failures_inside_the_pipeline_are_one_line(tmp_path):
+    # BasicSR's own steps (making experiments/<name>, ...) failing on the machine: was a traceback
+    data = make_pairs(tmp_path / 'data')
+    opt = train_options(data, name='n' * 300)  # longer than a file name may be
+    result = basicsr('train', '-opt', write_yaml(tmp_path / 'long.yml', opt), cwd=tmp_path)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == \
+        f'basicsr train: error: File name too long: {tmp_path / "experiments" / ("n" * 300)}'
+    from esc_arch.messages import environment_problem
+    assert environment_problem(MemoryError()) == 'out of memory (MemoryError)'
+    assert environment_problem(RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate "
+                                            "memory: you tried to allocate 1 bytes")).startswith('out of memory: ')
+    assert environment_problem(RuntimeError('mat1 and mat2 shapes cannot be multiplied')) is None  # a bug: traceback
+
+
 def test_stale_temp_files_are_recognised_and_only_they_are_removed(tmp_path):
     from esc_arch.fileio import atomic_path, remove_stale_temp_files
     temps = []

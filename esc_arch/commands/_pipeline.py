@@ -51,7 +51,7 @@ import yaml
 
 from ..arch_options import SCALE_KEYS, default_scale, options_problem
 from ..loading import CheckpointError, describe_mismatch
-from ..messages import OptionError, first_line
+from ..messages import OptionError, environment_problem, first_line
 from ..models.esr_model import (
     TrainingDivergedError,
     latest_training_state,
@@ -1005,6 +1005,9 @@ def run(command: str, args) -> int:
     except OptionError as exc:
         _say_error(command, exc)
         return 2
+    except OSError as exc:  # building the demo data set: a read-only folder, a full disk
+        _say_error(command, environment_problem(exc))
+        return 1
     patch_basicsr(use_cuda=resolve_num_gpu(opt) > 0)
 
     argv = [f'basicsr {command}', '-opt', args.opt, '--launcher', args.launcher, '--local_rank', str(args.local_rank)]
@@ -1031,10 +1034,16 @@ def run(command: str, args) -> int:
         _say_error(command, _decode_error_line(exc))
         return 1
     except RuntimeError as exc:
-        if not (dist.is_initialized() and _peer_stopped(exc)):
+        if dist.is_initialized() and _peer_stopped(exc):
+            _say_error(command, f'process {dist.get_rank()} of {dist.get_world_size()} stops: another one stopped '
+                                '(its error is above)')
+            return 1
+        if environment_problem(exc) is None:
             raise
-        _say_error(command, f'process {dist.get_rank()} of {dist.get_world_size()} stops: another one stopped (its '
-                            f'error is above)')
+        _say_error(command, environment_problem(exc))
+        return 1
+    except (OSError, MemoryError) as exc:  # e.g. a read-only folder for experiments/, a name too long
+        _say_error(command, environment_problem(exc))
         return 1
     finally:
         sys.argv = saved_argv
