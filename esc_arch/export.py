@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import os
 import sys
 import tempfile
@@ -25,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fileio import atomic_path
+from .fileio import WriteError, atomic_path
+from .messages import first_line
 
 ONNX_TOLERANCE = {'fp32': 1e-4, 'fp16': 1e-2}
 EXPORT_ATTN_TYPES = ('naive', 'sdpa')
@@ -54,8 +56,12 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    from safetensors import SafetensorError
     with atomic_path(path) as tmp:
-        save_file(state, tmp, metadata={'format': 'pt', 'arch': type(model).__name__})
+        try:
+            save_file(state, tmp, metadata={'format': 'pt', 'arch': type(model).__name__})
+        except SafetensorError as exc:  # 'I/O error: File too large', a full disk
+            raise WriteError(path, OSError(errno.EIO, f'the write failed ({first_line(exc)})')) from exc
     return path
 
 

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,19 @@ import esc_arch  # noqa: F401  (registers the archs, makes basicsr importable)
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('ESC_SHARED', REPO.parent / 'shared'))
 REFERENCE = SHARED / 'reference'
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """A full disk, as far as this process's writes go: files cannot grow past ``nbytes`` (Python
+    ignores SIGXFSZ, so a write past it fails with EFBIG). Capture output with capsys, not capfd."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def tiny_config(**overrides):

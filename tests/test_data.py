@@ -7,11 +7,12 @@ import pytest
 import torch
 from basicsr.data.paired_image_dataset import PairedImageDataset
 from basicsr.utils.matlab_functions import imresize
+from conftest import file_size_limit
 
 import esc_arch  # noqa: F401  (before basicsr)
 from esc_arch.cli import main as cli_main
 from esc_arch.data import demo, image_files
-from esc_arch.data.prepare import output_folders, patch_origins, prepare_dataset
+from esc_arch.data.prepare import build_lmdb, output_folders, patch_origins, prepare_dataset
 
 CROP, STEP, THRESH = 48, 24, 8
 # (h, w) -> patches, counted by hand with BasicSR's rule (origins range(0, L - crop + 1, step), plus
@@ -360,3 +361,14 @@ def test_float_tiff_is_read_as_8_bit_and_out_of_range_floats_are_named(tmp_path)
     tifffile.imwrite(path, rgb16[:, :, :2], photometric='minisblack', extrasamples=['unassalpha'], compression='lzw')
     np.testing.assert_array_equal(image_files.read_image_bgr(path),
                                   np.repeat((rgb16[:, :, :1] >> 8).astype(np.uint8), 3, axis=2))
+
+
+def test_an_lmdb_on_a_full_disk_is_one_line(tmp_path, capsys):
+    folder = tmp_path / 'HR_sub'
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for index in range(3):
+        cv2.imwrite(str(folder / f'{index}.png'), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # 12 kB each
+    with file_size_limit(20_000), pytest.raises(OSError, match=r'HR_sub.tmp.lmdb failed .*; is the disk full\?'):
+        build_lmdb(str(folder), ['0', '1', '2'])  # lmdb.Error: a traceback from prepare
+    assert not (tmp_path / 'HR_sub.lmdb').exists()

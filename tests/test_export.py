@@ -3,7 +3,7 @@ import sys
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import file_size_limit, randomize_, tiny_config
 
 import esc_arch
 from esc_arch import ESC, ESCFP
@@ -102,6 +102,16 @@ def test_opset_problems_are_one_line_without_the_exporters_graph_dump(tmp_path, 
     assert [line for line in captured.err.splitlines() if line.startswith('basicsr export: error:')] == [
         'basicsr export: error: ONNX export failed (RuntimeError): Unsupported onnx_opset_version: 99']
     assert not (tmp_path / 'a.onnx').exists() and not (tmp_path / 'b.onnx').exists()
+
+
+def test_safetensors_on_a_full_disk_is_one_line(tmp_path, capsys):
+    pth = save_checkpoint(ESC(**tiny_config()), tmp_path / 'esc.pth')
+    with file_size_limit(5_000):  # SafetensorError ('I/O error: File too large') was a traceback
+        assert main(['export', '-m', pth, '-o', str(tmp_path / 'e.safetensors')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'basicsr export: error: cannot write {tmp_path / "e.safetensors"}: '
+                                               'the write failed'), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['esc.pth']
 
 
 def test_unwritable_safetensors_output_is_one_line(tmp_path, capsys):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import file_size_limit
 
 from esc_arch import ESC
 from esc_arch.archs.layers import reflect_pad_to_multiple, resample_subpixel_conv
@@ -348,7 +349,6 @@ def test_a_save_on_a_full_disk_is_retried_then_given_up(tmp_path):
     # torch.save says a failed write with a RuntimeError ('unexpected pos', 'iostream error'): the
     # retries caught OSError only, so a full disk ended training with a traceback
     import logging
-    import resource
 
     from basicsr.utils import get_root_logger
     said = []
@@ -356,14 +356,12 @@ def test_a_save_on_a_full_disk_is_retried_then_given_up(tmp_path):
     handler.emit = lambda record: said.append(record.getMessage())
     get_root_logger().addHandler(handler)
     target = tmp_path / 'net_g_2.pth'
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # a "disk" of 20 kB (Python ignores SIGXFSZ)
     try:
-        with pytest.raises(OSError, match=r'cannot write .*net_g_2.pth: the write failed, is the disk full\?'):
-            atomic_torch_save({'params': {'w': torch.zeros(100_000)}}, str(target))
-        assert ESCSRModel._save_with_retry({'params': {'w': torch.zeros(100_000)}}, str(target), tries=2) is False
+        with file_size_limit(20_000):
+            with pytest.raises(OSError, match=r'cannot write .*net_g_2.pth: the write failed, is the disk full\?'):
+                atomic_torch_save({'params': {'w': torch.zeros(100_000)}}, str(target))
+            assert ESCSRModel._save_with_retry({'params': {'w': torch.zeros(100_000)}}, str(target), tries=2) is False
     finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         get_root_logger().removeHandler(handler)
     assert len(said) == 3 and 'try 2 of 2' in said[1] and said[2].startswith('Giving up on saving')
     assert list(tmp_path.iterdir()) == []  # no partial file

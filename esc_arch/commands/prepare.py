@@ -75,7 +75,12 @@ def run(args) -> int:
     if args.demo:
         from esc_arch.data.demo import DEFAULT_DEMO_ROOT, bicubic_baseline, ensure_demo_data
         root = args.output or DEFAULT_DEMO_ROOT
-        paths = ensure_demo_data(root)
+        try:
+            paths = ensure_demo_data(root)
+        except OSError as err:  # a read-only folder, a full disk
+            from esc_arch.messages import environment_problem
+            print(f'basicsr prepare: {environment_problem(err)}', file=sys.stderr)
+            return 2
         print(f'train: {paths["train"]["HR"]}  val: {paths["val"]["HR"]}  (LR in .../LR_bicubic/X2, X3, X4)')
         if args.report_bicubic:
             for scale in args.scales or DEFAULT_SCALES:
