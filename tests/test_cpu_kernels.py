@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from conftest import load_fixture, randomize_, tiny_config
 
 import esc_arch.archs.layers as layers
+import esc_arch.kernels as kernels_module
 from esc_arch import ESC, ESCFP, ESCReal, WindowAttention
 from esc_arch.archs.layers import (
     ConvFFN,
@@ -739,6 +741,33 @@ def test_a_first_build_is_announced(tmp_path, monkeypatch, capsys):
     (tmp_path / 'esc_arch_never_built' / 'esc_arch_never_built.so').write_bytes(b'')
     _announce_a_first_build(cpp_extension, 'esc_arch_never_built', 'avx2')
     assert capsys.readouterr().err == ''
+    # a library cut short (a full disk, a killed copy) crashed the process with SIGBUS as it loaded,
+    # and ninja, seeing it newer than its objects, did not link it again: it is removed to be relinked
+    import torch._C
+    library = tmp_path / 'esc_arch_never_built' / 'esc_arch_never_built.so'
+    whole = Path(torch._C.__file__).read_bytes()  # an ELF shared library
+    library.write_bytes(whole)
+    _announce_a_first_build(cpp_extension, 'esc_arch_never_built', 'avx2')
+    assert capsys.readouterr().err == '' and library.exists()
+    library.write_bytes(whole[:len(whole) // 2])
+    _announce_a_first_build(cpp_extension, 'esc_arch_never_built', 'avx2')
+    assert 'compiling the CPU kernels' in capsys.readouterr().err and not library.exists()
+
+
+def test_a_failed_build_names_the_compilers_error(monkeypatch):
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(kernels_module, '_announce_a_first_build', lambda *args: None)
+
+    def fails(**kwargs):
+        raise RuntimeError('Error building extension \'x\': [1/3] c++ -c a.cpp\nFAILED: a.o\n'
+                           'a.cpp:3:1: error: expected \';\' before \'}\' token\n'
+                           'ninja: build stopped: subcommand failed.')
+    monkeypatch.setattr(cpp_extension, 'load', fails)
+    monkeypatch.setenv('CXX', f'env {shutil.which("c++") or sys.executable}')  # a command with arguments
+    if kernel_isa() is None:
+        pytest.skip('no build on this CPU')
+    ok, why = _build()
+    assert not ok and why == "building it failed: a.cpp:3:1: error: expected ';' before '}' token", why
 
 
 def test_the_avx2_build_on_an_avx512_cpu(op):

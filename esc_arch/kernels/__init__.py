@@ -31,7 +31,9 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
+import struct
 import sys
 import threading
 import warnings
@@ -82,8 +84,8 @@ def _build() -> tuple[bool, str | None]:
         if _switch() in _OFF:
             return False, f'{ENV_SWITCH}={_switch()}'
         return False, f'this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) has no AVX2'
-    compiler = os.environ.get('CXX', 'c++')  # what PyTorch's loader runs
-    if shutil.which(compiler) is None:
+    compiler = os.environ.get('CXX', 'c++')  # what PyTorch's loader runs (it may be 'ccache g++')
+    if shutil.which((shlex.split(compiler) or [''])[0]) is None:
         return False, f'no C++ compiler: {compiler} is not on PATH (install g++, or set CXX)'
     # the loader rebuilds when a source or a flag changes; the digest makes a header change one too
     digest = hashlib.sha1(b''.join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
@@ -102,20 +104,43 @@ def _build() -> tuple[bool, str | None]:
                                extra_cflags=['-O3', *ISA_FLAGS[isa], '-fopenmp', f'-DESC_KERNELS_DIGEST={digest}'],
                                extra_ldflags=['-fopenmp'], is_python_module=False)
     except Exception as err:  # no compiler / ninja, or a failed build: fall back, say why
-        lines = str(err).strip().splitlines() or [type(err).__name__]
-        return False, f'building it failed: {lines[-1]}'
+        lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
+        said = [line for line in lines if 'error:' in line or 'Killed signal' in line] or lines[-1:]
+        return False, f'building it failed: {said[0]}'
     finally:
         quiet.setLevel(level)
     return True, None
 
 
+def complete_elf(path: str) -> bool:
+    """Whether the ELF file at ``path`` holds its section header table, which linkers write last: a
+    library truncated by a full disk or a killed copy fails this (loading one dies of SIGBUS, and
+    ninja, seeing it newer than its objects, would not link it again)."""
+    try:
+        with open(path, 'rb') as handle:
+            header = handle.read(64)
+            size = os.fstat(handle.fileno()).st_size
+    except OSError:
+        return False
+    if len(header) < 64 or header[:4] != b'\x7fELF' or header[4] != 2 or header[5] != 1:
+        return True  # not a 64-bit little-endian ELF: leave it to the loader to judge
+    sh_offset, = struct.unpack_from('<Q', header, 0x28)
+    sh_entsize, sh_count = struct.unpack_from('<HH', header, 0x3A)
+    return size >= sh_offset + sh_entsize * sh_count
+
+
 def _announce_a_first_build(cpp_extension, name: str, isa: str) -> None:
-    """A line on stderr when the library is not built yet: the first call then takes a minute."""
+    """A line on stderr when the library is not built yet: the first call then takes a minute. A
+    truncated library is removed first, so that it is linked again."""
     try:
         folder = cpp_extension._get_build_directory(name, verbose=False)
     except Exception:  # a private helper of PyTorch's loader: say nothing rather than fail
         return
-    if not os.path.isfile(os.path.join(folder, f'{name}.so')):
+    library = os.path.join(folder, f'{name}.so')
+    if os.path.isfile(library) and not complete_elf(library):
+        with contextlib.suppress(OSError):
+            os.unlink(library)
+    if not os.path.isfile(library):
         print(f'esc_arch: compiling the CPU kernels ({isa}) for this install, once (a minute or two; cached in '
               f'{os.path.dirname(folder)})', file=sys.stderr, flush=True)
 
