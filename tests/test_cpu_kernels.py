@@ -754,6 +754,20 @@ def test_a_first_build_is_announced(tmp_path, monkeypatch, capsys):
     assert 'compiling the CPU kernels' in capsys.readouterr().err and not library.exists()
 
 
+def test_an_unknown_switch_value_is_warned_about(monkeypatch):
+    monkeypatch.setattr(kernels_module, '_state', {})
+    monkeypatch.setattr(kernels_module, '_build', lambda: (False, 'not built in this test'))
+    monkeypatch.setenv(ENV_SWITCH, 'avx512')  # not a choice: the build follows the CPU
+    with pytest.warns(UserWarning) as caught:
+        kernels_module._loaded()
+    assert f"{ENV_SWITCH}='avx512' means nothing here" in str(caught[0].message)
+    monkeypatch.setattr(kernels_module, '_state', {})
+    monkeypatch.setenv(ENV_SWITCH, 'AVX2')
+    with pytest.warns(UserWarning) as caught:
+        kernels_module._loaded()
+    assert [str(w.message) for w in caught if 'means nothing' in str(w.message)] == []
+
+
 def test_a_failed_build_names_the_compilers_error(monkeypatch):
     from torch.utils import cpp_extension
     monkeypatch.setattr(kernels_module, '_announce_a_first_build', lambda *args: None)

@@ -55,6 +55,7 @@ _disabled = threading.local()  # .on: inside disabled(), per thread (another thr
 # compiler flags of each build; the sources pick their vector width from the macros they define
 ISA_FLAGS = {'avx2': ['-mavx2', '-mfma'], 'avx512': ['-mavx512f', '-mavx2', '-mfma']}
 _OFF = ('0', 'false', 'no', 'off')
+_KNOWN = _OFF + ('1', 'true', 'yes', 'on', '', 'avx2')
 # the window-attention kernel's query blocks in each build (AVX2: 6 rows, or 4 on AMD CPUs)
 ATTENTION_BLOCK_ROWS = {'avx2': (4, 6), 'avx512': (8, )}
 
@@ -157,6 +158,10 @@ def _outside_stacklevel() -> int:
 
 def _loaded() -> bool:
     if 'ok' not in _state:
+        if _switch() not in _KNOWN:
+            warnings.warn(f'esc_arch: {ENV_SWITCH}={os.environ[ENV_SWITCH]!r} means nothing here (0 switches the '
+                          'CPU kernels off, avx2 forces their AVX2 build); using the default',
+                          stacklevel=_outside_stacklevel())
         _state['ok'], _state['why'] = _build()
         if not _state['ok']:
             warnings.warn(f'esc_arch: the CPU kernels are unavailable ({_state["why"]}); using PyTorch '
