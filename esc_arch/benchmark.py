@@ -807,20 +807,9 @@ def run_benchmarks(specs: list[dict], settings: dict, out_dir: str | None = None
     return records
 
 
-def _die_with_parent() -> None:
-    """Linux: this worker gets SIGTERM when the ``basicsr bench`` process that started it ends,
-    however it ends (``kill -9`` included), instead of measuring on as an orphan."""
-    import ctypes
-    import signal
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _worker_main(job_path: str, result_path: str) -> int:
-    from .runtime import tune_cpu_allocator
-    _die_with_parent()
+    from .runtime import die_with_parent, tune_cpu_allocator
+    die_with_parent()  # not measuring on as an orphan
     tune_cpu_allocator()  # as in every `basicsr` command; the same for every arch measured
     with open(job_path, encoding='utf-8') as handle:
         job = json.load(handle)

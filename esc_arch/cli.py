@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -42,7 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     sub_parser = argparse.ArgumentParser(prog=f'basicsr {name}', description=SUBCOMMANDS[name])
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: what was written is complete (every write is atomic)
+        sys.stderr.write(f'basicsr {name}: interrupted\n')
+        return 130
+    except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as `cat` does
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except (OSError, ValueError):  # a stdout without a file descriptor
+            pass
+        return 141
 
 
 if __name__ == '__main__':

@@ -53,3 +53,13 @@ def slow_bf16_warning(device) -> str | None:
     return ('bf16 on this CPU is ~100x slower than fp32: PyTorch has no oneDNN bf16 convolutions for it '
             '(torch.ops.mkldnn._is_mkldnn_bf16_supported() is False; they need AVX-512), so every bf16 '
             'convolution takes its slow reference path; use fp32 here')
+
+
+def die_with_parent() -> None:
+    """Linux: this (worker) process gets SIGTERM when the process that started it ends, however it
+    ends (``kill -9`` included), instead of working on as an orphan."""
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -79,3 +79,17 @@ def test_slow_bf16_warning_follows_pytorchs_onednn_check(monkeypatch):
     assert resolve_amp('bf16', torch.device('cpu'), log=logged.append) == (torch.bfloat16, False)
     assert len(logged) == 1 and logged[0].startswith('train.amp: bf16 on this CPU')
     assert resolve_amp(False, torch.device('cpu'), log=logged.append) == (None, False) and len(logged) == 1
+
+
+@pytest.mark.parametrize('raised, code, said', [(KeyboardInterrupt, 130, 'basicsr export: interrupted\n'),
+                                                (BrokenPipeError, 141, '')])
+def test_ctrl_c_and_a_closed_stdout_are_no_traceback(monkeypatch, capsys, raised, code, said):
+    # Ctrl-C printed a KeyboardInterrupt traceback (upscale, train, export, prepare); `| head` a BrokenPipeError one
+    import esc_arch.commands.export as export_command
+    from esc_arch.cli import main
+
+    def interrupted(args):
+        raise raised
+    monkeypatch.setattr(export_command, 'run', interrupted)
+    assert main(['export', '-m', 'm.pth', '-o', 'm.onnx']) == code
+    assert capsys.readouterr().err == said

@@ -431,6 +431,10 @@ def test_more_option_mistakes_are_one_line_before_training(tmp_path, capsys, mon
 
     assert 'network_g.upscaling_factor is 2 but scale is 4' in error_for(
         'netscale', lambda o: o['network_g'].update(upscaling_factor=2))
+    (tmp_path / 'victim').mkdir()  # a name with '/': BasicSR archived (renamed) this folder of the user's
+    for bad in ('../victim', '', 7):
+        assert 'name must be a folder name' in error_for(f'name{bad!s:.1}', lambda o, bad=bad: o.update(name=bad))
+    assert (tmp_path / 'victim').is_dir() and not (tmp_path / 'experiments').exists()
     assert 'network_g (EDSR) upscales x4 (upscale defaults to 4) but scale is 2' in error_for(  # a shape error later
         'netdefault', lambda o: (o.update(scale=2), o.update(network_g=dict(type='EDSR', num_in_ch=3, num_out_ch=3))))
     assert "unknown metric 'calculate_pnsr'" in error_for(

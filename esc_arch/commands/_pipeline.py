@@ -488,6 +488,11 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
     missing = [key for key in required if key not in opt]
     if missing:
         raise OptionError(f'{opt_path} lacks the option(s) {", ".join(missing)}')
+    name = opt['name']
+    if not isinstance(name, str) or name.strip() in ('', '.', '..') or '/' in name or os.sep in name:
+        raise OptionError(f'name must be a folder name (not empty, no "/"; quote a number), got {name!r} in '
+                          f'{opt_path}: BasicSR makes experiments/<name> and results/<name> from it, archiving '
+                          'what is there')
     if not _known(MODEL_REGISTRY, opt['model_type']):
         raise OptionError(f'unknown model_type {opt["model_type"]!r} in {opt_path}; registered models: '
                           f'{_registered(MODEL_REGISTRY)}')

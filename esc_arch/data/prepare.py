@@ -40,6 +40,7 @@ from basicsr.utils.lmdb_util import make_lmdb_from_imgs
 from tqdm import tqdm
 
 from ..fileio import atomic_write_bytes, is_temp_name, remove_stale_temp_files
+from ..runtime import die_with_parent
 from .image_files import (
     PNG_COMPRESSION,
     ImageReadError,
@@ -351,7 +352,9 @@ def prepare_dataset(hr_folder: str, out_root: str, scales=(2, 3, 4), crop: int =
     tasks = [(os.path.join(hr_folder, n), n, hr_sub, lr_subs, crop, step, thresh, align) for n in names]
     keys = []
     bar = tqdm(total=len(tasks), unit='image', desc='sub-images', disable=not progress)
-    pool = Pool(workers) if workers > 1 else None
+    workers = min(workers, len(tasks))
+    pool = Pool(workers, initializer=die_with_parent) if workers > 1 else None  # a killed prepare ends them
+    finished = False
     try:
         results = pool.imap_unordered(_process_image, tasks) if pool else map(_process_image, tasks)
         for _name, stems, written, error, warning in results:
@@ -364,10 +367,14 @@ def prepare_dataset(hr_folder: str, out_root: str, scales=(2, 3, 4), crop: int =
             if warning:
                 result.warnings.append(warning)
                 tqdm.write(f'warning: {warning}')
+        finished = True
     finally:
         bar.close()
-        if pool:
+        if pool and finished:
             pool.close()
+        elif pool:  # Ctrl-C or an error: the images in flight are dropped (their writes are atomic)
+            pool.terminate()
+        if pool:
             pool.join()
     keys.sort()
     result.num_sub_images = len(keys)
