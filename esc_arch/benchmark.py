@@ -194,6 +194,9 @@ def default_lr_size(scale: int) -> tuple[int, int]:
     """LR size whose x``scale`` output is 1280x720 (rounded down)."""
     if scale < 1:
         raise BenchError(f'--scale must be >= 1, got {scale}')
+    if scale > min(DEFAULT_OUTPUT_SIZE):
+        raise BenchError(f'--scale {scale} leaves no pixel of the default {DEFAULT_OUTPUT_SIZE[1]}x'
+                         f'{DEFAULT_OUTPUT_SIZE[0]} output to start from: give --lr-size')
     return DEFAULT_OUTPUT_SIZE[0] // scale, DEFAULT_OUTPUT_SIZE[1] // scale
 
 

@@ -142,6 +142,8 @@ def test_option_parsing_and_opt_file(tmp_path):
     assert spec['type'] == 'EDSR' and spec['options']['num_feat'] == 8 and spec['label'] == 'tiny_edsr'
     assert benchmark.preset_spec('esc-light', 4)['options']['n_blocks'] == 3
     assert benchmark.default_lr_size(4) == (180, 320)
+    with pytest.raises(benchmark.BenchError, match='--scale 1000 leaves no pixel'):  # a 0x1 input in the child
+        benchmark.default_lr_size(1000)
     with pytest.raises(benchmark.BenchError, match='x4'):
         benchmark.preset_spec('esc-real', 2)
 

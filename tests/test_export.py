@@ -104,6 +104,16 @@ def test_opset_problems_are_one_line_without_the_exporters_graph_dump(tmp_path, 
     assert not (tmp_path / 'a.onnx').exists() and not (tmp_path / 'b.onnx').exists()
 
 
+def test_nonsense_values_of_export_and_prepare_are_refused(tmp_path, capsys):
+    pth = save_checkpoint(ESC(**tiny_config()), tmp_path / 'esc.pth')
+    assert main(['export', '-m', pth, '-o', str(tmp_path / 'a.onnx'), '--opset', '0']) == 2  # ran as opset 17
+    assert 'opset 0 is too old' in capsys.readouterr().err
+    for argv, said in ((['-i', str(tmp_path), '--workers', '0'], '--workers must be at least 1, got 0'),  # ran as 1
+                       (['-i', str(tmp_path), '--crop', '-1'], 'crop and step must be positive')):  # "multiples"
+        assert main(['prepare', *argv]) == 2
+        assert said in capsys.readouterr().err
+
+
 def test_safetensors_on_a_full_disk_is_one_line(tmp_path, capsys):
     pth = save_checkpoint(ESC(**tiny_config()), tmp_path / 'esc.pth')
     with file_size_limit(5_000):  # SafetensorError ('I/O error: File too large') was a traceback
@@ -120,5 +130,5 @@ def test_unwritable_safetensors_output_is_one_line(tmp_path, capsys):
     assert main(['export', '-m', pth, '-o', str(tmp_path / 'dir.safetensors'), '--overwrite']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     # the output named, not the temp file
-    assert err == [f'basicsr export: error: cannot write {tmp_path / "dir.safetensors"}: Is a directory']
+    assert err == [f'basicsr export: error: {tmp_path / "dir.safetensors"} is a folder: give a file name']
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]  # no temp file left

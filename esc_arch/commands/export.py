@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if kind == '.safetensors' and onnx_only:
         return _error(f'{", ".join(onnx_only)}: ONNX only; a .safetensors file holds the checkpoint\'s weights '
                       '(in float32) for PyTorch')
+    if output.is_dir():  # --overwrite would export first and fail at the end
+        return _error(f'{output} is a folder: give a file name')
     if output.exists() and not args.overwrite:
         return _error(f'{output} exists (use --overwrite)')
     if not output.parent.is_dir():
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     precision = 'fp16' if args.fp16 else 'fp32'
-    opset = args.opset or DEFAULT_OPSET
+    opset = DEFAULT_OPSET if args.opset is None else args.opset
     try:
         export_onnx(model, output, opset=opset, fp16=args.fp16, attn_type=args.attn or 'sdpa')
         results = verify_onnx(output, model, fp16=args.fp16)

@@ -62,6 +62,8 @@ def _usage_error(args) -> str | None:
         return f'{" and ".join(used)}: only with --demo (scores the demo validation images); add --demo'
     if not args.input:
         return 'give -i HR_FOLDER (or --demo)'
+    if args.workers < 1:
+        return f'--workers must be at least 1, got {args.workers}'
     return None
 
 
@@ -102,7 +104,7 @@ def run(args) -> int:
     try:
         out_root = args.output or default_out_root(args.input)  # '-i .' -> '..', not '.'
         result = prepare_dataset(args.input, out_root, scales=list(args.scales or DEFAULT_SCALES),
-                                 workers=max(1, args.workers), make_lmdb=not args.no_lmdb, **settings)
+                                 workers=args.workers, make_lmdb=not args.no_lmdb, **settings)
     except (ValueError, OSError) as err:  # bad settings or input, other settings recorded, unwritable output
         print(f'basicsr prepare: {err}', file=sys.stderr)
         return 2

@@ -217,14 +217,14 @@ def _check_unique_stems(names: list[str], hr_folder: str) -> None:
 def _check_settings(scales, crop, step, thresh):
     if not scales:
         raise ValueError('give at least one scale')
+    if crop <= 0 or step <= 0 or thresh < 0:
+        raise ValueError(f'crop and step must be positive and thresh non-negative, got {crop}, {step}, {thresh}')
     for s in scales:
         if s < 1:
             raise ValueError(f'scales must be positive integers, got {s}')
         if crop % s or step % s:
             raise ValueError(f'crop ({crop}) and step ({step}) must be multiples of every scale; scale {s} does not '
                              'divide them (LR patches must start on whole LR pixels)')
-    if crop <= 0 or step <= 0 or thresh < 0:
-        raise ValueError(f'crop and step must be positive and thresh non-negative, got {crop}, {step}, {thresh}')
 
 
 def _process_image(task):
