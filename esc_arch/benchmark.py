@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import yaml
 
@@ -114,6 +115,8 @@ def parse_options(text: str) -> dict:
         key, eq, value = item.partition('=')
         if not eq or not key.strip().isidentifier():
             raise BenchError(f'bad option {item!r}: expected key=value (e.g. dim=64)')
+        if not value.strip():  # YAML reads it as None, which no size or count takes
+            raise BenchError(f'bad option {item!r}: no value after = (write null for None)')
         try:
             options[key.strip()] = yaml.load(value, Loader=_ValueLoader)
         except yaml.YAMLError as err:
@@ -741,7 +744,9 @@ def plot_records(records: list[dict], path: str) -> str | None:
     ax.set_ylabel('median latency (ms)')
     ax.set_title(plot_title(records), fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    with warnings.catch_warnings():  # 'Tight layout not applied' where long labels leave no room
+        warnings.simplefilter('ignore', UserWarning)
+        fig.tight_layout()
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, format=fmt)

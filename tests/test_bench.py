@@ -144,6 +144,8 @@ def test_option_parsing_and_opt_file(tmp_path):
     assert benchmark.default_lr_size(4) == (180, 320)
     with pytest.raises(benchmark.BenchError, match='--scale 1000 leaves no pixel'):  # a 0x1 input in the child
         benchmark.default_lr_size(1000)
+    with pytest.raises(benchmark.BenchError, match="bad option 'n_blocks=': no value after ="):  # None, in the child
+        benchmark.preset_spec('esc:n_blocks=', 4)
     with pytest.raises(benchmark.BenchError, match='x4'):
         benchmark.preset_spec('esc-real', 2)
 
@@ -471,7 +473,7 @@ def test_killing_bench_ends_its_worker_and_removes_its_folder(tmp_path, odd_arch
     time.sleep(3)  # the worker is inside its forward
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith('basicsr bench: interrupted'), err
+    assert proc.returncode == 143 and err.strip().splitlines()[-1].startswith('basicsr bench: interrupted'), err
     assert 'Traceback' not in err
     assert os.listdir(env['TMPDIR']) == []  # the job folder went, and its worker with it
     assert tempfile.gettempdir() != env['TMPDIR']  # (this process's own is untouched)

@@ -62,8 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument('--no-progress', action='store_true', help='hide the progress bar')
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C (the worker ends and is cleaned up), but exit 143."""
+
+
 def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+    raise _Terminated
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # kill: end the worker and clean up too
     try:
         return _run(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print('basicsr bench: interrupted; the records written so far are kept', file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
 
