@@ -74,7 +74,8 @@ def read_checkpoint_file(path: str):
     """The object a checkpoint file holds, read by its content (whatever its extension), or one
     CheckpointError saying what is wrong with the file."""
     if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint not found: {path}')
+        raise CheckpointError(f'checkpoint {path} is a folder: give the .pth or .safetensors file'
+                              if os.path.isdir(path) else f'checkpoint not found: {path}')
     try:
         with open(path, 'rb') as f:
             head = f.read(16)

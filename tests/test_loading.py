@@ -87,6 +87,8 @@ def test_not_an_esc_checkpoint(tmp_path):
         esc_arch.load_model(tmp_path / 'broken.pth')
     with pytest.raises(CheckpointError, match='not found'):
         esc_arch.load_model(tmp_path / 'missing.pth')
+    with pytest.raises(CheckpointError, match='is a folder: give the .pth or .safetensors file'):  # "not found"
+        esc_arch.load_model(tmp_path)
     with pytest.raises(CheckpointError, match='not a tensor'):
         read_state_dict({'proj.weight': 'oops'})
     # what BasicSR's save_training_state writes to training_states/<iter>.state

@@ -237,6 +237,8 @@ def test_option_errors_name_the_problem(tmp_path, capsys, monkeypatch):
     bad.write_text('name: x\n  model_type: [\n')
     code, err = run_cli(capsys, 'train', '-opt', bad)
     assert code == 2 and err.count('\n') == 0 and 'broken.yml' in err and 'line 2' in err
+    code, err = run_cli(capsys, 'train', '-opt', tmp_path)  # said "not found"
+    assert code == 2 and err == f'basicsr train: error: option file {tmp_path} is a folder', err
 
     opt = train_options(data)
     opt['datasets']['train']['dataroot_lq'] = str(tmp_path / 'nowhere' / 'lr')

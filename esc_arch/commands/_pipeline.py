@@ -127,7 +127,8 @@ def load_options(opt_path: str, force_yml=None) -> dict:
     from basicsr.utils.options import _postprocess_yml_value, ordered_yaml
 
     if not osp.isfile(opt_path):
-        raise OptionError(f'option file not found: {opt_path}')
+        raise OptionError(f'option file {opt_path} is a folder' if osp.isdir(opt_path)
+                          else f'option file not found: {opt_path}')
     loader = ordered_yaml()[0]
     read_exponent_floats(loader)
     try:
