@@ -259,7 +259,7 @@ def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
         with atomic_path(path) as tmp:
             if not cv2.imwrite(tmp, img):
                 raise InferenceError(f'cannot write {path} (OpenCV could not encode {img.dtype} {img.shape} '
-                                     f'as {path.suffix})')
+                                     f'as {path.suffix}, or not write it: is the disk full?)')
     except cv2.error as exc:
         raise InferenceError(f'cannot write {path}: {exc}'.splitlines()[0]) from exc
 

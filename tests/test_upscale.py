@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import file_size_limit, randomize_, tiny_config
 
 from esc_arch import ESC, ESCFP
 from esc_arch.cli import main
@@ -414,3 +414,11 @@ def test_the_readme_python_api(tmp_path):
     esc_arch.write_image(tmp_path / 'photo_x2.png', sr)
     assert sr.shape == (40, 60, 3) and sr.dtype == np.uint8
     assert np.array_equal(cv2.imread(str(tmp_path / 'photo_x2.png')), sr)
+
+
+def test_an_output_on_a_full_disk_says_so(tmp_path):
+    from esc_arch.inference import write_image
+    noise = np.random.default_rng(8).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # ~12 kB as PNG
+    with file_size_limit(4_000), pytest.raises(InferenceError, match=r'out.png .*is the disk full\?'):
+        write_image(tmp_path / 'out.png', noise)
+    assert list(tmp_path.iterdir()) == []  # no partial file
