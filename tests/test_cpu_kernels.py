@@ -768,9 +768,30 @@ def test_an_unknown_switch_value_is_warned_about(monkeypatch):
     assert [str(w.message) for w in caught if 'means nothing' in str(w.message)] == []
 
 
+def test_a_library_built_before_loads_without_a_compiler_or_a_writable_folder(op, tmp_path, monkeypatch):
+    # a shared install built once into a read-only place, or a node without g++: PyTorch's loader
+    # must lock the folder (and compile), so the models fell back to PyTorch's slower operators
+    from torch.utils import cpp_extension
+    script = tmp_path / 'prebuilt.py'
+    script.write_text('import esc_arch.kernels as k\n'
+                      'print(k.window_attention_op() is not None, k.unavailable_reason())\n')
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable))  # no c++; the extensions folder already built
+    env.pop('CXX', None)
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.split()[0] == 'True', (result.stdout, result.stderr[-2000:])
+
+    def read_only(**kwargs):
+        raise OSError(30, 'Read-only file system', 'lock')
+    monkeypatch.setattr(cpp_extension, 'load', read_only)
+    assert _build() == (True, None)
+    name = kernels_module.build_name(kernel_isa())
+    assert not kernels_module._load_prebuilt(name, 'deadbeef0000')  # built from other sources: not loaded
+
+
 def test_a_failed_build_names_the_compilers_error(monkeypatch):
     from torch.utils import cpp_extension
     monkeypatch.setattr(kernels_module, '_announce_a_first_build', lambda *args: None)
+    monkeypatch.setattr(kernels_module, '_load_prebuilt', lambda *args: False)  # no earlier build to fall back on
 
     def fails(**kwargs):
         raise RuntimeError('Error building extension \'x\': [1/3] c++ -c a.cpp\nFAILED: a.o\n'

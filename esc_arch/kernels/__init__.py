@@ -85,14 +85,14 @@ def _build() -> tuple[bool, str | None]:
         if _switch() in _OFF:
             return False, f'{ENV_SWITCH}={_switch()}'
         return False, f'this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) has no AVX2'
-    compiler = os.environ.get('CXX', 'c++')  # what PyTorch's loader runs (it may be 'ccache g++')
-    if shutil.which((shlex.split(compiler) or [''])[0]) is None:
-        return False, f'no C++ compiler: {compiler} is not on PATH (install g++, or set CXX)'
     # the loader rebuilds when a source or a flag changes; the digest makes a header change one too
     digest = hashlib.sha1(b''.join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
-    # one build folder per install: its build.ninja names the sources by their absolute path, so two
-    # installs sharing one (a checkout and a venv) would rebuild each other's on every switch
-    name = f'esc_arch_cpu_kernels_{isa}_{hashlib.sha1(str(HERE.resolve()).encode()).hexdigest()[:8]}'
+    name = build_name(isa)
+    compiler = os.environ.get('CXX', 'c++')  # what PyTorch's loader runs (it may be 'ccache g++')
+    if shutil.which((shlex.split(compiler) or [''])[0]) is None:
+        if _load_prebuilt(name, digest):
+            return True, None
+        return False, f'no C++ compiler: {compiler} is not on PATH (install g++, or set CXX)'
     quiet = logging.getLogger('torch.utils.cpp_extension')  # "No CUDA runtime is found" on CPU machines
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -105,12 +105,39 @@ def _build() -> tuple[bool, str | None]:
                                extra_cflags=['-O3', *ISA_FLAGS[isa], '-fopenmp', f'-DESC_KERNELS_DIGEST={digest}'],
                                extra_ldflags=['-fopenmp'], is_python_module=False)
     except Exception as err:  # no compiler / ninja, or a failed build: fall back, say why
+        if _load_prebuilt(name, digest):  # e.g. a read-only folder, which PyTorch's loader cannot lock
+            return True, None
         lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
         said = [line for line in lines if 'error:' in line or 'Killed signal' in line] or lines[-1:]
         return False, f'building it failed: {said[0]}'
     finally:
         quiet.setLevel(level)
     return True, None
+
+
+def build_name(isa: str) -> str:
+    """The library's (and its build folder's) name. One per install: its build.ninja names the
+    sources by their absolute path, so two installs sharing one (a checkout and a venv) would
+    rebuild each other's on every switch."""
+    return f'esc_arch_cpu_kernels_{isa}_{hashlib.sha1(str(HERE.resolve()).encode()).hexdigest()[:8]}'
+
+
+def _load_prebuilt(name: str, digest: str) -> bool:
+    """Load a library built before from these very sources (its build.ninja holds their digest; it
+    is complete and newer than build.ninja) without PyTorch's loader, which must lock the folder
+    and may need a compiler: a shared install built once into a read-only place, a node without g++."""
+    try:
+        from torch.utils import cpp_extension
+        folder = cpp_extension._get_build_directory(name, verbose=False)
+        library, ninja = os.path.join(folder, f'{name}.so'), os.path.join(folder, 'build.ninja')
+        if not (os.path.isfile(library) and complete_elf(library) and os.path.isfile(ninja)
+                and f'-DESC_KERNELS_DIGEST={digest}' in Path(ninja).read_text(errors='replace')
+                and os.path.getmtime(library) >= os.path.getmtime(ninja)):
+            return False
+        torch.ops.load_library(library)
+    except Exception:
+        return False
+    return True
 
 
 def complete_elf(path: str) -> bool:
