@@ -61,9 +61,8 @@ def default_scale(arch) -> tuple[str, int] | None:
     """(name, value) of the upscaling factor ``arch`` builds when its options leave it out: the
     default of its constructor's first ``SCALE_KEYS`` parameter, if that is a whole number."""
     signature = _signature(arch)
-    for key in SCALE_KEYS if signature is not None else ():
-        param = signature.parameters.get(key)
-        if param is not None:
-            default = param.default
-            return (key, default) if isinstance(default, int) and not isinstance(default, bool) else None
-    return None
+    key = next((key for key in SCALE_KEYS if signature is not None and key in signature.parameters), None)
+    if key is None:
+        return None
+    default = signature.parameters[key].default
+    return (key, default) if isinstance(default, int) and not isinstance(default, bool) else None

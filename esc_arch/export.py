@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import os
 import sys
 import tempfile
@@ -26,8 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fileio import WriteError, atomic_path
-from .messages import first_line
+from .fileio import atomic_path
 
 ONNX_TOLERANCE = {'fp32': 1e-4, 'fp16': 1e-2}
 EXPORT_ATTN_TYPES = ('naive', 'sdpa')
@@ -57,11 +55,8 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     from safetensors import SafetensorError
-    with atomic_path(path) as tmp:
-        try:
-            save_file(state, tmp, metadata={'format': 'pt', 'arch': type(model).__name__})
-        except SafetensorError as exc:  # 'I/O error: File too large', a full disk
-            raise WriteError(path, OSError(errno.EIO, f'the write failed ({first_line(exc)})')) from exc
+    with atomic_path(path, failed_writes=(SafetensorError, )) as tmp:  # 'I/O error: File too large'
+        save_file(state, tmp, metadata={'format': 'pt', 'arch': type(model).__name__})
     return path
 
 

@@ -7,10 +7,13 @@ like OpenCV, still work), is flushed to disk, and is then renamed over the desti
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import tempfile
 from pathlib import Path
+
+from .messages import first_line
 
 # temp files are '.<stem>.<random>.tmp<suffix>': hidden, and never matching '<name><suffix>' patterns
 # that readers look for (e.g. '<iter>.state'), whose stem must be the bare name.
@@ -36,9 +39,11 @@ class WriteError(OSError):
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, failed_writes: tuple[type[BaseException], ...] = ()):
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
-    Failing to create the temporary file or to rename it raises :class:`WriteError`."""
+    Failing to create the temporary file or to rename it raises :class:`WriteError`, and so do the
+    ``failed_writes``: the exceptions by which the caller's writer reports that its write failed (a
+    full disk) where it raises no OSError (``torch.save``'s RuntimeError, safetensors' own)."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f'.{path.stem}.', suffix=f'.tmp{path.suffix}', dir=path.parent or '.')
@@ -46,7 +51,11 @@ def atomic_path(path: str | os.PathLike):
         raise WriteError(path, exc) from exc
     os.close(fd)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except failed_writes as exc:
+            problem = f'the write failed, is the disk full? ({first_line(exc)})'
+            raise WriteError(path, OSError(errno.EIO, problem)) from exc
         try:
             with open(tmp, 'rb+') as handle:  # make the bytes durable before the rename
                 os.fsync(handle.fileno())

@@ -511,7 +511,8 @@ class ConvFFN(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int, exp_ratio: float):
         super().__init__()
-        hidden = int(dim * exp_ratio) if math.isfinite(dim * exp_ratio) else 0
+        width = dim * exp_ratio
+        hidden = int(width) if math.isfinite(width) else 0
         if hidden < 1:
             raise ValueError(f'exp_ratio {exp_ratio!r} gives int(dim * exp_ratio) = {hidden} hidden channels of the '
                              f'ConvFFN (dim {dim}); it needs at least 1')

@@ -1044,9 +1044,10 @@ def run(command: str, args) -> int:
             _say_error(command, f'process {dist.get_rank()} of {dist.get_world_size()} stops: another one stopped '
                                 '(its error is above)')
             return 1
-        if environment_problem(exc) is None:
+        problem = environment_problem(exc)
+        if problem is None:
             raise
-        _say_error(command, environment_problem(exc))
+        _say_error(command, problem)
         return 1
     except (OSError, MemoryError) as exc:  # e.g. a read-only folder for experiments/, a name too long
         _say_error(command, environment_problem(exc))

@@ -370,11 +370,11 @@ def prepare_dataset(hr_folder: str, out_root: str, scales=(2, 3, 4), crop: int =
         finished = True
     finally:
         bar.close()
-        if pool and finished:
-            pool.close()
-        elif pool:  # Ctrl-C or an error: the images in flight are dropped (their writes are atomic)
-            pool.terminate()
         if pool:
+            if finished:
+                pool.close()
+            else:  # Ctrl-C or an error: the images in flight are dropped (their writes are atomic)
+                pool.terminate()
             pool.join()
     keys.sort()
     result.num_sub_images = len(keys)

@@ -122,14 +122,19 @@ def build_name(isa: str) -> str:
     return f'esc_arch_cpu_kernels_{isa}_{hashlib.sha1(str(HERE.resolve()).encode()).hexdigest()[:8]}'
 
 
+def _library_path(cpp_extension, name: str) -> str:
+    """Where PyTorch's loader builds the library ``name`` (a private helper of it: may raise)."""
+    return os.path.join(cpp_extension._get_build_directory(name, verbose=False), f'{name}.so')
+
+
 def _load_prebuilt(name: str, digest: str) -> bool:
     """Load a library built before from these very sources (its build.ninja holds their digest; it
     is complete and newer than build.ninja) without PyTorch's loader, which must lock the folder
     and may need a compiler: a shared install built once into a read-only place, a node without g++."""
     try:
         from torch.utils import cpp_extension
-        folder = cpp_extension._get_build_directory(name, verbose=False)
-        library, ninja = os.path.join(folder, f'{name}.so'), os.path.join(folder, 'build.ninja')
+        library = _library_path(cpp_extension, name)
+        ninja = os.path.join(os.path.dirname(library), 'build.ninja')
         if not (os.path.isfile(library) and complete_elf(library) and os.path.isfile(ninja)
                 and f'-DESC_KERNELS_DIGEST={digest}' in Path(ninja).read_text(errors='replace')
                 and os.path.getmtime(library) >= os.path.getmtime(ninja)):
@@ -161,16 +166,15 @@ def _announce_a_first_build(cpp_extension, name: str, isa: str) -> None:
     """A line on stderr when the library is not built yet: the first call then takes a minute. A
     truncated library is removed first, so that it is linked again."""
     try:
-        folder = cpp_extension._get_build_directory(name, verbose=False)
+        library = _library_path(cpp_extension, name)
     except Exception:  # a private helper of PyTorch's loader: say nothing rather than fail
         return
-    library = os.path.join(folder, f'{name}.so')
     if os.path.isfile(library) and not complete_elf(library):
         with contextlib.suppress(OSError):
             os.unlink(library)
     if not os.path.isfile(library):
         print(f'esc_arch: compiling the CPU kernels ({isa}) for this install, once (a minute or two; cached in '
-              f'{os.path.dirname(folder)})', file=sys.stderr, flush=True)
+              f'{os.path.dirname(os.path.dirname(library))})', file=sys.stderr, flush=True)
 
 
 def _outside_stacklevel() -> int:

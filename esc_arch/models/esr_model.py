@@ -18,12 +18,10 @@ file, fsync, rename), so a killed run never leaves a truncated file for ``--auto
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 from basicsr.models.sr_model import SRModel
@@ -34,9 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..archs import ESC, ESCFP
 from ..archs.layers import reflect_pad_to_multiple, resample_subpixel_conv
-from ..fileio import WriteError, atomic_path, remove_stale_temp_files
+from ..fileio import atomic_path, remove_stale_temp_files
 from ..loading import read_checkpoint_file, read_state_dict
-from ..messages import first_line
 from ..runtime import slow_bf16_warning
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16,
@@ -74,12 +71,8 @@ def pretrained_state_dict(load_path: str, param_key: str | None = 'params', log=
 
 def atomic_torch_save(obj, path: str) -> None:
     """``torch.save`` that never leaves a partial file at ``path`` (a kill mid-save is safe)."""
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(obj, tmp)
-        except RuntimeError as exc:  # torch's writer reports a failed write (a full disk) so
-            problem = f'the write failed, is the disk full? ({first_line(exc)})'
-            raise WriteError(Path(path), OSError(errno.EIO, problem)) from exc
+    with atomic_path(path, failed_writes=(RuntimeError, )) as tmp:  # how torch's writer says a full disk
+        torch.save(obj, tmp)
 
 
 def saved_iterations(directory: str) -> list[int]:
