@@ -29,6 +29,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class StdoutError(Exception):
+    """Standard output could not be written (``> /dev/full``, a full disk): told apart from a failure
+    to write the command's own files, which the commands report themselves."""
+
+
+class _GuardedStdout:
+    """``sys.stdout`` whose write errors, other than a closed pipe, are raised as :class:`StdoutError`."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _call(self, method, *args):
+        try:
+            return getattr(self._stream, method)(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise StdoutError(exc.strerror or str(exc)) from exc
+
+    def write(self, text):
+        return self._call('write', text)
+
+    def writelines(self, lines):
+        return self._call('writelines', lines)
+
+    def flush(self):
+        return self._call('flush')
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so the interpreter's flush at exit has no second error."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -43,17 +83,23 @@ def main(argv: list[str] | None = None) -> int:
     sub_parser = argparse.ArgumentParser(prog=f'basicsr {name}', description=SUBCOMMANDS[name])
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(rest)
+    stdout, sys.stdout = sys.stdout, _GuardedStdout(sys.stdout)
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
+        sys.stdout.flush()  # a block-buffered stdout fails here, not at exit
+        return code
     except KeyboardInterrupt:  # Ctrl-C: what was written is complete (every write is atomic)
         sys.stderr.write(f'basicsr {name}: interrupted\n')
         return 130
     except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as `cat` does
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        except (OSError, ValueError):  # a stdout without a file descriptor
-            pass
+        _discard_stdout()
         return 141
+    except StdoutError as exc:  # what the command wrote to its files is complete; only the report is lost
+        sys.stderr.write(f'basicsr {name}: error: cannot write to standard output: {exc}\n')
+        _discard_stdout()
+        return 1
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == '__main__':

@@ -34,6 +34,15 @@ EXPORT_ATTN_TYPES = ('naive', 'sdpa')
 MIN_OPSET = {'naive': 13, 'sdpa': 14}
 
 
+def max_opset() -> int | None:
+    """The newest opset PyTorch's TorchScript exporter writes (20 in torch 2.14), if it says."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return None
+    return getattr(_constants, 'ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET', None)
+
+
 class ExportError(ValueError):
     """A user-facing export problem (missing packages, unsupported option, failed check)."""
 
@@ -90,6 +99,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, fp16
         lower = [f'--attn {name} exports from opset {least}' for name, least in MIN_OPSET.items() if least <= opset]
         raise ExportError(f'opset {opset} is too old for the {attn_type} attention (it needs {MIN_OPSET[attn_type]} '
                           f'or later){"; " + lower[0] if lower else ""}')
+    newest = max_opset()
+    if newest is not None and opset > newest:  # a 20-digit opset was a TypeError from deep in the exporter
+        raise ExportError(f'opset {opset} is newer than this PyTorch exports (at most {newest})')
     path = Path(path)
     model = copy.deepcopy(model).cpu().deploy()  # the caller's model stays as it was
     model.set_attn_type(attn_type)

@@ -8,7 +8,8 @@ from conftest import file_size_limit, randomize_, tiny_config
 import esc_arch
 from esc_arch import ESC, ESCFP
 from esc_arch.cli import main
-from esc_arch.export import ExportError, export_onnx, require_onnx
+from esc_arch.commands.export import DEFAULT_OPSET
+from esc_arch.export import ExportError, export_onnx, max_opset, require_onnx
 from esc_arch.inference import Upscaler
 
 
@@ -96,11 +97,13 @@ def test_opset_problems_are_one_line_without_the_exporters_graph_dump(tmp_path, 
     captured = capfd.readouterr()
     assert captured.err.strip() == ('basicsr export: error: opset 13 is too old for the sdpa attention '
                                     '(it needs 14 or later); --attn naive exports from opset 13')
-    assert main(['export', '-m', pth, '-o', str(tmp_path / 'b.onnx'), '--opset', '99']) == 2  # the exporter's own
-    captured = capfd.readouterr()
-    assert captured.out == '' and 'Torch IR graph' not in captured.err
-    assert [line for line in captured.err.splitlines() if line.startswith('basicsr export: error:')] == [
-        'basicsr export: error: ONNX export failed (RuntimeError): Unsupported onnx_opset_version: 99']
+    newest = max_opset()
+    assert newest is not None and newest >= DEFAULT_OPSET  # PyTorch still says which opsets it writes
+    for opset in (newest + 1, 10 ** 20):  # the exporter's RuntimeError, and a TypeError for 10 ** 20
+        assert main(['export', '-m', pth, '-o', str(tmp_path / 'b.onnx'), '--opset', str(opset)]) == 2
+        captured = capfd.readouterr()
+        assert captured.out == '' and captured.err == (f'basicsr export: error: opset {opset} is newer than this '
+                                                       f'PyTorch exports (at most {newest})\n')
     assert not (tmp_path / 'a.onnx').exists() and not (tmp_path / 'b.onnx').exists()
 
 

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -93,3 +94,36 @@ def test_ctrl_c_and_a_closed_stdout_are_no_traceback(monkeypatch, capsys, raised
     monkeypatch.setattr(export_command, 'run', interrupted)
     assert main(['export', '-m', 'm.pth', '-o', 'm.onnx']) == code
     assert capsys.readouterr().err == said
+
+
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full')
+def test_a_full_stdout_is_one_line_after_the_work_is_done(tmp_path, monkeypatch, capsys):
+    # `> /dev/full` was an OSError traceback from the first print; in prepare, BasicSR's LMDB writer
+    # prints first, so the LMDBs were not made
+    import cv2
+    import numpy as np
+    from conftest import tiny_config
+
+    from esc_arch import ESC
+    from esc_arch.cli import main
+    hr = tmp_path / 'hr'
+    hr.mkdir()
+    cv2.imwrite(str(hr / 'a.png'), np.random.default_rng(0).integers(0, 256, (60, 72, 3), dtype=np.uint8))
+    torch = pytest.importorskip('torch')
+    torch.save({'params': ESC(**tiny_config()).state_dict()}, tmp_path / 'esc.pth')
+    for command, argv in (('prepare', ['-i', str(hr), '-o', str(tmp_path / 'out'), '--crop', '24', '--step', '24']),
+                          ('export', ['-m', str(tmp_path / 'esc.pth'), '-o', str(tmp_path / 'esc.safetensors')])):
+        with open('/dev/full', 'w') as full:  # its descriptor is pointed at /dev/null after the failure
+            monkeypatch.setattr(sys, 'stdout', full)
+            assert main([command, *argv]) == 1
+        err = capsys.readouterr().err
+        assert 'Traceback' not in err
+        assert err.splitlines()[-1] == (f'basicsr {command}: error: cannot write to standard output: '
+                                        'No space left on device')
+    lmdbs = sorted(p.relative_to(tmp_path / 'out').as_posix() for p in (tmp_path / 'out').rglob('*.lmdb'))
+    assert lmdbs == [f'hr_LR_bicubic/X{s}_sub.lmdb' for s in (2, 3, 4)] + ['hr_sub.lmdb']
+    from esc_arch.data.prepare import lmdb_complete
+    keys = sorted(p.stem for p in (tmp_path / 'out' / 'hr_sub').glob('*.png'))
+    assert len(keys) > 1 and all(lmdb_complete(str(tmp_path / 'out' / p), keys) for p in lmdbs)
+    from safetensors.torch import load_file
+    assert set(load_file(tmp_path / 'esc.safetensors')) == set(ESC(**tiny_config()).state_dict())

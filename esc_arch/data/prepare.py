@@ -27,7 +27,9 @@ skipped files (the command then exits with status 1).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import math
 import os
@@ -301,8 +303,9 @@ def build_lmdb(folder: str, keys: list[str], settings: dict | None = None) -> bo
     # image alone fails when that image compresses better than the rest).
     raw = sum(os.path.getsize(os.path.join(folder, n)) for n in names)
     map_size = 4 * raw + (64 << 20)
-    try:
-        make_lmdb_from_imgs(folder, tmp_path, names, keys, map_size=map_size)
+    try:  # its prints name the temporary folder ("Totoal images: ..."); the summary names the LMDB
+        with contextlib.redirect_stdout(io.StringIO()):
+            make_lmdb_from_imgs(folder, tmp_path, names, keys, map_size=map_size)
     except lmdb.Error as exc:  # e.g. mdb_txn_commit: Input/output error on a full disk
         raise OSError(errno.EIO, f'writing {tmp_path} failed ({exc}); is the disk full?') from exc
     if settings is not None:
