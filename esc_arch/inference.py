@@ -9,6 +9,7 @@ The functions here are a library (the ``basicsr upscale`` command is a thin laye
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from contextlib import nullcontext
@@ -39,6 +40,14 @@ _UPRIGHT = {
 
 class InferenceError(ValueError):
     """A user-facing problem: bad device/precision, unreadable image, unwritable output."""
+
+
+class MissingCodecError(InferenceError):
+    """An image whose compression needs a package that is not installed (``reason`` says which)."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f'cannot read image {path}: {reason}')
+        self.reason = reason
 
 
 # --------------------------------------------------------------------------------------
@@ -105,7 +114,7 @@ def _as_read(rgb: np.ndarray, orientation: int) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(rgb), orientation if orientation in _UPRIGHT else 1
 
 
-def _read_tiff(path: str) -> tuple[np.ndarray, int] | None:
+def _read_tiff(path: str | io.BytesIO, name: str | None = None) -> tuple[np.ndarray, int] | None:
     """A gray / RGB TIFF's first page through tifffile, which keeps 16-bit colour and float samples
     (PIL reduces 16-bit RGB to 8-bit and does not open float RGB); None for other photometrics and
     what it cannot decode. Its compressions (LZW, Deflate, Zstd, JPEG, ...) come from imagecodecs:
@@ -123,8 +132,8 @@ def _read_tiff(path: str) -> tuple[np.ndarray, int] | None:
             except ValueError as exc:
                 if 'imagecodecs' in str(exc):
                     codec = getattr(page.compression, 'name', page.compression)
-                    raise InferenceError(f'cannot read image {path}: its {codec} compression needs the imagecodecs '
-                                         'package (pip install imagecodecs)') from None
+                    raise MissingCodecError(name or path, f'its {codec} compression needs the imagecodecs package '
+                                            '(pip install imagecodecs)') from None
                 raise
             tag = page.tags.get('Orientation')
             orientation = int(tag.value) if tag is not None else 1
@@ -205,9 +214,19 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if img.dtype.kind == 'f' and (problem := float_range_problem(img, FLOAT_SLACK)):
         raise InferenceError(f'{path}: float pixels {problem}; the models take [0, 1] '
                              '(rescale the image, or store it as 8/16-bit)')
-    if orientation != 1:
-        img = np.ascontiguousarray(_UPRIGHT[orientation](img))
-    return img
+    return _upright(img, orientation)
+
+
+def _upright(img: np.ndarray, orientation: int) -> np.ndarray:
+    return np.ascontiguousarray(_UPRIGHT[orientation](img)) if orientation != 1 else img
+
+
+def read_tiff_bytes(content: bytes, name: str) -> np.ndarray | None:
+    """A gray / RGB TIFF held in memory (a data set's file, read by BasicSR) as :func:`read_image`
+    reads it from a file, upright and as stored (OpenCV decodes planar and some compressed TIFFs to
+    wrong pixels); None for what tifffile does not read, which is left to OpenCV."""
+    tiff = _read_tiff(io.BytesIO(content), name)
+    return None if tiff is None else _upright(*tiff)
 
 
 # what each output format stores (OpenCV otherwise converts silently: a float image written as PNG

@@ -1,4 +1,5 @@
 """`basicsr prepare` (sub-images, bicubic LR, LMDB) and the embedded demo data set."""
+import io
 import os
 
 import cv2
@@ -372,3 +373,63 @@ def test_an_lmdb_on_a_full_disk_is_one_line(tmp_path, capsys):
     with file_size_limit(20_000), pytest.raises(OSError, match=r'HR_sub.tmp.lmdb failed .*; is the disk full\?'):
         build_lmdb(str(folder), ['0', '1', '2'])  # lmdb.Error: a traceback from prepare
     assert not (tmp_path / 'HR_sub.lmdb').exists()
+
+
+def test_basicsr_data_sets_read_tiffs_as_stored(tmp_path, monkeypatch):
+    # BasicSR decodes every file with OpenCV, which reads planar and some compressed TIFFs as wrong
+    # pixels with no error (8-bit RGBA premultiplied by its alpha, planar LZW samples mixed up): a
+    # TIFF now reads as the same pixels stored as a PNG read
+    import tifffile
+    from basicsr.data import paired_image_dataset
+    from basicsr.utils import imfrombytes
+
+    from esc_arch.commands._pipeline import ImageDecodeError, _patch_image_datasets
+    _patch_image_datasets()
+    rng = np.random.default_rng(8)
+    rgb16 = rng.integers(0, 65536, (8, 6, 3), dtype=np.uint16)
+    rgba8 = np.concatenate([rgb16 >> 8, rng.integers(0, 256, (8, 6, 1))], axis=2).astype(np.uint8)
+    layouts = {'rgba8_lzw': (rgba8, dict(extrasamples=['unassalpha'], compression='lzw')),
+               'rgb16_planar_lzw': (rgb16, dict(planarconfig='separate', compression='lzw')),
+               'rgb16_planar_zstd': (rgb16, dict(planarconfig='separate', compression='zstd')),
+               'rgb8_deflate': ((rgb16 >> 8).astype(np.uint8), dict(compression='deflate'))}
+    misread = []
+    for name, (stored, extra) in layouts.items():
+        buffer = io.BytesIO()
+        planar = extra.get('planarconfig') == 'separate'
+        tifffile.imwrite(buffer, np.moveaxis(stored, -1, 0) if planar else stored, photometric='rgb', **extra)
+        tiff = buffer.getvalue()
+        png = cv2.imencode('.png', stored[:, :, [2, 1, 0, 3][:stored.shape[2]]])[1].tobytes()
+        for flag in ('color', 'grayscale', 'unchanged'):
+            expected = imfrombytes(png, flag=flag, float32=True)
+            got = paired_image_dataset.imfrombytes(tiff, flag=flag, float32=True)
+            assert got.dtype == expected.dtype and np.array_equal(got, expected), (name, flag)
+        opencv = cv2.imdecode(np.frombuffer(tiff, np.uint8), cv2.IMREAD_COLOR)  # BasicSR's decoder alone
+        if opencv is None or not np.array_equal(opencv, imfrombytes(png)):
+            misread.append((name, 'unreadable' if opencv is None else 'wrong'))
+    assert misread == [('rgba8_lzw', 'wrong'), ('rgb16_planar_lzw', 'wrong'), ('rgb16_planar_zstd', 'unreadable')]
+    # gray + alpha, and floats: as OpenCV reads the PNG of the same image; floats out of [0, 1] named
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, rgb16[:, :, :2], photometric='minisblack', extrasamples=['unassalpha'],
+                     compression='lzw')
+    png = cv2.imencode('.png', rgb16[:, :, [0, 0, 0, 1]])[1].tobytes()
+    assert np.array_equal(paired_image_dataset.imfrombytes(buffer.getvalue()), imfrombytes(png))
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, (rgb16 / 65535).astype(np.float32), photometric='rgb', compression='zstd')
+    png = cv2.imencode('.png', rgb16[:, :, ::-1])[1].tobytes()
+    assert np.array_equal(paired_image_dataset.imfrombytes(buffer.getvalue()), imfrombytes(png))
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, (rgb16 / 255).astype(np.float32), photometric='rgb')
+    with pytest.raises(ImageDecodeError, match=r'its float pixels span \[.*\]; BasicSR takes \[0, 1\]'):
+        paired_image_dataset.imfrombytes(buffer.getvalue())
+    # and inside BasicSR's data set, from files
+    for side, stored in (('gt', rgba8), ('lq', rgba8[::2, ::2])):
+        (tmp_path / side).mkdir()
+        tifffile.imwrite(tmp_path / side / 'a.tif', stored, photometric='rgb', extrasamples=['unassalpha'],
+                         compression='lzw')
+    dataset = PairedImageDataset({'dataroot_gt': str(tmp_path / 'gt'), 'dataroot_lq': str(tmp_path / 'lq'),
+                                  'io_backend': {'type': 'disk'}, 'phase': 'val', 'scale': 2, 'filename_tmpl': '{}'})
+    np.testing.assert_array_equal(dataset[0]['gt'].numpy().transpose(1, 2, 0), rgba8[:, :, :3] / np.float32(255))
+    monkeypatch.setattr(tifffile.TiffPage, 'asarray', lambda *a, **k: (_ for _ in ()).throw(
+        ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")))
+    with pytest.raises(ImageDecodeError, match=r'lq/a.tif, .*gt/a.tif: its LZW compression needs the imagecodecs'):
+        dataset[0]

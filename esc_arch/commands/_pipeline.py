@@ -716,10 +716,40 @@ _IMAGE_DATASETS = {'paired_image_dataset': 'PairedImageDataset', 'single_image_d
                    'realesrgan_dataset': 'RealESRGANDataset', 'realesrgan_paired_dataset': 'RealESRGANPairedDataset'}
 
 
+def _as_png(img) -> bytes:
+    """A decoded TIFF (8/16-bit or [0, 1] float; gray, gray + alpha, BGR, BGRA) as lossless PNG bytes
+    for BasicSR's own decoder, which then converts it as it converts any image (its flag and float32)."""
+    import cv2
+    import numpy as np
+
+    from esc_arch.data.image_files import float_range_problem
+    from esc_arch.inference import FLOAT_SLACK
+    if img.dtype.kind == 'f':
+        if problem := float_range_problem(img, FLOAT_SLACK):
+            raise ImageDecodeError(f'its float pixels {problem}; BasicSR takes [0, 1] (store it as 8/16-bit)')
+        img = np.round(np.clip(img, 0, 1) * 65535).astype(np.uint16)
+    if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha: OpenCV reads such a PNG as BGRA
+        img = img[:, :, [0, 0, 0, 1]]
+    ok, png = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, 0])
+    if not ok:
+        raise ImageDecodeError(f'cannot convert its {img.dtype} {img.shape} pixels')
+    return png.tobytes()
+
+
 def _checked_imfrombytes(original):
     import cv2
 
+    from esc_arch.data.image_files import TIFF_MAGIC
+    from esc_arch.inference import MissingCodecError, read_tiff_bytes
+
     def imfrombytes(content, *args, **kwargs):
+        if bytes(content[:4]) in TIFF_MAGIC:  # OpenCV reads some TIFFs as wrong pixels, with no error
+            try:
+                img = read_tiff_bytes(content, 'TIFF')
+            except MissingCodecError as exc:  # the data set names the files
+                raise ImageDecodeError(exc.reason) from None
+            if img is not None:
+                content = _as_png(img)
         try:
             img = original(content, *args, **kwargs)
         except (AttributeError, cv2.error):  # None.astype: OpenCV decoded nothing; an empty file

@@ -74,10 +74,13 @@ def _float_to_uint8(img: np.ndarray, path: str) -> np.ndarray:
     return np.round(img * 255.0).astype(np.uint8)
 
 
+TIFF_MAGIC = (b'II*\x00', b'MM\x00*', b'II+\x00', b'MM\x00+')  # classic and BigTIFF, either byte order
+
+
 def is_tiff(path: str) -> bool:
     try:
         with open(path, 'rb') as handle:
-            return handle.read(4) in (b'II*\x00', b'MM\x00*', b'II+\x00', b'MM\x00+')
+            return handle.read(4) in TIFF_MAGIC
     except OSError:
         return False
 
