@@ -43,7 +43,8 @@ TRAIN_RUNS = {
     'ESC_FP': ('ESC_FP', 'DIV2K'),
 }
 
-# Benchmarks: datasets/Benchmarks/<folder>/HR/<name>.png and .../LR_bicubic/X{s}/<name>.png (same names).
+# Benchmarks: datasets/Benchmarks/<folder>/HR/<name>.png and .../LR_bicubic/X{s}/<name>x{s}.png (the
+# benchmark packs' and the authors' naming, as DIV2K's LR files).
 BENCHMARKS = (('Set5', 'Set5'), ('Set14', 'Set14'), ('B100', 'B100'), ('Urban100', 'Urban100'),
               ('Manga109', 'Manga109'))
 BENCH_ROOT = 'datasets/Benchmarks'
@@ -64,7 +65,7 @@ def metrics(scale: int) -> dict:
 
 def benchmark_set(name: str, folder: str, scale: int) -> dict:
     return {'name': name, 'type': 'PairedImageDataset', 'dataroot_gt': f'{BENCH_ROOT}/{folder}/HR',
-            'dataroot_lq': f'{BENCH_ROOT}/{folder}/LR_bicubic/X{scale}', 'filename_tmpl': '{}',
+            'dataroot_lq': f'{BENCH_ROOT}/{folder}/LR_bicubic/X{scale}', 'filename_tmpl': f'{{}}x{scale}',
             'io_backend': {'type': 'disk'}}
 
 

@@ -202,3 +202,34 @@ def test_suffixed_arch_names_are_found_without_basicsrs_alarm(capsys, monkeypatc
     assert 'is not found' not in capsys.readouterr().out
     with pytest.raises(KeyError, match='NoSuchArch'):
         ARCH_REGISTRY.get('NoSuchArch')
+
+
+def test_shipped_test_files_pair_the_benchmark_packs_naming(tmp_path, monkeypatch):
+    # the benchmark packs (and the authors' option files) name LR files <name>x<s>.png in LR_bicubic/X<s>;
+    # the shipped test files paired same names only ("4 file(s) in only one of ...")
+    import argparse
+
+    import cv2
+    import numpy as np
+
+    from esc_arch.commands._pipeline import OptionError, check_options, load_options
+    monkeypatch.chdir(tmp_path)
+    for folder in ('Set5', 'Set14', 'B100', 'Urban100', 'Manga109'):
+        for side, name, size in (('HR', 'baby.png', 32), ('LR_bicubic/X4', 'babyx4.png', 8)):
+            os.makedirs(f'datasets/Benchmarks/{folder}/{side}', exist_ok=True)
+            cv2.imwrite(f'datasets/Benchmarks/{folder}/{side}/{name}', np.zeros((size, size, 3), np.uint8))
+    opt = load_options(os.path.join(OPTIONS, 'test', 'test_ESC_DIV2K_X4.yml'))
+    network = {k: v for k, v in opt['network_g'].items() if k != 'type'}
+    os.makedirs('pretrained')
+    torch.save({'params_ema': esc_arch.ESC(**network).state_dict()}, opt['path']['pretrain_network_g'])
+    flags = argparse.Namespace(auto_resume=False, launcher='none', debug=False)
+    check_options(opt, 'test_ESC_DIV2K_X4.yml', False, flags)
+    opt['datasets']['test_1']['filename_tmpl'] = '{}'  # as the files were: the fitting template is named
+    with pytest.raises(OptionError, match=r"in only one of .*; GT and LQ files pair by name; "
+                                          r"filename_tmpl '\{\}x4' pairs them$"):
+        check_options(opt, 'test_ESC_DIV2K_X4.yml', False, flags)
+    os.rename('datasets/Benchmarks/Set14/LR_bicubic/X4/babyx4.png', 'datasets/Benchmarks/Set14/LR_bicubic/X4/baby.png')
+    opt['datasets']['test_1']['filename_tmpl'] = '{}x4'  # same names (an LRbicx4 folder) with '{}x4'
+    with pytest.raises(OptionError, match=r"cannot pair .*Set14.* with filename_tmpl '\{\}x4': .* "
+                                          r"filename_tmpl '\{\}' pairs them$"):
+        check_options(opt, 'test_ESC_DIV2K_X4.yml', False, flags)

@@ -149,6 +149,22 @@ def _lmdb_sizes(folder: str, where: str) -> dict[str, tuple[int, int]]:
     return sizes
 
 
+def _template_hint(gt_dir: str, lq_dir: str, template: str) -> str:
+    """'; filename_tmpl '{}x4' pairs them' when the LQ files are named as the GT files plus one
+    suffix (``baby.png`` and ``babyx4.png``, the benchmark packs' naming), and the template is another."""
+    gt = sorted(osp.splitext(name) for name in _file_names(gt_dir))
+    lq = _file_names(lq_dir)
+    if not gt:
+        return ''
+    stem, ext = gt[0]
+    suffixes = {osp.splitext(name)[0][len(stem):] for name in lq if name.startswith(stem) and name.endswith(ext)}
+    for suffix in sorted(suffixes, key=len):
+        fits = '{}' + suffix
+        if fits != template and '{' not in suffix and all(f'{g}{suffix}{e}' in lq for g, e in gt):
+            return f"; filename_tmpl '{fits}' pairs them"
+    return ''
+
+
 def _pairs_on_disk(dataset: dict, gt_dir: str, lq_dir: str, where: str) -> list[tuple[str, str, str]]:
     """(name, GT path, LQ path) of every pair BasicSR's data set will read from disk."""
     from basicsr.data.data_util import paired_paths_from_folder, paired_paths_from_meta_info_file
@@ -159,7 +175,7 @@ def _pairs_on_disk(dataset: dict, gt_dir: str, lq_dir: str, where: str) -> list[
         if unpaired:
             raise OptionError(f'{len(unpaired)} file(s) in only one of {dataset["dataroot_gt"]} and '
                               f'{dataset["dataroot_lq"]}: {", ".join(unpaired[:5])} ({where}); '
-                              'GT and LQ files pair by name')
+                              f'GT and LQ files pair by name{_template_hint(gt_dir, lq_dir, template)}')
     try:
         if meta:
             paths = paired_paths_from_meta_info_file([lq_dir, gt_dir], ['lq', 'gt'], osp.expanduser(meta), template)
@@ -167,8 +183,9 @@ def _pairs_on_disk(dataset: dict, gt_dir: str, lq_dir: str, where: str) -> list[
             paths = paired_paths_from_folder([lq_dir, gt_dir], ['lq', 'gt'], template)
     except (AssertionError, ValueError, IndexError, KeyError, OSError) as exc:
         source = f'meta_info_file {meta}' if meta else f'{dataset["dataroot_gt"]} and {dataset["dataroot_lq"]}'
+        hint = '' if meta else _template_hint(gt_dir, lq_dir, template)
         raise OptionError(f'cannot pair {source} with filename_tmpl {template!r}: {first_line(exc)} '
-                          f'({where})') from None
+                          f'({where}){hint}') from None
     if not paths:
         raise OptionError(f'{f"meta_info_file {meta}" if meta else dataset["dataroot_gt"]} lists no images ({where})')
     return sorted((osp.basename(p['gt_path']), p['gt_path'], p['lq_path']) for p in paths)
