@@ -633,6 +633,12 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
     # crops it), an LMDB's leftover meta_info_file (BasicSR reads the LMDB's own)
     check(lambda o: (o.update(model_type='RealESRNetModel'), o['train'].update(
         optim_g=dict(type='Adam', lr=2e-4, betas=[0.9, 0.99]))))  # BasicSR's own models build Adam only
+    capsys.readouterr()
+    # the authors' ESC-Real MSE file keeps its GAN run's optim_d (AdamW, which RealESRNetModel could not
+    # build): it has no network_d, so it never reads optim_d ("cannot be built for RealESRNetModel")
+    check(lambda o: (o.update(model_type='RealESRNetModel'), o['train'].update(
+        optim_g=dict(type='Adam', lr=2e-4), optim_d=dict(type='AdamW', lr=5e-4, weight_decay=0))))
+    assert 'warning: train.optim_d is not used: there is no network_d' in capsys.readouterr().err
     big = tmp_path / 'big_hr'
     big.mkdir()
     for index in range(4):
@@ -841,13 +847,24 @@ def real_options(tmp_path: Path, model_file: str, **extra) -> dict:
 @pytest.mark.parametrize('model_file', ['train_ESC_Real_x4_MSE.yml', 'train_ESC_Real_x4_GAN.yml'])
 def test_real_esrgan_models_train_on_the_cpu(tmp_path, model_file):
     # BasicSR's RealESRNetModel / RealESRGANModel put their DiffJPEG, USMSharp and pair queue on
-    # CUDA; with num_gpu 0 they train on the CPU (2 iterations, the queue of 2 filled and used)
+    # CUDA; with num_gpu 0 they train on the CPU (2 iterations, the queue of 2 filled and used). The
+    # shipped files name the authors' models (RealHATMSEModel, RealHATGANModel), which build AdamW,
+    # the authors' optimizer (BasicSR's two: "optimizer AdamW is not supperted yet")
     opt = real_options(tmp_path, model_file)
+    assert opt['model_type'] in ('RealHATMSEModel', 'RealHATGANModel')
+    for key in ('optim_g', 'optim_d'):
+        if key in opt['train']:
+            opt['train'][key].update(type='AdamW', betas=[0.9, 0.9], weight_decay=0.5)
     result = basicsr('train', '-opt', write_yaml(tmp_path / 'real.yml', opt), cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     log = newest_log(tmp_path / 'experiments' / opt['name'])
     assert re.search(r'iter:\s+2,', log) and re.search(r'\bl_(g_)?pix: ', log)
     assert (tmp_path / 'experiments' / opt['name'] / 'models' / 'net_g_2.pth').is_file()
+    state = torch.load(tmp_path / 'experiments' / opt['name'] / 'training_states' / '2.state', weights_only=False)
+    assert len(state['optimizers']) == (2 if 'optim_d' in opt['train'] else 1)
+    for saved in state['optimizers']:
+        group = saved['param_groups'][0]
+        assert group['decoupled_weight_decay'] and group['betas'] == (0.9, 0.9) and group['weight_decay'] == 0.5
     assert 'is not found, use name' not in result.stdout  # BasicSR's line for UNetDiscriminatorSN_basicsr
 
 

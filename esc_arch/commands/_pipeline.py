@@ -175,6 +175,8 @@ def _registered(registry) -> str:
     return ', '.join(sorted(registry.keys()))
 
 
+# the models whose training step and set-up are ESCSRModel's (SRModel's underneath)
+ESC_STEP_MODELS = ('ESCSRModel', 'ESRModel', 'ESCRealESRNetModel', 'RealHATMSEModel')
 # what ESCSRModel (and BasicSR's SRModel under it) reads from train:
 TRAIN_KEYS = ('total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'scheduler', 'pixel_opt', 'perceptual_opt',
               'grad_clip', 'amp')
@@ -183,7 +185,7 @@ TRAIN_KEYS = ('total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'scheduler', 
 def _warn_unread_keys(opt: dict, section: str, known: tuple) -> None:
     """A misspelt train or val key (``gradclip``, ``metric``) is otherwise silently ignored."""
     import difflib
-    if opt.get('model_type') not in ('ESCSRModel', 'ESRModel') or not isinstance(opt.get(section), dict):
+    if opt.get('model_type') not in ESC_STEP_MODELS or not isinstance(opt.get(section), dict):
         return
     for key in opt[section]:
         if key not in known:
@@ -309,7 +311,10 @@ def _check_train_section(opt: dict, opt_path: str) -> None:
                 raise OptionError(f'train.{key} must be a mapping of options (type: ..., ...) in {opt_path}, got '
                                   f'{value!r} (--force_yml sets strings and numbers only: write mappings in the file)')
             continue
-        if key.startswith('optim_'):
+        if key.startswith('optim_') and not isinstance(opt.get(f'network_{key[6:]}'), dict):
+            # e.g. the authors' ESC-Real MSE file keeps its GAN run's optim_d: RealESRNetModel reads none
+            print(f'warning: train.{key} is not used: there is no network_{key[6:]}', file=sys.stderr)
+        elif key.startswith('optim_'):
             if not _is_number(value.get('lr')):
                 raise OptionError(f'train.{key}.lr must be a number in {opt_path}, got {value.get("lr")!r}')
             _check_optimizer(opt, key, value, opt_path)
@@ -322,7 +327,7 @@ def _check_train_section(opt: dict, opt_path: str) -> None:
             raise OptionError(f'unknown loss {value.get("type")!r} (train.{key}.type in {opt_path}); '
                               f'registered losses: {_registered(LOSS_REGISTRY)}')
     model = opt.get('model_type')
-    if model in ('ESCSRModel', 'ESRModel', 'SRModel', 'SwinIRModel'):  # SRModel's set-up
+    if model in ESC_STEP_MODELS + ('SRModel', 'SwinIRModel', 'RealESRNetModel'):  # SRModel's set-up
         if not isinstance(train.get('optim_g'), dict):
             raise OptionError(f'{opt_path}: train.optim_g is missing (e.g. type: Adam, lr: 2e-4, betas: [0.9, 0.99])')
         if not isinstance(train.get('scheduler'), dict):

@@ -1,0 +1,32 @@
+"""BasicSR's real-world models (Real-ESRNet / Real-ESRGAN: degradations synthesised on the fly)
+with :class:`ESCSRModel`'s training under them.
+
+Registered as ``ESCRealESRNetModel`` / ``ESCRealESRGANModel`` and under the names the authors'
+ESC-Real option files use (HAT's ``RealHATMSEModel`` / ``RealHATGANModel``), so those files run
+unchanged. BasicSR's own two build Adam only (the authors' recipe is AdamW) and save non-atomically.
+From ESCSRModel they take any ``torch.optim`` optimizer, atomic checkpoints with retries, CPU DDP,
+window padding at validation and, in the MSE stage, whose training step is ESCSRModel's, EMA,
+warm-up, AMP, grad clipping and the NaN stop. The GAN stage keeps Real-ESRGAN's own step.
+"""
+from __future__ import annotations
+
+from basicsr.models.realesrgan_model import RealESRGANModel
+from basicsr.models.realesrnet_model import RealESRNetModel
+from basicsr.utils.registry import MODEL_REGISTRY
+
+from .esr_model import ESCSRModel
+
+
+@MODEL_REGISTRY.register()
+class ESCRealESRNetModel(RealESRNetModel, ESCSRModel):
+    """Real-ESRNet's degraded pairs (its ``feed_data`` and queue) trained by ESCSRModel."""
+
+
+@MODEL_REGISTRY.register()
+class ESCRealESRGANModel(RealESRGANModel, ESCSRModel):
+    """Real-ESRGAN's GAN step with ESCSRModel's optimizers, checkpoints, devices and validation."""
+
+
+for _alias, _model in (('RealHATMSEModel', ESCRealESRNetModel), ('RealHATGANModel', ESCRealESRGANModel)):
+    if _alias not in MODEL_REGISTRY:  # the authors' names (from HAT), so their option files run unchanged
+        MODEL_REGISTRY._do_register(_alias, _model)
