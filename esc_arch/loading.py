@@ -137,6 +137,10 @@ def infer_config(state_dict: Mapping) -> tuple[str, dict]:
         raise CheckpointError('not an ESC checkpoint: it has none of plk_filter (ESC, ESC-Real) or '
                               'lk_channel/lk_spatial (ESC-FP); '
                               f'its first keys are {", ".join(list(sd)[:5]) or "(none)"}')
+    if 'to_img.init_pos' in sd:  # traiNNer-redux's ESC with a DySample upsampler (use_dysample)
+        raise CheckpointError(f'{arch} checkpoint with a DySample upsampler (to_img.init_pos, to_img.offset): that '
+                              'variant (use_dysample: true, from the authors\' code and its forks) is not one of '
+                              'the released ESC layouts this package builds')
     try:
         dim = _shape(sd, 'proj.weight', 4)[0]
         n_blocks = _count(sd, r'blocks\.(\d+)\.')

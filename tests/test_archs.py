@@ -338,6 +338,19 @@ def test_escreal_rejects_other_scales():
         ESCReal(**tiny_config(upscaling_factor=2))
 
 
+def test_the_authors_use_dysample_option_builds_the_released_layout_only():
+    # the authors' ESCReal takes use_dysample (default false): "unknown option" refused their files
+    config = tiny_config(upscaling_factor=4)
+    plain = ESCReal(**config).state_dict()
+    assert {k: v.shape for k, v in ESCReal(**config, use_dysample=False).state_dict().items()} == {
+        k: v.shape for k, v in plain.items()}
+    with pytest.raises(ValueError, match='use_dysample: true .* is not supported'):
+        ESCReal(**config, use_dysample=True)
+    from esc_arch.loading import CheckpointError, infer_config
+    with pytest.raises(CheckpointError, match='ESCReal checkpoint with a DySample upsampler'):
+        infer_config({**plain, 'to_img.init_pos': torch.zeros(1, 32, 1, 1)})
+
+
 def test_float32_close_to_float64():
     data = load_fixture(PARITY[0])
     model = ARCHS[data['type']](**data['config'])

@@ -11,14 +11,18 @@ from .layers import conv_plus, inference_layout
 class ESCReal(SharedFilterTrunk):
     """ESC-Real (x4 only).
 
-    Args: as ESC, without ``use_ln`` (every ConvFFN has a LayerNorm before it). Adds an input
+    Args: as ESC, without ``use_ln`` (every ConvFFN has a LayerNorm before it); ``use_dysample``
+    (the authors' option) must stay false. Adds an input
     branch ``skip`` (1x1, depthwise 7x7 reflect, LeakyReLU, 1x1) and a nearest-neighbour +
     conv upsampler as ``to_img``; no image skip.
     """
 
     def __init__(self, dim: int, pdim: int, kernel_size: int, n_blocks: int, conv_blocks: int, window_size: int,
                  num_heads: int, upscaling_factor: int = 4, exp_ratio: float = 2, attn_type: str = 'auto',
-                 deployment: bool = False):
+                 deployment: bool = False, use_dysample: bool = False):
+        if use_dysample:  # the authors' option (default false), for which they release no weights
+            raise ValueError('ESCReal: use_dysample: true (a DySample upsampler) is not supported; the released '
+                             'ESC-Real upsamples by nearest neighbour + convs (use_dysample: false)')
         if upscaling_factor != 4:
             raise ValueError(f'ESCReal supports upscaling_factor 4 only, got {upscaling_factor}')
         super().__init__(dim, pdim, kernel_size, n_blocks, conv_blocks, window_size, num_heads, exp_ratio,
