@@ -384,6 +384,59 @@ def test_fft_large_kernel_matches_direct():
     assert not LargeKernel(weight.float()).use_fft(x)  # training keeps the direct convolution
 
 
+def test_a_filter_symmetric_in_one_axis_only_is_not_factored():
+    # the factored spectrum needs mirror symmetry in both axes; one axis alone gave errors of ~40
+    from esc_arch.archs.layers import LargeKernel
+    torch.manual_seed(3)
+    base = torch.randn(4, 4, 13, 13)
+    x = torch.randn(1, 4, 40, 40)
+    for axis in (-1, -2):
+        weight = (base + base.flip(axis)) / 2
+        lk = LargeKernel(weight)
+        with torch.no_grad():
+            out = lk(x)
+        assert lk.use_fft(x) and not lk._factorable()
+        assert (out - F.conv2d(x, weight, padding=6)).abs().max().item() < 1e-4
+    both = LargeKernel(symmetrize_filter(base))
+    assert both._factorable()
+
+
+@pytest.mark.parametrize('arch', ['ESC', 'ESCFP'])
+def test_half_precision_cpu_inference_with_the_13x13_kernel(arch):
+    # the FFT path is float32/float64 only: bf16/fp16 take the direct convolution (the FFT has no
+    # half-precision CPU kernel: NotImplementedError)
+    model = randomize_(ARCHS[arch](**tiny_config(kernel_size=13)), scale=0.1).eval()
+    x = torch.rand(1, 3, 40, 40)
+    with torch.no_grad():
+        expected = model(x)
+        for dtype, tolerance in ((torch.bfloat16, 5e-2), (torch.float16, 1e-2)):
+            out = copy.deepcopy(model).to(dtype)(x.to(dtype))
+            assert out.dtype == dtype and (out.float() - expected).abs().max().item() < tolerance, dtype
+
+
+def test_eval_keeps_a_deployed_model_deployed():
+    # BasicSR calls eval() before every validation: it must not drop the kept filter and spectra
+    model = ESC(**tiny_config()).deploy()
+    with torch.no_grad():
+        model(torch.rand(1, 3, 12, 10))
+    kept = model._kept_kernel
+    assert kept is not None and model.eval().deployed and model._kept_kernel is kept
+    assert not model.train().deployed and model._kept_kernel is None
+
+
+def test_auto_attention_with_a_window_the_kernel_does_not_take():
+    # the fused CPU kernel takes windows that are multiples of 8; a window of 4 in float32
+    # inference goes through SDPA under auto, with the naive path's numbers
+    attn = WindowAttention(32, 4, 2)
+    x = torch.randn(2, 32, 13, 10)
+    with torch.no_grad():
+        auto = attn(x)
+        backend = attn.last_backend
+        attn.attn_type = 'naive'
+        naive = attn(x)
+    assert backend == 'sdpa' and (auto - naive).abs().max().item() < 1e-5
+
+
 def test_factored_spectrum_equals_the_fft_of_the_centred_filter():
     from esc_arch.archs.layers import _factored_spectrum
     torch.manual_seed(2)
@@ -432,7 +485,10 @@ def test_deployed_model_keeps_its_spectra_across_images_until_changed(arch):
     assert model._kept_kernel is None
 
 
-@pytest.mark.parametrize('dtype, tolerance', [(torch.float64, 1e-12), (torch.float32, 2e-5)])  # float32: FFT paths
+# float32: the FFT paths; half types against an undeployed model of their own type (their error
+# against float64, ~2e-2, would hide a stale filter, off by ~4e-2)
+@pytest.mark.parametrize('dtype, tolerance', [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 1e-3),
+                                              (torch.float16, 1e-3)])
 @pytest.mark.parametrize('arch', ['ESC', 'ESCFP', 'ESCReal'])
 def test_a_deployed_model_follows_writes_through_data(arch, dtype, tolerance, monkeypatch):
     # BasicSR's EMA updates its EMA model (eval: deployed on first use with deployment: true)
@@ -448,9 +504,10 @@ def test_a_deployed_model_follows_writes_through_data(arch, dtype, tolerance, mo
         online = randomize_(ARCHS[arch](**config), seed=1, scale=0.1).to(dtype)
         for ema, new in zip(model.parameters(), online.parameters()):
             ema.data.mul_(0.5).add_(new.data, alpha=0.5)  # BasicSR's model_ema, decay 0.5
-        expected = ARCHS[arch](**config).double().eval()
+        reference = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float64
+        expected = ARCHS[arch](**config).to(reference).eval()
         expected.load_state_dict(model.state_dict())
-        assert (model(x).double() - expected(x.double())).abs().max().item() < tolerance
+        assert (model(x).double() - expected(x.to(reference)).double()).abs().max().item() < tolerance
         written = {name: p.detach().clone() for name, p in model.named_parameters()}
     model.train()  # undeployed: training goes on from the written (not the first deployed) weights
     for name, param in model.named_parameters():

@@ -564,6 +564,39 @@ def test_conv_plus_picks_the_winograd_tile_by_size(op, size, tile, monkeypatch):
     assert (out.double() - expected).abs().max().item() < 5e-6 * expected.abs().max().item()
 
 
+def test_winograd_f4_tiles_really_run(op):
+    # the tile argument alone proved nothing: F(4x4) rounds differently from F(2x2) (both near float64)
+    gen = torch.Generator().manual_seed(7)
+    x, weight, bias = torch.randn(1, 24, 24, 32, generator=gen), torch.randn(32, 32, 3, 3, generator=gen) / 32, \
+        torch.randn(32, generator=gen)
+    outs = {}
+    for tile in (2, 4):
+        outs[tile] = torch.full((1, 24, 24, 32), float('nan'))
+        conv3x3_op()(x, weight, bias, None, outs[tile], tile)
+    expected = F.conv2d(x.double().permute(0, 3, 1, 2), weight.double(), bias.double(), padding=1).permute(0, 2, 3, 1)
+    assert not torch.equal(outs[2], outs[4])
+    for out in outs.values():
+        assert (out.double() - expected).abs().max().item() < 5e-6 * expected.abs().max().item()
+
+
+def test_conv_helpers_fall_back_where_the_kernels_do_not_apply(op):
+    # conv_plus: other paddings, a residual broadcast over the batch; conv_accumulate: reflect padding
+    # (oneDNN's fused add pads with zeros)
+    torch.manual_seed(6)
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for padding in (0, 2):
+            conv = nn.Conv2d(8, 8, 3, padding=padding)
+            assert torch.allclose(conv_plus(conv, x), conv(x), atol=1e-5), padding
+        conv = nn.Conv2d(8, 8, 3, padding=1)
+        residual = torch.randn(1, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(conv_plus(conv, x, residual), conv(x) + residual, atol=1e-5)
+        reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode='reflect')
+        residual = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+        expected = residual + reflect(x)
+        assert torch.allclose(conv_accumulate(residual.clone(), reflect, x), expected, atol=1e-5)
+
+
 def test_conv_plus_uses_the_kernel_only_for_channels_last_inference(op, monkeypatch):
     calls = counting(monkeypatch, 'conv3x3_op')
     torch.manual_seed(4)
