@@ -362,7 +362,8 @@ class Upscaler:
     """Run an ESC model on images, whole or in overlapping tiles.
 
     Args:
-        model: an ESC-family model (``deploy()`` is called here).
+        model: an ESC-family model (``deploy()`` is called here), or a checkpoint's path
+            (``esc_arch.load_model``).
         device: where to run. precision: 'fp32', 'bf16' (CPU or CUDA) or 'fp16' (CUDA).
         tile: tile side in input pixels (rounded up to a multiple of the window, and to at least
             one window more than the overlap); 0 = whole image.
@@ -376,8 +377,13 @@ class Upscaler:
     those lie in the overlaps, where linear ramps blend them away.
     """
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = 'cpu', precision: str = 'fp32',
-                 tile: int = 0, tile_overlap: int = 32, batch: int = 1):
+    def __init__(self, model: torch.nn.Module | str | os.PathLike, device: str | torch.device = 'cpu',
+                 precision: str = 'fp32', tile: int = 0, tile_overlap: int = 32, batch: int = 1):
+        if isinstance(model, (str, os.PathLike)):
+            from .loading import load_model
+            model = load_model(model)
+        if not (isinstance(model, torch.nn.Module) and hasattr(model, 'deploy')):
+            raise TypeError(f'Upscaler takes an ESC-family model or a checkpoint path, got {type(model).__name__}')
         self.device = torch.device(device)
         self.dtype = check_precision(precision, self.device)
         self.model = model.deploy().to(self.device)

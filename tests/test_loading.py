@@ -160,3 +160,22 @@ def test_a_shared_first_name_component_is_dropped():
     state = ESC(**tiny_config()).state_dict()
     model = esc_arch.load_model({'state_dict': {f'model.{k}': v for k, v in state.items()}})  # Lightning
     assert isinstance(model, ESC)
+
+
+def test_the_param_key_a_network_is_loaded_from_is_said(tmp_path):
+    # the training log said "params_ema does not exist, use params" with param_key_g: ~ on a file that
+    # has params_ema, and "param key: [None]" when it took params_ema in place of a missing params
+    from esc_arch.models.esr_model import pretrained_state_dict
+    a, b = ({'w': torch.full((1, ), float(v))} for v in (1, 2))
+    cases = [({'params_ema': b}, 'params', 'params_ema', 'Loading: params does not exist, use params_ema.'),
+             ({'params': a}, 'params_ema', 'params', 'Loading: params_ema does not exist, use params.'),
+             ({'params': a, 'params_ema': b}, None, 'params_ema', 'Loading: no param key is given, use params_ema.'),
+             ({'params': a, 'params_ema': b}, 'params_ema', 'params_ema', None),
+             ({'params': a, 'params_ema': b}, 'params', 'params', None),
+             (a, 'params', None, None)]
+    for index, (content, asked, used, said) in enumerate(cases):
+        torch.save(content, tmp_path / f'{index}.pth')
+        logged = []
+        state, key = pretrained_state_dict(str(tmp_path / f'{index}.pth'), asked, log=logged.append)
+        expected = content[used] if used else content
+        assert key == used and torch.equal(state['w'], expected['w']) and logged == ([said] if said else []), index

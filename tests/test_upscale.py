@@ -414,6 +414,11 @@ def test_the_readme_python_api(tmp_path):
     esc_arch.write_image(tmp_path / 'photo_x2.png', sr)
     assert sr.shape == (40, 60, 3) and sr.dtype == np.uint8
     assert np.array_equal(cv2.imread(str(tmp_path / 'photo_x2.png')), sr)
+    torch.save({'params': model.state_dict()}, tmp_path / 'model.pth')  # or a checkpoint's path
+    from_path = esc_arch.Upscaler(tmp_path / 'model.pth', tile=16, tile_overlap=8)
+    assert np.array_equal(from_path.upscale_image(esc_arch.read_image(tmp_path / 'photo.png')), sr)
+    with pytest.raises(TypeError, match='Upscaler takes an ESC-family model or a checkpoint path, got OrderedDict'):
+        esc_arch.Upscaler(model.state_dict())  # was AttributeError: ... has no attribute 'deploy'
 
 
 def test_an_output_on_a_full_disk_says_so(tmp_path):

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..archs import ESC, ESCFP
 from ..archs.layers import reflect_pad_to_multiple, resample_subpixel_conv
 from ..fileio import atomic_path, remove_stale_temp_files
-from ..loading import read_checkpoint_file, read_state_dict
+from ..loading import WRAPPER_KEYS, read_checkpoint_file, read_state_dict
 from ..runtime import slow_bf16_warning
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16,
@@ -55,18 +55,23 @@ def optimizer_class(name: str) -> type:
 
 
 def pretrained_state_dict(load_path: str, param_key: str | None = 'params', log=None) -> tuple[dict, str | None]:
-    """(state dict, the key it was under) of a network file as BasicSR's ``load_network`` picks it:
-    under ``param_key``, else under ``params``, else the file's flat dict; CheckpointError if the
-    file cannot be read."""
+    """(state dict, the key it was under) of a network file: under ``param_key``; where the file has
+    no such key, under ``params`` as BasicSR's ``load_network`` falls back, else under another
+    wrapper key (``params_ema``, ``state_dict``, ``model``; with ``param_key`` None, ``params_ema``
+    first), said in the log; else the file's flat dict. CheckpointError if it cannot be read."""
     data = read_checkpoint_file(load_path)
-    if isinstance(data, dict) and param_key not in data and 'params' in data:
-        param_key = 'params'
-        if log:
-            log('Loading: params_ema does not exist, use params.')
-    if not (isinstance(data, dict) and param_key in data):
-        param_key = None
-    # a flat state dict, or one under param_key; read_state_dict drops DDP's 'module.'
-    return read_state_dict(data[param_key] if param_key else data), param_key
+    used = None
+    if isinstance(data, dict):
+        if param_key is not None and isinstance(data.get(param_key), dict):
+            used = param_key
+        else:
+            order = WRAPPER_KEYS if param_key is None else ('params', ) + WRAPPER_KEYS
+            used = next((key for key in order if isinstance(data.get(key), dict)), None)
+            if used and log:  # BasicSR's line said "params_ema does not exist" whatever was asked
+                log(f'Loading: {"no param key is given" if param_key is None else f"{param_key} does not exist"}, '
+                    f'use {used}.')
+    # a flat state dict, or one under a key; read_state_dict drops DDP's 'module.'
+    return read_state_dict(data[used] if used else data), used
 
 
 def atomic_torch_save(obj, path: str) -> None:
