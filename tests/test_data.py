@@ -433,3 +433,24 @@ def test_basicsr_data_sets_read_tiffs_as_stored(tmp_path, monkeypatch):
         ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")))
     with pytest.raises(ImageDecodeError, match=r'lq/a.tif, .*gt/a.tif: its LZW compression needs the imagecodecs'):
         dataset[0]
+
+
+def test_niqe_needs_two_of_its_blocks_in_every_output(tmp_path):
+    # measured on BasicSR's calculate_niqe: 96x192 and 192x96 outputs score; 96x96 and 191x191 (one block)
+    # fail with "SVD did not converge", 95x200 (none) with "min(): Expected reduction dim"
+    from esc_arch.commands._data_checks import check_images
+    from esc_arch.messages import OptionError
+    for name, (h, w) in {'wide': (24, 48), 'tall': (48, 24)}.items():
+        cv2.imwrite(str(tmp_path / f'{name}.png'), np.zeros((h, w, 3), np.uint8))
+    dataset = {'name': 'lq', 'type': 'SingleImageDataset', 'dataroot_lq': str(tmp_path), 'io_backend': {'type': 'disk'}}
+
+    def check(crop):
+        opt = {'scale': 4, 'val': {'metrics': {'niqe': {'type': 'calculate_niqe', 'crop_border': crop}}}}
+        check_images(opt, 'val', dataset, 'x.yml')
+    check(0)  # 96x192 and 192x96
+    with pytest.raises(OptionError, match=r'calculate_niqe\) needs outputs with two 96x96 blocks or more after '
+                                          r'crop_border 1; .*tall.png gives 190x94'):
+        check(1)
+    cv2.imwrite(str(tmp_path / 'tall.png'), np.zeros((47, 47, 3), np.uint8))
+    with pytest.raises(OptionError, match=r'tall.png gives 188x188'):
+        check(0)

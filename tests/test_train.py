@@ -786,6 +786,10 @@ def test_every_pair_and_option_basicsr_reads_later_is_checked_first(tmp_path, mo
         lambda o: o['val']['metrics']['psnr'].update(crop_boder=o['val']['metrics']['psnr'].pop('crop_border')))
     assert "crop_border must be a whole number >= 0, got '2'" in error(psnr(crop_border='2'))
     assert "test_y_channel must be true or false, got 'false'" in error(psnr(test_y_channel='false'))
+    # NIQE needs two 96x96 blocks of each output (BasicSR: min() of an empty tensor, or SVD did not converge)
+    assert re.search(r'val.metrics.niqe \(calculate_niqe\) needs outputs with two 96x96 blocks or more after '
+                     r'crop_border 0; .*lr/000.png gives 32x32 \(datasets.val in x.yml\)$',
+                     error(lambda o: o['val']['metrics'].update(niqe=dict(type='calculate_niqe', crop_border=0))))
     single = lambda o: o['datasets']['test_1'].update(type='SingleImageDataset', dataroot_gt=None)  # noqa: E731
     assert 'val.metrics psnr compare with GT images, but datasets.test_1 (SingleImageDataset) has none' in error(
         single, is_train=False)

@@ -233,6 +233,26 @@ def _warn_shared_output_names(lq_paths: list[str], where: str) -> None:
               'without its extension)', file=sys.stderr)
 
 
+NIQE_BLOCK = 96  # BasicSR's NIQE fits its model to 96x96 blocks: with one block it fails (SVD), none (min())
+
+
+def _check_niqe_sizes(opt: dict, lq_sizes, where: str) -> None:
+    """calculate_niqe on an output too small for two of its blocks (after ``crop_border``) is a
+    traceback at the first validation, after training has run: the smallest is named here."""
+    metrics = (opt.get('val') or {}).get('metrics') or {}
+    scale = opt.get('scale') if is_whole(opt.get('scale'), 1) else 1
+    for name, metric in metrics.items():
+        if not (isinstance(metric, dict) and metric.get('type') == 'calculate_niqe'):
+            continue
+        crop = metric.get('crop_border', 0) if is_whole(metric.get('crop_border', 0), 0) else 0
+        for path, (height, width) in lq_sizes:
+            out_h, out_w = height * scale - 2 * crop, width * scale - 2 * crop
+            if (out_h // NIQE_BLOCK) * (out_w // NIQE_BLOCK) < 2:
+                raise OptionError(f'val.metrics.{name} (calculate_niqe) needs outputs with two {NIQE_BLOCK}x'
+                                  f'{NIQE_BLOCK} blocks or more after crop_border {crop}; {path} gives '
+                                  f'{max(out_h, 0)}x{max(out_w, 0)} ({where})')
+
+
 def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int = 1) -> None:
     """Every GT/LQ pair (or LQ image) the data set will read: readable, x scale, at least gt_size,
     and enough of them for a training batch."""
@@ -265,8 +285,10 @@ def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int
         _check_pair_sizes(pairs, sizes_gt, sizes_lq, phase, dataset, opt.get('scale'), where)
         if phase.startswith('train'):
             _check_batch(len(pairs), dataset, where, world)
-        elif (opt.get('val') or {}).get('save_img'):
-            _warn_shared_output_names([lq for _, _, lq in pairs], where)
+        else:
+            _check_niqe_sizes(opt, [(lq, sizes_lq[lq]) for _, _, lq in pairs], where)
+            if (opt.get('val') or {}).get('save_img'):
+                _warn_shared_output_names([lq for _, _, lq in pairs], where)
     elif kind == 'SingleImageDataset' and backend == 'disk' and osp.isdir(folders.get('dataroot_lq', '')):
         meta = dataset.get('meta_info_file')
         if meta:
@@ -275,9 +297,11 @@ def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int
         else:
             names = sorted(_file_names(folders['dataroot_lq']))
         paths = [osp.join(folders['dataroot_lq'], name) for name in names]
-        _header_sizes(paths, where)
-        if not phase.startswith('train') and (opt.get('val') or {}).get('save_img'):
-            _warn_shared_output_names(paths, where)
+        sizes = _header_sizes(paths, where)
+        if not phase.startswith('train'):
+            _check_niqe_sizes(opt, [(path, sizes[path]) for path in paths], where)
+            if (opt.get('val') or {}).get('save_img'):
+                _warn_shared_output_names(paths, where)
 
 
 def check_meta_info_list(phase: str, dataset: dict, opt_path: str) -> None:
