@@ -427,3 +427,32 @@ def test_an_output_on_a_full_disk_says_so(tmp_path):
     with file_size_limit(4_000), pytest.raises(InferenceError, match=r'out.png .*is the disk full\?'):
         write_image(tmp_path / 'out.png', noise)
     assert list(tmp_path.iterdir()) == []  # no partial file
+
+
+def test_colours_gray_and_alpha_come_out_as_the_model_makes_them():
+    # what the model computes on the RGB image, in the input's channel order (a lost BGR -> RGB flip
+    # swapped red and blue); gray as the luminance of the colour result; alpha by BasicSR's bicubic
+    from basicsr.utils.matlab_functions import imresize
+    model = randomize_(ESC(**tiny_config(window_size=4)), scale=0.2).eval()
+    rng = np.random.default_rng(11)
+    bgr = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    up = Upscaler(model)
+    with torch.no_grad():
+        rgb_out = model(torch.from_numpy(bgr[:, :, ::-1].transpose(2, 0, 1).copy()).float().unsqueeze(0) / 255)
+    expected = np.round(rgb_out[0].clamp(0, 1).permute(1, 2, 0).numpy()[:, :, ::-1] * 255)
+    got = up.upscale_image(bgr)
+    assert np.abs(got.astype(int) - expected).max() <= 1
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    as_colour = up.upscale_image(np.repeat(gray[:, :, None], 3, axis=2))
+    assert np.abs(up.upscale_image(gray).astype(int) - cv2.cvtColor(as_colour, cv2.COLOR_BGR2GRAY)).max() <= 1
+    ramp = np.broadcast_to(np.linspace(0, 255, 16).astype(np.uint8), (12, 16))
+    bgra = np.concatenate([bgr, ramp[:, :, None]], axis=2)
+    alpha = np.round(np.clip(imresize(ramp.astype(np.float32) / 255, 2), 0, 1) * 255)
+    assert np.abs(up.upscale_image(bgra)[:, :, 3].astype(int) - alpha).max() <= 1
+
+
+def test_tiles_that_end_at_the_border_take_no_extra_row():
+    up = Upscaler(ESC(**tiny_config(window_size=4)).eval(), tile=32, tile_overlap=16)
+    tiles = up.tiles(64, 64)
+    assert sorted({t[0] for t in tiles}) == [0, 16, 32] and len(tiles) == 9  # 32 + 32 = 64: no start at 48
+    assert up.count_steps([np.zeros((64, 64, 3), np.uint8)]) == 9
