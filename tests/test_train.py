@@ -944,11 +944,11 @@ def test_ema_of_a_network_deployed_by_validation(tmp_path):
         assert model.net_g_ema.deployed
         for param in model.net_g.parameters():
             param.add_(torch.randn_like(param) * 0.05)  # a few training steps
-        model.model_ema(decay=0.5)
+        model.model_ema(decay=0.9)  # not 0.5, where the two weights of the mean are alike
         assert not model.net_g_ema.deployed
         online = model.net_g.state_dict()
         expected = ESC(**{k: v for k, v in TINY_ESC.items() if k != 'type'} | dict(kernel_size=13)).eval()
-        expected.load_state_dict({k: 0.5 * v + 0.5 * online[k] for k, v in before.items()})
+        expected.load_state_dict({k: 0.9 * v + 0.1 * online[k] for k, v in before.items()})
         assert (model.net_g_ema.eval()(x) - expected(x)).abs().max().item() < 1e-5
 
 
@@ -976,3 +976,39 @@ def test_force_yml_manual_seed_seeds_the_run_and_signed_numbers_stay_ints():
                                                       argparse.Namespace(force_yml=['logger:print_freq=!!float -1'],
                                                                          launcher='none')))('.')
     assert forced['logger']['print_freq'] == -1 and isinstance(forced['logger']['print_freq'], int)
+
+
+def test_newest_state_is_found_whatever_order_the_folder_lists(tmp_path, monkeypatch):
+    from esc_arch.models.esr_model import latest_training_state
+    for it in (5000, 10000, 15000, 20000, 25000, 30000):
+        (tmp_path / f'{it}.state').write_bytes(b'')
+    listed = ['10000.state', '30000.state', '20000.state', 'x.state', '25000.state', '15000.state', '5000.state']
+    monkeypatch.setattr(os, 'listdir', lambda folder: list(listed))  # what a file system may return
+    assert saved_iterations(str(tmp_path)) == [5000, 10000, 15000, 20000, 25000, 30000]
+    assert latest_training_state(str(tmp_path)) == str(tmp_path / '30000.state')
+
+
+def test_no_state_points_at_a_network_that_was_not_saved(tmp_path):
+    model = ESCSRModel(model_options(tmp_path))
+    model.save_network = lambda *args, **kwargs: False  # given up after its retries (a full disk)
+    model.save(0, 2)
+    assert not list(tmp_path.glob('*.state'))
+    del model.save_network
+    model.save(0, 2)
+    assert (tmp_path / '2.state').is_file() and (tmp_path / 'net_g_2.pth').is_file()
+
+
+def test_the_last_log_line_eta_is_zero_not_minus_one_day():
+    import datetime
+
+    from esc_arch.commands._pipeline import patch_basicsr
+    patch_basicsr(use_cuda=False)
+    import basicsr.train
+    logger = basicsr.train.MessageLogger(dict(name='t', logger=dict(print_freq=1, use_tb_logger=False),
+                                              train=dict(total_iter=5)), start_iter=0)
+    logger.start_time = time.time() - 10  # 10 s for the 5 iterations
+    lines = []
+    logger.logger = type('L', (), {'info': lambda self, line: lines.append(line)})()
+    logger(dict(epoch=0, iter=5, lrs=[1e-4], time=2.0, data_time=0.1))
+    eta = re.search(r'eta: ([^,]+),', lines[-1]).group(1)
+    assert eta == str(datetime.timedelta(seconds=0)), lines[-1]
