@@ -135,3 +135,13 @@ def test_unwritable_safetensors_output_is_one_line(tmp_path, capsys):
     # the output named, not the temp file
     assert err == [f'basicsr export: error: {tmp_path / "dir.safetensors"} is a folder: give a file name']
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]  # no temp file left
+
+
+def test_an_onnx_file_that_fails_its_check_fails_the_command_and_is_kept(tmp_path, capsys, monkeypatch):
+    import esc_arch.export
+    pth = save_checkpoint(ESC(**tiny_config()), tmp_path / 'esc.pth')
+    monkeypatch.setattr(esc_arch.export, 'ONNX_TOLERANCE', {'fp32': -1.0, 'fp16': -1.0})  # no result passes
+    assert main(['export', '-m', pth, '-o', str(tmp_path / 'x.onnx')]) == 1
+    err = capsys.readouterr().err
+    assert 'basicsr export: error: ONNX output differs from PyTorch by' in err and 'is kept for inspection' in err
+    assert (tmp_path / 'x.onnx').stat().st_size > 0

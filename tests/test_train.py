@@ -754,16 +754,31 @@ def test_every_pair_and_option_basicsr_reads_later_is_checked_first(tmp_path, mo
         lambda o: o['datasets']['train'].update(filename_tmpl='{}_x4'))
     # LMDBs, by their meta_info.txt
     lmdbs = {}
-    for side, size in (('gt', 32), ('lq', 8), ('lq2', 16)):
+    for side, size, count in (('gt', 32, 4), ('lq', 8, 4), ('lq2', 16, 4), ('lq3', 8, 3)):
         lmdbs[side] = tmp_path / f'{side}.lmdb'
         lmdbs[side].mkdir()
-        (lmdbs[side] / 'meta_info.txt').write_text(''.join(f'{i:03d}.png ({size},{size},3) 1\n' for i in range(4)))
+        (lmdbs[side] / 'meta_info.txt').write_text(''.join(f'{i:03d}.png ({size},{size},3) 1\n' for i in range(count)))
 
     def lmdb(gt='gt', lq='lq', **extra):
         return lambda o: o['datasets']['train'].update(io_backend=dict(type='lmdb'), dataroot_gt=str(lmdbs[gt]),
                                                       dataroot_lq=str(lmdbs.get(lq, lq)), **extra)
     assert 'gt_size 48 is larger than 000 (32x32) and 3 more of the 4 pairs' in error(lmdb(gt_size=48))
     assert '000: GT 32x32 is not x4 its LQ 16x16' in error(lmdb(lq='lq2'))
+    assert '1 key(s) in only one of the two LMDBs, e.g. 003' in error(lmdb(lq='lq3'))  # was a KeyError
+    wide = lambda d: [cv2.imwrite(str(d / side / f'{i:03d}.png'), np.zeros((h, 2 * h, 3), np.uint8))  # noqa: E731
+                      for side, h in (('hr', 32), ('lr', 8)) for i in range(4)]
+    assert 'gt_size 48 is larger than 000.png (64x32)' in error(  # its short side
+        lambda o: o['datasets']['train'].update(gt_size=48), data_change=wide)
+    # torchrun's processes share the pairs: each has fewer than a batch
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv('WORLD_SIZE', '2')
+        env.setenv('RANK', '0')
+        data = make_pairs(tmp_path / 'world')
+        opt = train_options(data)
+        opt['datasets']['train']['batch_size_per_gpu'] = 3
+        with pytest.raises(OptionError, match=r'make 2 sample\(s\) per process \(2 processes\), fewer than '
+                                              r'batch_size_per_gpu 3'):
+            check_options(opt, 'x.yml', True, argparse.Namespace(auto_resume=False, launcher='pytorch', debug=False))
     assert 'both dataroot_gt and dataroot_lq must be .lmdb folders' in error(lmdb(lq=str(tmp_path)))
     # data-set, scheduler, EMA and metric options
     train = lambda **kw: lambda o: o['datasets']['train'].update(**kw)  # noqa: E731

@@ -456,3 +456,18 @@ def test_tiles_that_end_at_the_border_take_no_extra_row():
     tiles = up.tiles(64, 64)
     assert sorted({t[0] for t in tiles}) == [0, 16, 32] and len(tiles) == 9  # 32 + 32 = 64: no start at 48
     assert up.count_steps([np.zeros((64, 64, 3), np.uint8)]) == 9
+
+
+def test_written_files_follow_the_umask_like_any_other(tmp_path):
+    # a temporary file is created 0600; the renamed output must get 0666 less the umask
+    import os
+
+    from esc_arch.fileio import atomic_write_bytes
+    from esc_arch.inference import write_image
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / 'record.json', b'{}')
+        write_image(tmp_path / 'out.png', np.zeros((4, 4, 3), np.uint8))
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {'record.json': 0o644, 'out.png': 0o644}
