@@ -176,6 +176,11 @@ def test_demo_builds_train_and_val_with_exact_lr_sizes(demo_root):
                 lr = cv2.imread(os.path.join(paths[split][f'X{scale}'], name + '.png'))
                 assert lr.shape == (hr.shape[0] // scale, hr.shape[1] // scale, 3)
     assert not set(os.listdir(paths['train']['HR'])) & set(os.listdir(paths['val']['HR']))
+    import skimage.data  # the photographs as they are, in OpenCV's channel order on disk (not red for blue)
+    for split, name in (('val', 'chelsea'), ('train', 'astronaut')):
+        hr = cv2.imread(os.path.join(paths[split]['HR'], name + '.png'))
+        photo = getattr(skimage.data, name)()[:, :, :3]
+        assert np.array_equal(hr[:, :, ::-1], photo[:hr.shape[0], :hr.shape[1]]), name
 
 
 def test_demo_second_call_writes_nothing(demo_root, monkeypatch):

@@ -144,6 +144,11 @@ def test_train_kill_resume_then_test(tmp_path):
     images = sorted((tmp_path / 'results' / 'tiny_test' / 'visualization' / 'tinytest').glob('*.png'))
     assert len(images) == 4
     assert cv2.imread(str(images[0])).shape == (32, 32, 3)
+    # a val section without save_img saves them too (basicsr test's default)
+    test_opt.update(name='tiny_test_metrics', val=dict(metrics=test_opt['val']['metrics']))
+    result = basicsr('test', '-opt', write_yaml(tmp_path / 'metrics.yml', test_opt), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / 'results' / 'tiny_test_metrics' / 'visualization' / 'tinytest').glob('*.png'))) == 4
     # an empty `val:` (all of it commented out) is no val section: images saved, no metrics
     test_opt.update(name='tiny_test_noval', val=None)
     result = basicsr('test', '-opt', write_yaml(tmp_path / 'noval.yml', test_opt), cwd=tmp_path)
@@ -595,11 +600,12 @@ def test_training_reaches_total_iter_on_a_small_data_set(tmp_path):
     # (drop_last) makes 1, so 5 iterations would have stopped after 3
     data = make_pairs(tmp_path / 'data')
     opt = train_options(data, total_iter=5, warmup_iter=-1)
-    opt['datasets']['train']['batch_size_per_gpu'] = 3
+    opt['datasets']['train'].update(batch_size_per_gpu=3, prefetch_mode='cuda')  # the authors' files ask for it
     opt['logger']['save_checkpoint_freq'] = 100
     opt['val']['val_freq'] = 100
     result = basicsr('train', '-opt', write_yaml(tmp_path / 'small.yml', opt), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]  # BasicSR's CUDA prefetcher failed on a CPU run
+    assert 'tiny: prefetch_mode cuda needs a GPU; using the plain loader.' in result.stdout
     log = newest_log(tmp_path / 'experiments' / 'tiny')
     assert re.search(r'iter:\s+5,', log) and not re.search(r'iter:\s+6,', log)
     # the validation after the loop is labelled total_iter (BasicSR passes its counter, 6)
