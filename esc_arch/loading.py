@@ -9,6 +9,7 @@ from typing import Mapping
 import torch
 
 from .archs import ESC, ESCFP, ESCReal
+from .archs.layers import resample_subpixel_conv
 
 ARCHS = {'ESC': ESC, 'ESCFP': ESCFP, 'ESCReal': ESCReal}
 WRAPPER_KEYS = ('params_ema', 'params', 'state_dict', 'model')
@@ -165,8 +166,12 @@ def infer_config(state_dict: Mapping) -> tuple[str, dict]:
 
 
 def describe_mismatch(model: torch.nn.Module, state_dict: Mapping, limit: int = 8) -> str:
-    """One message naming missing/unexpected keys and differing shapes."""
+    """One message naming missing/unexpected keys and differing shapes (an ESC's ``to_img`` of
+    another scale is not one: loading re-samples it)."""
     expected = model.state_dict()
+    if isinstance(model, ESC):
+        state_dict = dict(state_dict)
+        resample_subpixel_conv(state_dict, '', 3, model.upscaling_factor)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'

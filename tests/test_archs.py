@@ -92,8 +92,12 @@ def test_relative_position_bias_is_key_minus_query():
 def test_attn_type_values():
     for value in ['naive', 'NAIVE', 'Sdpa', 'flex', 'AUTO']:
         ESC(**tiny_config(), attn_type=value)
-    with pytest.raises(ValueError, match='attn_type'):
+    with pytest.raises(ValueError, match=r"attn_type must be one of auto, naive, sdpa, flex \(any case\), got 'fast'$"):
         ESC(**tiny_config(), attn_type='fast')
+    with pytest.raises(ValueError, match=r"got 'FlashBias'; FlashBias \(the ESC_FB variants, flashbias_rank\) is not"):
+        ESC(**tiny_config(), attn_type='FlashBias')  # the authors' ESC_FB_* option files
+    with pytest.raises(ValueError, match='got None'):
+        ESC(**tiny_config(), attn_type=None)  # was AttributeError: 'NoneType' object has no attribute 'lower'
 
 
 @pytest.mark.parametrize('arch', ['ESC', 'ESCFP', 'ESCReal'])

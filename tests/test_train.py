@@ -820,6 +820,19 @@ def test_every_pair_and_option_basicsr_reads_later_is_checked_first(tmp_path, mo
     torch.save({'params': x2.state_dict()}, tmp_path / 'x2.pth')
     assert 'x2.pth (path.pretrain_network_g in x.yml) is an x2 checkpoint but network_g is x4' in error(
         lambda o: o['path'].update(pretrain_network_g=str(tmp_path / 'x2.pth')), is_train=False)
+    from esc_arch import ESCFP  # another arch at another scale: the arch is the problem, not only the scale
+    fp_x2 = ESCFP(**{**{k: v for k, v in TINY_ESC.items() if k != 'type'}, 'upscaling_factor': 2})
+    torch.save({'params': fp_x2.state_dict()}, tmp_path / 'fp_x2.pth')
+    err = error(lambda o: o['path'].update(pretrain_network_g=str(tmp_path / 'fp_x2.pth')), is_train=False)
+    assert 'fp_x2.pth (path.pretrain_network_g in x.yml) does not fit network_g (ESC): ' in err and 'to_img' not in err
+    fp_opt = lambda o: (o.update(network_g={**TINY_ESC, 'type': 'ESCFP'}),  # noqa: E731
+                        o['path'].update(pretrain_network_g=str(tmp_path / 'fp_x2.pth')))
+    assert 'fp_x2.pth (path.pretrain_network_g in x.yml) is an x2 checkpoint but network_g is x4' in error(
+        fp_opt, is_train=False)
+    three = ESC(**{**{k: v for k, v in TINY_ESC.items() if k != 'type'}, 'upscaling_factor': 2, 'n_blocks': 2})
+    torch.save({'params': three.state_dict()}, tmp_path / 'blocks.pth')  # training re-samples to_img, not blocks
+    err = error(lambda o: o['path'].update(pretrain_network_g=str(tmp_path / 'blocks.pth')))
+    assert 'does not fit network_g (ESC): ' in err and 'unexpected keys: blocks.1.' in err and 'to_img' not in err
     assert 'path.pretrained_network_g is not an option BasicSR reads (did you mean pretrain_network_g?)' in error(
         lambda o: o['path'].update(pretrained_network_g=str(tmp_path / 'x2.pth')), is_train=False)
     # metrics taking tensors, where SRModel's validation gives arrays (a traceback at the first validation)

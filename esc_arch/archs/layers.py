@@ -726,9 +726,12 @@ def resolve_attn_type(attn_type: str) -> str:
     """Map the user's value (any case) to a backend; ``auto`` gives SDPA with the bias as a
     float mask, and ``WindowAttention`` turns that into the fused kernel (esc_arch/kernels)
     for CPU float32 inference where it applies (flex on CUDA is not measured yet)."""
-    name = attn_type.lower()
+    name = attn_type.lower() if isinstance(attn_type, str) else attn_type
     if name not in ATTN_TYPES:
-        raise ValueError(f"attn_type must be one of {', '.join(ATTN_TYPES)} (any case), got {attn_type!r}")
+        # the authors' ESC_FB_* files: a low-rank factored bias (flashbias_rank), with weights of its own layout
+        note = ('; FlashBias (the ESC_FB variants, flashbias_rank) is not supported here' if name == 'flashbias'
+                else '')
+        raise ValueError(f"attn_type must be one of {', '.join(ATTN_TYPES)} (any case), got {attn_type!r}{note}")
     if name == 'auto':
         return 'sdpa'
     return name

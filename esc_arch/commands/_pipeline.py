@@ -50,6 +50,7 @@ import torch
 import yaml
 
 from ..arch_options import SCALE_KEYS, default_scale, options_problem
+from ..archs.layers import resample_subpixel_conv
 from ..loading import CheckpointError, describe_mismatch
 from ..messages import OptionError, environment_problem, first_line
 from ..models.esr_model import (
@@ -471,6 +472,12 @@ def _check_pretrained(opt: dict, opt_path: str, is_train: bool = True) -> None:
     except CheckpointError as exc:
         raise OptionError(f'{exc} (path.pretrain_network_g in {opt_path})') from None
     net_opt = opt['network_g']
+    if paths.get('strict_load_g', True):  # first: weights of another arch are that, whatever their scale
+        fitted = state_dict
+        if not is_train and net_opt.get('type') == 'ESCFP' and isinstance(net_opt.get('upscaling_factor'), int):
+            fitted = dict(state_dict)  # another scale's to_img is told below (ESC's loading re-samples it itself)
+            resample_subpixel_conv(fitted, '', 3, net_opt['upscaling_factor'])
+        _check_network_fits(net_opt, fitted, what)
     to_img = state_dict.get('to_img.weight')
     if not is_train and net_opt.get('type') in ('ESC', 'ESCFP') and isinstance(to_img, torch.Tensor) \
             and to_img.shape[0] != 3 * net_opt.get('upscaling_factor', 0) ** 2:
@@ -479,8 +486,6 @@ def _check_pretrained(opt: dict, opt_path: str, is_train: bool = True) -> None:
         raise OptionError(f'{what} is an x{trained} checkpoint but network_g is x{net_opt.get("upscaling_factor")}: '
                           'testing needs weights trained at that scale (re-sampling another scale\'s to_img '
                           'only starts a training)')
-    if paths.get('strict_load_g', True):
-        _check_network_fits(net_opt, state_dict, what)
 
 
 def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
