@@ -426,6 +426,19 @@ def test_basicsr_data_sets_read_tiffs_as_stored(tmp_path, monkeypatch):
     tifffile.imwrite(buffer, (rgb16 / 255).astype(np.float32), photometric='rgb')
     with pytest.raises(ImageDecodeError, match=r'its float pixels span \[.*\]; BasicSR takes \[0, 1\]'):
         paired_image_dataset.imfrombytes(buffer.getvalue())
+    for stored, expected in ((rgb16[:, :, 0] > 30000, (rgb16[:, :, 0] > 30000).astype(np.uint8) * 255),  # 1-bit
+                             ((rgb16 / 65535).astype(np.float16), None)):  # 65535 overflowed float16: all black
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, stored, photometric='minisblack' if stored.ndim == 2 else 'rgb')
+        if expected is None:
+            expected = np.round(stored.astype(np.float32) * 65535).astype(np.uint16)[:, :, ::-1]
+        png = cv2.imencode('.png', expected)[1].tobytes()
+        assert np.array_equal(paired_image_dataset.imfrombytes(buffer.getvalue()), imfrombytes(png)), stored.dtype
+    for stored in (rgb16.astype(np.uint32) * 70000, rgb16.astype(np.int16)):  # PNG would saturate them
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, stored, photometric='rgb')
+        with pytest.raises(ImageDecodeError, match=f'its {stored.dtype} samples are not an image type BasicSR reads'):
+            paired_image_dataset.imfrombytes(buffer.getvalue())
     # and inside BasicSR's data set, from files
     for side, stored in (('gt', rgba8), ('lq', rgba8[::2, ::2])):
         (tmp_path / side).mkdir()

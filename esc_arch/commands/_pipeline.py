@@ -727,17 +727,23 @@ _IMAGE_DATASETS = {'paired_image_dataset': 'PairedImageDataset', 'single_image_d
 
 
 def _as_png(img) -> bytes:
-    """A decoded TIFF (8/16-bit or [0, 1] float; gray, gray + alpha, BGR, BGRA) as lossless PNG bytes
-    for BasicSR's own decoder, which then converts it as it converts any image (its flag and float32)."""
+    """A decoded TIFF (1/8/16-bit or [0, 1] float; gray, gray + alpha, BGR, BGRA) as lossless PNG
+    bytes for BasicSR's own decoder, which then converts it as it converts any image (its flag and
+    float32). Other sample types (signed, 32-bit integers) are refused: PNG would saturate them."""
     import cv2
     import numpy as np
 
     from esc_arch.data.image_files import float_range_problem
     from esc_arch.inference import FLOAT_SLACK
-    if img.dtype.kind == 'f':
+    if img.dtype == np.bool_:  # bilevel: white is 1 (cv2.imencode would store it as 1 of 255)
+        img = img.astype(np.uint8) * 255
+    elif img.dtype.kind == 'f':
+        img = img.astype(np.float32)  # float16's 65535 would overflow
         if problem := float_range_problem(img, FLOAT_SLACK):
             raise ImageDecodeError(f'its float pixels {problem}; BasicSR takes [0, 1] (store it as 8/16-bit)')
         img = np.round(np.clip(img, 0, 1) * 65535).astype(np.uint16)
+    elif img.dtype not in (np.uint8, np.uint16):
+        raise ImageDecodeError(f'its {img.dtype} samples are not an image type BasicSR reads (8/16-bit or float)')
     if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha: OpenCV reads such a PNG as BGRA
         img = img[:, :, [0, 0, 0, 1]]
     ok, png = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, 0])
