@@ -29,24 +29,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class StdoutError(Exception):
-    """Standard output could not be written (``> /dev/full``, a full disk): told apart from a failure
-    to write the command's own files, which the commands report themselves."""
-
-
 class _GuardedStdout:
-    """``sys.stdout`` whose write errors, other than a closed pipe, are raised as :class:`StdoutError`."""
+    """``sys.stdout`` that survives its own write errors (``> /dev/full``, a full disk): the first is
+    said on stderr at once and the rest of the output is dropped, so the command's work goes on;
+    ``failed`` holds the reason. A closed pipe (``| head``) is left to raise BrokenPipeError."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, command: str):
         self._stream = stream
+        self._command = command
+        self.failed = None
 
     def _call(self, method, *args):
+        if self.failed is not None:
+            return None
         try:
             return getattr(self._stream, method)(*args)
         except BrokenPipeError:
             raise
         except OSError as exc:
-            raise StdoutError(exc.strerror or str(exc)) from exc
+            self.failed = exc.strerror or str(exc)
+            sys.stderr.write(f'basicsr {self._command}: error: cannot write to standard output: {self.failed} '
+                             '(the rest of it is dropped)\n')
+            _discard_stdout(self._stream)
+            return None
 
     def write(self, text):
         return self._call('write', text)
@@ -61,10 +66,10 @@ class _GuardedStdout:
         return getattr(self._stream, name)
 
 
-def _discard_stdout() -> None:
-    """Point file descriptor 1 at /dev/null, so the interpreter's flush at exit has no second error."""
+def _discard_stdout(stream=None) -> None:
+    """Point stdout's file descriptor at /dev/null, so the interpreter's flush at exit has no second error."""
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os.dup2(os.open(os.devnull, os.O_WRONLY), (stream or sys.stdout).fileno())
     except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor
         pass
 
@@ -83,21 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     sub_parser = argparse.ArgumentParser(prog=f'basicsr {name}', description=SUBCOMMANDS[name])
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(rest)
-    stdout, sys.stdout = sys.stdout, _GuardedStdout(sys.stdout)
+    stdout = sys.stdout
+    guarded = sys.stdout = _GuardedStdout(stdout, name)
     try:
         code = int(module.run(args) or 0)
-        sys.stdout.flush()  # a block-buffered stdout fails here, not at exit
-        return code
+        guarded.flush()  # a block-buffered stdout fails here, not at exit
+        return code or (1 if guarded.failed else 0)  # the work is done, its report is lost
     except KeyboardInterrupt:  # Ctrl-C: what was written is complete (every write is atomic)
         sys.stderr.write(f'basicsr {name}: interrupted\n')
         return 130
     except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as `cat` does
         _discard_stdout()
         return 141
-    except StdoutError as exc:  # what the command wrote to its files is complete; only the report is lost
-        sys.stderr.write(f'basicsr {name}: error: cannot write to standard output: {exc}\n')
-        _discard_stdout()
-        return 1
     finally:
         sys.stdout = stdout
 
