@@ -438,6 +438,13 @@ def test_more_option_mistakes_are_one_line_before_training(tmp_path, capsys, mon
 
     assert 'network_g.upscaling_factor is 2 but scale is 4' in error_for(
         'netscale', lambda o: o['network_g'].update(upscaling_factor=2))
+    # what only the constructor checks, and the authors' options this package does not build
+    assert 'ESCReal: use_dysample: true (a DySample upsampler) is not supported' in error_for(
+        'dysample', lambda o: o.update(network_g=dict(TINY_ESC, type='ESCReal', use_dysample=True)))
+    assert 'ESC: dim (16) must be divisible by num_heads (3)' in error_for(
+        'heads', lambda o: o['network_g'].update(num_heads=3))
+    assert "ESC: FlashBias (the authors' ESC_FB variants" in error_for(
+        'flashbias', lambda o: o['network_g'].update(attn_type='FlashBias', flashbias_rank=16))
     (tmp_path / 'victim').mkdir()  # a name with '/': BasicSR archived (renamed) this folder of the user's
     for bad in ('../victim', '', 7):
         assert 'name must be a folder name' in error_for(f'name{bad!s:.1}', lambda o, bad=bad: o.update(name=bad))
@@ -906,6 +913,26 @@ def test_real_esrgan_models_train_on_the_cpu(tmp_path, model_file):
     assert 'is not found, use name' not in result.stdout  # BasicSR's line for UNetDiscriminatorSN_basicsr
 
 
+def test_the_gan_stage_needs_its_discriminator_and_says_what_it_does_not_read(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    opt = real_options(tmp_path, 'train_ESC_Real_x4_GAN.yml')
+    no_d = {k: v for k, v in opt.items() if k != 'network_d'}  # was "optim_d is not used", then KeyError
+    code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'no_d.yml', no_d))
+    assert code == 2 and 'RealHATGANModel trains a discriminator: it needs network_d' in err, err
+    net_d = {k: v for k, v in opt['network_d'].items() if k != 'type'}
+    from basicsr.archs.discriminator_arch import UNetDiscriminatorSN
+    torch.save({'params': UNetDiscriminatorSN(**dict(net_d, num_feat=4)).state_dict()}, tmp_path / 'd.pth')
+    wrong_d = dict(opt, path=dict(opt['path'], pretrain_network_d=str(tmp_path / 'd.pth')))  # was a traceback
+    code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'wrong_d.yml', wrong_d))
+    assert code == 2 and 'd.pth (path.pretrain_network_d in ' in err and 'does not fit network_d' in err, err
+    opt['train'].update(amp='bf16', grad_clip=0.5)  # Real-ESRGAN's step has neither: said, not silently dropped
+    from esc_arch.commands._pipeline import check_options
+    check_options(opt, 'gan.yml', True, argparse.Namespace(auto_resume=False, launcher='none', debug=False))
+    err = capsys.readouterr().err
+    assert 'warning: train.amp is not an option RealHATGANModel reads' in err
+    assert 'warning: train.grad_clip is not an option RealHATGANModel reads' in err
+
+
 def test_real_esrgan_option_mistakes_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     opt = real_options(tmp_path, 'train_ESC_Real_x4_MSE.yml')
@@ -1030,6 +1057,18 @@ def test_no_state_points_at_a_network_that_was_not_saved(tmp_path):
     del model.save_network
     model.save(0, 2)
     assert (tmp_path / '2.state').is_file() and (tmp_path / 'net_g_2.pth').is_file()
+    # a GAN's (ESCRealESRGANModel saves as ESCSRModel): its discriminator too; SRGANModel's went on regardless
+    model.net_d = torch.nn.Conv2d(3, 1, 3)
+    real_save = model.save_network
+    model.save_network = lambda net, label, *args, **kwargs: False if label == 'net_d' else real_save(
+        net, label, *args, **kwargs)
+    model.save(0, 4)
+    assert (tmp_path / 'net_g_4.pth').is_file() and not (tmp_path / '4.state').exists()
+    del model.save_network
+    model.save(0, 4)
+    assert (tmp_path / 'net_d_4.pth').is_file() and (tmp_path / '4.state').is_file()
+    from esc_arch.models.real_models import ESCRealESRGANModel
+    assert ESCRealESRGANModel.save is ESCSRModel.save
 
 
 def test_the_last_log_line_eta_is_zero_not_minus_one_day():

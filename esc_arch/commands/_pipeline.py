@@ -51,7 +51,7 @@ import yaml
 
 from ..arch_options import SCALE_KEYS, default_scale, options_problem
 from ..archs.layers import resample_subpixel_conv
-from ..loading import CheckpointError, describe_mismatch
+from ..loading import CheckpointError, describe_mismatch, infer_config
 from ..messages import OptionError, environment_problem, first_line
 from ..models.esr_model import (
     TrainingDivergedError,
@@ -181,13 +181,19 @@ ESC_STEP_MODELS = ('ESCSRModel', 'ESRModel', 'ESCRealESRNetModel', 'RealHATMSEMo
 # what ESCSRModel (and BasicSR's SRModel under it) reads from train:
 TRAIN_KEYS = ('total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'scheduler', 'pixel_opt', 'perceptual_opt',
               'grad_clip', 'amp')
+# the GAN stage's (SRGANModel's set-up and Real-ESRGAN's step: no amp, no grad_clip)
+GAN_STEP_MODELS = ('ESCRealESRGANModel', 'RealHATGANModel')
+GAN_TRAIN_KEYS = ('total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'optim_d', 'scheduler', 'pixel_opt',
+                  'ldl_opt', 'perceptual_opt', 'gan_opt', 'net_d_iters', 'net_d_init_iters')
 
 
 def _warn_unread_keys(opt: dict, section: str, known: tuple) -> None:
     """A misspelt train or val key (``gradclip``, ``metric``) is otherwise silently ignored."""
     import difflib
-    if opt.get('model_type') not in ESC_STEP_MODELS or not isinstance(opt.get(section), dict):
+    if opt.get('model_type') not in ESC_STEP_MODELS + GAN_STEP_MODELS or not isinstance(opt.get(section), dict):
         return
+    if section == 'train' and opt['model_type'] in GAN_STEP_MODELS:
+        known = GAN_TRAIN_KEYS
     for key in opt[section]:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -265,9 +271,22 @@ def _check_networks(opt: dict, opt_path: str) -> None:
                 raise OptionError(f'unknown arch {net_type!r} ({key}.type in {opt_path}); registered archs: '
                                   f'{_registered(ARCH_REGISTRY)}')
             arch = ARCH_REGISTRY.get(net_type)
-            problem = options_problem(arch, {k: v for k, v in net_opt.items() if k != 'type'})
+            options = {k: v for k, v in net_opt.items() if k != 'type'}
+            ours = getattr(arch, '__module__', '').startswith('esc_arch.')
+            if ours and ('flashbias_rank' in options or str(options.get('attn_type', '')).lower() == 'flashbias'):
+                raise OptionError(f'{arch.__name__}: FlashBias (the authors\' ESC_FB variants: attn_type FlashBias, '
+                                  f'flashbias_rank) is not supported ({key} in {opt_path})')
+            problem = options_problem(arch, options)
             if problem:
                 raise OptionError(f'{arch.__name__}: {problem} ({key} in {opt_path})')
+            if ours:  # what only the constructor checks (use_dysample: true, sizes that do not divide)
+                try:
+                    with torch.device('meta'):  # no weights allocated or initialised
+                        arch(**options)
+                except (ValueError, TypeError) as exc:
+                    said = first_line(exc)
+                    raise OptionError(f'{"" if said.startswith(arch.__name__) else arch.__name__ + ": "}{said} '
+                                      f'({key} in {opt_path})') from None
 
 
 def _check_scale(opt: dict, opt_path: str) -> None:
@@ -306,6 +325,9 @@ def _check_train_section(opt: dict, opt_path: str) -> None:
         raise OptionError(f'train.ema_decay must be below 1 in {opt_path} (0 or less: no EMA), '
                           f'got {train["ema_decay"]!r}: at 1 the EMA network never moves from its start, '
                           'above it it runs away')
+    if _is_gan_model(opt.get('model_type')) and not isinstance(opt.get('network_d'), dict):  # a KeyError later
+        raise OptionError(f'{opt["model_type"]} trains a discriminator: it needs network_d (e.g. type: '
+                          f'UNetDiscriminatorSN, num_in_ch: 3, num_feat: 64, skip_connection: true) in {opt_path}')
     for key, value in train.items():
         if not isinstance(value, dict):
             if (key.startswith('optim_') or key == 'scheduler' or key.endswith('_opt')) and value is not None:
@@ -355,6 +377,14 @@ def _check_train_section(opt: dict, opt_path: str) -> None:
     for section, key, value in frequencies:  # BasicSR takes current_iter % value
         if not (_is_number(value) and value >= 1 and float(value).is_integer()):
             raise OptionError(f'{opt_path}: {section}.{key} must be a whole number of iterations >= 1, got {value!r}')
+
+
+def _is_gan_model(model_type) -> bool:
+    """Whether the model builds a discriminator (BasicSR's SRGANModel family)."""
+    from basicsr.models.srgan_model import SRGANModel
+    from basicsr.utils.registry import MODEL_REGISTRY
+    model = MODEL_REGISTRY.get(model_type) if _known(MODEL_REGISTRY, model_type) else None
+    return isinstance(model, type) and issubclass(model, SRGANModel)
 
 
 def _dummy_optimizer(model_type: str, settings: dict):
@@ -444,48 +474,55 @@ def _world_size(args) -> int:
         return 1
 
 
-def _check_network_fits(net_opt: dict, state_dict: dict, what: str) -> None:
+def _check_network_fits(net_opt: dict, state_dict: dict, what: str, key: str = 'network_g') -> None:
     """``state_dict`` loads strictly into the network ``net_opt`` builds (its load hooks included,
-    e.g. ESC's cross-scale ``to_img``), or OptionError naming the differences."""
+    e.g. ESC's cross-scale ``to_img``), or OptionError naming the differences (and, for weights
+    of another ESC variant, which one they are)."""
     from basicsr.utils.registry import ARCH_REGISTRY
     kwargs = copy.deepcopy(net_opt)
     try:  # not basicsr's build_network: its log line would set up the logger before the run gives it its file
         net = ARCH_REGISTRY.get(kwargs.pop('type'))(**kwargs)
     except Exception as exc:
-        raise OptionError(f'cannot build network_g {net_opt.get("type")}: {type(exc).__name__}: '
+        raise OptionError(f'cannot build {key} {net_opt.get("type")}: {type(exc).__name__}: '
                           f'{str(exc).splitlines()[0] if str(exc) else ""}') from None
     try:
         net.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
         problems = describe_mismatch(net, state_dict) or str(exc).strip().splitlines()[-1].strip()
-        raise OptionError(f'{what} does not fit network_g ({net_opt.get("type")}): {problems}') from None
+        try:
+            arch, config = infer_config(state_dict)
+        except CheckpointError:
+            arch = None
+        other = (f' it is an {arch} x{config["upscaling_factor"]} checkpoint;' if arch and arch != net_opt.get('type')
+                 else '')
+        raise OptionError(f'{what} does not fit {key} ({net_opt.get("type")}):{other} {problems}') from None
 
 
 def _check_pretrained(opt: dict, opt_path: str, is_train: bool = True) -> None:
     paths = opt['path']
-    load_path = paths.get('pretrain_network_g')
-    if not isinstance(load_path, str):
-        return
-    what = f'{load_path} (path.pretrain_network_g in {opt_path})'
-    try:
-        state_dict, _ = pretrained_state_dict(osp.expanduser(load_path), paths.get('param_key_g', 'params'))
-    except CheckpointError as exc:
-        raise OptionError(f'{exc} (path.pretrain_network_g in {opt_path})') from None
-    net_opt = opt['network_g']
-    if paths.get('strict_load_g', True):  # first: weights of another arch are that, whatever their scale
-        fitted = state_dict
-        if not is_train and net_opt.get('type') == 'ESCFP' and isinstance(net_opt.get('upscaling_factor'), int):
-            fitted = dict(state_dict)  # another scale's to_img is told below (ESC's loading re-samples it itself)
-            resample_subpixel_conv(fitted, '', 3, net_opt['upscaling_factor'])
-        _check_network_fits(net_opt, fitted, what)
-    to_img = state_dict.get('to_img.weight')
-    if not is_train and net_opt.get('type') in ('ESC', 'ESCFP') and isinstance(to_img, torch.Tensor) \
-            and to_img.shape[0] != 3 * net_opt.get('upscaling_factor', 0) ** 2:
-        # ESC re-samples another scale's to_img as it loads: a training start, not weights to test
-        trained = math.isqrt(to_img.shape[0] // 3)
-        raise OptionError(f'{what} is an x{trained} checkpoint but network_g is x{net_opt.get("upscaling_factor")}: '
-                          'testing needs weights trained at that scale (re-sampling another scale\'s to_img '
-                          'only starts a training)')
+    for suffix in ('g', 'd'):
+        load_path, net_opt = paths.get(f'pretrain_network_{suffix}'), opt.get(f'network_{suffix}')
+        if not (isinstance(load_path, str) and isinstance(net_opt, dict)):
+            continue
+        what = f'{load_path} (path.pretrain_network_{suffix} in {opt_path})'
+        try:
+            state_dict, _ = pretrained_state_dict(osp.expanduser(load_path), paths.get(f'param_key_{suffix}', 'params'))
+        except CheckpointError as exc:
+            raise OptionError(f'{exc} (path.pretrain_network_{suffix} in {opt_path})') from None
+        if paths.get(f'strict_load_{suffix}', True):  # first: weights of another arch are that, whatever their scale
+            fitted = state_dict
+            if not is_train and net_opt.get('type') == 'ESCFP' and isinstance(net_opt.get('upscaling_factor'), int):
+                fitted = dict(state_dict)  # another scale's to_img is told below (ESC's loading re-samples it)
+                resample_subpixel_conv(fitted, '', 3, net_opt['upscaling_factor'])
+            _check_network_fits(net_opt, fitted, what, f'network_{suffix}')
+        to_img = state_dict.get('to_img.weight')
+        if suffix == 'g' and not is_train and net_opt.get('type') in ('ESC', 'ESCFP') \
+                and isinstance(to_img, torch.Tensor) and to_img.shape[0] != 3 * net_opt.get('upscaling_factor', 0) ** 2:
+            # ESC re-samples another scale's to_img as it loads: a training start, not weights to test
+            trained = math.isqrt(to_img.shape[0] // 3)
+            raise OptionError(f'{what} is an x{trained} checkpoint but network_g is '
+                              f'x{net_opt.get("upscaling_factor")}: testing needs weights trained at that scale '
+                              '(re-sampling another scale\'s to_img only starts a training)')
 
 
 def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:

@@ -156,6 +156,10 @@ class ESCSRModel(SRModel):
         if self.amp_dtype is not None:
             get_root_logger().info(f'Mixed precision: {str(self.amp_dtype)[6:]} autocast'
                                    f'{" with a GradScaler" if self.scaler else ""}.')
+        self._remove_stale_temp_files()
+
+    def _remove_stale_temp_files(self):
+        """What a run killed mid-save left half-written (rank 0: the folders are shared)."""
         if self.opt['rank'] == 0:
             for key in ('models', 'training_states'):
                 remove_stale_temp_files(self.opt['path'].get(key, ''))
@@ -288,6 +292,8 @@ class ESCSRModel(SRModel):
                                       param_key=['params', 'params_ema'])
         else:
             saved = self.save_network(self.net_g, 'net_g', current_iter)
+        if saved is not False and hasattr(self, 'net_d'):  # a GAN's discriminator (ESCRealESRGANModel)
+            saved = self.save_network(self.net_d, 'net_d', current_iter)
         if saved is not False:  # a state must never point at a network file that was not written
             self.save_training_state(epoch, current_iter)
 

@@ -6,7 +6,8 @@ ESC-Real option files use (HAT's ``RealHATMSEModel`` / ``RealHATGANModel``), so 
 unchanged. BasicSR's own two build Adam only (the authors' recipe is AdamW) and save non-atomically.
 From ESCSRModel they take any ``torch.optim`` optimizer, atomic checkpoints with retries, CPU DDP,
 window padding at validation and, in the MSE stage, whose training step is ESCSRModel's, EMA,
-warm-up, AMP, grad clipping and the NaN stop. The GAN stage keeps Real-ESRGAN's own step.
+warm-up, AMP, grad clipping and the NaN stop. The GAN stage keeps Real-ESRGAN's own set-up and step
+(EMA and warm-up, but no AMP or grad clipping: those keys are warned about).
 """
 from __future__ import annotations
 
@@ -24,7 +25,14 @@ class ESCRealESRNetModel(RealESRNetModel, ESCSRModel):
 
 @MODEL_REGISTRY.register()
 class ESCRealESRGANModel(RealESRGANModel, ESCSRModel):
-    """Real-ESRGAN's GAN step with ESCSRModel's optimizers, checkpoints, devices and validation."""
+    """Real-ESRGAN's GAN step (its set-up and ``optimize_parameters``: no AMP or grad clipping)
+    with ESCSRModel's optimizers, checkpoints, devices and validation."""
+
+    save = ESCSRModel.save  # SRGANModel's wrote the state even after a network failed to save
+
+    def init_training_settings(self):
+        super().init_training_settings()  # SRGANModel's: net_d, its optimizers and losses
+        self._remove_stale_temp_files()
 
 
 for _alias, _model in (('RealHATMSEModel', ESCRealESRNetModel), ('RealHATGANModel', ESCRealESRGANModel)):
