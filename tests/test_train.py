@@ -831,7 +831,8 @@ def test_every_pair_and_option_basicsr_reads_later_is_checked_first(tmp_path, mo
     fp_x2 = ESCFP(**{**{k: v for k, v in TINY_ESC.items() if k != 'type'}, 'upscaling_factor': 2})
     torch.save({'params': fp_x2.state_dict()}, tmp_path / 'fp_x2.pth')
     err = error(lambda o: o['path'].update(pretrain_network_g=str(tmp_path / 'fp_x2.pth')), is_train=False)
-    assert 'fp_x2.pth (path.pretrain_network_g in x.yml) does not fit network_g (ESC): ' in err and 'to_img' not in err
+    assert 'fp_x2.pth (path.pretrain_network_g in x.yml) does not fit network_g (ESC): it is an ESCFP x2 checkpoint;' \
+        in err and 'to_img' not in err
     fp_opt = lambda o: (o.update(network_g={**TINY_ESC, 'type': 'ESCFP'}),  # noqa: E731
                         o['path'].update(pretrain_network_g=str(tmp_path / 'fp_x2.pth')))
     assert 'fp_x2.pth (path.pretrain_network_g in x.yml) is an x2 checkpoint but network_g is x4' in error(
