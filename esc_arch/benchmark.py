@@ -582,7 +582,8 @@ def run_in_child(spec: dict, settings: dict, timeout: float | None = None) -> di
         job, result = os.path.join(tmp, 'job.json'), os.path.join(tmp, 'result.json')
         with open(job, 'w', encoding='utf-8') as handle:
             json.dump({'spec': spec, 'settings': settings}, handle, default=str)
-        proc = subprocess.Popen([sys.executable, '-c', _WORKER, '--worker', job, result], env=_worker_env(),
+        proc = subprocess.Popen([sys.executable, '-c', _WORKER, '--worker', job, result, str(os.getpid())],
+                                env=_worker_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
@@ -815,9 +816,9 @@ def run_benchmarks(specs: list[dict], settings: dict, out_dir: str | None = None
     return records
 
 
-def _worker_main(job_path: str, result_path: str) -> int:
+def _worker_main(job_path: str, result_path: str, parent: int | None = None) -> int:
     from .runtime import die_with_parent, tune_cpu_allocator
-    die_with_parent()  # not measuring on as an orphan
+    die_with_parent(parent)  # not measuring on as an orphan
     tune_cpu_allocator()  # as in every `basicsr` command; the same for every arch measured
     with open(job_path, encoding='utf-8') as handle:
         job = json.load(handle)
@@ -832,6 +833,7 @@ def _worker_main(job_path: str, result_path: str) -> int:
 
 
 if __name__ == '__main__':
-    if len(sys.argv) == 4 and sys.argv[1] == '--worker':
-        sys.exit(_worker_main(sys.argv[2], sys.argv[3]))
-    sys.exit('usage: python -m esc_arch.benchmark --worker JOB.json RESULT.json (use `basicsr bench` instead)')
+    if len(sys.argv) in (4, 5) and sys.argv[1] == '--worker':
+        sys.exit(_worker_main(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) == 5 else None))
+    sys.exit('usage: python -m esc_arch.benchmark --worker JOB.json RESULT.json [PARENT_PID] (use `basicsr bench` '
+             'instead)')

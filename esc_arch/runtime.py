@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 _M_TRIM_THRESHOLD = -1
@@ -55,11 +56,14 @@ def slow_bf16_warning(device) -> str | None:
             'convolution takes its slow reference path; use fp32 here')
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
     """Linux: this (worker) process gets SIGTERM when the process that started it ends, however it
-    ends (``kill -9`` included), instead of working on as an orphan."""
+    ends (``kill -9`` included), instead of working on as an orphan. ``parent``: that process's pid,
+    for a parent that ended before this call (the signal is only armed for a parent still there)."""
     import signal
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if parent is not None and os.getppid() != parent:  # adopted already: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -128,3 +128,16 @@ def test_a_full_stdout_is_one_line_and_the_work_is_done(tmp_path, monkeypatch, c
     assert len(keys) > 1 and all(lmdb_complete(str(tmp_path / 'out' / p), keys) for p in lmdbs)
     from safetensors.torch import load_file
     assert set(load_file(tmp_path / 'esc.safetensors')) == set(ESC(**tiny_config()).state_dict())
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='PR_SET_PDEATHSIG is Linux only')
+def test_a_worker_whose_parent_ended_before_it_armed_the_signal_ends_too():
+    # `kill -9` of bench (or prepare) while its worker was still importing: the death signal, armed
+    # afterwards, never came, and the worker measured on as an orphan
+    script = ('import os, sys, time; from esc_arch.runtime import die_with_parent; '
+              'die_with_parent(int(sys.argv[1])); time.sleep(0.2); print("alive")')
+    gone = subprocess.run([sys.executable, '-c', script, '1'], capture_output=True, text=True, timeout=60)
+    assert gone.returncode == -15 and 'alive' not in gone.stdout  # its parent is not pid 1: adopted, ended
+    here = subprocess.run([sys.executable, '-c', script, str(os.getpid())], capture_output=True, text=True,
+                          timeout=60)
+    assert here.returncode == 0 and here.stdout.strip() == 'alive', here.stderr

@@ -356,7 +356,8 @@ def prepare_dataset(hr_folder: str, out_root: str, scales=(2, 3, 4), crop: int =
     keys = []
     bar = tqdm(total=len(tasks), unit='image', desc='sub-images', disable=not progress)
     workers = min(workers, len(tasks))
-    pool = Pool(workers, initializer=die_with_parent) if workers > 1 else None  # a killed prepare ends them
+    # a killed prepare ends them (its pid: also when it ends before a worker has started)
+    pool = Pool(workers, initializer=die_with_parent, initargs=(os.getpid(), )) if workers > 1 else None
     finished = False
     try:
         results = pool.imap_unordered(_process_image, tasks) if pool else map(_process_image, tasks)
