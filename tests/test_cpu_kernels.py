@@ -965,3 +965,37 @@ def test_one_deployed_model_serves_several_threads(op):
     finally:
         leave.set()
         holder.join()
+
+
+def test_a_prebuilt_library_is_loaded_only_if_complete_current_and_of_these_sources(tmp_path, monkeypatch):
+    # an interrupted rebuild leaves a library older than its new build.ninja; a changed header is a
+    # new digest (the loader itself rebuilds only for changed .cpp files and flags)
+    from torch.utils import cpp_extension
+    folder = tmp_path / 'build'
+    folder.mkdir()
+    library = folder / 'lib.so'
+    shutil.copy(os.path.realpath(sys.executable), library)  # a complete ELF file (load_library is faked)
+    ninja = folder / 'build.ninja'
+    ninja.write_text('cflags = -O3 -DESC_KERNELS_DIGEST=0123456789ab\n')
+    monkeypatch.setattr(kernels_module, '_library_path', lambda *args: str(library))
+    loaded = []
+    monkeypatch.setattr(torch.ops, 'load_library', loaded.append)
+    os.utime(ninja, (1000, 1000))
+    os.utime(library, (2000, 2000))
+    assert kernels_module._load_prebuilt('lib', '0123456789ab') and loaded == [str(library)]
+    assert not kernels_module._load_prebuilt('lib', 'ba9876543210')  # other sources
+    os.utime(library, (500, 500))  # older than build.ninja: a rebuild began and did not finish
+    assert not kernels_module._load_prebuilt('lib', '0123456789ab') and len(loaded) == 1
+    # the digest covers the headers
+    digests = []
+    monkeypatch.setattr(cpp_extension, 'load', lambda **kw: digests.append(
+        [flag for flag in kw['extra_cflags'] if 'DIGEST' in flag][0]))
+    monkeypatch.setattr(kernels_module, '_announce_a_first_build', lambda *args: None)
+    monkeypatch.setattr(kernels_module, 'kernel_isa', lambda: 'avx2')
+    header = tmp_path / 'extra.h'
+    header.write_text('// one\n')
+    monkeypatch.setattr(kernels_module, 'HEADERS', [*kernels_module.HEADERS, header])
+    assert kernels_module._build() == (True, None)
+    header.write_text('// two\n')
+    assert kernels_module._build() == (True, None)
+    assert len(digests) == 2 and digests[0] != digests[1]

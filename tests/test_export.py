@@ -145,3 +145,14 @@ def test_an_onnx_file_that_fails_its_check_fails_the_command_and_is_kept(tmp_pat
     err = capsys.readouterr().err
     assert 'basicsr export: error: ONNX output differs from PyTorch by' in err and 'is kept for inspection' in err
     assert (tmp_path / 'x.onnx').stat().st_size > 0
+
+
+def test_export_leaves_the_callers_model_as_it_was_and_writes_the_newest_opset(tmp_path):
+    model = randomize_(ESC(**tiny_config()), scale=0.05).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, tmp_path / 'a.onnx', opset=max_opset(), fp16=True, attn_type='naive')  # the newest is allowed
+    assert next(model.parameters()).dtype == torch.float32 and not getattr(model, 'deployed', False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert {layer.attn_type for layer in model.modules() if hasattr(layer, 'attn_type')} <= {'auto'}
+    import onnx
+    assert onnx.load(str(tmp_path / 'a.onnx')).opset_import[0].version == max_opset()
