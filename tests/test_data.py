@@ -1,6 +1,7 @@
 """`basicsr prepare` (sub-images, bicubic LR, LMDB) and the embedded demo data set."""
 import io
 import os
+import shutil
 
 import cv2
 import numpy as np
@@ -472,3 +473,42 @@ def test_niqe_needs_two_of_its_blocks_in_every_output(tmp_path):
     cv2.imwrite(str(tmp_path / 'tall.png'), np.zeros((47, 47, 3), np.uint8))
     with pytest.raises(OptionError, match=r'tall.png gives 188x188'):
         check(0)
+
+
+def test_prepare_records_thresh_and_step_and_skips_hidden_files(tmp_path, capsys):
+    hr, out = _tiny_hr(str(tmp_path / 'H_HR')), str(tmp_path / 'out')
+    _tiny_hr(hr, name='.t.tmp.png')  # a hidden file (an editor's, a temporary one): not an image of the set
+    assert _prepare_cli('-i', hr, '-o', out, '--crop', '24', '--step', '24') == 0
+    assert sorted(os.listdir(os.path.join(out, 'H_HR_sub'))) == [f't_s{i:03d}.png' for i in range(1, 7)]
+    capsys.readouterr()
+    assert _prepare_cli('-i', hr, '-o', out, '--crop', '24', '--step', '24', '--thresh', '1') == 2  # mixed before
+    assert 'thresh 48 before, 1 now' in capsys.readouterr().err
+    assert _prepare_cli('-i', hr, '-o', str(tmp_path / 'o2'), '--crop', '24', '--step', '13') == 2  # misaligned LR
+    assert 'must be multiples of every scale' in capsys.readouterr().err
+
+
+def test_an_interrupted_prepare_resumes_and_an_lmdb_of_other_images_is_not_reused(tmp_path, capsys, monkeypatch):
+    from esc_arch.data import prepare as prepare_module
+    hr, out = _tiny_hr(str(tmp_path / 'I_HR')), str(tmp_path / 'out')
+    _tiny_hr(hr, name='u.png')
+    real, calls = prepare_module._process_image, []
+
+    def interrupted(task):
+        calls.append(task)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(task)
+    monkeypatch.setattr(prepare_module, '_process_image', interrupted)
+    assert _prepare_cli('-i', hr, '-o', out, '--crop', '24', '--step', '24') == 130
+    monkeypatch.setattr(prepare_module, '_process_image', real)
+    capsys.readouterr()
+    assert _prepare_cli('-i', hr, '-o', out, '--crop', '24', '--step', '24') == 0  # its settings were recorded first
+    assert '12 sub-images' in capsys.readouterr().out
+    # the sub-image folders gone, their LMDBs kept: another input of the same names must not reuse them
+    for folder in ('I_HR_sub', os.path.join('I_LR_bicubic', 'X2_sub')):
+        shutil.rmtree(os.path.join(out, folder))
+        os.remove(os.path.join(out, folder + '.prepare.json'))
+    other = _tiny_hr(str(tmp_path / 'elsewhere' / 'I_HR'))
+    _tiny_hr(other, name='u.png', size=(48, 72))
+    assert _prepare_cli('-i', other, '-o', out, '--crop', '24', '--step', '24') == 2
+    assert 'I_HR_sub.lmdb holds outputs of an earlier run with other settings' in capsys.readouterr().err
