@@ -514,3 +514,43 @@ def test_the_cpu_kernels_are_loaded_before_the_timed_runs(monkeypatch):
     calls.clear()
     benchmark.measure(benchmark.arch_spec(TINY_ESC), settings(runs=1, warmup=0))
     assert calls[:2] == ['kernels', 'forward']
+
+
+def test_the_numbers_of_a_record(monkeypatch):
+    # latencies from a faked clock: the median (not the mean) and min/max in their table columns; FLOPs
+    # and MACs; the CPU peak in MiB above the VmRSS before the first forward
+    ticks = iter([0.0, 0.005, 1.0, 1.001, 2.0, 2.002, 3.0, 3.010])  # warm-up 5 ms, then 1, 2, 10 ms
+    monkeypatch.setattr(benchmark.time, 'perf_counter', lambda: next(ticks))
+    status = {'VmRSS': 100_000, 'VmHWM': 200_000}
+    monkeypatch.setattr(benchmark, '_proc_status_kb', status.get)
+    monkeypatch.setattr(benchmark, '_max_rss_kb', lambda: 110_240)
+    record = benchmark.measure(benchmark.arch_spec(TINY_EDSR), settings(runs=3, warmup=1))
+    assert record['latencies_ms'] == pytest.approx([1, 2, 10]) and record['median_ms'] == pytest.approx(2)
+    assert (record['min_ms'], record['max_ms']) == pytest.approx((1, 10))
+    assert record['peak_memory_mb'] == pytest.approx(10.0) and record['memory_baseline_mb'] == pytest.approx(97.65625)
+    assert record['memory_exceeded_baseline_hwm'] is False
+    assert record['macs'] == record['flops'] // 2 and record['gflops'] == record['flops'] / 1e9
+    header, _, row = benchmark.format_table([record]).splitlines()
+    cells = dict(zip([c.strip() for c in header.split('  ') if c.strip()], row.split()))
+    assert (cells['median ms'], cells['min ms'], cells['max ms'], cells['peak MB']) == ('2.0', '1.0', '10.0', '10.0')
+
+
+def test_bench_exit_codes_and_signal_handler(tmp_path, capsys, monkeypatch, fake_measure):
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+    assert bench('--arch', TINY_ESC, '--out', str(tmp_path / 'a')) == 0
+    assert signal.getsignal(signal.SIGTERM) == before  # its Ctrl-C-like SIGTERM handler is put back
+
+    def failing(spec, settings, timeout=None):
+        raise benchmark.BenchError(f"{spec['label']}: the measuring process was killed")
+    monkeypatch.setattr(benchmark, 'run_in_child', failing)
+    assert bench('--arch', TINY_ESC, '--out', str(tmp_path / 'b')) == 2  # nothing measured at all
+    capsys.readouterr()
+    monkeypatch.setattr(benchmark, 'run_in_child', lambda spec, settings, timeout=None: benchmark.measure(
+        spec, settings))  # in this process
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(benchmark, 'plot_records', no_space)
+    assert bench('--arch', TINY_EDSR, '--out', str(tmp_path / 'c')) == 1  # the plot was not written
+    assert 'cannot write the plot' in capsys.readouterr().err
