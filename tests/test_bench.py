@@ -554,3 +554,15 @@ def test_bench_exit_codes_and_signal_handler(tmp_path, capsys, monkeypatch, fake
     monkeypatch.setattr(benchmark, 'plot_records', no_space)
     assert bench('--arch', TINY_EDSR, '--out', str(tmp_path / 'c')) == 1  # the plot was not written
     assert 'cannot write the plot' in capsys.readouterr().err
+
+
+def test_sizes_seeds_threads_and_same_second_records(tmp_path, monkeypatch):
+    with pytest.raises(benchmark.BenchError, match="bad size '0x5'"):
+        benchmark.parse_size('0x5')
+    seeds, real = [], torch.rand
+    monkeypatch.setattr(torch, 'rand', lambda *args, generator=None, **kwargs: (
+        seeds.append(generator and generator.initial_seed()), real(*args, generator=generator, **kwargs))[1])
+    record = benchmark.measure(benchmark.arch_spec(TINY_EDSR), settings(runs=1, warmup=0, seed=7, threads=None))
+    assert 7 in seeds and record['threads'] == os.cpu_count()
+    paths = {benchmark.write_record(str(tmp_path), record) for _ in range(3)}  # one second, one config
+    assert len(paths) == 3 and all(os.path.exists(p) for p in paths)

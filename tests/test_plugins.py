@@ -154,3 +154,20 @@ def test_a_bare_name_of_a_module_file_here_is_imported(tmp_path, monkeypatch):
     assert import_arch_modules([path.stem]) == [path.stem]  # `--import user..._arch`, as python -m finds it
     from basicsr.utils.registry import ARCH_REGISTRY
     assert name in ARCH_REGISTRY
+
+
+def test_a_folders_arch_files_are_imported_in_name_order(tmp_path):
+    # as BasicSR imports its own archs: the order is the files' names, not the folder listing's
+    folder = tmp_path / f'order_{uuid.uuid4().hex[:8]}'
+    folder.mkdir()
+    log = tmp_path / 'order.txt'
+    for name in ('b', 'a', 'd', 'c'):
+        (folder / f'{name}_arch.py').write_text(f'with open({str(log)!r}, "a") as f:\n    f.write("{name}")\n')
+    import os
+    real = os.listdir
+    try:
+        os.listdir = lambda path='.': list(reversed(sorted(real(path))))  # what a file system may return
+        import_arch_modules([str(folder)])
+    finally:
+        os.listdir = real
+    assert log.read_text() == 'abcd'
