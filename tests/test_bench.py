@@ -566,3 +566,11 @@ def test_sizes_seeds_threads_and_same_second_records(tmp_path, monkeypatch):
     assert 7 in seeds and record['threads'] == os.cpu_count()
     paths = {benchmark.write_record(str(tmp_path), record) for _ in range(3)}  # one second, one config
     assert len(paths) == 3 and all(os.path.exists(p) for p in paths)
+
+
+def test_a_measurement_past_its_timeout_is_stopped():
+    import time
+    start = time.monotonic()
+    with pytest.raises(benchmark.BenchError, match=r'measurement took longer than 0.5 s'):
+        benchmark.run_in_child(benchmark.arch_spec(TINY_EDSR), settings(), timeout=0.5)  # the import alone is longer
+    assert time.monotonic() - start < 30

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -795,10 +796,13 @@ def test_an_unknown_switch_value_is_warned_about(monkeypatch):
         kernels_module._loaded()
     assert f"{ENV_SWITCH}='avx512' means nothing here" in str(caught[0].message)
     monkeypatch.setattr(kernels_module, '_state', {})
-    monkeypatch.setenv(ENV_SWITCH, 'AVX2')
-    with pytest.warns(UserWarning) as caught:
-        kernels_module._loaded()
-    assert [str(w.message) for w in caught if 'means nothing' in str(w.message)] == []
+    for value in ('AVX2', ''):  # any case; set but empty: the default
+        monkeypatch.setattr(kernels_module, '_state', {})
+        monkeypatch.setenv(ENV_SWITCH, value)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            kernels_module._loaded()
+        assert [str(w.message) for w in caught if 'means nothing' in str(w.message)] == [], value
 
 
 def test_a_library_built_before_loads_without_a_compiler_or_a_writable_folder(op, tmp_path, monkeypatch):
