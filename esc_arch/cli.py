@@ -89,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(rest)
     stdout = sys.stdout
-    guarded = sys.stdout = _GuardedStdout(stdout, name)
+    guarded = _GuardedStdout(stdout, name) if stdout is not None else None  # None: print() drops it all
+    sys.stdout = guarded or stdout
     try:
         code = int(module.run(args) or 0)
-        guarded.flush()  # a block-buffered stdout fails here, not at exit
-        return code or (1 if guarded.failed else 0)  # the work is done, its report is lost
+        if guarded is not None:
+            guarded.flush()  # a block-buffered stdout fails here, not at exit
+        return code or (1 if guarded is not None and guarded.failed else 0)  # done; its report is lost
     except KeyboardInterrupt:  # Ctrl-C: what was written is complete (every write is atomic)
         sys.stderr.write(f'basicsr {name}: interrupted\n')
         return 130
