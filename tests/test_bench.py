@@ -574,3 +574,23 @@ def test_a_measurement_past_its_timeout_is_stopped():
     with pytest.raises(benchmark.BenchError, match=r'measurement took longer than 0.5 s'):
         benchmark.run_in_child(benchmark.arch_spec(TINY_EDSR), settings(), timeout=0.5)  # the import alone is longer
     assert time.monotonic() - start < 30
+
+
+def test_defaults_and_warnings_the_cli_prints(tmp_path, capsys, monkeypatch, esc_record):
+    # one untimed warm-up by default; FLOPs a counter missed are said; a crashed worker's last line is quoted
+    seen = []
+
+    def fake(spec, settings, timeout=None):
+        seen.append(settings['warmup'])
+        return {**copy.deepcopy(esc_record), 'arch': spec['label'], 'flops_uncounted_ops': ['aten.mystery_op']}
+    monkeypatch.setattr(benchmark, 'run_in_child', fake)
+    assert cli_main(['bench', '--arch', TINY_ESC, '--out', str(tmp_path / 'a'), '--runs', '1', '--no-progress']) == 0
+    out = capsys.readouterr().out
+    assert seen == [1] and 'warning: ESC: FLOPs miss aten.mystery_op' in out
+    monkeypatch.undo()
+    worker = tmp_path / 'crash.py'  # what run_in_child runs, as a crashing measurement would end
+    worker.write_text('import sys, os\nprint("loading extra weights...", file=sys.stderr)\n'
+                      'print("fatal: out of device handles", file=sys.stderr)\nsys.stderr.flush()\nos._exit(3)\n')
+    monkeypatch.setattr(benchmark, '_WORKER', worker.read_text())
+    with pytest.raises(benchmark.BenchError, match=r'exited with code 3: fatal: out of device handles$'):
+        benchmark.run_in_child(benchmark.arch_spec(TINY_EDSR), settings())
