@@ -594,3 +594,10 @@ def test_defaults_and_warnings_the_cli_prints(tmp_path, capsys, monkeypatch, esc
     monkeypatch.setattr(benchmark, '_WORKER', worker.read_text())
     with pytest.raises(benchmark.BenchError, match=r'exited with code 3: fatal: out of device handles$'):
         benchmark.run_in_child(benchmark.arch_spec(TINY_EDSR), settings())
+
+
+def test_records_measured_with_other_threads_are_kept_apart(tmp_path, esc_record):
+    two, one = (dict(copy.deepcopy(esc_record), threads=n) for n in (2, 1))
+    for record in (two, one):
+        benchmark.write_record(str(tmp_path), record)
+    assert [r['threads'] for r in benchmark.collect_records(str(tmp_path), two)] == [2]
