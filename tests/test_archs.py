@@ -418,6 +418,16 @@ def test_half_precision_cpu_inference_with_the_13x13_kernel(arch):
             assert out.dtype == dtype and (out.float() - expected).abs().max().item() < tolerance, dtype
 
 
+def test_the_authors_convert_is_deploy():
+    model = randomize_(ESC(**tiny_config(kernel_size=7)), scale=0.1).eval()
+    x = torch.rand(1, 3, 12, 10)
+    with torch.no_grad():
+        before = model(x)
+        assert model.convert() is model and model.deployed
+        assert torch.allclose(model(x), before, atol=1e-6)
+        assert torch.allclose(model.plk_filter, symmetrize_filter(model.plk_filter), atol=1e-7)  # folded, as theirs
+
+
 def test_eval_keeps_a_deployed_model_deployed():
     # BasicSR calls eval() before every validation: it must not drop the kept filter and spectra
     model = ESC(**tiny_config()).deploy()

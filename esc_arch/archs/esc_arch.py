@@ -72,6 +72,11 @@ class SharedFilterTrunk(ESCTrunk):
             self._fold_filter()
         return super().deploy()
 
+    def convert(self):
+        """The authors' name for :meth:`deploy` (their ``model.convert()`` folds the symmetrised
+        filter into ``plk_filter`` before inference, as deploy does)."""
+        return self.deploy()
+
     @torch.no_grad()
     def undeploy(self):
         if self.deployed and not unchanged(self._deployed_filter, self.plk_filter):
