@@ -114,7 +114,7 @@ def _as_read(rgb: np.ndarray, orientation: int) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(rgb), orientation if orientation in _UPRIGHT else 1
 
 
-def _read_tiff(path: str | io.BytesIO, name: str | None = None) -> tuple[np.ndarray, int] | None:
+def _read_tiff(path: str | io.BytesIO) -> tuple[np.ndarray, int] | None:
     """A gray / RGB TIFF's first page through tifffile, which keeps 16-bit colour and float samples
     (PIL reduces 16-bit RGB to 8-bit and does not open float RGB); None for other photometrics and
     what it cannot decode. Its compressions (LZW, Deflate, Zstd, JPEG, ...) come from imagecodecs:
@@ -132,7 +132,7 @@ def _read_tiff(path: str | io.BytesIO, name: str | None = None) -> tuple[np.ndar
             except ValueError as exc:
                 if 'imagecodecs' in str(exc):
                     codec = getattr(page.compression, 'name', page.compression)
-                    raise MissingCodecError(name or path, f'its {codec} compression needs the imagecodecs package '
+                    raise MissingCodecError(path, f'its {codec} compression needs the imagecodecs package '
                                             '(pip install imagecodecs)') from None
                 raise
             tag = page.tags.get('Orientation')
@@ -221,11 +221,11 @@ def _upright(img: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(_UPRIGHT[orientation](img)) if orientation != 1 else img
 
 
-def read_tiff_bytes(content: bytes, name: str) -> np.ndarray | None:
+def read_tiff_bytes(content: bytes) -> np.ndarray | None:
     """A gray / RGB TIFF held in memory (a data set's file, read by BasicSR) as :func:`read_image`
     reads it from a file, upright and as stored (OpenCV decodes planar and some compressed TIFFs to
     wrong pixels); None for what tifffile does not read, which is left to OpenCV."""
-    tiff = _read_tiff(io.BytesIO(content), name)
+    tiff = _read_tiff(io.BytesIO(content))
     return None if tiff is None else _upright(*tiff)
 
 

@@ -192,8 +192,6 @@ def _warn_unread_keys(opt: dict, section: str, known: tuple) -> None:
     import difflib
     if opt.get('model_type') not in ESC_STEP_MODELS + GAN_STEP_MODELS or not isinstance(opt.get(section), dict):
         return
-    if section == 'train' and opt['model_type'] in GAN_STEP_MODELS:
-        known = GAN_TRAIN_KEYS
     for key in opt[section]:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -273,7 +271,7 @@ def _check_networks(opt: dict, opt_path: str) -> None:
             arch = ARCH_REGISTRY.get(net_type)
             options = {k: v for k, v in net_opt.items() if k != 'type'}
             ours = getattr(arch, '__module__', '').startswith('esc_arch.')
-            if ours and ('flashbias_rank' in options or str(options.get('attn_type', '')).lower() == 'flashbias'):
+            if ours and 'flashbias_rank' in options:  # attn_type FlashBias alone: the constructor says so
                 raise OptionError(f'{arch.__name__}: FlashBias (the authors\' ESC_FB variants: attn_type FlashBias, '
                                   f'flashbias_rank) is not supported ({key} in {opt_path})')
             problem = options_problem(arch, options)
@@ -577,7 +575,7 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
     _check_metrics(opt, opt_path)
     if is_train:
         _check_train_section(opt, opt_path)
-        _warn_unread_keys(opt, 'train', TRAIN_KEYS)
+        _warn_unread_keys(opt, 'train', GAN_TRAIN_KEYS if opt['model_type'] in GAN_STEP_MODELS else TRAIN_KEYS)
     _warn_unread_keys(opt, 'val', VAL_KEYS)
 
     paths = opt['path']
@@ -798,7 +796,7 @@ def _checked_imfrombytes(original):
     def imfrombytes(content, *args, **kwargs):
         if bytes(content[:4]) in TIFF_MAGIC:  # OpenCV reads some TIFFs as wrong pixels, with no error
             try:
-                img = read_tiff_bytes(content, 'TIFF')
+                img = read_tiff_bytes(content)
             except MissingCodecError as exc:  # the data set names the files
                 raise ImageDecodeError(exc.reason) from None
             if img is not None:
