@@ -192,6 +192,8 @@ def _warn_unread_keys(opt: dict, section: str, known: tuple) -> None:
     import difflib
     if opt.get('model_type') not in ESC_STEP_MODELS + GAN_STEP_MODELS or not isinstance(opt.get(section), dict):
         return
+    if section == 'train' and opt['model_type'] in GAN_STEP_MODELS:  # for every caller: the GAN stage reads others
+        known = GAN_TRAIN_KEYS
     for key in opt[section]:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -575,7 +577,7 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
     _check_metrics(opt, opt_path)
     if is_train:
         _check_train_section(opt, opt_path)
-        _warn_unread_keys(opt, 'train', GAN_TRAIN_KEYS if opt['model_type'] in GAN_STEP_MODELS else TRAIN_KEYS)
+        _warn_unread_keys(opt, 'train', TRAIN_KEYS)
     _warn_unread_keys(opt, 'val', VAL_KEYS)
 
     paths = opt['path']
