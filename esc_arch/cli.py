@@ -34,9 +34,9 @@ class _GuardedStdout:
     said on stderr at once and the rest of the output is dropped, so the command's work goes on;
     ``failed`` holds the reason. A closed pipe (``| head``) is left to raise BrokenPipeError."""
 
-    def __init__(self, stream, command: str):
+    def __init__(self, stream, prog: str):
         self._stream = stream
-        self._command = command
+        self._prog = prog
         self.failed = None
 
     def _call(self, method, *args):
@@ -48,7 +48,7 @@ class _GuardedStdout:
             raise
         except OSError as exc:
             self.failed = exc.strerror or str(exc)
-            sys.stderr.write(f'basicsr {self._command}: error: cannot write to standard output: {self.failed} '
+            sys.stderr.write(f'{self._prog}: error: cannot write to standard output: {self.failed} '
                              '(the rest of it is dropped)\n')
             _discard_stdout(self._stream)
             return None
@@ -76,34 +76,49 @@ def _discard_stdout(stream=None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    if not argv or argv[0] not in SUBCOMMANDS:
-        args = parser.parse_args(argv[:1])  # --help, or an error naming the valid commands
-        parser.print_help()
-        return 2 if args.command is None and argv else 0
-    name, rest = argv[0], argv[1:]
-    from esc_arch.runtime import tune_cpu_allocator
-    tune_cpu_allocator()  # every subcommand runs big CPU tensors: reuse freed memory
-    module = importlib.import_module(f'esc_arch.commands.{name}')
-    sub_parser = argparse.ArgumentParser(prog=f'basicsr {name}', description=SUBCOMMANDS[name])
-    module.add_arguments(sub_parser)
-    args = sub_parser.parse_args(rest)
+    name = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    prog = f'basicsr {name}' if name else 'basicsr'
     stdout = sys.stdout
-    guarded = _GuardedStdout(stdout, name) if stdout is not None else None  # None: print() drops it all
+    guarded = _GuardedStdout(stdout, prog) if stdout is not None else None  # None: print() drops it all
     sys.stdout = guarded or stdout
     try:
-        code = int(module.run(args) or 0)
+        try:
+            code = _run(name, argv)
+        except SystemExit as exc:  # argparse after --help (0) or a usage error (2, said on stderr)
+            code = _exit_code(exc)
         if guarded is not None:
             guarded.flush()  # a block-buffered stdout fails here, not at exit
         return code or (1 if guarded is not None and guarded.failed else 0)  # done; its report is lost
     except KeyboardInterrupt:  # Ctrl-C: what was written is complete (every write is atomic)
-        sys.stderr.write(f'basicsr {name}: interrupted\n')
+        sys.stderr.write(f'{prog}: interrupted\n')
         return 130
     except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as `cat` does
         _discard_stdout()
         return 141
     finally:
         sys.stdout = stdout
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """The status the interpreter would exit with for ``exc``; a message is said on stderr, as it does."""
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or 0
+    sys.stderr.write(f'{exc.code}\n')
+    return 1
+
+
+def _run(name: str | None, argv: list[str]) -> int:
+    if name is None:
+        parser = build_parser()
+        args = parser.parse_args(argv[:1])  # --help, or an error naming the valid commands
+        parser.print_help()
+        return 2 if args.command is None and argv else 0
+    from esc_arch.runtime import tune_cpu_allocator
+    tune_cpu_allocator()  # every subcommand runs big CPU tensors: reuse freed memory
+    module = importlib.import_module(f'esc_arch.commands.{name}')
+    sub_parser = argparse.ArgumentParser(prog=f'basicsr {name}', description=SUBCOMMANDS[name])
+    module.add_arguments(sub_parser)
+    return int(module.run(sub_parser.parse_args(argv[1:])) or 0)
 
 
 if __name__ == '__main__':

@@ -130,6 +130,28 @@ def test_a_full_stdout_is_one_line_and_the_work_is_done(tmp_path, monkeypatch, c
     assert set(load_file(tmp_path / 'esc.safetensors')) == set(ESC(**tiny_config()).state_dict())
 
 
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full')
+@pytest.mark.parametrize('argv, prog', [(['--help'], 'basicsr'), (['train', '--help'], 'basicsr train'),
+                                        (['bench', '--help'], 'basicsr bench')])
+def test_help_that_cannot_be_written_is_said_and_exits_1(argv, prog, monkeypatch, capsys):
+    # argparse drops a failed help write silently and exits 0: `basicsr train --help > /dev/full` said nothing
+    from esc_arch.cli import main
+    with open('/dev/full', 'w') as full:
+        monkeypatch.setattr(sys, 'stdout', full)
+        assert main(argv) == 1
+    assert capsys.readouterr().err == (f'{prog}: error: cannot write to standard output: No space left on device '
+                                       '(the rest of it is dropped)\n')
+
+
+def test_help_and_usage_errors_keep_their_exit_codes(capsys):
+    from esc_arch.cli import main
+    assert main(['train', '--help']) == 0
+    assert capsys.readouterr().out.startswith('usage: basicsr train')
+    assert main(['train']) == 2
+    assert 'the following arguments are required: -opt' in capsys.readouterr().err
+    assert main(['nope']) == 2
+
+
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='PR_SET_PDEATHSIG is Linux only')
 def test_a_worker_whose_parent_ended_before_it_armed_the_signal_ends_too():
     # `kill -9` of bench (or prepare) while its worker was still importing: the death signal, armed
