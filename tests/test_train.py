@@ -490,6 +490,25 @@ def test_more_option_mistakes_are_one_line_before_training(tmp_path, capsys, mon
     assert not (tmp_path / 'experiments').exists()
 
 
+def test_train_keys_at_the_top_level_are_named(tmp_path, capsys):
+    # a fork's top-level `use_amp: true` (or grad_clip put beside train:) trained in fp32 without a word
+    from esc_arch.commands._pipeline import _warn_top_level_train_keys
+    opt = train_options(tmp_path)
+    opt.update(use_amp=True, grad_clip=0.1, manual_seed=3)
+    _warn_top_level_train_keys(opt)
+    assert capsys.readouterr().err.splitlines() == [
+        'warning: use_amp at the top level is not an option ESCSRModel reads; it is ignored '
+        '(set train.amp: bf16 or fp16 instead)',
+        'warning: grad_clip at the top level is not an option ESCSRModel reads; it is ignored '
+        '(set train.grad_clip instead)']
+    opt.update(model_type='RealHATGANModel')  # the GAN stage reads neither amp nor grad_clip, but optim_d
+    opt.update(optim_d={'type': 'Adam'})
+    _warn_top_level_train_keys(opt)
+    assert capsys.readouterr().err.splitlines() == [
+        'warning: optim_d at the top level is not an option RealHATGANModel reads; it is ignored '
+        '(set train.optim_d instead)']
+
+
 def test_misspelt_train_and_val_keys_are_named(tmp_path, capsys):
     from esc_arch.commands._pipeline import TRAIN_KEYS, VAL_KEYS, _warn_unread_keys
     opt = train_options(tmp_path, gradclip=0.01, amp_mode='bf16')
@@ -1012,6 +1031,19 @@ def test_ema_of_a_network_deployed_by_validation(tmp_path):
         expected = ESC(**{k: v for k, v in TINY_ESC.items() if k != 'type'} | dict(kernel_size=13)).eval()
         expected.load_state_dict({k: 0.9 * v + 0.1 * online[k] for k, v in before.items()})
         assert (model.net_g_ema.eval()(x) - expected(x)).abs().max().item() < 1e-5
+
+
+def test_repeated_force_yml_flags_add_up():
+    # `--force_yml a=1 --force_yml b=2` kept only b=2 (argparse's store), silently
+    import argparse
+
+    from esc_arch.commands import train
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(['-opt', 'x.yml', '--force_yml', 'use_amp=true', 'name=a',
+                              '--force_yml', 'train:total_iter=2'])
+    assert args.force_yml == ['use_amp=true', 'name=a', 'train:total_iter=2']
+    assert parser.parse_args(['-opt', 'x.yml']).force_yml is None
 
 
 def test_force_yml_manual_seed_seeds_the_run_and_signed_numbers_stay_ints():

@@ -76,8 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--debug', action='store_true', help='debug run: name prefixed debug_, frequent logs')
     parser.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=0,
                         help='set by torch.distributed.launch; torchrun uses LOCAL_RANK instead')
-    parser.add_argument('--force_yml', nargs='+', default=None, metavar='KEY=VALUE',
-                        help='override options, e.g. train:ema_decay=0.999 num_gpu=0')
+    parser.add_argument('--force_yml', nargs='+', action='extend', default=None, metavar='KEY=VALUE',
+                        help='override options, e.g. train:ema_decay=0.999 num_gpu=0 (repeated flags add up)')
     add_import_argument(parser, 'network_g can name')
 
 
@@ -200,6 +200,22 @@ def _warn_unread_keys(opt: dict, section: str, known: tuple) -> None:
             hint = f' (did you mean {close[0]}?)' if close else ''
             print(f'warning: {section}.{key} is not an option {opt["model_type"]} reads; it is ignored{hint}',
                   file=sys.stderr)
+
+
+# top-level keys other code bases read that BasicSR does not: the train key that does it here
+FOREIGN_TOP_KEYS = {'use_amp': 'amp'}
+
+
+def _warn_top_level_train_keys(opt: dict) -> None:
+    """``use_amp: true`` (a fork's switch) or ``grad_clip`` put at the top level is otherwise silently ignored."""
+    if opt.get('model_type') not in ESC_STEP_MODELS + GAN_STEP_MODELS:
+        return
+    known = GAN_TRAIN_KEYS if opt['model_type'] in GAN_STEP_MODELS else TRAIN_KEYS
+    for key in opt:
+        meant = FOREIGN_TOP_KEYS.get(key, key)
+        if meant in known:
+            print(f'warning: {key} at the top level is not an option {opt["model_type"]} reads; it is ignored '
+                  f'(set train.{meant}{": bf16 or fp16" if meant == "amp" else ""} instead)', file=sys.stderr)
 
 
 # what BasicSR reads from path (the rest it sets itself); a near miss of one is a typo
@@ -578,6 +594,7 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
     if is_train:
         _check_train_section(opt, opt_path)
         _warn_unread_keys(opt, 'train', TRAIN_KEYS)
+        _warn_top_level_train_keys(opt)
     _warn_unread_keys(opt, 'val', VAL_KEYS)
 
     paths = opt['path']
