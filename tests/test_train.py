@@ -4,6 +4,7 @@ The subprocess tests run ``python -m esc_arch.cli`` (what the ``basicsr`` script
 temporary folder; the in-process tests check the model's pieces directly.
 """
 import argparse
+import copy
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import file_size_limit
+from conftest import file_size_limit, tiny_config
 
 from esc_arch import ESC
 from esc_arch.archs.layers import reflect_pad_to_multiple, resample_subpixel_conv
@@ -964,6 +965,112 @@ def test_real_esrgan_option_mistakes_are_one_line(tmp_path, capsys, monkeypatch)
         code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'meta.yml', opt))
         assert code == 2 and problem in err and err.count('\n') == 0, err
     assert not (tmp_path / 'experiments').exists()
+
+
+MSE, GAN = 'train_ESC_Real_x4_MSE.yml', 'train_ESC_Real_x4_GAN.yml'
+
+
+@pytest.mark.parametrize('model_file, change, problem', [
+    # each was a traceback at the first iteration (after set-up) or in a loader worker
+    (MSE, lambda o: o.update(gt_size=66), 'gt_size 66 is not a multiple of scale 4'),  # a shape RuntimeError
+    (MSE, lambda o: o.update(gt_size=512), 'gt_size 512 is larger than the 400x400 GT crop'),  # "Please remove None"
+    (MSE, lambda o: o.pop('jpeg_range2'), "degradation needs the option(s) jpeg_range2 ("),  # KeyError
+    (MSE, lambda o: o.pop('gt_usm'), 'needs the option(s) gt_usm'),
+    (MSE, lambda o: o.update(gt_usm='true'), "gt_usm must be true or false, got 'true'"),  # silently off
+    (GAN, lambda o: o.pop('percep_gt_usm'), 'needs the option(s) percep_gt_usm'),  # read without a perceptual loss
+    (GAN, lambda o: o['train'].pop('optim_d'), 'RealHATGANModel needs train.optim_d'),  # KeyError
+    (GAN, lambda o: o['train'].pop('gan_opt'), 'RealHATGANModel needs train.gan_opt'),  # AttributeError cri_gan
+    (GAN, lambda o: o['train'].update(net_d_iters=0), 'train.net_d_iters must be a whole number >= 1'),  # 1/0
+    (GAN, lambda o: o['network_d'].update(num_in_ch=1), 'network_d.num_in_ch is 1, but ESCReal outputs 3'),
+    (GAN, lambda o: o['train'].update(ldl_opt=dict(type='L1Loss', loss_weight=1.0), ema_decay=0),
+     "ldl_opt compares the output with the EMA network's: it needs train.ema_decay above 0"),  # no net_g_ema
+    (MSE, lambda o: o.update(resize_prob=[0.5, 0.5]), 'resize_prob must be a list of 3 weights'),
+    (MSE, lambda o: o.update(jpeg_range=50), 'jpeg_range must be a [low, high] list of two numbers, got 50'),
+    (MSE, lambda o: o.update(jpeg_range=[95, 30]), 'jpeg_range must have low <= high'),
+    (MSE, lambda o: o.update(noise_range2=[-1, 25]), 'noise_range2 must be above 0'),
+    (MSE, lambda o: o.update(gaussian_noise_prob=1.5), 'gaussian_noise_prob must be a probability from 0 to 1'),
+    (MSE, lambda o: o.update(queue_size=0), 'queue_size must be a whole number >= 1, got 0'),
+    (MSE, lambda o: o.update(queue_size=3), 'queue_size (3) must be a multiple of the batch size per process (2)'),
+    (MSE, lambda o: o.update(scale=3, gt_size=96, network_g=dict(type='ESC', **tiny_config(upscaling_factor=3))),
+     'scale 3 does not divide 400'),  # "Scale mismatches" in the first iteration
+    (MSE, lambda o: o.update(high_order_degradation=False), 'RealESRGANDataset gives GT images only'),  # KeyError lq
+    (MSE, lambda o: o['datasets']['train'].update(kernel_prob=[0.5] * 5), 'kernel_prob must be a list of 6 weights'),
+    (MSE, lambda o: o['datasets']['train']['kernel_list'].__setitem__(0, 'isoo'), "unknown kernel 'isoo' (did you "
+                                                                                   'mean iso?)'),  # UnboundLocalError
+    (MSE, lambda o: o['datasets']['train'].update(blur_sigma=[0.2]), 'blur_sigma must be a [low, high] list'),
+    (MSE, lambda o: o['datasets']['train'].update(blur_sigma2=[0.2, 0.2]), 'blur_sigma2 must have low < high'),
+    (MSE, lambda o: o['datasets']['train'].update(sinc_prob2=2), 'sinc_prob2 must be a probability'),
+    (MSE, lambda o: o['datasets']['train'].pop('betag_range'), 'RealESRGANDataset needs the option(s) betag_range'),
+    (MSE, lambda o: o.update(queue_size=4) or o['datasets']['train'].update(batch_size_per_gpu=4),
+     '2 training image(s) x dataset_enlarge_ratio make 2 sample(s), fewer than batch_size_per_gpu 4'),  # trained 0
+])
+def test_real_degradation_option_mistakes_are_one_line(model_file, change, problem, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    opt = real_options(tmp_path, model_file)
+    change(opt)
+    code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'real.yml', opt))
+    assert code == 2 and problem in err and err.count('\n') == 0, err
+    assert not (tmp_path / 'experiments').exists()
+
+
+def test_the_shipped_real_options_pass_the_degradation_checks(tmp_path):
+    from esc_arch.commands import _real_checks
+    for model_file in (MSE, GAN):
+        (tmp_path / model_file).mkdir()
+        opt = real_options(tmp_path / model_file, model_file)
+        _real_checks.check_real_model_options(opt, model_file)
+        _real_checks.check_real_dataset_options(opt['datasets']['train'], model_file)
+    assert _real_checks.real_model_kind('RealESRGANModel') == 'esrgan'
+    assert _real_checks.real_model_kind('RealHATMSEModel') == 'esrnet'
+    assert _real_checks.real_model_kind('ESCSRModel') is None and _real_checks.real_model_kind('nope') is None
+
+
+def test_the_gan_stage_stops_on_nan_and_resumes_only_with_its_discriminator(tmp_path, capsys):
+    # Real-ESRGAN's step had no NaN check: lr 1e8 trained on in nan and saved nan weights for
+    # --auto_resume to pick up. And resuming checked net_g only: a truncated net_d file was a
+    # traceback (no fall-back), a changed network_d or optim_d one from deep in torch
+    opt = real_options(tmp_path, GAN, name='gan')
+    opt['train'].update(total_iter=4)
+    opt['logger']['save_checkpoint_freq'] = 2
+    result = basicsr('train', '-opt', write_yaml(tmp_path / 'gan.yml', opt), cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    experiment = tmp_path / 'experiments' / 'gan'
+    diverging = copy.deepcopy(opt)
+    diverging.update(name='diverge')
+    for key in ('optim_g', 'optim_d'):
+        diverging['train'][key]['lr'] = 1e8
+    result = basicsr('train', '-opt', write_yaml(tmp_path / 'diverge.yml', diverging), cwd=tmp_path, timeout=300)
+    output = result.stdout + result.stderr
+    match = re.search(r'loss is nan at iteration (\d+); stopping \(last good state: ([^)]+)\)', output)
+    assert result.returncode == 1 and match and 'Traceback' not in output, output[-3000:]
+    models = tmp_path / 'experiments' / 'diverge' / 'models'
+    assert not (models / f'net_g_{match.group(1)}.pth').exists() and not (models / 'net_g_latest.pth').exists()
+    for saved in models.glob('net_*.pth'):  # what was saved before it diverged is finite
+        assert all(torch.isfinite(v).all() for v in torch.load(saved, weights_only=True)['params'].values())
+
+    from esc_arch.commands._pipeline import OptionError, load_resume_state
+
+    def resume(**train_changes):
+        resumed = copy.deepcopy(opt)
+        resumed.update(auto_resume=True, is_train=True, dist=False)
+        resumed['path'].update(models=str(experiment / 'models'), training_states=str(experiment / 'training_states'))
+        for key, value in train_changes.items():
+            (resumed if key == 'network_d' else resumed['train'])[key] = value
+        return load_resume_state(resumed)
+
+    assert resume()['iter'] == 4
+    capsys.readouterr()
+    with pytest.raises(OptionError, match=r'resume state .*4\.state \(its network .*net_d_4\.pth\) does not fit '
+                                          r'network_d \(UNetDiscriminatorSN\)'):
+        resume(network_d=dict(opt['network_d'], num_feat=16))
+    with pytest.raises(OptionError, match=r'cannot resume from .*4\.state: it was saved with another optimizer than '
+                                          r'train\.optim_d SGD'):
+        resume(optim_d=dict(type='SGD', lr=1e-4, momentum=0.9))
+    net_d = experiment / 'models' / 'net_d_4.pth'
+    net_d.write_bytes(net_d.read_bytes()[:1000])  # a kill while it was written by a tool without atomic saves
+    assert resume()['iter'] == 2
+    said = capsys.readouterr().out
+    assert re.search(r'Cannot resume from \S+4\.state \(.*net_d_4\.pth.*\); trying \S+2\.state', said), said
 
 
 def test_an_offline_perceptual_loss_says_which_weights_to_put_where(tmp_path, capsys, monkeypatch):

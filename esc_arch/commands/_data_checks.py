@@ -24,7 +24,13 @@ PAIRED_TYPES = ('PairedImageDataset', 'RealESRGANPairedDataset')  # GT + LQ pair
 REQUIRED = {'PairedImageDataset': (('dataroot_gt', 'dataroot_lq', 'io_backend'), ('gt_size', 'use_hflip', 'use_rot')),
             'RealESRGANPairedDataset': (('dataroot_gt', 'dataroot_lq', 'io_backend'),
                                         ('gt_size', 'use_hflip', 'use_rot')),
-            'SingleImageDataset': (('dataroot_lq', 'io_backend'), ())}
+            'SingleImageDataset': (('dataroot_lq', 'io_backend'), ()),
+            # its degradation kernels (read in __init__ and by the loader's workers)
+            'RealESRGANDataset': (('dataroot_gt', 'io_backend'), tuple(
+                f'{key}{order}' for order in ('', '2') for key in ('blur_kernel_size', 'kernel_list', 'kernel_prob',
+                                                                   'blur_sigma', 'betag_range', 'betap_range',
+                                                                   'sinc_prob')) + ('final_sinc_prob', 'use_hflip',
+                                                                                    'use_rot'))}
 MANY_PAIRS = 2000  # reading more image headers than this takes a moment: say so
 
 
@@ -36,6 +42,16 @@ def is_whole(value, least: int) -> bool:
 def _file_names(folder: str) -> set:
     """The files BasicSR's paired folders pair up (its scandir: every non-hidden file)."""
     return {entry.name for entry in os.scandir(folder) if entry.is_file() and not entry.name.startswith('.')}
+
+
+def require_keys(keys, given: dict, what, where: str, others=None) -> None:
+    """OptionError naming the ``keys`` missing from ``given``, each with the given key it may be a typo of."""
+    missing = [key for key in keys if key not in given]
+    if missing:
+        others = {str(k).lower(): k for k in (given if others is None else others) if k not in keys}  # any case
+        hints = [f'{key} (did you mean {others[close[0]]}?)' if (close := difflib.get_close_matches(key, others, n=1))
+                 else key for key in missing]
+        raise OptionError(f'{what} needs the option(s) {", ".join(hints)} ({where})')
 
 
 def check_loader_settings(dataset: dict, where: str) -> None:
@@ -59,12 +75,8 @@ def check_required_keys(phase: str, dataset: dict, opt: dict, where: str) -> Non
     the types of those that would fail (or be taken as true) deep inside a worker."""
     always, for_training = REQUIRED.get(dataset.get('type'), ((), ()))
     training = phase.startswith('train')
-    missing = [key for key in always + for_training * training if key not in dataset]
-    if missing:
-        others = {str(k).lower(): k for k in dataset if k not in always + for_training}  # typos, any case
-        hints = [f'{key} (did you mean {others[close[0]]}?)' if (close := difflib.get_close_matches(key, others, n=1))
-                 else key for key in missing]
-        raise OptionError(f'{dataset.get("type")} needs the option(s) {", ".join(hints)} ({where})')
+    require_keys(always + for_training * training, dataset, dataset.get('type'), where,
+                 others=[k for k in dataset if k not in always + for_training])
     if not isinstance(dataset.get('io_backend', {}), dict):
         raise OptionError(f'io_backend must be a mapping such as {{type: disk}}, '
                           f'got {dataset["io_backend"]!r} ({where})')
@@ -304,21 +316,31 @@ def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int
                 _warn_shared_output_names(paths, where)
 
 
-def check_meta_info_list(phase: str, dataset: dict, opt_path: str) -> None:
-    """RealESRGANDataset on disk reads its GT images from the list in ``meta_info`` (one path per
-    line, relative to ``dataroot_gt``): BasicSR fails on a missing key (KeyError) or path."""
-    if dataset.get('type') != 'RealESRGANDataset' or (dataset.get('io_backend') or {}).get('type', 'disk') != 'disk':
+def check_meta_info_list(phase: str, dataset: dict, opt_path: str, world: int = 1) -> None:
+    """RealESRGANDataset reads its GT images from the list in ``meta_info`` (one path per line,
+    relative to ``dataroot_gt``; an LMDB's own meta_info.txt): BasicSR fails on a missing key
+    (KeyError) or path, and trains nothing from fewer images than a batch."""
+    if dataset.get('type') != 'RealESRGANDataset':
         return
     where = f'datasets.{phase} in {opt_path}'
-    meta = dataset.get('meta_info')
-    if not isinstance(meta, str):
-        raise OptionError(f'RealESRGANDataset on disk needs meta_info: a text file listing its GT images, one '
-                          f'path per line relative to dataroot_gt ({where})')
-    with open(osp.expanduser(meta), encoding='utf-8', errors='replace') as handle:
-        listed = [line.strip().split(' ')[0] for line in handle if line.strip()]
+    backend = (dataset.get('io_backend') or {}).get('type', 'disk')
     root = osp.expanduser(str(dataset.get('dataroot_gt')))
-    missing = [name for name in listed if not osp.isfile(osp.join(root, name))]
-    if not listed or missing:
-        problem = f'{len(missing)} of its {len(listed)} image(s) are not in {root}, e.g. {missing[0]}' if missing \
-            else 'it lists no images'
-        raise OptionError(f'meta_info {meta}: {problem} ({where})')
+    if backend == 'lmdb':
+        count = len(_lmdb_sizes(root, where))
+    elif backend == 'disk':
+        meta = dataset.get('meta_info')
+        if not isinstance(meta, str):
+            raise OptionError(f'RealESRGANDataset on disk needs meta_info: a text file listing its GT images, one '
+                              f'path per line relative to dataroot_gt ({where})')
+        with open(osp.expanduser(meta), encoding='utf-8', errors='replace') as handle:
+            listed = [line.strip().split(' ')[0] for line in handle if line.strip()]
+        missing = [name for name in listed if not osp.isfile(osp.join(root, name))]
+        if not listed or missing:
+            problem = f'{len(missing)} of its {len(listed)} image(s) are not in {root}, e.g. {missing[0]}' if missing \
+                else 'it lists no images'
+            raise OptionError(f'meta_info {meta}: {problem} ({where})')
+        count = len(listed)
+    else:
+        return
+    if phase.startswith('train'):
+        _check_batch(count, dataset, where, world)

@@ -61,7 +61,7 @@ from ..models.esr_model import (
     saved_iterations,
 )
 from ..plugins import PluginImportError, add_import_argument, import_arch_modules
-from . import _data_checks
+from . import _data_checks, _real_checks
 
 DATA_PATH_KEYS = ('dataroot_gt', 'dataroot_lq', 'dataroot', 'meta_info_file', 'meta_info')
 
@@ -344,6 +344,8 @@ def _check_train_section(opt: dict, opt_path: str) -> None:
     if _is_gan_model(opt.get('model_type')) and not isinstance(opt.get('network_d'), dict):  # a KeyError later
         raise OptionError(f'{opt["model_type"]} trains a discriminator: it needs network_d (e.g. type: '
                           f'UNetDiscriminatorSN, num_in_ch: 3, num_feat: 64, skip_connection: true) in {opt_path}')
+    if _is_gan_model(opt.get('model_type')):
+        _check_gan_train_settings(opt, train, opt_path)
     for key, value in train.items():
         if not isinstance(value, dict):
             if (key.startswith('optim_') or key == 'scheduler' or key.endswith('_opt')) and value is not None:
@@ -393,6 +395,29 @@ def _check_train_section(opt: dict, opt_path: str) -> None:
     for section, key, value in frequencies:  # BasicSR takes current_iter % value
         if not (_is_number(value) and value >= 1 and float(value).is_integer()):
             raise OptionError(f'{opt_path}: {section}.{key} must be a whole number of iterations >= 1, got {value!r}')
+
+
+def _check_gan_train_settings(opt: dict, train: dict, opt_path: str) -> None:
+    """What SRGANModel's set-up and step read without a default (a KeyError, or an AttributeError
+    at the first iteration) or divide by."""
+    model = opt['model_type']
+    for key, example in (('optim_g', 'type: Adam, lr: 1e-4, betas: [0.9, 0.99]'),
+                         ('optim_d', 'type: Adam, lr: 1e-4, betas: [0.9, 0.99]'),
+                         ('gan_opt', 'type: GANLoss, gan_type: vanilla, loss_weight: 0.1')):
+        if not isinstance(train.get(key), dict):
+            raise OptionError(f'{model} needs train.{key} (e.g. {example}) in {opt_path}')
+    for key, least in (('net_d_iters', 1), ('net_d_init_iters', 0)):
+        value = train.get(key, least)
+        if not (_is_number(value) and float(value).is_integer() and value >= least):
+            raise OptionError(f'train.{key} must be a whole number >= {least} in {opt_path}, got {value!r}')
+    if (isinstance(train.get('ldl_opt'), dict) and _real_checks.real_model_kind(model) == 'esrgan'
+            and not (_is_number(train.get('ema_decay')) and train['ema_decay'] > 0)):
+        raise OptionError(f'train.ldl_opt compares the output with the EMA network\'s: it needs train.ema_decay '
+                          f'above 0 (e.g. 0.999) in {opt_path}')
+    in_channels = opt['network_d'].get('num_in_ch')
+    if _is_number(in_channels) and in_channels != 3 and opt['network_g'].get('type') in ('ESC', 'ESCFP', 'ESCReal'):
+        raise OptionError(f'network_d.num_in_ch is {in_channels}, but {opt["network_g"]["type"]} outputs 3 channels '
+                          f'(RGB) in {opt_path}')
 
 
 def _is_gan_model(model_type) -> bool:
@@ -586,12 +611,15 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
                 raise OptionError(f'data set path not found: {value} (datasets.{phase}.{key} in {opt_path})')
         where = f'datasets.{phase} in {opt_path}'
         _data_checks.check_required_keys(phase, dataset, opt, where)
+        if is_train and phase.startswith('train') and dataset.get('type') == 'RealESRGANDataset':
+            _real_checks.check_real_dataset_options(dataset, where)
         if phase == 'train':
             _data_checks.check_loader_settings(dataset, where)
         _data_checks.check_images(opt, phase, dataset, opt_path, _world_size(args))
-        _data_checks.check_meta_info_list(phase, dataset, opt_path)
+        _data_checks.check_meta_info_list(phase, dataset, opt_path, _world_size(args))
     _check_metrics(opt, opt_path)
     if is_train:
+        _real_checks.check_real_model_options(opt, opt_path)
         _check_train_section(opt, opt_path)
         _warn_unread_keys(opt, 'train', TRAIN_KEYS)
         _warn_top_level_train_keys(opt)
@@ -708,46 +736,52 @@ def load_resume_state(opt):
     if not candidates:
         return None
     device = torch.device('cuda', torch.cuda.current_device()) if opt['num_gpu'] != 0 else torch.device('cpu')
+    ignored = opt['path'].get('ignore_resume_networks') or ()
+    keys = [key for key in ('network_g', 'network_d') if key in opt and key not in ignored
+            and (key == 'network_g' or _is_gan_model(opt.get('model_type')))]  # the networks the model reloads
     for index, path in enumerate(candidates):
         try:
             state = torch.load(path, map_location=device, weights_only=True)
-            net_path = osp.join(opt['path']['models'], f'net_g_{state["iter"]}.pth')
-            network = None
-            if 'network_g' in opt:
+            networks = {}
+            for key in keys:
+                net_path = osp.join(opt['path']['models'], f'net_{key[8:]}_{state["iter"]}.pth')
                 if not osp.isfile(net_path):
                     raise FileNotFoundError(f'its network {net_path} is missing')
-                network = pretrained_state_dict(net_path, 'params')[0]  # readable, not truncated
+                networks[key] = net_path, pretrained_state_dict(net_path, 'params')[0]  # readable, not truncated
         except Exception as exc:
             if index + 1 == len(candidates) or not opt['auto_resume']:
                 raise OptionError(f'cannot resume from {path}: {first_line(exc)}') from None
             print(f'Cannot resume from {path} ({exc}); trying {candidates[index + 1]}.', flush=True)
             continue
-        if network is not None:
-            _check_network_fits(opt['network_g'], network, f'resume state {path} (its network {net_path})')
-        _check_resumed_optimizer(opt, state, path)
+        for key, (net_path, network) in networks.items():
+            _check_network_fits(opt[key], network, f'resume state {path} (its network {net_path})', key)
+        for number, key in enumerate(('optim_g', 'optim_d')[:1 + _is_gan_model(opt.get('model_type'))]):
+            _check_resumed_optimizer(opt, state, path, key, number)
         opt['path']['resume_state'] = path
         check_resume(opt, state['iter'])
         return state
 
 
-def _check_resumed_optimizer(opt: dict, state: dict, path: str) -> None:
-    """The options' optimizer must be the one the state was saved with (its settings are another
-    optimizer's otherwise: a KeyError deep in torch); a changed learning rate is said to be ignored."""
-    optim = (opt.get('train') or {}).get('optim_g')
-    saved = (state.get('optimizers') or [None])[0]
+def _check_resumed_optimizer(opt: dict, state: dict, path: str, key: str = 'optim_g', number: int = 0) -> None:
+    """The options' optimizer ``train.<key>`` must be the one the state saved as its ``number``-th
+    (its settings are another optimizer's otherwise: a KeyError deep in torch); a changed learning
+    rate is said to be ignored."""
+    optim = (opt.get('train') or {}).get(key)
+    saved = (state.get('optimizers') or [])[number:number + 1]
+    saved = saved[0] if saved else None
     if not isinstance(optim, dict) or not isinstance(saved, dict) or not saved.get('param_groups'):
         return
     group = saved['param_groups'][0]
     try:
         fresh = _dummy_optimizer(opt.get('model_type', 'ESCSRModel'), optim)
     except Exception as exc:
-        raise OptionError(f'cannot resume from {path}: train.optim_g ({optim.get("type")}) cannot be built: '
+        raise OptionError(f'cannot resume from {path}: train.{key} ({optim.get("type")}) cannot be built: '
                           f'{first_line(exc)}') from None
     # the optimizer's own settings; not the implementation flags newer torch versions add to every group
     expected = set(fresh.param_groups[0]) - {'params', 'foreach', 'maximize', 'capturable', 'differentiable',
                                              'fused', 'decoupled_weight_decay'}
     if not expected <= set(group):
-        raise OptionError(f'cannot resume from {path}: it was saved with another optimizer than train.optim_g '
+        raise OptionError(f'cannot resume from {path}: it was saved with another optimizer than train.{key} '
                           f'{optim.get("type")} (its settings lack {", ".join(sorted(expected - set(group)))}); '
                           'resume with the options of that run, or give this run another name')
     # settings alike (Adamax's or Adam's are a subset of AdamW's): the per-parameter state tells
@@ -756,19 +790,19 @@ def _check_resumed_optimizer(opt: dict, state: dict, path: str) -> None:
         fresh.param_groups[0]['params'][0].grad = torch.ones(1)
         fresh.step()
         wanted = set(next(iter(fresh.state.values()), {}))
-        flags = [key for key in ('decoupled_weight_decay', 'amsgrad', 'nesterov')
-                 if key in group and key in fresh.param_groups[0] and group[key] != fresh.param_groups[0][key]]
+        flags = [flag for flag in ('decoupled_weight_decay', 'amsgrad', 'nesterov')
+                 if flag in group and flag in fresh.param_groups[0] and group[flag] != fresh.param_groups[0][flag]]
         if wanted != set(saved_state) or flags:
             detail = (f'{", ".join(flags)} differ' if flags else
                       f'its state holds {", ".join(sorted(saved_state))}, {optim.get("type")} keeps '
                       f'{", ".join(sorted(wanted))}')
-            raise OptionError(f'cannot resume from {path}: it was saved with another optimizer than train.optim_g '
+            raise OptionError(f'cannot resume from {path}: it was saved with another optimizer than train.{key} '
                               f'{optim.get("type")} ({detail}); resume with the options of that run, or give this '
                               'run another name')
     base = group.get('initial_lr')
     if _is_number(base) and _is_number(optim.get('lr')) and not math.isclose(base, optim['lr']):
         print(f'Resuming from {path}: the learning rate follows the saved schedule (base lr {base:g}); '
-              f'train.optim_g.lr {optim["lr"]:g} is not used.', flush=True)
+              f'train.{key}.lr {optim["lr"]:g} is not used.', flush=True)
 
 
 class ImageDecodeError(ValueError):

@@ -5,12 +5,14 @@ Registered as ``ESCRealESRNetModel`` / ``ESCRealESRGANModel`` and under the name
 ESC-Real option files use (HAT's ``RealHATMSEModel`` / ``RealHATGANModel``), so those files run
 unchanged. BasicSR's own two build Adam only (the authors' recipe is AdamW) and save non-atomically.
 From ESCSRModel they take any ``torch.optim`` optimizer, atomic checkpoints with retries, CPU DDP,
-window padding at validation and, in the MSE stage, whose training step is ESCSRModel's, EMA,
-warm-up, AMP, grad clipping and the NaN stop. The GAN stage keeps Real-ESRGAN's own set-up and step
-(EMA and warm-up, but no AMP or grad clipping: those keys are warned about).
+window padding at validation and the NaN stop; in the MSE stage, whose training step is
+ESCSRModel's, EMA, warm-up, AMP and grad clipping too. The GAN stage keeps Real-ESRGAN's own set-up
+and step (EMA and warm-up, but no AMP or grad clipping: those keys are warned about); a nan/inf
+loss stops it after that step, before anything is saved.
 """
 from __future__ import annotations
 
+import torch
 from basicsr.models.realesrgan_model import RealESRGANModel
 from basicsr.models.realesrnet_model import RealESRNetModel
 from basicsr.utils.registry import MODEL_REGISTRY
@@ -33,6 +35,13 @@ class ESCRealESRGANModel(RealESRGANModel, ESCSRModel):
     def init_training_settings(self):
         super().init_training_settings()  # SRGANModel's: net_d, its optimizers and losses
         self._remove_stale_temp_files()
+
+    def optimize_parameters(self, current_iter):
+        super().optimize_parameters(current_iter)
+        # Real-ESRGAN's step has no check: a nan/inf loss stops here, before the networks it has
+        # just stepped are saved (ESCSRModel's stops before its step)
+        losses = [value for value in self.log_dict.values()] or [0.0]
+        self._stop_if_not_finite(torch.tensor(losses, dtype=torch.float64).sum(), current_iter)
 
 
 for _alias, _model in (('RealHATMSEModel', ESCRealESRNetModel), ('RealHATGANModel', ESCRealESRGANModel)):

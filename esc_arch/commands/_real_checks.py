@@ -1,0 +1,151 @@
+"""The real-world models' degradation options (Real-ESRNet / Real-ESRGAN and the ESC-Real models
+built on them), checked before the run.
+
+BasicSR reads them with ``opt[key]`` where they are used: the model's in its first ``feed_data``
+(after set-up, with ``experiments/<name>`` made), ``RealESRGANDataset``'s in a loader worker. A
+missing one is a ``KeyError``, and a range given as a number, a probability list of the wrong
+length or an unknown kernel name is a ``TypeError``, ``ValueError``, ``IndexError`` or
+``UnboundLocalError`` from deep inside the degradation code. Here each is one line naming the key.
+"""
+from __future__ import annotations
+
+import difflib
+
+from ..messages import OptionError
+from ._data_checks import is_whole, require_keys
+
+CROP_PAD_SIZE = 400  # RealESRGANDataset crops (or pads) every GT image to 400x400: a constant in BasicSR
+
+# what the second-order degradation reads from the top level of the options (both models)
+PROBABILITIES = ('gaussian_noise_prob', 'gray_noise_prob', 'second_blur_prob', 'gaussian_noise_prob2',
+                 'gray_noise_prob2')
+# (lowest value, highest value) of each [low, high] range the model draws from
+RANGES = {'resize_range': (0, None), 'noise_range': (0, None), 'poisson_scale_range': (0, None),
+          'jpeg_range': (1, 100), 'resize_range2': (0, None), 'noise_range2': (0, None),
+          'poisson_scale_range2': (0, None), 'jpeg_range2': (1, 100)}
+WEIGHTS = {'resize_prob': 3, 'resize_prob2': 3}  # weights of up / down / keep
+MODEL_KEYS = ('gt_size', *WEIGHTS, *RANGES, *PROBABILITIES)
+# the switches each model tests with `is True` / `is False`: a quoted 'true' would be taken as off / on
+ESRNET_SWITCHES = ('gt_usm', )
+ESRGAN_SWITCHES = ('l1_gt_usm', 'percep_gt_usm', 'gan_gt_usm')
+
+KERNELS = ('iso', 'aniso', 'generalized_iso', 'generalized_aniso', 'plateau_iso', 'plateau_aniso')
+
+
+def real_model_kind(model_type) -> str | None:
+    """'esrnet' or 'esrgan' for a model of BasicSR's real-world family (its own or one built on it)."""
+    from basicsr.models.realesrgan_model import RealESRGANModel
+    from basicsr.models.realesrnet_model import RealESRNetModel
+    from basicsr.utils.registry import MODEL_REGISTRY
+    try:
+        model = MODEL_REGISTRY.get(model_type)
+    except (KeyError, TypeError):
+        return None
+    if not isinstance(model, type):
+        return None
+    return 'esrgan' if issubclass(model, RealESRGANModel) else 'esrnet' if issubclass(model, RealESRNetModel) else None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_probability(key: str, value, where: str) -> None:
+    if not (_number(value) and 0 <= value <= 1):
+        raise OptionError(f'{key} must be a probability from 0 to 1, got {value!r} ({where})')
+
+
+def _check_range(key: str, value, where: str, lowest=None, highest=None, strict=False) -> None:
+    """A [low, high] list of two numbers within [lowest, highest] (``lowest`` excluded when 0)."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(v) for v in value)):
+        raise OptionError(f'{key} must be a [low, high] list of two numbers, got {value!r} ({where})')
+    low, high = value
+    if low > high or (strict and low == high):
+        raise OptionError(f'{key} must have low {"<" if strict else "<="} high, got {value!r} ({where})')
+    if lowest is not None and (low < lowest or (lowest == 0 and low == 0)):
+        bound = f'above {lowest}' if lowest == 0 else f'at least {lowest}'
+        raise OptionError(f'{key} must be {bound}, got {value!r} ({where})')
+    if highest is not None and high > highest:
+        raise OptionError(f'{key} must be at most {highest}, got {value!r} ({where})')
+
+
+def _check_weights(key: str, value, count: int, where: str, names=None) -> None:
+    if not (isinstance(value, (list, tuple)) and len(value) == count and all(_number(v) and v >= 0 for v in value)
+            and sum(value) > 0):
+        of = f' ({", ".join(names)})' if names else ''
+        raise OptionError(f'{key} must be a list of {count} weights >= 0, not all 0, one per choice{of}; '
+                          f'got {value!r} ({where})')
+
+
+def _check_switches(opt: dict, keys, where: str) -> None:
+    for key in keys:
+        if not isinstance(opt.get(key), bool):
+            raise OptionError(f'{key} must be true or false, got {opt.get(key)!r} ({where}; BasicSR tests it '
+                              f'with "is", so a quoted value is silently taken the other way)')
+
+
+def check_real_model_options(opt: dict, opt_path: str) -> None:
+    """The top-level options a real-world model's training reads, when ``opt`` trains one."""
+    kind = real_model_kind(opt.get('model_type'))
+    if kind is None:
+        return
+    where = f'the top level of {opt_path}'
+    train_set = (opt.get('datasets') or {}).get('train') or {}
+    if kind == 'esrgan':
+        require_keys(ESRGAN_SWITCHES, opt, opt['model_type'], where)
+        _check_switches(opt, ESRGAN_SWITCHES, where)
+    if not opt.get('high_order_degradation', True):  # trains on the data set's own LQ images
+        if train_set.get('type') == 'RealESRGANDataset':
+            raise OptionError(f'high_order_degradation is false, so {opt["model_type"]} trains on the data set\'s '
+                              'own LQ images, but RealESRGANDataset gives GT images only: use a paired data set '
+                              f'(e.g. RealESRGANPairedDataset) or high_order_degradation: true ({opt_path})')
+        return
+    require_keys(MODEL_KEYS + ESRNET_SWITCHES * (kind == 'esrnet'), opt, f'{opt["model_type"]}\'s degradation', where)
+    if kind == 'esrnet':
+        _check_switches(opt, ESRNET_SWITCHES, where)
+    for key in PROBABILITIES:
+        _check_probability(key, opt[key], where)
+    for key, (lowest, highest) in RANGES.items():
+        _check_range(key, opt[key], where, lowest, highest)
+    for key, count in WEIGHTS.items():
+        _check_weights(key, opt[key], count, where, names=('up', 'down', 'keep'))
+    scale, patch = opt.get('scale'), opt['gt_size']
+    if is_whole(scale, 1) and CROP_PAD_SIZE % scale:
+        raise OptionError(f'scale {scale} does not divide {CROP_PAD_SIZE}, the GT crop RealESRGANDataset makes: '
+                          f'its LQ would not be x{scale} of it (BasicSR: "Scale mismatches") ({opt_path})')
+    if not is_whole(patch, 1):
+        raise OptionError(f'gt_size must be a whole number of pixels, got {patch!r} ({where})')
+    if is_whole(scale, 1) and patch % scale:
+        raise OptionError(f'gt_size {patch} is not a multiple of scale {scale}: its LQ patch would be '
+                          f'{patch / scale:g} pixels ({where})')
+    if patch > CROP_PAD_SIZE and train_set.get('type') == 'RealESRGANDataset':
+        raise OptionError(f'gt_size {patch} is larger than the {CROP_PAD_SIZE}x{CROP_PAD_SIZE} GT crop '
+                          f'RealESRGANDataset makes of every image ({where})')
+    queue, batch = opt.get('queue_size', 180), train_set.get('batch_size_per_gpu')
+    if not is_whole(queue, 1):
+        raise OptionError(f'queue_size must be a whole number >= 1, got {queue!r} ({where})')
+    if is_whole(batch, 1) and queue % batch:
+        raise OptionError(f'queue_size ({queue}) must be a multiple of the batch size per process ({batch}) '
+                          f'({where})')
+
+
+def check_real_dataset_options(dataset: dict, where: str) -> None:
+    """RealESRGANDataset's kernel options, for a training set of that type (after check_required_keys)."""
+    for order in ('', '2'):
+        kernels = dataset[f'kernel_list{order}']
+        if not (isinstance(kernels, (list, tuple)) and kernels and all(isinstance(k, str) for k in kernels)):
+            raise OptionError(f'kernel_list{order} must be a list of kernel names ({", ".join(KERNELS)}), '
+                              f'got {kernels!r} ({where})')
+        unknown = [k for k in kernels if k not in KERNELS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], KERNELS, n=1)
+            hint = f' (did you mean {close[0]}?)' if close else ''
+            raise OptionError(f'kernel_list{order}: unknown kernel {unknown[0]!r}{hint}; BasicSR has '
+                              f'{", ".join(KERNELS)} ({where})')
+        _check_weights(f'kernel_prob{order}', dataset[f'kernel_prob{order}'], len(kernels), where,
+                       names=[str(k) for k in kernels])
+        _check_range(f'blur_sigma{order}', dataset[f'blur_sigma{order}'], where, lowest=0, strict=True)
+        for key in (f'betag_range{order}', f'betap_range{order}'):
+            _check_range(key, dataset[key], where, lowest=0)
+        _check_probability(f'sinc_prob{order}', dataset[f'sinc_prob{order}'], where)
+    _check_probability('final_sinc_prob', dataset['final_sinc_prob'], where)
