@@ -185,6 +185,9 @@ def describe_mismatch(model: torch.nn.Module, state_dict: Mapping, limit: int = 
 
 
 def build_from_state_dict(state_dict: Mapping, attn_type: str = 'auto') -> torch.nn.Module:
+    """The ESC-family model a plain state dict is of (its arch and config read from the weights'
+    names and shapes, as ``infer_config`` does), with the weights loaded strictly; CheckpointError
+    naming the differences if they do not fit it."""
     arch, config = infer_config(state_dict)
     model = ARCHS[arch](**config, attn_type=attn_type)
     problems = describe_mismatch(model, state_dict)

@@ -256,8 +256,9 @@ def test_option_errors_name_the_problem(tmp_path, capsys, monkeypatch):
     code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'arch.yml', opt))
     assert code == 2 and err.count('\n') == 0, err
     assert "unknown arch 'NoSuchNet'" in err and 'arch.yml' in err
-    for name in ('ESC', 'ESCFP', 'SwinIR', 'EDSR', 'RCAN'):
+    for name in ('ESC', 'ESCFP', 'SwinIR', 'EDSR', 'RCAN', 'UNetDiscriminatorSN'):
         assert re.search(rf'\b{name}\b', err)
+    assert '_basicsr' not in err  # BasicSR's suffixed registry keys, listed as the names option files use
 
     opt = train_options(data)
     opt['network_g']['windowsize'] = 16  # not an ESC argument: named, with the ones it takes
@@ -535,6 +536,8 @@ def test_yaml_exponent_numbers_and_force_yml_values(tmp_path):
     opt = load_options(str(path), ['train:tag=-1', 'train:total_iter=+2', 'train:optim_g:eps=-0.5'])
     assert [type(opt['train'][k]) for k in ('tag', 'total_iter')] == [int, int]  # were -1.0 and 2.0
     assert opt['train']['tag'] == -1 and opt['train']['optim_g']['eps'] == -0.5
+    opt = load_options(str(path), ['train:tag=null', 'name=NULL', 'train:total_iter=nullable'])  # was 'null'
+    assert opt['train']['tag'] is None and opt['name'] is None and opt['train']['total_iter'] == 'nullable'
     for bad in ('=4', 'train:=4', 'train:optim_g:lr=[1,2'):
         with pytest.raises(OptionError, match='--force_yml') as info:
             load_options(str(path), [bad])
@@ -664,12 +667,13 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
 
     # accepted: BasicSR's _basicsr-suffixed names, a validation GT larger than LQ x scale (BasicSR
     # crops it), an LMDB's leftover meta_info_file (BasicSR reads the LMDB's own)
-    check(lambda o: (o.update(model_type='RealESRNetModel'), o['train'].update(
+    # (high_order_degradation false: it trains on the paired set's own LQ images, reading no degradation keys)
+    check(lambda o: (o.update(model_type='RealESRNetModel', high_order_degradation=False), o['train'].update(
         optim_g=dict(type='Adam', lr=2e-4, betas=[0.9, 0.99]))))  # BasicSR's own models build Adam only
     capsys.readouterr()
     # the authors' ESC-Real MSE file keeps its GAN run's optim_d (AdamW, which RealESRNetModel could not
     # build): it has no network_d, so it never reads optim_d ("cannot be built for RealESRNetModel")
-    check(lambda o: (o.update(model_type='RealESRNetModel'), o['train'].update(
+    check(lambda o: (o.update(model_type='RealESRNetModel', high_order_degradation=False), o['train'].update(
         optim_g=dict(type='Adam', lr=2e-4), optim_d=dict(type='AdamW', lr=5e-4, weight_decay=0))))
     assert 'warning: train.optim_d is not used: there is no network_d' in capsys.readouterr().err
     big = tmp_path / 'big_hr'

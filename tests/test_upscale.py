@@ -294,7 +294,7 @@ def test_subfolders_and_non_images_are_named(tmp_path, esc_pth, images, capsys):
     assert main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'o'), '-m', esc_pth]) == 1  # its corrupt.png
     captured = capsys.readouterr()
     assert f'warning: skipping folder {folder / "more"}: subfolders are not searched' in captured.err
-    assert summary(captured.out).startswith('done: 8,')
+    assert summary(captured.out).startswith('done: 8, skipped: 2, failed: 1')  # notes.txt and more/
     nested = tmp_path / 'nested'
     (nested / 'a').mkdir(parents=True)
     assert main(['upscale', '-i', str(nested), '-o', str(tmp_path / 'o2'), '-m', esc_pth]) == 2

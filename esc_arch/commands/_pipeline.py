@@ -66,14 +66,18 @@ from . import _data_checks, _real_checks
 DATA_PATH_KEYS = ('dataroot_gt', 'dataroot_lq', 'dataroot', 'meta_info_file', 'meta_info')
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of BasicSR's ``train.py`` / ``test.py`` (``basicsr.utils.options.parse_options``)."""
+def add_arguments(parser: argparse.ArgumentParser, is_train: bool = True) -> None:
+    """The flags of BasicSR's ``train.py`` / ``test.py`` (``basicsr.utils.options.parse_options``,
+    which takes the same ones for both)."""
     parser.add_argument('-opt', required=True, metavar='FILE.yml', help='path to the option YAML file')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
                         help='job launcher: pytorch under torchrun (gloo on CPU, nccl on CUDA), or slurm')
     parser.add_argument('--auto_resume', action='store_true',
-                        help='continue from the newest state in experiments/<name>/training_states')
-    parser.add_argument('--debug', action='store_true', help='debug run: name prefixed debug_, frequent logs')
+                        help='continue from the newest state in experiments/<name>/training_states' if is_train
+                        else 'accepted as BasicSR\'s test.py does; a test run has nothing to resume')
+    parser.add_argument('--debug', action='store_true',
+                        help='debug run: name prefixed debug_, frequent logs' if is_train
+                        else 'name prefixed debug_ (results/debug_<name>)')
     parser.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=0,
                         help='set by torch.distributed.launch; torchrun uses LOCAL_RANK instead')
     parser.add_argument('--force_yml', nargs='+', action='extend', default=None, metavar='KEY=VALUE',
@@ -88,13 +92,16 @@ _EXPONENT_FLOAT = re.compile(r'^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE
 
 def normalize_force_yml(entries):
     """``key=1e-4`` as ``key=!!float 1e-4``: BasicSR's parser would keep such a number a string
-    (words Python's float() also takes, such as nan, inf or 1_000, stay strings)."""
+    (words Python's float() also takes, such as nan, inf or 1_000, stay strings); ``key=null``
+    (YAML's null) as ``key=~``, which BasicSR's parser takes for None (it kept 'null' a string)."""
     normalized = []
     for entry in entries or ():
         key, sep, value = entry.partition('=')
         number = value.strip()
         if _NUMBER.match(number) and not number.replace('.', '', 1).isdigit():
             value = f'!!float {number}'
+        elif number.lower() == 'null':
+            value = '~'
         normalized.append(key + sep + value)
     return normalized
 
@@ -173,7 +180,10 @@ def resolve_num_gpu(opt: dict) -> int:
 
 
 def _registered(registry) -> str:
-    return ', '.join(sorted(registry.keys()))
+    """The names ``registry.get`` takes, as option files write them (BasicSR's own archs and data
+    sets are registered with a ``_basicsr`` suffix when another package takes their name first:
+    ``get`` finds them without it)."""
+    return ', '.join(sorted({name.removesuffix('_basicsr') for name in registry.keys()}))
 
 
 # the models whose training step and set-up are ESCSRModel's (SRModel's underneath)

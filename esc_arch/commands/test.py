@@ -7,7 +7,7 @@ from . import _pipeline
 
 
 def add_arguments(parser):
-    _pipeline.add_arguments(parser)
+    _pipeline.add_arguments(parser, is_train=False)
 
 
 def run(args) -> int:

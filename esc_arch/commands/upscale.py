@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if not source.exists():
         _error(f'input not found: {source}')
         return 2
+    folders = []
     if source.is_dir():
         entries = sorted(source.iterdir())
         files, folders = [p for p in entries if p.is_file()], [p for p in entries if p.is_dir()]
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         _error(f'cannot create output folder {out_dir}: {exc.strerror}')
         return 2
 
-    counts = {'done': 0, 'skipped': 0, 'failed': 0}
+    counts = {'done': 0, 'skipped': len(folders), 'failed': 0}  # a skipped subfolder counts as one
     written: dict[Path, Path] = {}  # output -> its input
     said: set[str] = set()
     pending: list[tuple[Path, Path, object]] = []  # same-size images waiting for one batch

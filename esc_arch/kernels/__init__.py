@@ -89,14 +89,14 @@ def _build() -> tuple[bool, str | None]:
     digest = hashlib.sha1(b''.join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
     name = build_name(isa)
     compiler = os.environ.get('CXX', 'c++')  # what PyTorch's loader runs (it may be 'ccache g++')
-    if shutil.which((shlex.split(compiler) or [''])[0]) is None:
-        if _load_prebuilt(name, digest):
-            return True, None
-        return False, f'no C++ compiler: {compiler} is not on PATH (install g++, or set CXX)'
-    quiet = logging.getLogger('torch.utils.cpp_extension')  # "No CUDA runtime is found" on CPU machines
-    level = quiet.level
+    quiet = logging.getLogger('torch.utils.cpp_extension')  # "No CUDA runtime is found" on CPU machines,
+    level = quiet.level  # said when the loader is first imported (here, or for a prebuilt library)
     quiet.setLevel(logging.ERROR)
     try:
+        if shutil.which((shlex.split(compiler) or [''])[0]) is None:
+            if _load_prebuilt(name, digest):
+                return True, None
+            return False, f'no C++ compiler: {compiler} is not on PATH (install g++, or set CXX)'
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             from torch.utils import cpp_extension
