@@ -19,10 +19,11 @@ CROP_PAD_SIZE = 400  # RealESRGANDataset crops (or pads) every GT image to 400x4
 # what the second-order degradation reads from the top level of the options (both models)
 PROBABILITIES = ('gaussian_noise_prob', 'gray_noise_prob', 'second_blur_prob', 'gaussian_noise_prob2',
                  'gray_noise_prob2')
-# (lowest value, highest value) of each [low, high] range the model draws from
-RANGES = {'resize_range': (0, None), 'noise_range': (0, None), 'poisson_scale_range': (0, None),
-          'jpeg_range': (1, 100), 'resize_range2': (0, None), 'noise_range2': (0, None),
-          'poisson_scale_range2': (0, None), 'jpeg_range2': (1, 100)}
+# the bounds of each [low, high] range the model draws from: (lowest, whether lowest itself is
+# allowed, highest); a resize by 0 or a JPEG quality of 0 fails, no noise is fine
+RANGES = {'resize_range': (0, False, None), 'noise_range': (0, True, None), 'poisson_scale_range': (0, True, None),
+          'jpeg_range': (0, False, 100), 'resize_range2': (0, False, None), 'noise_range2': (0, True, None),
+          'poisson_scale_range2': (0, True, None), 'jpeg_range2': (0, False, 100)}
 WEIGHTS = {'resize_prob': 3, 'resize_prob2': 3}  # weights of up / down / keep
 MODEL_KEYS = ('gt_size', *WEIGHTS, *RANGES, *PROBABILITIES)
 # the switches each model tests with `is True` / `is False`: a quoted 'true' would be taken as off / on
@@ -55,15 +56,15 @@ def _check_probability(key: str, value, where: str) -> None:
         raise OptionError(f'{key} must be a probability from 0 to 1, got {value!r} ({where})')
 
 
-def _check_range(key: str, value, where: str, lowest=None, highest=None, strict=False) -> None:
-    """A [low, high] list of two numbers within [lowest, highest] (``lowest`` excluded when 0)."""
+def _check_range(key: str, value, where: str, lowest=None, inclusive=False, highest=None, strict=False) -> None:
+    """A [low, high] list of two numbers within the bounds (low < high if ``strict``)."""
     if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(v) for v in value)):
         raise OptionError(f'{key} must be a [low, high] list of two numbers, got {value!r} ({where})')
     low, high = value
     if low > high or (strict and low == high):
         raise OptionError(f'{key} must have low {"<" if strict else "<="} high, got {value!r} ({where})')
-    if lowest is not None and (low < lowest or (lowest == 0 and low == 0)):
-        bound = f'above {lowest}' if lowest == 0 else f'at least {lowest}'
+    if lowest is not None and (low < lowest or (low == lowest and not inclusive)):
+        bound = f'at least {lowest}' if inclusive else f'above {lowest}'
         raise OptionError(f'{key} must be {bound}, got {value!r} ({where})')
     if highest is not None and high > highest:
         raise OptionError(f'{key} must be at most {highest}, got {value!r} ({where})')
@@ -105,8 +106,8 @@ def check_real_model_options(opt: dict, opt_path: str) -> None:
         _check_switches(opt, ESRNET_SWITCHES, where)
     for key in PROBABILITIES:
         _check_probability(key, opt[key], where)
-    for key, (lowest, highest) in RANGES.items():
-        _check_range(key, opt[key], where, lowest, highest)
+    for key, (lowest, inclusive, highest) in RANGES.items():
+        _check_range(key, opt[key], where, lowest, inclusive, highest)
     for key, count in WEIGHTS.items():
         _check_weights(key, opt[key], count, where, names=('up', 'down', 'keep'))
     scale, patch = opt.get('scale'), opt['gt_size']
