@@ -980,7 +980,11 @@ MSE, GAN = 'train_ESC_Real_x4_MSE.yml', 'train_ESC_Real_x4_GAN.yml'
     (MSE, lambda o: o.update(gt_size=512), 'gt_size 512 is larger than the 400x400 GT crop'),  # "Please remove None"
     (MSE, lambda o: o.pop('jpeg_range2'), "degradation needs the option(s) jpeg_range2 ("),  # KeyError
     (MSE, lambda o: o.pop('gt_usm'), 'needs the option(s) gt_usm'),
-    (MSE, lambda o: o.update(gt_usm='true'), "gt_usm must be true or false, got 'true'"),  # silently off
+    (MSE, lambda o: o.update(gt_usm='true'), "gt_usm must be true or false, got 'true' (the top level of "),
+    (MSE, lambda o: o.update(gt_usm='true'), "real.yml; BasicSR tests it with \"is True\", so 'true' would be "
+                                             'taken as false)'),  # silently off
+    (GAN, lambda o: o.update(gan_gt_usm='false'), "BasicSR tests it with \"is False\", so 'false' would be taken "
+                                                  'as true'),  # silently on
     (GAN, lambda o: o.pop('percep_gt_usm'), 'needs the option(s) percep_gt_usm'),  # read without a perceptual loss
     (GAN, lambda o: o['train'].pop('optim_d'), 'RealHATGANModel needs train.optim_d'),  # KeyError
     (GAN, lambda o: o['train'].pop('gan_opt'), 'RealHATGANModel needs train.gan_opt'),  # AttributeError cri_gan
@@ -1019,6 +1023,57 @@ def test_real_degradation_option_mistakes_are_one_line(model_file, change, probl
     assert not (tmp_path / 'experiments').exists()
 
 
+def test_a_real_model_on_a_paired_set_or_an_lmdb_is_checked_as_basicsr_reads_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    opt = real_options(tmp_path, MSE)
+    lq = tmp_path / 'lq'
+    lq.mkdir()
+    for index in range(2):
+        cv2.imwrite(str(lq / f'{index}.png'), np.full((12, 12, 3), 9 * index, np.uint8))
+    train_set = opt['datasets']['train']
+    paired = dict(type='PairedImageDataset', dataroot_gt=train_set['dataroot_gt'], dataroot_lq=str(lq),
+                  io_backend=dict(type='disk'), gt_size=32, use_hflip=True, use_rot=False, batch_size_per_gpu=2,
+                  num_worker_per_gpu=0)
+
+    def error(options) -> str:
+        code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'real.yml', options))
+        assert code == 2 and err.count('\n') == 0, err
+        return err
+
+    # the high-order degradation (the default) reads the kernels only RealESRGANDataset gives: a
+    # paired set was a KeyError 'kernel1' at the first iteration, and with the degradation keys
+    # left out (as a paired recipe does) the missing keys were named, not the real mistake
+    # BasicSR's build_dataset logs every data set by its name: a KeyError once the run was set up
+    assert 'PairedImageDataset needs the option(s) name (datasets.train in ' in error(
+        dict(opt, datasets=dict(train=paired), high_order_degradation=False))
+    paired['name'] = 'pairs'
+    sharp = dict(opt, datasets=dict(train=paired))
+    assert 'datasets.train is PairedImageDataset: use RealESRGANDataset, or set high_order_degradation: false' \
+        in error(sharp)
+    assert 'or set high_order_degradation: false' in error({k: v for k, v in sharp.items() if k != 'jpeg_range2'})
+    from esc_arch.commands._pipeline import check_options
+    namespace = argparse.Namespace(auto_resume=False, launcher='none', debug=False)
+    check_options(dict(copy.deepcopy(sharp), high_order_degradation=False), 'real.yml', True, namespace)
+    # one training set: BasicSR refuses train_2 ("Dataset phase train_2 is not recognized") after set-up
+    assert "data set 'train_2': BasicSR trains on one data set, datasets.train" in error(
+        dict(opt, datasets=dict(train=train_set, train_2=copy.deepcopy(train_set))))
+    # an LMDB of GT images: RealESRGANDataset takes each meta_info.txt line's name up to its first
+    # dot as a key (no sizes needed), every line counted
+    gt_lmdb = tmp_path / 'gt.lmdb'
+    gt_lmdb.mkdir()
+    lmdb_set = dict(train_set, io_backend=dict(type='lmdb'), dataroot_gt=str(gt_lmdb), batch_size_per_gpu=2)
+    lmdb_opt = dict(opt, datasets=dict(train=lmdb_set))
+    assert f'{gt_lmdb} has no meta_info.txt' in error(lmdb_opt)
+    for text, problem in (('0.png\n\n1.png\n', 'line 2: expected "name.png ...", got \'\''),
+                          ('0\n1.png\n', 'line 1: expected "name.png ...", got \'0\''),
+                          ('0.png\n', 'make 1 sample(s), fewer than batch_size_per_gpu 2')):
+        (gt_lmdb / 'meta_info.txt').write_text(text)
+        assert problem in error(lmdb_opt)
+    (gt_lmdb / 'meta_info.txt').write_text('0.png\n0.png\n')  # a repeated key is read twice: 2 samples
+    check_options(copy.deepcopy(lmdb_opt), 'real.yml', True, namespace)
+    assert not (tmp_path / 'experiments').exists()
+
+
 def test_the_shipped_real_options_pass_the_degradation_checks(tmp_path):
     from esc_arch.commands import _real_checks
     for model_file in (MSE, GAN):
@@ -1030,6 +1085,7 @@ def test_the_shipped_real_options_pass_the_degradation_checks(tmp_path):
         opt.update(noise_range=[0, 0], poisson_scale_range2=[0, 3], gray_noise_prob=0, second_blur_prob=1,
                    resize_prob=[0, 0, 1], jpeg_range=[100, 100])
         _real_checks.check_real_model_options(opt, model_file)
+        _real_checks.check_real_dataset_options(dict(opt['datasets']['train'], blur_sigma=[0, 3]), model_file)
     assert _real_checks.real_model_kind('RealESRGANModel') == 'esrgan'
     assert _real_checks.real_model_kind('RealHATMSEModel') == 'esrnet'
     assert _real_checks.real_model_kind('ESCSRModel') is None and _real_checks.real_model_kind('nope') is None

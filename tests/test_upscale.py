@@ -295,6 +295,11 @@ def test_subfolders_and_non_images_are_named(tmp_path, esc_pth, images, capsys):
     captured = capsys.readouterr()
     assert f'warning: skipping folder {folder / "more"}: subfolders are not searched' in captured.err
     assert summary(captured.out).startswith('done: 8, skipped: 2, failed: 1')  # notes.txt and more/
+    for done in (8, 0):  # the output folder inside the input one is this run's own, not a folder left out
+        assert main(['upscale', '-i', str(folder), '-o', str(folder / 'x4'), '-m', esc_pth]) == 1
+        captured = capsys.readouterr()  # run again: the 8 written are skipped, and only they
+        assert summary(captured.out).startswith(f'done: {done}, skipped: {10 - done}, failed: 1'), captured.out
+        assert 'x4:' not in captured.err
     nested = tmp_path / 'nested'
     (nested / 'a').mkdir(parents=True)
     assert main(['upscale', '-i', str(nested), '-o', str(tmp_path / 'o2'), '-m', esc_pth]) == 2

@@ -74,6 +74,7 @@ def check_required_keys(phase: str, dataset: dict, opt: dict, where: str) -> Non
     """The options BasicSR's data set reads without a default, with a hint for a misspelt one, and
     the types of those that would fail (or be taken as true) deep inside a worker."""
     always, for_training = REQUIRED.get(dataset.get('type'), ((), ()))
+    always = ('name', *always)  # BasicSR's build_dataset logs every data set by its name (a KeyError after set-up)
     training = phase.startswith('train')
     require_keys(always + for_training * training, dataset, dataset.get('type'), where,
                  others=[k for k in dataset if k not in always + for_training])
@@ -325,8 +326,20 @@ def check_meta_info_list(phase: str, dataset: dict, opt_path: str, world: int = 
     where = f'datasets.{phase} in {opt_path}'
     backend = (dataset.get('io_backend') or {}).get('type', 'disk')
     root = osp.expanduser(str(dataset.get('dataroot_gt')))
-    if backend == 'lmdb':
-        count = len(_lmdb_sizes(root, where))
+    if backend == 'lmdb':  # BasicSR takes each line's name up to its first dot as a key: no sizes needed
+        meta = osp.join(root, 'meta_info.txt')
+        if not osp.isfile(meta):
+            raise OptionError(f'{root} has no meta_info.txt, so it is not an LMDB BasicSR can read '
+                              f'(make one with basicsr prepare) ({where})')
+        with open(meta, encoding='utf-8', errors='replace') as handle:
+            lines = handle.read().splitlines()
+        bad = [(n, line) for n, line in enumerate(lines, 1) if '.' not in line or not line.split('.')[0]]
+        if bad:  # a blank line or one with no dot is a key the LMDB does not hold
+            raise OptionError(f'{meta}, line {bad[0][0]}: expected "name.png ...", got {bad[0][1]!r}: '
+                              f'RealESRGANDataset reads the name up to its first dot as a key ({where})')
+        if not lines:
+            raise OptionError(f'{meta} lists no images ({where})')
+        count = len(lines)
     elif backend == 'disk':
         meta = dataset.get('meta_info')
         if not isinstance(meta, str):

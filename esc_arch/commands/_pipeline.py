@@ -607,6 +607,9 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
     for phase, dataset in datasets.items():
         if phase.split('_')[0] not in phases:
             raise OptionError(f'{opt_path}: data set {phase!r} must be named {" or ".join(phases)} (or *_N)')
+        if is_train and phase.startswith('train') and phase != 'train':  # BasicSR: "not recognized"
+            raise OptionError(f'{opt_path}: data set {phase!r}: BasicSR trains on one data set, datasets.train '
+                              '(to train on several folders, list them in one data set or merge them)')
         if not isinstance(dataset, dict):
             raise OptionError(f'{opt_path}: datasets.{phase} must be a mapping of data set options')
         if not _known(DATASET_REGISTRY, dataset.get('type')):

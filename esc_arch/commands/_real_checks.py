@@ -26,9 +26,12 @@ RANGES = {'resize_range': (0, False, None), 'noise_range': (0, True, None), 'poi
           'poisson_scale_range2': (0, True, None), 'jpeg_range2': (0, False, 100)}
 WEIGHTS = {'resize_prob': 3, 'resize_prob2': 3}  # weights of up / down / keep
 MODEL_KEYS = ('gt_size', *WEIGHTS, *RANGES, *PROBABILITIES)
-# the switches each model tests with `is True` / `is False`: a quoted 'true' would be taken as off / on
+# the switches each model tests: Real-ESRNet's with `is True`, Real-ESRGAN's with `is False`
 ESRNET_SWITCHES = ('gt_usm', )
 ESRGAN_SWITCHES = ('l1_gt_usm', 'percep_gt_usm', 'gan_gt_usm')
+# RealESRGANDataset gives GT images and the blur kernels the model degrades them with; BasicSR's
+# other data sets give no kernels (the model's high-order degradation would fail on 'kernel1')
+KERNEL_DATASETS = ('RealESRGANDataset', )
 
 KERNELS = ('iso', 'aniso', 'generalized_iso', 'generalized_aniso', 'plateau_iso', 'plateau_aniso')
 
@@ -45,6 +48,17 @@ def real_model_kind(model_type) -> str | None:
     if not isinstance(model, type):
         return None
     return 'esrgan' if issubclass(model, RealESRGANModel) else 'esrnet' if issubclass(model, RealESRNetModel) else None
+
+
+def _gives_no_kernels(dataset_type) -> bool:
+    """Whether ``dataset_type`` is one of BasicSR's data sets that give no blur kernels (a data set
+    of another package may give them: it is not judged)."""
+    from basicsr.utils.registry import DATASET_REGISTRY
+    try:
+        dataset = DATASET_REGISTRY.get(dataset_type)
+    except (KeyError, TypeError):
+        return False
+    return dataset_type not in KERNEL_DATASETS and getattr(dataset, '__module__', '').startswith('basicsr.')
 
 
 def _number(value) -> bool:
@@ -78,11 +92,13 @@ def _check_weights(key: str, value, count: int, where: str, names=None) -> None:
                           f'got {value!r} ({where})')
 
 
-def _check_switches(opt: dict, keys, where: str) -> None:
+def _check_switches(opt: dict, keys, tested_with: bool, where: str) -> None:
+    """Switches BasicSR tests with ``is tested_with``: any other value counts as ``not tested_with``."""
     for key in keys:
-        if not isinstance(opt.get(key), bool):
-            raise OptionError(f'{key} must be true or false, got {opt.get(key)!r} ({where}; BasicSR tests it '
-                              f'with "is", so a quoted value is silently taken the other way)')
+        value = opt.get(key)
+        if not isinstance(value, bool):
+            raise OptionError(f'{key} must be true or false, got {value!r} ({where}; BasicSR tests it with '
+                              f'"is {tested_with}", so {value!r} would be taken as {str(not tested_with).lower()})')
 
 
 def check_real_model_options(opt: dict, opt_path: str) -> None:
@@ -94,16 +110,21 @@ def check_real_model_options(opt: dict, opt_path: str) -> None:
     train_set = (opt.get('datasets') or {}).get('train') or {}
     if kind == 'esrgan':
         require_keys(ESRGAN_SWITCHES, opt, opt['model_type'], where)
-        _check_switches(opt, ESRGAN_SWITCHES, where)
+        _check_switches(opt, ESRGAN_SWITCHES, False, where)
     if not opt.get('high_order_degradation', True):  # trains on the data set's own LQ images
         if train_set.get('type') == 'RealESRGANDataset':
             raise OptionError(f'high_order_degradation is false, so {opt["model_type"]} trains on the data set\'s '
                               'own LQ images, but RealESRGANDataset gives GT images only: use a paired data set '
                               f'(e.g. RealESRGANPairedDataset) or high_order_degradation: true ({opt_path})')
         return
+    if _gives_no_kernels(train_set.get('type')):
+        raise OptionError(f'{opt["model_type"]} degrades its GT images on the fly (high_order_degradation is true, '
+                          f'the default) with the blur kernels RealESRGANDataset gives, but datasets.train is '
+                          f'{train_set["type"]}: use RealESRGANDataset, or set high_order_degradation: false to '
+                          f'train on the data set\'s own LQ images ({opt_path})')
     require_keys(MODEL_KEYS + ESRNET_SWITCHES * (kind == 'esrnet'), opt, f'{opt["model_type"]}\'s degradation', where)
     if kind == 'esrnet':
-        _check_switches(opt, ESRNET_SWITCHES, where)
+        _check_switches(opt, ESRNET_SWITCHES, True, where)
     for key in PROBABILITIES:
         _check_probability(key, opt[key], where)
     for key, (lowest, inclusive, highest) in RANGES.items():
@@ -111,7 +132,7 @@ def check_real_model_options(opt: dict, opt_path: str) -> None:
     for key, count in WEIGHTS.items():
         _check_weights(key, opt[key], count, where, names=('up', 'down', 'keep'))
     scale, patch = opt.get('scale'), opt['gt_size']
-    if is_whole(scale, 1) and CROP_PAD_SIZE % scale:
+    if is_whole(scale, 1) and CROP_PAD_SIZE % scale and train_set.get('type') == 'RealESRGANDataset':
         raise OptionError(f'scale {scale} does not divide {CROP_PAD_SIZE}, the GT crop RealESRGANDataset makes: '
                           f'its LQ would not be x{scale} of it (BasicSR: "Scale mismatches") ({opt_path})')
     if not is_whole(patch, 1):
@@ -145,7 +166,9 @@ def check_real_dataset_options(dataset: dict, where: str) -> None:
                               f'{", ".join(KERNELS)} ({where})')
         _check_weights(f'kernel_prob{order}', dataset[f'kernel_prob{order}'], len(kernels), where,
                        names=[str(k) for k in kernels])
-        _check_range(f'blur_sigma{order}', dataset[f'blur_sigma{order}'], where, lowest=0, strict=True)
+        # a sigma of exactly 0 would divide by 0, but [0, high) is drawn from: 0 itself all but never
+        _check_range(f'blur_sigma{order}', dataset[f'blur_sigma{order}'], where, lowest=0, inclusive=True,
+                     strict=True)
         for key in (f'betag_range{order}', f'betap_range{order}'):
             _check_range(key, dataset[key], where, lowest=0)
         _check_probability(f'sinc_prob{order}', dataset[f'sinc_prob{order}'], where)

@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if source.is_dir():
         entries = sorted(source.iterdir())
         files, folders = [p for p in entries if p.is_file()], [p for p in entries if p.is_dir()]
+        if out_dir.is_dir():  # this run's own output folder (-o in/x4, run again) is not an input left out
+            folders = [p for p in folders if p.resolve() != out_dir.resolve()]
         if not files:
             _error(f'no files in {source}' + (f' (its {len(folders)} subfolder(s) are not searched: give one as -i)'
                                               if folders else ''))

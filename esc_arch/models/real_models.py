@@ -40,8 +40,9 @@ class ESCRealESRGANModel(RealESRGANModel, ESCSRModel):
         super().optimize_parameters(current_iter)
         # Real-ESRGAN's step has no check: a nan/inf loss stops here, before the networks it has
         # just stepped are saved (ESCSRModel's stops before its step)
-        losses = [value for value in self.log_dict.values()] or [0.0]
-        self._stop_if_not_finite(torch.tensor(losses, dtype=torch.float64).sum(), current_iter)
+        # on the model's device: under nccl the all_reduce in the check takes CUDA tensors only
+        losses = torch.tensor([float(value) for value in self.log_dict.values()] or [0.0], device=self.device)
+        self._stop_if_not_finite(losses.sum(), current_iter)
 
 
 for _alias, _model in (('RealHATMSEModel', ESCRealESRNetModel), ('RealHATGANModel', ESCRealESRGANModel)):
