@@ -961,14 +961,25 @@ def test_the_gan_stage_needs_its_discriminator_and_says_what_it_does_not_read(tm
 def test_real_esrgan_option_mistakes_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     opt = real_options(tmp_path, 'train_ESC_Real_x4_MSE.yml')
-    for meta, problem in ((None, 'needs meta_info'), ('missing.txt', 'it lists no images'),
+    (tmp_path / 'empty.txt').write_text('')
+    (tmp_path / 'blank.txt').write_text('0.png\n\n1.png\n')  # BasicSR reads the blank line as dataroot_gt
+    (tmp_path / 'wrong.txt').write_text('0.png\nnot_there.png\n')
+    for meta, problem in ((None, 'needs meta_info'), ('empty.txt', 'empty.txt lists no images'),
+                          ('blank.txt', 'blank.txt, line 2: a blank line, which BasicSR reads as an image path'),
                           ('wrong.txt', '1 of its 2 image(s) are not in')):
-        (tmp_path / 'missing.txt').write_text('\n')
-        (tmp_path / 'wrong.txt').write_text('0.png\nnot_there.png\n')
         opt['datasets']['train']['meta_info'] = meta and str(tmp_path / meta)
         code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'meta.yml', opt))
         assert code == 2 and problem in err and err.count('\n') == 0, err
     assert not (tmp_path / 'experiments').exists()
+    # Real-ESRGAN's own recipe: dataroot_gt holds subfolders only, the list names the images in them
+    # (was refused: "no images in")
+    (tmp_path / 'gt' / 'sub').mkdir()
+    for name in ('0.png', '1.png'):
+        (tmp_path / 'gt' / name).rename(tmp_path / 'gt' / 'sub' / name)
+    (tmp_path / 'sub.txt').write_text('sub/0.png\nsub/1.png\n')
+    opt['datasets']['train']['meta_info'] = str(tmp_path / 'sub.txt')
+    from esc_arch.commands._pipeline import check_options
+    check_options(opt, 'meta.yml', True, argparse.Namespace(auto_resume=False, launcher='none', debug=False))
 
 
 MSE, GAN = 'train_ESC_Real_x4_MSE.yml', 'train_ESC_Real_x4_GAN.yml'
@@ -1064,13 +1075,31 @@ def test_a_real_model_on_a_paired_set_or_an_lmdb_is_checked_as_basicsr_reads_the
     lmdb_set = dict(train_set, io_backend=dict(type='lmdb'), dataroot_gt=str(gt_lmdb), batch_size_per_gpu=2)
     lmdb_opt = dict(opt, datasets=dict(train=lmdb_set))
     assert f'{gt_lmdb} has no meta_info.txt' in error(lmdb_opt)
-    for text, problem in (('0.png\n\n1.png\n', 'line 2: expected "name.png ...", got \'\''),
+    for text, problem in (('0.png\n\n1.png\n', 'the LMDB list ' + f'{gt_lmdb / "meta_info.txt"}, line 2: a blank line'),
+                          ('', 'meta_info.txt lists no images'),
                           ('0\n1.png\n', 'line 1: expected "name.png ...", got \'0\''),
                           ('0.png\n', 'make 1 sample(s), fewer than batch_size_per_gpu 2')):
         (gt_lmdb / 'meta_info.txt').write_text(text)
         assert problem in error(lmdb_opt)
     (gt_lmdb / 'meta_info.txt').write_text('0.png\n0.png\n')  # a repeated key is read twice: 2 samples
     check_options(copy.deepcopy(lmdb_opt), 'real.yml', True, namespace)
+    # RealESRGANPairedDataset's own list: "gt, lq" lines, which may name images in subfolders
+    for side in ('gt', 'lq'):
+        (tmp_path / f'{side}_tree' / 'sub').mkdir(parents=True)
+    for index in range(2):
+        for side, folder in (('gt', train_set['dataroot_gt']), ('lq', lq)):
+            (Path(folder) / f'{index}.png').rename(tmp_path / f'{side}_tree' / 'sub' / f'{index}.png')
+    listed = dict(paired, type='RealESRGANPairedDataset', dataroot_gt=str(tmp_path / 'gt_tree'),
+                  dataroot_lq=str(tmp_path / 'lq_tree'), meta_info=str(tmp_path / 'pairs.txt'))
+    listed_opt = dict(opt, datasets=dict(train=listed), high_order_degradation=False)
+    for text, problem in (('sub/0.png, sub/0.png\nsub/1.png\n', 'line 2: expected "gt_path, lq_path"'),
+                          ('sub/0.png, sub/0.png\nsub/1.png, sub/2.png\n', '1 of its 2 image(s) are not in '
+                           f'{tmp_path / "lq_tree"}, e.g. sub/2.png'),
+                          ('sub/0.png, sub/0.png\n', 'make 1 sample(s), fewer than batch_size_per_gpu 2')):
+        (tmp_path / 'pairs.txt').write_text(text)
+        assert problem in error(listed_opt)
+    (tmp_path / 'pairs.txt').write_text('sub/0.png, sub/0.png\nsub/1.png, sub/1.png\n')
+    check_options(copy.deepcopy(listed_opt), 'real.yml', True, namespace)
     assert not (tmp_path / 'experiments').exists()
 
 

@@ -20,6 +20,7 @@ from ..data.image_files import list_images, name_clashes
 from ..messages import OptionError, first_line
 
 PAIRED_TYPES = ('PairedImageDataset', 'RealESRGANPairedDataset')  # GT + LQ pairs, BasicSR's pairing
+OWN_LISTS = ('RealESRGANDataset', 'RealESRGANPairedDataset')  # read the images their meta_info lists
 # options BasicSR's data sets read with opt[key] (a KeyError without them): always, and for training
 REQUIRED = {'PairedImageDataset': (('dataroot_gt', 'dataroot_lq', 'io_backend'), ('gt_size', 'use_hflip', 'use_rot')),
             'RealESRGANPairedDataset': (('dataroot_gt', 'dataroot_lq', 'io_backend'),
@@ -276,7 +277,9 @@ def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int
                if isinstance(dataset.get(key), str)}
     if backend == 'disk':
         for key, folder in folders.items():
-            if osp.isdir(folder) and not list_images(folder) and not dataset.get('meta_info_file'):
+            # a data set reading its own list (meta_info) may read images in subfolders: the list is checked
+            own = dataset.get('meta_info_file') or (kind in OWN_LISTS and dataset.get('meta_info'))
+            if osp.isdir(folder) and not own and not list_images(folder):
                 hint = '; an LMDB needs io_backend: {type: lmdb}' if folder.rstrip('/').endswith('.lmdb') else ''
                 raise OptionError(f'no images in {dataset[key]} ({key} of {where}{hint})')
     own_list = kind == 'RealESRGANPairedDataset' and dataset.get('meta_info')  # "gt, lq" lines of its own
@@ -317,41 +320,70 @@ def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int
                 _warn_shared_output_names(paths, where)
 
 
+def _listed_lines(meta: str, what: str, where: str) -> list[str]:
+    """The lines of a data set's own list of images; a blank one (BasicSR reads it as the folder
+    itself) is refused."""
+    with open(osp.expanduser(meta), encoding='utf-8', errors='replace') as handle:
+        lines = handle.read().splitlines()
+    blank = next((number for number, line in enumerate(lines, 1) if not line.strip()), None)
+    if blank is not None:
+        raise OptionError(f'{what} {meta}, line {blank}: a blank line, which BasicSR reads as an image path '
+                          f'({where})')
+    if not lines:
+        raise OptionError(f'{what} {meta} lists no images ({where})')
+    return lines
+
+
+def _require_listed(listed: list[str], root: str, meta: str, where: str) -> None:
+    missing = [name for name in listed if not osp.isfile(osp.join(root, name))]
+    if missing:
+        raise OptionError(f'meta_info {meta}: {len(missing)} of its {len(listed)} image(s) are not in {root}, '
+                          f'e.g. {missing[0]} ({where})')
+
+
 def check_meta_info_list(phase: str, dataset: dict, opt_path: str, world: int = 1) -> None:
-    """RealESRGANDataset reads its GT images from the list in ``meta_info`` (one path per line,
-    relative to ``dataroot_gt``; an LMDB's own meta_info.txt): BasicSR fails on a missing key
-    (KeyError) or path, and trains nothing from fewer images than a batch."""
-    if dataset.get('type') != 'RealESRGANDataset':
-        return
+    """The real-world data sets' own lists: RealESRGANDataset reads its GT images from ``meta_info``
+    (one path per line, relative to ``dataroot_gt``; an LMDB's own meta_info.txt), and
+    RealESRGANPairedDataset on disk its pairs from ``meta_info`` when given ("gt, lq" lines,
+    relative to ``dataroot_gt`` / ``dataroot_lq``). BasicSR fails on a missing key (KeyError), path
+    or malformed line, and trains nothing from fewer images than a batch."""
+    kind = dataset.get('type')
     where = f'datasets.{phase} in {opt_path}'
     backend = (dataset.get('io_backend') or {}).get('type', 'disk')
     root = osp.expanduser(str(dataset.get('dataroot_gt')))
-    if backend == 'lmdb':  # BasicSR takes each line's name up to its first dot as a key: no sizes needed
+    meta = dataset.get('meta_info')
+    if kind == 'RealESRGANPairedDataset' and backend == 'disk' and meta is not None:
+        if not isinstance(meta, str):
+            raise OptionError(f'meta_info must be the path of a text file of "gt, lq" lines, got {meta!r} ({where})')
+        pairs = []
+        for number, line in enumerate(_listed_lines(meta, 'meta_info', where), 1):
+            pair = line.strip().split(', ')
+            if len(pair) != 2:
+                raise OptionError(f'meta_info {meta}, line {number}: expected "gt_path, lq_path" (split at ", "), '
+                                  f'got {line.strip()!r} ({where})')
+            pairs.append(pair)
+        _require_listed([gt for gt, _ in pairs], root, meta, where)
+        _require_listed([lq for _, lq in pairs], osp.expanduser(str(dataset.get('dataroot_lq'))), meta, where)
+        count = len(pairs)
+    elif kind != 'RealESRGANDataset':
+        return
+    elif backend == 'lmdb':  # BasicSR takes each line's name up to its first dot as a key: no sizes needed
         meta = osp.join(root, 'meta_info.txt')
         if not osp.isfile(meta):
             raise OptionError(f'{root} has no meta_info.txt, so it is not an LMDB BasicSR can read '
                               f'(make one with basicsr prepare) ({where})')
-        with open(meta, encoding='utf-8', errors='replace') as handle:
-            lines = handle.read().splitlines()
-        bad = [(n, line) for n, line in enumerate(lines, 1) if '.' not in line or not line.split('.')[0]]
-        if bad:  # a blank line or one with no dot is a key the LMDB does not hold
-            raise OptionError(f'{meta}, line {bad[0][0]}: expected "name.png ...", got {bad[0][1]!r}: '
+        lines = _listed_lines(meta, 'the LMDB list', where)
+        bad = next(((n, line) for n, line in enumerate(lines, 1) if '.' not in line or not line.split('.')[0]), None)
+        if bad:  # a line with no dot, or none before it, is a key the LMDB does not hold
+            raise OptionError(f'{meta}, line {bad[0]}: expected "name.png ...", got {bad[1]!r}: '
                               f'RealESRGANDataset reads the name up to its first dot as a key ({where})')
-        if not lines:
-            raise OptionError(f'{meta} lists no images ({where})')
         count = len(lines)
     elif backend == 'disk':
-        meta = dataset.get('meta_info')
         if not isinstance(meta, str):
             raise OptionError(f'RealESRGANDataset on disk needs meta_info: a text file listing its GT images, one '
                               f'path per line relative to dataroot_gt ({where})')
-        with open(osp.expanduser(meta), encoding='utf-8', errors='replace') as handle:
-            listed = [line.strip().split(' ')[0] for line in handle if line.strip()]
-        missing = [name for name in listed if not osp.isfile(osp.join(root, name))]
-        if not listed or missing:
-            problem = f'{len(missing)} of its {len(listed)} image(s) are not in {root}, e.g. {missing[0]}' if missing \
-                else 'it lists no images'
-            raise OptionError(f'meta_info {meta}: {problem} ({where})')
+        listed = [line.strip().split(' ')[0] for line in _listed_lines(meta, 'meta_info', where)]
+        _require_listed(listed, root, meta, where)
         count = len(listed)
     else:
         return
