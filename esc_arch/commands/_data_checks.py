@@ -282,7 +282,8 @@ def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int
             if osp.isdir(folder) and not own and not list_images(folder):
                 hint = '; an LMDB needs io_backend: {type: lmdb}' if folder.rstrip('/').endswith('.lmdb') else ''
                 raise OptionError(f'no images in {dataset[key]} ({key} of {where}{hint})')
-    own_list = kind == 'RealESRGANPairedDataset' and dataset.get('meta_info')  # "gt, lq" lines of its own
+    # "gt, lq" lines of its own (on disk: on LMDBs BasicSR reads their pairs, the meta_info unread)
+    own_list = kind == 'RealESRGANPairedDataset' and backend == 'disk' and dataset.get('meta_info')
     if kind in PAIRED_TYPES and len(folders) == 2 and backend in ('disk', 'lmdb') and not own_list:
         if backend == 'lmdb':
             if not all(folder.rstrip('/').endswith('.lmdb') for folder in folders.values()):

@@ -615,7 +615,9 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
         if not _known(DATASET_REGISTRY, dataset.get('type')):
             raise OptionError(f'unknown data set type {dataset.get("type")!r} (datasets.{phase}.type in {opt_path}); '
                               f'registered data sets: {_registered(DATASET_REGISTRY)}')
-        backend = (dataset.get('io_backend') or {}).get('type', 'disk')
+        io_backend = dataset.get('io_backend') or {}
+        # not a mapping: refused by check_required_keys below (BasicSR: "string indices must be integers")
+        backend = io_backend.get('type', 'disk') if isinstance(io_backend, dict) else None
         for key in DATA_PATH_KEYS:
             value = dataset.get(key)
             if backend == 'lmdb' and key.startswith('meta_info'):
