@@ -681,6 +681,19 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
     for index in range(4):
         cv2.imwrite(str(big / f'{index:03d}.png'), np.zeros((33, 34, 3), np.uint8))
     check(lambda o: o['datasets']['val'].update(dataroot_gt=str(big)))
+    # a YAML key left empty (null): BasicSR's augment takes it as off
+    check(lambda o: o['datasets']['train'].update(use_hflip=None, use_rot=None))
+    # SingleImageDataset joins each meta_info_file line (up to its first space) to dataroot_lq:
+    # images in subfolders are read
+    nested = tmp_path / 'nested'
+    (nested / 'sub').mkdir(parents=True)
+    for index in range(2):
+        cv2.imwrite(str(nested / 'sub' / f'{index}.png'), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / 'nested.txt').write_text('sub/0.png (8,8,3)\nsub/1.png\n')
+    check(lambda o: (o['datasets'].update(val=dict(name='single', type='SingleImageDataset', dataroot_lq=str(nested),
+                                                   io_backend=dict(type='disk'),
+                                                   meta_info_file=str(tmp_path / 'nested.txt'))),
+                     o['val'].pop('metrics')))
     with pytest.raises(OptionError, match='is not x4'):
         check(lambda o: o['datasets']['train'].update(dataroot_gt=str(big)))  # training pairs must be exact
     lmdbs = {}
@@ -695,6 +708,14 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
                                                            for i in range(4)))
     check(lambda o: o['datasets']['train'].update(io_backend=dict(type='lmdb'), dataroot_gt=str(lmdbs['gt']),
                                                   dataroot_lq=str(lmdbs['lq'])))
+    # RealESRGANPairedDataset on LMDBs reads their pairs (BasicSR's paired_paths_from_lmdb), not a
+    # leftover meta_info (read on disk only): the LMDB pairs are checked, the list is not read
+    real_lmdb = dict(type='RealESRGANPairedDataset', io_backend=dict(type='lmdb'), dataroot_gt=str(lmdbs['gt']),
+                     dataroot_lq=str(lmdbs['lq']), meta_info='basicsr/meta_info.txt')
+    check(lambda o: o['datasets']['train'].update(real_lmdb))
+    (lmdbs['lq'] / 'meta_info.txt').write_text(''.join(f'my img_s{i:03d}.png (9,9,3) 1\n' for i in range(4)))
+    with pytest.raises(OptionError, match='GT 32x32 is not x4 its LQ 9x9'):
+        check(lambda o: o['datasets']['train'].update(real_lmdb))
     # a phone photo: stored 40 wide and 32 high with EXIF orientation 6, which OpenCV (so BasicSR)
     # decodes turned, 32 wide and 40 high; its LQ made from that decode is 8 x 10
     from PIL import Image
@@ -802,6 +823,9 @@ def test_every_pair_and_option_basicsr_reads_later_is_checked_first(tmp_path, mo
     assert 'gt_size 48 is larger than 000 (32x32) and 3 more of the 4 pairs' in error(lmdb(gt_size=48))
     assert '000: GT 32x32 is not x4 its LQ 16x16' in error(lmdb(lq='lq2'))
     assert '1 key(s) in only one of the two LMDBs, e.g. 003' in error(lmdb(lq='lq3'))  # was a KeyError
+    assert f'no images in {lmdbs["gt"]} (dataroot_gt of datasets.train in x.yml; an LMDB needs io_backend: ' \
+        '{type: lmdb})' in error(lambda o: o['datasets']['train'].update(dataroot_gt=str(lmdbs['gt']),
+                                                                          dataroot_lq=str(lmdbs['lq'])))
     wide = lambda d: [cv2.imwrite(str(d / side / f'{i:03d}.png'), np.zeros((h, 2 * h, 3), np.uint8))  # noqa: E731
                       for side, h in (('hr', 32), ('lr', 8)) for i in range(4)]
     assert 'gt_size 48 is larger than 000.png (64x32)' in error(  # its short side
@@ -825,6 +849,7 @@ def test_every_pair_and_option_basicsr_reads_later_is_checked_first(tmp_path, mo
         lambda o: o['datasets']['train'].update(gt_szie=o['datasets']['train'].pop('gt_size')))
     assert "batch_size_per_gpu must be a whole number >= 1, got '2'" in error(train(batch_size_per_gpu='2'))
     assert "gt_size must be a whole number of pixels, got '16'" in error(train(gt_size='16'))
+    assert 'gt_size must be a whole number of pixels, got 0' in error(train(gt_size=0))  # an empty crop
     assert 'gt_size 18 is not a multiple of scale 4' in error(train(gt_size=18))
     assert "scale must be a whole number >= 1 in x.yml, got '4'" in error(lambda o: o.update(scale='4'))
     sched = lambda **kw: lambda o: o['train']['scheduler'].update(**kw)  # noqa: E731
@@ -964,9 +989,14 @@ def test_real_esrgan_option_mistakes_are_one_line(tmp_path, capsys, monkeypatch)
     (tmp_path / 'empty.txt').write_text('')
     (tmp_path / 'blank.txt').write_text('0.png\n\n1.png\n')  # BasicSR reads the blank line as dataroot_gt
     (tmp_path / 'wrong.txt').write_text('0.png\nnot_there.png\n')
+    (tmp_path / 'spaces.txt').write_text('0.png\n  \n1.png\n')  # stripped by BasicSR: dataroot_gt too
+    (tmp_path / 'gt' / 'a_folder').mkdir()
+    (tmp_path / 'folder.txt').write_text('0.png\na_folder\n')  # a path, but no image
     for meta, problem in ((None, 'needs meta_info'), ('empty.txt', 'empty.txt lists no images'),
                           ('blank.txt', 'blank.txt, line 2: a blank line, which BasicSR reads as an image path'),
-                          ('wrong.txt', '1 of its 2 image(s) are not in')):
+                          ('spaces.txt', 'spaces.txt, line 2: a blank line, which BasicSR reads as an image path'),
+                          ('wrong.txt', '1 of its 2 image(s) are not in'),
+                          ('folder.txt', f'1 of its 2 image(s) are not in {tmp_path / "gt"}, e.g. a_folder')):
         opt['datasets']['train']['meta_info'] = meta and str(tmp_path / meta)
         code, err = run_cli(capsys, 'train', '-opt', write_yaml(tmp_path / 'meta.yml', opt))
         assert code == 2 and problem in err and err.count('\n') == 0, err
@@ -979,6 +1009,10 @@ def test_real_esrgan_option_mistakes_are_one_line(tmp_path, capsys, monkeypatch)
     (tmp_path / 'sub.txt').write_text('sub/0.png\nsub/1.png\n')
     opt['datasets']['train']['meta_info'] = str(tmp_path / 'sub.txt')
     from esc_arch.commands._pipeline import check_options
+    check_options(opt, 'meta.yml', True, argparse.Namespace(auto_resume=False, launcher='none', debug=False))
+    # BasicSR takes each line up to its first space: what follows (e.g. an image's size) is not read
+    (tmp_path / 'sized.txt').write_text('sub/0.png (48,48,3)\nsub/1.png 48 48\n')
+    opt['datasets']['train']['meta_info'] = str(tmp_path / 'sized.txt')
     check_options(opt, 'meta.yml', True, argparse.Namespace(auto_resume=False, launcher='none', debug=False))
 
 
@@ -1022,6 +1056,16 @@ MSE, GAN = 'train_ESC_Real_x4_MSE.yml', 'train_ESC_Real_x4_GAN.yml'
     (MSE, lambda o: o['datasets']['train'].update(blur_sigma2=[0.2, 0.2]), 'blur_sigma2 must have low < high'),
     (MSE, lambda o: o['datasets']['train'].update(sinc_prob2=2), 'sinc_prob2 must be a probability'),
     (MSE, lambda o: o['datasets']['train'].pop('betag_range'), 'RealESRGANDataset needs the option(s) betag_range'),
+    # a missing key is not hinted as another key the data set also reads (blur_sigma is given as itself)
+    (MSE, lambda o: o['datasets']['train'].pop('blur_sigma2'),
+     'RealESRGANDataset needs the option(s) blur_sigma2 (datasets.train in '),
+    # a key given in another case is found (BasicSR's keys are case-sensitive: a KeyError)
+    (MSE, lambda o: o['datasets']['train'].update(BETAG_RANGE=o['datasets']['train'].pop('betag_range')),
+     'RealESRGANDataset needs the option(s) betag_range (did you mean BETAG_RANGE?)'),
+    (MSE, lambda o: o['datasets']['train'].update(io_backend='disk'),  # BasicSR: "string indices must be integers"
+     "io_backend must be a mapping such as {type: disk}, got 'disk' (datasets.train in "),
+    (MSE, lambda o: o['datasets']['train'].update(meta_info=[o['datasets']['train']['meta_info']]),  # open(list)
+     'RealESRGANDataset on disk needs meta_info: a text file listing its GT images'),
     (MSE, lambda o: o.update(queue_size=4) or o['datasets']['train'].update(batch_size_per_gpu=4),
      '2 training image(s) x dataset_enlarge_ratio make 2 sample(s), fewer than batch_size_per_gpu 4'),  # trained 0
 ])
@@ -1065,6 +1109,9 @@ def test_a_real_model_on_a_paired_set_or_an_lmdb_is_checked_as_basicsr_reads_the
     from esc_arch.commands._pipeline import check_options
     namespace = argparse.Namespace(auto_resume=False, launcher='none', debug=False)
     check_options(dict(copy.deepcopy(sharp), high_order_degradation=False), 'real.yml', True, namespace)
+    # RealESRGANPairedDataset without a meta_info pairs its folders by name, as PairedImageDataset does
+    check_options(dict(copy.deepcopy(sharp), high_order_degradation=False,
+                       datasets=dict(train=dict(paired, type='RealESRGANPairedDataset'))), 'real.yml', True, namespace)
     # one training set: BasicSR refuses train_2 ("Dataset phase train_2 is not recognized") after set-up
     assert "data set 'train_2': BasicSR trains on one data set, datasets.train" in error(
         dict(opt, datasets=dict(train=train_set, train_2=copy.deepcopy(train_set))))
@@ -1078,6 +1125,7 @@ def test_a_real_model_on_a_paired_set_or_an_lmdb_is_checked_as_basicsr_reads_the
     for text, problem in (('0.png\n\n1.png\n', 'the LMDB list ' + f'{gt_lmdb / "meta_info.txt"}, line 2: a blank line'),
                           ('', 'meta_info.txt lists no images'),
                           ('0\n1.png\n', 'line 1: expected "name.png ...", got \'0\''),
+                          ('0.png\n.png\n', 'line 2: expected "name.png ...", got \'.png\''),  # key ''
                           ('0.png\n', 'make 1 sample(s), fewer than batch_size_per_gpu 2')):
         (gt_lmdb / 'meta_info.txt').write_text(text)
         assert problem in error(lmdb_opt)
@@ -1095,10 +1143,16 @@ def test_a_real_model_on_a_paired_set_or_an_lmdb_is_checked_as_basicsr_reads_the
     for text, problem in (('sub/0.png, sub/0.png\nsub/1.png\n', 'line 2: expected "gt_path, lq_path"'),
                           ('sub/0.png, sub/0.png\nsub/1.png, sub/2.png\n', '1 of its 2 image(s) are not in '
                            f'{tmp_path / "lq_tree"}, e.g. sub/2.png'),
-                          ('sub/0.png, sub/0.png\n', 'make 1 sample(s), fewer than batch_size_per_gpu 2')):
+                          ('sub/0.png, sub/0.png\n', 'make 1 sample(s), fewer than batch_size_per_gpu 2'),
+                          # BasicSR unpacks line.strip().split(', ') into two paths: a ValueError otherwise
+                          ('sub/0.png,sub/0.png\nsub/1.png, sub/1.png\n', 'line 1: expected "gt_path, lq_path"'),
+                          ('sub/0.png, sub/0.png\nsub/1.png, sub/1.png, sub/0.png\n',
+                           'line 2: expected "gt_path, lq_path"')):
         (tmp_path / 'pairs.txt').write_text(text)
         assert problem in error(listed_opt)
-    (tmp_path / 'pairs.txt').write_text('sub/0.png, sub/0.png\nsub/1.png, sub/1.png\n')
+    assert 'meta_info must be the path of a text file of "gt, lq" lines, got 3 (' in error(
+        dict(listed_opt, datasets=dict(train=dict(listed, meta_info=3))))
+    (tmp_path / 'pairs.txt').write_text('sub/0.png, sub/0.png  \nsub/1.png, sub/1.png\n')  # stripped, as BasicSR does
     check_options(copy.deepcopy(listed_opt), 'real.yml', True, namespace)
     assert not (tmp_path / 'experiments').exists()
 
