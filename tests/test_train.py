@@ -1056,9 +1056,8 @@ MSE, GAN = 'train_ESC_Real_x4_MSE.yml', 'train_ESC_Real_x4_GAN.yml'
     (MSE, lambda o: o['datasets']['train'].update(blur_sigma2=[0.2, 0.2]), 'blur_sigma2 must have low < high'),
     (MSE, lambda o: o['datasets']['train'].update(sinc_prob2=2), 'sinc_prob2 must be a probability'),
     (MSE, lambda o: o['datasets']['train'].pop('betag_range'), 'RealESRGANDataset needs the option(s) betag_range'),
-    # a missing key is not hinted as another key the data set also reads (blur_sigma is given as itself)
-    (MSE, lambda o: o['datasets']['train'].pop('blur_sigma2'),
-     'RealESRGANDataset needs the option(s) blur_sigma2 (datasets.train in '),
+    # a missing key is not hinted as another key the model also reads (jpeg_range is given as itself)
+    (MSE, lambda o: o.pop('jpeg_range2'), "degradation needs the option(s) jpeg_range2 (the top level of "),
     # a key given in another case is found (BasicSR's keys are case-sensitive: a KeyError)
     (MSE, lambda o: o['datasets']['train'].update(BETAG_RANGE=o['datasets']['train'].pop('betag_range')),
      'RealESRGANDataset needs the option(s) betag_range (did you mean BETAG_RANGE?)'),
