@@ -139,13 +139,19 @@ def _header_sizes(paths: list[str], where: str) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def _lmdb_sizes(folder: str, where: str) -> dict[str, tuple[int, int]]:
-    """Key -> (height, width) from an LMDB's meta_info.txt (``name.png (h,w,c) level`` lines; the key
-    is the name up to its first dot, as BasicSR takes it)."""
+def _lmdb_meta(folder: str, where: str) -> str:
+    """The path of an LMDB's meta_info.txt, the list BasicSR reads its keys from."""
     meta = osp.join(folder, 'meta_info.txt')
     if not osp.isfile(meta):
         raise OptionError(f'{folder} has no meta_info.txt, so it is not an LMDB BasicSR can read '
                           f'(make one with basicsr prepare) ({where})')
+    return meta
+
+
+def _lmdb_sizes(folder: str, where: str) -> dict[str, tuple[int, int]]:
+    """Key -> (height, width) from an LMDB's meta_info.txt (``name.png (h,w,c) level`` lines; the key
+    is the name up to its first dot, as BasicSR takes it)."""
+    meta = _lmdb_meta(folder, where)
     sizes = {}
     with open(meta, encoding='utf-8', errors='replace') as handle:
         for number, line in enumerate(handle, 1):
@@ -369,10 +375,7 @@ def check_meta_info_list(phase: str, dataset: dict, opt_path: str, world: int = 
     elif kind != 'RealESRGANDataset':
         return
     elif backend == 'lmdb':  # BasicSR takes each line's name up to its first dot as a key: no sizes needed
-        meta = osp.join(root, 'meta_info.txt')
-        if not osp.isfile(meta):
-            raise OptionError(f'{root} has no meta_info.txt, so it is not an LMDB BasicSR can read '
-                              f'(make one with basicsr prepare) ({where})')
+        meta = _lmdb_meta(root, where)
         lines = _listed_lines(meta, 'the LMDB list', where)
         bad = next(((n, line) for n, line in enumerate(lines, 1) if '.' not in line or not line.split('.')[0]), None)
         if bad:  # a line with no dot, or none before it, is a key the LMDB does not hold
