@@ -808,6 +808,19 @@ def test_every_pair_and_option_basicsr_reads_later_is_checked_first(tmp_path, mo
     meta.write_text('000.png (32,32,3)\n')
     assert '1 training image(s) x dataset_enlarge_ratio make 1 sample(s), fewer than batch_size_per_gpu 2' in error(
         lambda o: o['datasets']['train'].update(meta_info_file=str(meta)))
+    # SingleImageDataset joins every meta_info_file line to dataroot_lq: a blank one is the folder
+    # itself (BasicSR fails reading it mid-validation), an empty list validates nothing
+    def single(text):
+        def change(o):
+            meta.write_text(text)
+            o['datasets']['val'] = dict(name='single', type='SingleImageDataset', io_backend=dict(type='disk'),
+                                        dataroot_lq=o['datasets']['val']['dataroot_lq'], meta_info_file=str(meta))
+            o['val'].pop('metrics')
+        return change
+
+    assert 'line 2: a blank line, which BasicSR reads as an image path' in error(single('000.png\n\n001.png\n'))
+    assert 'lists no images' in error(single(''))
+    assert '007.png: it does not exist' in error(single('000.png (8,8,3)\n007.png\n'))
     assert "filename_tmpl '{}_x4': 000_x4.png is not in lq_paths" in error(
         lambda o: o['datasets']['train'].update(filename_tmpl='{}_x4'))
     # LMDBs, by their meta_info.txt

@@ -315,8 +315,7 @@ def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int
     elif kind == 'SingleImageDataset' and backend == 'disk' and osp.isdir(folders.get('dataroot_lq', '')):
         meta = dataset.get('meta_info_file')
         if meta:
-            with open(osp.expanduser(meta), encoding='utf-8', errors='replace') as handle:
-                names = [line.rstrip('\n').split(' ')[0] for line in handle if line.strip()]
+            names = [line.rstrip().split(' ')[0] for line in _listed_lines(meta, 'meta_info_file', where)]
         else:
             names = sorted(_file_names(folders['dataroot_lq']))
         paths = [osp.join(folders['dataroot_lq'], name) for name in names]
