@@ -179,3 +179,70 @@ def test_the_param_key_a_network_is_loaded_from_is_said(tmp_path):
         state, key = pretrained_state_dict(str(tmp_path / f'{index}.pth'), asked, log=logged.append)
         expected = content[used] if used else content
         assert key == used and torch.equal(state['w'], expected['w']) and logged == ([said] if said else []), index
+
+
+def test_a_wrapper_key_without_a_dict_is_passed_over():
+    # e.g. EMA switched off, saved as params_ema: None: the network's weights are under params
+    state = randomize_(ESC(**tiny_config())).state_dict()
+    model = esc_arch.load_model({'params_ema': None, 'params': state})
+    assert torch.equal(model.proj.weight, state['proj.weight'])
+
+
+def test_a_foreign_checkpoint_is_named_by_its_own_keys():
+    # the keys share 'body.', but no body.proj.weight: nothing is stripped from the names shown
+    with pytest.raises(CheckpointError, match=r'its first keys are body\.0\.weight, body\.1\.weight$'):
+        esc_arch.load_model({'body.0.weight': torch.zeros(1), 'body.1.weight': torch.zeros(1)})
+
+
+def test_truncated_legacy_torch_file_is_named_truncated(tmp_path):
+    # torch.save(..., _use_new_zipfile_serialization=False) writes a bare pickle (first byte 0x80)
+    good = tmp_path / 'legacy.pth'
+    torch.save({'params_ema': ESC(**tiny_config()).state_dict()}, good, _use_new_zipfile_serialization=False)
+    assert good.read_bytes()[:1] == b'\x80'
+    assert isinstance(esc_arch.load_model(good), ESC)
+    (tmp_path / 'cut.pth').write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match='the PyTorch file is truncated or corrupt'):
+        esc_arch.load_model(tmp_path / 'cut.pth')
+
+
+def test_a_pickled_model_is_not_told_to_turn_weights_only_off(tmp_path):
+    # PyTorch's own first line suggests weights_only=False (runs the file's code): not repeated here
+    torch.save(ESC(**tiny_config()), tmp_path / 'whole.pth')
+    with pytest.raises(CheckpointError) as info:
+        esc_arch.load_model(tmp_path / 'whole.pth')
+    message = str(info.value)
+    assert message.endswith('save its state_dict() instead (UnpicklingError)'), message
+    assert 'Weights only load failed' not in message and 'weights_only' not in message
+
+
+def test_missing_to_img_is_one_error_naming_it():
+    state = ESC(**tiny_config()).state_dict()
+    del state['to_img.weight']
+    with pytest.raises(CheckpointError, match='ESC checkpoint is missing to_img.weight, needed to infer its scale'):
+        esc_arch.load_model(state)
+
+
+def test_another_scales_to_img_is_no_mismatch():
+    # ESC's loading re-samples a to_img of another scale (x2 weights into an x4 network)
+    from esc_arch.loading import describe_mismatch
+    x2 = ESC(**tiny_config(upscaling_factor=2)).state_dict()
+    assert describe_mismatch(ESC(**tiny_config(upscaling_factor=4)), x2) == ''
+    del x2['blocks.0.conv_out.bias']
+    assert describe_mismatch(ESC(**tiny_config(upscaling_factor=4)), x2) == '1 missing keys: blocks.0.conv_out.bias'
+
+
+def test_long_key_lists_are_cut_at_the_limit():
+    from esc_arch.loading import describe_mismatch
+    model = ESC(**tiny_config())
+    names = list(model.state_dict())
+    for count, more in ((8, ''), (9, ' (+1 more)')):
+        state = {k: v for k, v in model.state_dict().items() if k not in names[:count]}
+        message = describe_mismatch(model, state)
+        assert message == f'{count} missing keys: {"; ".join(names[:8])}{more}', count
+
+
+def test_load_model_device_and_train_mode():
+    state = ESC(**tiny_config()).state_dict()
+    model = esc_arch.load_model(state, device='meta', eval=False)  # no weights copied; any device but the CPU
+    assert model.training and {p.device.type for p in model.parameters()} == {'meta'}
+    assert not esc_arch.load_model(state).training
