@@ -273,6 +273,11 @@ def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
             with atomic_path(path) as tmp:
                 _write_png_gray_alpha16(tmp, img)
             return
+        if path.suffix.lower() in ('.tif', '.tiff'):  # 16-bit / float: PIL has no such mode
+            import tifffile
+            with atomic_path(path) as tmp:
+                tifffile.imwrite(tmp, np.ascontiguousarray(img), photometric='minisblack', extrasamples=['unassalpha'])
+            return
         img = img[:, :, [0, 0, 0, 1]]  # as BGRA, the gray in all three colours
     try:
         with atomic_path(path) as tmp:

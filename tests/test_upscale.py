@@ -476,3 +476,23 @@ def test_written_files_follow_the_umask_like_any_other(tmp_path):
     finally:
         os.umask(old)
     assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {'record.json': 0o644, 'out.png': 0o644}
+
+
+@pytest.mark.parametrize('dtype', [np.uint16, np.float32])
+def test_deep_gray_with_alpha_tiff_stays_gray_with_alpha(tmp_path, esc_pth, dtype):
+    # OpenCV writes 1, 3 or 4 channels: a 16-bit / float gray + alpha TIFF came out as RGBA
+    import tifffile
+    rng = np.random.default_rng(9)
+    gray = rng.random((6, 10))
+    la = np.stack([gray, np.full((6, 10), 0.75)], axis=2)
+    la = (la * 65535).round().astype(np.uint16) if dtype == np.uint16 else la.astype(np.float32)
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    tifffile.imwrite(folder / 'la.tif', la, photometric='minisblack', extrasamples=['unassalpha'])
+    assert main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'o'), '-m', esc_pth]) == 0
+    out = read_image(tmp_path / 'o' / 'la.tif')
+    assert out.dtype == dtype and out.shape == (12, 20, 2)
+    assert np.abs(out[:, :, 1].astype(float) - la[0, 0, 1]).max() <= (1 if dtype == np.uint16 else 1e-6)
+    from esc_arch.inference import write_image
+    write_image(tmp_path / 'back.tif', la)
+    assert np.array_equal(read_image(tmp_path / 'back.tif'), la)
