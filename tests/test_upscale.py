@@ -496,3 +496,163 @@ def test_deep_gray_with_alpha_tiff_stays_gray_with_alpha(tmp_path, esc_pth, dtyp
     from esc_arch.inference import write_image
     write_image(tmp_path / 'back.tif', la)
     assert np.array_equal(read_image(tmp_path / 'back.tif'), la)
+
+
+def test_devices_are_resolved_or_refused_in_one_line(monkeypatch):
+    from esc_arch.inference import resolve_device
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert resolve_device(None) == resolve_device('auto') == resolve_device('cpu') == torch.device('cpu')
+    with pytest.raises(InferenceError, match=r"^unsupported device 'meta' \(use cpu or cuda\)$"):
+        resolve_device('meta')
+    with pytest.raises(InferenceError, match=r"^unknown device 'gpu0' \(use cpu or cuda\)$"):
+        resolve_device('gpu0')
+
+
+def test_batch_below_one_is_refused(tmp_path, esc_pth, images, capsys):
+    with pytest.raises(InferenceError, match='batch >= 1'):
+        Upscaler(ESC(**tiny_config()), batch=0)
+    folder, _ = images
+    assert main(['upscale', '-i', str(folder / 'rgb.png'), '-o', str(tmp_path / 'o'), '-m', esc_pth,
+                 '--batch', '0']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['basicsr upscale: error: tile and tile overlap must be >= 0 and batch >= 1']
+
+
+def test_a_long_narrow_image_is_tiled_along_its_length():
+    up = Upscaler(ESC(**tiny_config(window_size=4)).eval(), tile=16, tile_overlap=8)
+    for height, width in ((64, 8), (8, 64)):
+        tiles = up.tiles(height, width)
+        assert len(tiles) == 7  # starts 0, 8, ..., 48 along the long side; 48 + 16 = 64
+        assert all(y1 - y0 <= 16 and x1 - x0 <= 16 for y0, y1, x0, x1 in tiles)
+
+
+def test_neighbouring_tiles_weights_sum_to_one():
+    from esc_arch.inference import ramp_weights
+    for overlap, scale in ((8, 1), (8, 2), (16, 3), (4, 4)):
+        # tiles [0, 32) and [32 - overlap, 64): they share `overlap` input pixels
+        left = ramp_weights(0, 32, None, 32 - overlap, scale)
+        right = ramp_weights(32 - overlap, 64, 32, None, scale)
+        n = overlap * scale
+        assert torch.allclose(left[-n:] + right[:n], torch.ones(n)), (overlap, scale)
+        assert (right[:n // 4] == 0).all() and (right[n - n // 4:] == 1).all() and (left[:-n] == 1).all()
+        assert torch.equal(left[-n:], right[:n].flip(0))
+
+
+def test_an_alpha_edge_stays_within_range():
+    # bicubic overshoots next to a hard 0 / 1 edge; alpha outside [0, 1] wrapped around as uint8
+    from esc_arch.inference import tensor_to_image, upscale_alpha
+    edge = np.zeros((8, 8), np.float32)
+    edge[:, 4:] = 1
+    up = upscale_alpha(edge, 2)
+    assert up.shape == (16, 16) and up.min() >= 0 and up.max() <= 1
+    like = np.zeros((8, 8, 4), np.uint8)
+    out = tensor_to_image(torch.zeros(1, 3, 16, 16), np.full((16, 16), 1.2, np.float32), like)
+    assert (out[:, :, 3] == 255).all()
+
+
+def test_gray_with_alpha_to_jpeg_keeps_the_gray():
+    from esc_arch.inference import fit_to_format
+    la = np.stack([np.full((4, 5), 30), np.full((4, 5), 220)], axis=2).astype(np.uint8)
+    fitted, changes = fit_to_format(la, '.jpg')
+    assert fitted.shape == (4, 5) and (fitted == 30).all()
+    assert changes == ['.jpg has no alpha: the alpha is dropped']
+
+
+def test_an_unsupported_pixel_type_is_one_line(tmp_path, esc_pth, capsys):
+    import tifffile
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    tifffile.imwrite(folder / 'int32.tif', np.arange(24, dtype=np.int32).reshape(4, 6))
+    cv2.imwrite(str(folder / 'ok.png'), np.zeros((4, 6, 3), np.uint8))
+    with pytest.raises(InferenceError, match=r'int32.tif: unsupported pixel type int32 \(8-bit, 16-bit or float'):
+        read_image(folder / 'int32.tif')
+    assert main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'o'), '-m', esc_pth]) == 1
+    captured = capsys.readouterr()
+    assert summary(captured.out).startswith('done: 1, skipped: 0, failed: 1')
+    assert [line for line in captured.err.splitlines() if 'error' in line] == [
+        f'basicsr upscale: error: {folder / "int32.tif"}: unsupported pixel type int32 (8-bit, 16-bit or float only)']
+
+
+@pytest.mark.parametrize('ext', ['.png', '.jpg'])
+def test_an_exif_orientation_out_of_range_reads_as_stored(tmp_path, ext):
+    from PIL import Image
+    rgb = np.random.default_rng(2).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    for orientation in (0, 9):
+        path = tmp_path / f'o{orientation}{ext}'
+        _exif_image(path, rgb, orientation, **({'quality': 100} if ext == '.jpg' else {}))
+        with Image.open(path) as im:
+            stored = np.asarray(im.convert('RGB'))[:, :, ::-1]  # the pixels as stored, not turned
+        assert stored.shape == (6, 10, 3)
+        got = read_image(path)
+        assert got.shape == stored.shape and np.abs(got.astype(int) - stored).max() <= (3 if ext == '.jpg' else 0)
+
+
+def test_batches_take_same_size_images_up_to_batch(tmp_path, esc_pth, monkeypatch, capsys):
+    sizes = []
+    real = Upscaler.upscale_images
+
+    def spy(self, imgs, progress=None):
+        sizes.append([img.shape for img in imgs])
+        return real(self, imgs, progress)
+    monkeypatch.setattr(Upscaler, 'upscale_images', spy)
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    for name, shape in (('a', (6, 8, 3)), ('b', (6, 8, 3)), ('c', (6, 8, 3)), ('d', (7, 8, 3)), ('e', (6, 8))):
+        cv2.imwrite(str(folder / f'{name}.png'), np.zeros(shape, np.uint8))
+    assert main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'o'), '-m', esc_pth, '--batch', '2']) == 0
+    assert summary(capsys.readouterr().out).startswith('done: 5, skipped: 0, failed: 0')
+    assert sizes == [[(6, 8, 3)] * 2, [(6, 8, 3)], [(7, 8, 3)], [(6, 8)]]
+    sizes.clear()
+    assert main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'o1'), '-m', esc_pth]) == 0
+    assert [len(s) for s in sizes] == [1] * 5
+
+
+def test_a_failed_forward_pass_is_one_line_per_image_and_the_run_goes_on(tmp_path, esc_pth, monkeypatch, capsys):
+    real = Upscaler.upscale_images
+
+    def oom(self, imgs, progress=None):
+        if imgs[0].shape[0] == 7:
+            raise RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB\nmore details')
+        return real(self, imgs, progress)
+    monkeypatch.setattr(Upscaler, 'upscale_images', oom)
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    for name, rows in (('a', 7), ('b', 7), ('c', 6)):
+        cv2.imwrite(str(folder / f'{name}.png'), np.zeros((rows, 8, 3), np.uint8))
+    assert main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'o'), '-m', esc_pth, '--batch', '2']) == 1
+    captured = capsys.readouterr()
+    assert summary(captured.out).startswith('done: 1, skipped: 0, failed: 2')
+    assert [line for line in captured.err.splitlines() if 'error' in line] == [
+        f'basicsr upscale: error: {folder / name}.png: CUDA out of memory. Tried to allocate 2.00 GiB' for name in 'ab']
+    assert 'more details' not in captured.err  # the first line of the error only
+    assert [p.name for p in (tmp_path / 'o').iterdir()] == ['c.png']
+
+
+def test_no_seam_warning_without_tiles(tmp_path, esc_pth, images, capsys):
+    folder, _ = images
+    assert main(['upscale', '-i', str(folder / 'rgb.png'), '-o', str(tmp_path / 'o'), '-m', esc_pth,
+                 '--tile', '0', '--tile-overlap', '0']) == 0
+    assert 'seams' not in capsys.readouterr().err
+
+
+def test_a_missing_input_is_one_line(tmp_path, esc_pth, capsys):
+    assert main(['upscale', '-i', str(tmp_path / 'nope.png'), '-o', str(tmp_path / 'o'), '-m', esc_pth]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f'basicsr upscale: error: input not found: {tmp_path / "nope.png"}']
+    assert not (tmp_path / 'o').exists()
+
+
+def test_an_output_that_cannot_be_written_fails_that_image_only(tmp_path, esc_pth, images, capsys):
+    folder, _ = images
+    out = tmp_path / 'o'
+    (out / 'rgb.png').mkdir(parents=True)  # a folder where rgb.png's output goes
+    for name in ('rgb.png', 'gray.png'):
+        (tmp_path / 'two').mkdir(exist_ok=True)
+        (tmp_path / 'two' / name).write_bytes((folder / name).read_bytes())
+    assert main(['upscale', '-i', str(tmp_path / 'two'), '-o', str(out), '-m', esc_pth, '--overwrite']) == 1
+    captured = capsys.readouterr()
+    assert summary(captured.out).startswith('done: 1, skipped: 0, failed: 1')
+    errors = [line for line in captured.err.splitlines() if 'error' in line]
+    assert len(errors) == 1 and errors[0].startswith(f'basicsr upscale: error: cannot write {out / "rgb.png"}: ')
+    assert read_image(out / 'gray.png').shape == (18, 22)
+    assert sorted(p.name for p in out.iterdir()) == ['gray.png', 'rgb.png']  # no temp file left
