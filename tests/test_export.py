@@ -156,3 +156,16 @@ def test_export_leaves_the_callers_model_as_it_was_and_writes_the_newest_opset(t
     assert {layer.attn_type for layer in model.modules() if hasattr(layer, 'attn_type')} <= {'auto'}
     import onnx
     assert onnx.load(str(tmp_path / 'a.onnx')).opset_import[0].version == max_opset()
+
+
+def test_each_attention_exports_at_its_lowest_opset(tmp_path):
+    # the error for an older opset points at these: they must really export, and run
+    import onnx
+    model = randomize_(ESC(**tiny_config()), scale=0.05).eval()
+    x = torch.rand(1, 3, 9, 7)
+    for attn, opset in (('naive', 13), ('sdpa', 14)):
+        path = export_onnx(model, tmp_path / f'{attn}.onnx', opset=opset, attn_type=attn)
+        assert onnx.load(str(path)).opset_import[0].version == opset
+        assert (run_onnx(path, x) - Upscaler(model).forward(x)).abs().max().item() < 1e-4, attn
+    with pytest.raises(ExportError, match=r'^opset 12 is too old for the naive attention \(it needs 13 or later\)$'):
+        export_onnx(model, tmp_path / 'old.onnx', opset=12, attn_type='naive')
