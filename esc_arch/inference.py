@@ -255,6 +255,20 @@ def fit_to_format(img: np.ndarray, suffix: str) -> tuple[np.ndarray, list[str]]:
     return img, changes
 
 
+def _gray_alpha_writer(img: np.ndarray, suffix: str):
+    """What writes a gray + alpha ``img`` as a ``suffix`` file keeping its two channels, or None
+    (OpenCV then writes it as BGRA)."""
+    if img.dtype == np.uint8 and suffix in ('.png', '.tif', '.tiff'):
+        from PIL import Image
+        return lambda tmp, pixels: Image.fromarray(pixels, 'LA').save(tmp)
+    if img.dtype == np.uint16 and suffix == '.png':
+        return _write_png_gray_alpha16
+    if suffix in ('.tif', '.tiff'):  # 16-bit / float: PIL has no such mode
+        import tifffile
+        return lambda tmp, pixels: tifffile.imwrite(tmp, pixels, photometric='minisblack', extrasamples=['unassalpha'])
+    return None
+
+
 def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
     """Write atomically: a temp file in the same folder (same extension, so OpenCV picks the
     format), then ``os.replace``; a failed write leaves no partial file behind."""
@@ -264,19 +278,10 @@ def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
         raise InferenceError(f'cannot write {path}: {path.suffix} stores {" or ".join(types)} pixels, not '
                              f'{img.dtype} (see fit_to_format)')
     if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha: OpenCV writes 1, 3 or 4 channels only
-        if img.dtype == np.uint8 and path.suffix.lower() in ('.png', '.tif', '.tiff'):
-            from PIL import Image
-            with atomic_path(path) as tmp:
-                Image.fromarray(np.ascontiguousarray(img), 'LA').save(tmp)
-            return
-        if img.dtype == np.uint16 and path.suffix.lower() == '.png':
-            with atomic_path(path) as tmp:
-                _write_png_gray_alpha16(tmp, img)
-            return
-        if path.suffix.lower() in ('.tif', '.tiff'):  # 16-bit / float: PIL has no such mode
-            import tifffile
-            with atomic_path(path) as tmp:
-                tifffile.imwrite(tmp, np.ascontiguousarray(img), photometric='minisblack', extrasamples=['unassalpha'])
+        writer = _gray_alpha_writer(img, path.suffix.lower())
+        if writer is not None:
+            with atomic_path(path, failed_writes=(OSError,)) as tmp:  # the error names path, not tmp
+                writer(tmp, np.ascontiguousarray(img))
             return
         img = img[:, :, [0, 0, 0, 1]]  # as BGRA, the gray in all three colours
     try:

@@ -9,7 +9,7 @@ from conftest import file_size_limit, randomize_, tiny_config
 
 from esc_arch import ESC, ESCFP
 from esc_arch.cli import main
-from esc_arch.inference import InferenceError, Upscaler, image_to_tensor, read_image
+from esc_arch.inference import InferenceError, Upscaler, image_to_tensor, read_image, write_image
 
 
 def save_checkpoint(model, path):
@@ -656,3 +656,22 @@ def test_an_output_that_cannot_be_written_fails_that_image_only(tmp_path, esc_pt
     assert len(errors) == 1 and errors[0].startswith(f'basicsr upscale: error: cannot write {out / "rgb.png"}: ')
     assert read_image(out / 'gray.png').shape == (18, 22)
     assert sorted(p.name for p in out.iterdir()) == ['gray.png', 'rgb.png']  # no temp file left
+
+
+@pytest.mark.parametrize('name, dtype, patch', [
+    ('la.png', np.uint8, 'PIL.Image.Image.save'),
+    ('la.tif', np.uint8, 'PIL.Image.Image.save'),
+    ('la16.png', np.uint16, 'esc_arch.inference._write_png_gray_alpha16'),
+    ('la16.tif', np.uint16, 'tifffile.imwrite'),
+    ('laf.tif', np.float32, 'tifffile.imwrite'),
+])
+def test_a_failed_gray_alpha_write_names_the_output_and_leaves_nothing(tmp_path, monkeypatch, name, dtype, patch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(patch, disk_full)
+    img = np.zeros((5, 6, 2), dtype)
+    with pytest.raises(OSError) as caught:
+        write_image(tmp_path / name, img)
+    message = str(caught.value)
+    assert message.startswith(f'cannot write {tmp_path / name}: ') and 'No space left on device' in message
+    assert '.tmp' not in message and list(tmp_path.iterdir()) == []
