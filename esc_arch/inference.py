@@ -399,8 +399,10 @@ class Upscaler:
         self.model = model.deploy().to(self.device)
         self.scale = int(model.upscaling_factor)
         self.window = int(model.window_size)
-        if tile < 0 or tile_overlap < 0 or batch < 1:
-            raise InferenceError('tile and tile overlap must be >= 0 and batch >= 1')
+        wrong = [f'{name} must be >= {least}, got {value}' for name, value, least in
+                 (('tile', tile, 0), ('tile overlap', tile_overlap, 0), ('batch', batch, 1)) if value < least]
+        if wrong:
+            raise InferenceError('; '.join(wrong))
         self.tile = math.ceil(tile / self.window) * self.window if tile else 0
         if self.tile:
             # steps are whole windows: a tile less than one window longer than the overlap (or no

@@ -509,13 +509,15 @@ def test_devices_are_resolved_or_refused_in_one_line(monkeypatch):
 
 
 def test_batch_below_one_is_refused(tmp_path, esc_pth, images, capsys):
-    with pytest.raises(InferenceError, match='batch >= 1'):
+    with pytest.raises(InferenceError, match=r'^batch must be >= 1, got 0$'):
         Upscaler(ESC(**tiny_config()), batch=0)
+    with pytest.raises(InferenceError, match=r'^tile must be >= 0, got -1; tile overlap must be >= 0, got -2$'):
+        Upscaler(ESC(**tiny_config()), tile=-1, tile_overlap=-2)
     folder, _ = images
     assert main(['upscale', '-i', str(folder / 'rgb.png'), '-o', str(tmp_path / 'o'), '-m', esc_pth,
                  '--batch', '0']) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ['basicsr upscale: error: tile and tile overlap must be >= 0 and batch >= 1']
+    assert err == ['basicsr upscale: error: batch must be >= 1, got 0']
 
 
 def test_a_long_narrow_image_is_tiled_along_its_length():
