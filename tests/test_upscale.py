@@ -493,7 +493,6 @@ def test_deep_gray_with_alpha_tiff_stays_gray_with_alpha(tmp_path, esc_pth, dtyp
     out = read_image(tmp_path / 'o' / 'la.tif')
     assert out.dtype == dtype and out.shape == (12, 20, 2)
     assert np.abs(out[:, :, 1].astype(float) - la[0, 0, 1]).max() <= (1 if dtype == np.uint16 else 1e-6)
-    from esc_arch.inference import write_image
     write_image(tmp_path / 'back.tif', la)
     assert np.array_equal(read_image(tmp_path / 'back.tif'), la)
 
@@ -648,8 +647,8 @@ def test_an_output_that_cannot_be_written_fails_that_image_only(tmp_path, esc_pt
     folder, _ = images
     out = tmp_path / 'o'
     (out / 'rgb.png').mkdir(parents=True)  # a folder where rgb.png's output goes
+    (tmp_path / 'two').mkdir()
     for name in ('rgb.png', 'gray.png'):
-        (tmp_path / 'two').mkdir(exist_ok=True)
         (tmp_path / 'two' / name).write_bytes((folder / name).read_bytes())
     assert main(['upscale', '-i', str(tmp_path / 'two'), '-o', str(out), '-m', esc_pth, '--overwrite']) == 1
     captured = capsys.readouterr()
