@@ -146,13 +146,17 @@ def infer_config(state_dict: Mapping) -> tuple[str, dict]:
         dim = _shape(sd, 'proj.weight', 4)[0]
         n_blocks = _count(sd, r'blocks\.(\d+)\.')
         conv_blocks = _count(sd, r'blocks\.0\.pconvs\.(\d+)\.')
-        num_heads, table = _shape(sd, 'blocks.0.attn.relative_position_bias', 2)
-        window_size = (math.isqrt(table) + 1) // 2
+        if 'blocks.0.attn.flashbias_q' in sd:  # the authors' FlashBias variants (ESC_FB_*)
+            num_heads, tokens, rank = _shape(sd, 'blocks.0.attn.flashbias_q', 3)
+            window_size, flashbias = math.isqrt(tokens), dict(attn_type='FlashBias', flashbias_rank=rank)
+        else:
+            num_heads, table = _shape(sd, 'blocks.0.attn.relative_position_bias', 2)
+            window_size, flashbias = (math.isqrt(table) + 1) // 2, {}
         exp_ratio = _ratio(_shape(sd, 'blocks.0.convffns.0.proj.weight', 4)[0], dim)
     except KeyError as exc:
         raise CheckpointError(f'{arch} checkpoint is missing {exc.args[0]!r}, needed to infer its config') from exc
     config = dict(dim=dim, pdim=pdim, kernel_size=kernel_size, n_blocks=n_blocks, conv_blocks=conv_blocks,
-                  window_size=window_size, num_heads=num_heads, exp_ratio=exp_ratio)
+                  window_size=window_size, num_heads=num_heads, exp_ratio=exp_ratio, **flashbias)
     if arch == 'ESCReal':
         config['upscaling_factor'] = 4
     else:
@@ -172,6 +176,11 @@ def describe_mismatch(model: torch.nn.Module, state_dict: Mapping, limit: int = 
     if isinstance(model, ESC):
         state_dict = dict(state_dict)
         resample_subpixel_conv(state_dict, '', 3, model.upscaling_factor)
+    for key in [k for k in state_dict if k.endswith('.relative_position_bias')]:  # a FlashBias model factors it
+        prefix = key[:-len('relative_position_bias')]
+        if prefix + 'flashbias_q' in expected and prefix + 'flashbias_q' not in state_dict:
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+            state_dict.update({prefix + name: expected[prefix + name] for name in ('flashbias_q', 'flashbias_k')})
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
@@ -189,7 +198,12 @@ def build_from_state_dict(state_dict: Mapping, attn_type: str = 'auto') -> torch
     names and shapes, as ``infer_config`` does), with the weights loaded strictly; CheckpointError
     naming the differences if they do not fit it."""
     arch, config = infer_config(state_dict)
-    model = ARCHS[arch](**config, attn_type=attn_type)
+    if 'flashbias_rank' in config:  # its layout is FlashBias's: the backend is switched after
+        model = ARCHS[arch](**config)
+        if attn_type.lower() not in ('auto', 'flashbias'):
+            model.set_attn_type(attn_type)
+    else:
+        model = ARCHS[arch](**config, attn_type=attn_type)
     problems = describe_mismatch(model, state_dict)
     if problems:
         raise CheckpointError(f'state dict does not fit {arch}({config}): {problems}')

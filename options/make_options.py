@@ -54,7 +54,15 @@ RELEASED = {'ESC_light': 'ESC_light', 'ESC_DIV2K': 'ESC', 'ESC_DFLIP': 'ESC', 'E
             'ESC_FP': 'ESC_FP'}
 
 
-def network(arch: str, scale: int) -> dict:
+# The authors' FlashBias releases (their test files' names): the bias factored at rank 48, x2 / ESC-Real
+# only; fine-tuned from the table-layout release (see flashbias_train)
+FLASHBIAS_RANK = 48
+FLASHBIAS_RELEASED = {'ESC_DIV2K_FB_R48': ('ESC', 2), 'ESC_Real_FB_R48_GAN': ('ESC_Real', 4)}
+
+
+def network(arch: str, scale: int, flashbias: bool = False) -> dict:
+    if flashbias:
+        return dict(ARCHS[arch], upscaling_factor=scale, attn_type='FlashBias', flashbias_rank=FLASHBIAS_RANK)
     return dict(ARCHS[arch], upscaling_factor=scale, attn_type='auto')
 
 
@@ -123,16 +131,36 @@ def test_options(release: str, scale: int) -> dict:
     }
 
 
-def real_test_options() -> dict:
+def real_test_options(release: str = 'ESC_Real', flashbias: bool = False) -> dict:
     return {
-        'name': 'test_ESC_Real_X4', 'model_type': 'ESRModel', 'scale': 4, 'num_gpu': 'auto', 'manual_seed': 0,
+        'name': f'test_{release}_X4', 'model_type': 'ESRModel', 'scale': 4, 'num_gpu': 'auto', 'manual_seed': 0,
         'datasets': {'test_1': {'name': 'RealLR', 'type': 'SingleImageDataset', 'dataroot_lq': 'datasets/RealLR',
                                 'io_backend': {'type': 'disk'}}},
-        'network_g': network('ESC_Real', 4),
-        'path': {'pretrain_network_g': 'pretrained/ESC_Real_X4.pth', 'param_key_g': 'params_ema',
+        'network_g': network('ESC_Real', 4, flashbias),
+        'path': {'pretrain_network_g': f'pretrained/{release}_X4.pth', 'param_key_g': 'params_ema',
                  'strict_load_g': True},
         'val': {'save_img': True, 'suffix': None},  # no ground truth: images only
     }
+
+
+def flashbias_test(release: str) -> dict:
+    arch, scale = FLASHBIAS_RELEASED[release]
+    if arch == 'ESC_Real':
+        return real_test_options(release, flashbias=True)
+    opt = test_options('ESC_DIV2K', scale)
+    opt.update(name=f'test_{release}_X{scale}', network_g=network(arch, scale, flashbias=True))
+    opt['path']['pretrain_network_g'] = f'pretrained/{release}_X{scale}.pth'
+    return opt
+
+
+def flashbias_train() -> dict:
+    """The authors' ESC_FB_R48_DIV2K_X2 recipe: ESC x2 with its biases factored, fine-tuned from the
+    table-layout release (each table is split by SVD as it loads) at a tenth of the learning rate."""
+    opt = classic_train('ESC', 2)
+    opt.update(name='train_ESC_FB_R48_SRx2', network_g=network('ESC', 2, flashbias=True))
+    opt['path'].update(pretrain_network_g='pretrained/ESC_DIV2K_X2.pth', param_key_g='params_ema')
+    opt['train']['optim_g']['lr'] = 5e-5
+    return opt
 
 
 # Real-ESRGAN's second-order degradation settings (BasicSR RealESRNetModel/RealESRGANModel + RealESRGANDataset).
@@ -245,6 +273,9 @@ def all_options() -> dict[str, dict]:
         for scale in SCALES:
             files[f'test/test_{release}_X{scale}.yml'] = test_options(release, scale)
     files['test/test_ESC_Real_X4.yml'] = real_test_options()
+    files['train_ESC_FB_R48_SRx2.yml'] = flashbias_train()
+    for release, (_, scale) in FLASHBIAS_RELEASED.items():
+        files[f'test/test_{release}_X{scale}.yml'] = flashbias_test(release)
     return files
 
 

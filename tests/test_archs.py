@@ -92,10 +92,11 @@ def test_relative_position_bias_is_key_minus_query():
 def test_attn_type_values():
     for value in ['naive', 'NAIVE', 'Sdpa', 'flex', 'AUTO']:
         ESC(**tiny_config(), attn_type=value)
-    with pytest.raises(ValueError, match=r"attn_type must be one of auto, naive, sdpa, flex \(any case\), got 'fast'$"):
+    with pytest.raises(ValueError, match=r"attn_type must be one of auto, naive, sdpa, flex or FlashBias \(any case\), "
+                                         r"got 'fast'$"):
         ESC(**tiny_config(), attn_type='fast')
-    with pytest.raises(ValueError, match=r"got 'FlashBias'; FlashBias \(the ESC_FB variants, flashbias_rank\) is not"):
-        ESC(**tiny_config(), attn_type='FlashBias')  # the authors' ESC_FB_* option files
+    with pytest.raises(ValueError, match=r"flashbias_rank \(16\) is for attn_type FlashBias only, got attn_type 'fl"):
+        ESC(**tiny_config(), attn_type='flex', flashbias_rank=16)  # the authors' code ignores it: a table model
     with pytest.raises(ValueError, match='got None'):
         ESC(**tiny_config(), attn_type=None)  # was AttributeError: 'NoneType' object has no attribute 'lower'
 
@@ -594,7 +595,10 @@ def _window_attention_reference(module, x):
     ws, heads = module.window_size, module.num_heads
     xp = reflect_pad_to_multiple(x, ws)
     qkv = F.conv2d(xp, module.to_qkv.weight, module.to_qkv.bias)
-    bias = relative_position_bias(module.relative_position_bias, ws)
+    if module.flashbias:  # the bias is the product of the two factors
+        bias = module.flashbias_q @ module.flashbias_k.transpose(-2, -1)
+    else:
+        bias = relative_position_bias(module.relative_position_bias, ws)
     out = torch.zeros_like(xp)
     for i in range(0, xp.shape[-2], ws):
         for j in range(0, xp.shape[-1], ws):
@@ -604,18 +608,26 @@ def _window_attention_reference(module, x):
     return F.conv2d(out, module.to_out.weight, module.to_out.bias)[..., :h, :w]
 
 
-@pytest.mark.parametrize('backend', ['naive', 'sdpa', 'flex'])
-def test_window_attention_matches_written_out_reference(backend):
+@pytest.mark.parametrize('flashbias', [False, True])
+@pytest.mark.parametrize('backend', ['naive', 'sdpa', 'flex', 'auto'])
+def test_window_attention_matches_written_out_reference(backend, flashbias):
     # sizes: whole windows, bottom edge, right edge, both, smaller than one window
-    window = randomize_(WindowAttention(dim=8, window_size=4, num_heads=2, attn_type=backend), scale=0.5).double()
+    window = WindowAttention(dim=8, window_size=4, num_heads=2, attn_type='FlashBias' if flashbias else backend,
+                             flashbias_rank=5 if flashbias else None)
+    window.attn_type = backend  # a FlashBias layer keeps its factors whatever the backend (set_attn_type)
+    window = randomize_(window, scale=0.5).double()
+    bias_params = list(window.bias_parameters())
     for size in [(8, 12), (7, 12), (8, 10), (7, 9), (3, 2), (5, 4)]:
         x = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
         out = window(x)
         ref = _window_attention_reference(window, x)
         assert out.shape == ref.shape and (out - ref).abs().max().item() < 1e-12, size
+        with torch.no_grad():  # the inference paths (the kept dense bias)
+            assert (window(x) - ref).abs().max().item() < 1e-12, size
         grad_out = torch.randn_like(ref)
-        grads = torch.autograd.grad(out, [x, window.relative_position_bias], grad_out)
-        ref_grads = torch.autograd.grad(ref, [x, window.relative_position_bias], grad_out)
+        grads = torch.autograd.grad(out, [x, *bias_params], grad_out)
+        ref_grads = torch.autograd.grad(ref, [x, *bias_params], grad_out)
+        assert all(g.abs().max() > 0 for g in grads[1:]), size  # every bias parameter learns
         for g, r in zip(grads, ref_grads):
             assert (g - r).abs().max().item() < 1e-10, size
 
@@ -722,15 +734,18 @@ def test_one_pixel_axes_pad_alike_on_every_path(shape):
     assert padded[18:].tolist() == [18, 19, 18, 17, 16, 15]  # still reflected along the 20 pixels
 
 
-def test_dense_bias_follows_writes_through_data():
+@pytest.mark.parametrize('attn_type, written', [('sdpa', 'relative_position_bias'), ('FlashBias', 'flashbias_k'),
+                                                 ('FlashBias', 'flashbias_q')])
+def test_dense_bias_follows_writes_through_data(attn_type, written):
     # BasicSR's EMA writes parameters through .data, which bumps no version counter
-    layer = WindowAttention(16, 8, 2, attn_type='sdpa').eval()
+    layer = WindowAttention(16, 8, 2, attn_type=attn_type).eval()
     x = torch.randn(1, 16, 16, 16)
     with torch.no_grad():
         before = layer(x)
-        layer.relative_position_bias.data.add_(torch.randn_like(layer.relative_position_bias))
+        param = getattr(layer, written)
+        param.data.add_(torch.randn_like(param) * 0.1)
         after = layer(x)
-        fresh = WindowAttention(16, 8, 2, attn_type='sdpa').eval()
+        fresh = WindowAttention(16, 8, 2, attn_type=attn_type).eval()
         fresh.load_state_dict(layer.state_dict())
         assert (after - before).abs().max().item() > 1e-3
         assert torch.equal(after, fresh(x))
@@ -836,3 +851,70 @@ def test_bad_arguments_and_inputs_are_named():
     for shape in [(0, 3, 16, 16), (3, 16, 16), (1, 4, 16, 16)]:
         with pytest.raises(ValueError, match=r'takes a \(N >= 1, 3, H, W\) batch'):
             model(torch.rand(shape))
+
+
+# --------------------------------------------------------------------------------------
+# FlashBias (the authors' ESC_FB_* releases): the bias as the product of two learnt factors
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize('arch', ['ESC', 'ESCReal'])
+def test_flashbias_layout_replaces_each_table_by_two_factors(arch):
+    config = tiny_config(**({'upscaling_factor': 4} if arch == 'ESCReal' else {}))
+    table_model = ARCHS[arch](**config).state_dict()
+    factored = ARCHS[arch](**config, attn_type='FlashBias', flashbias_rank=3).state_dict()
+    tokens = config['window_size']**2
+    expected = {}
+    for key, value in table_model.items():
+        if key.endswith('attn.relative_position_bias'):
+            prefix = key[:-len('relative_position_bias')]
+            for name in ('flashbias_q', 'flashbias_k'):
+                expected[prefix + name] = (config['num_heads'], tokens, 3)
+        else:
+            expected[key] = tuple(value.shape)
+    assert {k: tuple(v.shape) for k, v in factored.items()} == expected
+    # the authors' default rank: 256 minus the head dim
+    default = ESC(**tiny_config(), attn_type='flashbias')
+    assert default.blocks[0].attn.flashbias_q.shape[-1] == 256 - 16 // 2
+
+
+def test_a_table_model_loads_into_flashbias_by_the_svd_of_its_bias(caplog):
+    source = randomize_(ESC(**tiny_config()), scale=0.3).double().eval()
+    tokens = tiny_config()['window_size']**2
+    full = ESC(**tiny_config(), attn_type='FlashBias', flashbias_rank=tokens).double().eval()
+    with caplog.at_level(logging.INFO, logger='basicsr'):
+        full.load_state_dict(source.state_dict(), strict=True)
+    assert 'Decomposed blocks.0.attn.relative_position_bias into rank-16 FlashBias factors' in caplog.text
+    x = torch.rand(2, 3, 9, 11, dtype=torch.float64)
+    with torch.no_grad():  # full rank: the same network
+        assert (full(x) - source(x)).abs().max().item() < 1e-10
+    # a lower rank: the best approximation of that rank (Eckart-Young: the error is the dropped singular values)
+    low = ESC(**tiny_config(), attn_type='FlashBias', flashbias_rank=3)
+    low.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
+    layer = low.blocks[0].attn
+    assert layer.flashbias_q.dtype == torch.float32
+    bias = relative_position_bias(source.blocks[0].attn.relative_position_bias.detach(), 4)
+    dropped = torch.linalg.svdvals(bias)[:, 3:].square().sum().sqrt()
+    product = (layer.flashbias_q @ layer.flashbias_k.transpose(-2, -1)).double()
+    assert abs(torch.linalg.matrix_norm(bias - product).square().sum().sqrt() - dropped) < 1e-5 * dropped
+    # a rank above the bias's own: zero columns past it
+    wide = WindowAttention(8, 2, 2, attn_type='FlashBias', flashbias_rank=6)
+    wide.load_state_dict(WindowAttention(8, 2, 2).state_dict())
+    assert torch.equal(wide.flashbias_q[..., 4:], torch.zeros(2, 4, 2))
+
+
+def test_flashbias_factors_learn_from_their_first_step():
+    # the authors start both at zero, where neither gets a gradient; here both do
+    layer = WindowAttention(8, 4, 2, attn_type='FlashBias', flashbias_rank=4)
+    layer(torch.randn(1, 8, 8, 8)).square().sum().backward()
+    assert layer.flashbias_q.grad.abs().min() > 0 and layer.flashbias_k.grad.abs().min() > 0
+
+
+def test_flashbias_is_a_layout_not_a_backend_to_switch_to():
+    model = ESC(**tiny_config(), attn_type='FlashBias', flashbias_rank=3)
+    model.set_attn_type('naive')  # its backend may change; its factors stay
+    assert model.blocks[0].attn.flashbias and model.blocks[0].attn.attn_type == 'naive'
+    with pytest.raises(ValueError, match=r'^ESC: FlashBias is a weight layout of its own .*build the model with '
+                                         'attn_type FlashBias'):
+        ESC(**tiny_config()).set_attn_type('FlashBias')
+    table = ESC(**tiny_config())
+    with pytest.raises(RuntimeError, match='flashbias_q'):  # the other way round: PyTorch names the keys
+        table.load_state_dict(model.state_dict())

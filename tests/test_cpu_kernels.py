@@ -68,7 +68,8 @@ def ffn_op(op):
 
 def attention_reference(q, k, v, table, ws):
     """Each pixel's attention over its window of the bottom/right reflect-padded image, written
-    out in float64 on window tensors (as the model's SDPA path does); q/k/v (B, H, W, heads, c)."""
+    out in float64 on window tensors (as the model's SDPA path does); q/k/v (B, H, W, heads, c);
+    ``table`` (heads, 2ws-1, 2ws-1), or a dense bias (heads, ws*ws, ws*ws)."""
     b, h, w, heads, c = q.shape
 
     def windows(t):  # -> (windows, heads, ws * ws, c) of the padded image
@@ -77,7 +78,7 @@ def attention_reference(q, k, v, table, ws):
         return t.reshape(-1, heads, ws * ws, c), t.shape[1], t.shape[2]
 
     (qw, nh, nw), (kw, _, _), (vw, _, _) = windows(q), windows(k), windows(v)
-    bias = relative_position_bias(table.double().flatten(1), ws)
+    bias = table.double() if table.shape[-1] == ws * ws else relative_position_bias(table.double().flatten(1), ws)
     o = ((qw @ kw.transpose(-2, -1)) / math.sqrt(c) + bias).softmax(-1) @ vw
     o = o.view(b, nh, nw, heads, ws, ws, c).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, nh * ws, nw * ws, heads, c)
     return o[:, :h, :w]
@@ -131,6 +132,21 @@ def test_kernel_reads_the_padding_from_the_image_and_writes_only_the_image(op, h
         assert (out.double() - expected).abs().max().item() < 2e-5, block_rows
 
 
+@pytest.mark.parametrize('h, w, ws', [(16, 8, 8), (21, 13, 8), (19, 37, 16), (5, 7, 16), (1, 1, 8), (24, 24, 24)])
+def test_kernel_with_a_dense_bias(op, h, w, ws):
+    """FlashBias models' bias is no table: the kernel reads it dense, (heads, ws^2, ws^2)."""
+    heads, c = 2, 16
+    q, k, v = image_qkv(2, h, w, heads, c, seed=3)
+    dense = torch.randn(heads, ws * ws, ws * ws)
+    expected = attention_reference(q, k, v, dense, ws)
+    for block_rows in block_rows_of_this_build():
+        out = attend(op, q, k, v, dense, ws, block_rows=block_rows)
+        assert (out.double() - expected).abs().max().item() < 2e-5, block_rows
+    table = torch.randn(heads, 2 * ws - 1, 2 * ws - 1)  # a table's dense bias: the table's result
+    assert torch.equal(attend(op, q, k, v, relative_position_bias(table.flatten(1), ws).contiguous(), ws),
+                       attend(op, q, k, v, table, ws))
+
+
 @pytest.mark.parametrize('scale', [30.0, 1e4])
 def test_kernel_softmax_with_huge_score_gaps(op, scale):
     """Scores thousands apart: most weights underflow to (nearly) zero, none turns into garbage."""
@@ -158,8 +174,11 @@ def test_kernel_rejects_what_it_cannot_compute(op):
     q12, k12, v12 = image_qkv(1, 8, 8, 2, 12)
     with pytest.raises(RuntimeError, match='head dim must be 8, 16, 24 or 32'):
         op(q12, k12, v12, table, rows, cols, 8, 0.25, torch.empty_like(q12))
-    with pytest.raises(RuntimeError, match=r'table must be a contiguous \(heads, 2w - 1, 2w - 1\)'):
-        op(q, k, v, torch.randn(2, 13, 13), rows, cols, 8, 0.25, out)
+    strided = torch.randn(2, 64, 65)[..., :64]
+    for bad in (torch.randn(2, 13, 13), torch.randn(2, 64, 63), torch.randn(3, 64, 64), strided):
+        with pytest.raises(RuntimeError, match=r'table must be a contiguous \(heads, 2w - 1, 2w - 1\) table or '
+                                               r'\(heads, w\^2, w\^2\) dense bias'):
+            op(q, k, v, bad, rows, cols, 8, 0.25, out)
     with pytest.raises(RuntimeError, match='rows must map the 8 padded positions'):
         op(q, k, v, table, padded_positions(8, 8)[:7], cols, 8, 0.25, out)
     with pytest.raises(RuntimeError, match=r'cols\[3\] = 9 is not a position of the image'):
@@ -218,6 +237,23 @@ def test_window_attention_layer_fused_in_either_layout_with_a_residual(op, chann
     assert layer.last_backend == 'sdpa'  # float64: the plain path
     assert out.is_contiguous(memory_format=fmt)
     assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize('arch', ['ESC', 'ESCReal'])
+def test_flashbias_model_inference_uses_the_kernel_and_matches_float64(op, arch, monkeypatch):
+    calls = counting(monkeypatch)
+    model = {'ESC': ESC, 'ESCReal': ESCReal}[arch](**tiny_config(dim=32, window_size=8, upscaling_factor=4),
+                                                   attn_type='FlashBias', flashbias_rank=5)
+    model = randomize_(model, seed=5, scale=0.1).eval()
+    x = torch.rand(1, 3, 21, 13)
+    with torch.no_grad():
+        fused = model(x)
+        model.deploy()
+        deployed = model(x)
+    assert len(calls) == 2 and model.blocks[0].attn.last_backend == 'fused'
+    assert torch.equal(fused, deployed)
+    reference64 = model.double()(x.double()).detach()  # autograd on: SDPA in float64
+    assert (fused.double() - reference64).abs().max().item() < 1e-4
 
 
 def test_training_never_uses_the_kernel(op, monkeypatch):

@@ -246,3 +246,35 @@ def test_load_model_device_and_train_mode():
     model = esc_arch.load_model(state, device='meta', eval=False)  # no weights copied; any device but the CPU
     assert model.training and {p.device.type for p in model.parameters()} == {'meta'}
     assert not esc_arch.load_model(state).training
+
+
+@pytest.mark.parametrize('arch', [ESC, ESCReal])
+def test_load_model_of_a_flashbias_checkpoint(tmp_path, arch):
+    """The authors' ESC_FB_* releases: flashbias_q/k in place of each relative_position_bias."""
+    config = tiny_config(upscaling_factor=4)
+    source = randomize_(arch(**config, attn_type='FlashBias', flashbias_rank=5)).eval()
+    torch.save({'params_ema': source.state_dict()}, tmp_path / 'fb.pth')
+    name, inferred = infer_config(source.state_dict())
+    assert name == arch.__name__
+    assert inferred['attn_type'] == 'FlashBias' and inferred['flashbias_rank'] == 5
+    assert inferred['window_size'] == config['window_size'] and inferred['num_heads'] == config['num_heads']
+    x = torch.rand(1, 3, 9, 6)
+    with torch.no_grad():
+        expected = source(x)
+        for attn_type in ('auto', 'naive', 'flex'):
+            model = esc_arch.load_model(tmp_path / 'fb.pth', attn_type=attn_type)
+            assert model.blocks[0].attn.flashbias
+            assert model.blocks[0].attn.attn_type == ('FlashBias' if attn_type == 'auto' else attn_type)
+            assert (model(x) - expected).abs().max().item() < 1e-5 * expected.abs().max().item(), attn_type
+
+
+def test_a_table_checkpoint_fits_a_flashbias_model_and_not_the_other_way_round():
+    from esc_arch.loading import describe_mismatch
+    table = ESC(**tiny_config()).state_dict()
+    factored = ESC(**tiny_config(), attn_type='FlashBias', flashbias_rank=3)
+    assert describe_mismatch(factored, table) == ''  # loading factors the table
+    other = dict(table, **{'blocks.0.extra': torch.zeros(1)})
+    assert describe_mismatch(factored, other) == '1 unexpected keys: blocks.0.extra'
+    assert describe_mismatch(ESC(**tiny_config()), factored.state_dict()) == (
+        '1 missing keys: blocks.0.attn.relative_position_bias | '
+        '2 unexpected keys: blocks.0.attn.flashbias_q; blocks.0.attn.flashbias_k')

@@ -41,7 +41,9 @@ def test_expected_files_exist():
     for run in ('ESC', 'ESC_light', 'ESC_XL', 'ESC_FP'):
         assert {f'train_{run}_SRx{s}.yml' for s in (2, 3, 4)} <= names
     assert {'train_ESC_Real_x4_MSE.yml', 'train_ESC_Real_x4_GAN.yml', 'train_ESC_demo.yml'} <= names
-    assert {os.path.basename(p) for p in TEST_FILES} == {f'test_{n}.yml' for n in RELEASED}
+    assert 'train_ESC_FB_R48_SRx2.yml' in names  # the authors' FlashBias recipe
+    assert {os.path.basename(p) for p in TEST_FILES} == {f'test_{n}.yml' for n in RELEASED} | {
+        'test_ESC_DIV2K_FB_R48_X2.yml', 'test_ESC_Real_FB_R48_GAN_X4.yml'}
 
 
 def test_generated_files_are_up_to_date():

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import file_size_limit, tiny_config
+from conftest import file_size_limit, randomize_, tiny_config
 
 from esc_arch import ESC
 from esc_arch.archs.layers import reflect_pad_to_multiple, resample_subpixel_conv
@@ -445,8 +445,8 @@ def test_more_option_mistakes_are_one_line_before_training(tmp_path, capsys, mon
         'dysample', lambda o: o.update(network_g=dict(TINY_ESC, type='ESCReal', use_dysample=True)))
     assert 'ESC: dim (16) must be divisible by num_heads (3)' in error_for(
         'heads', lambda o: o['network_g'].update(num_heads=3))
-    assert "ESC: FlashBias (the authors' ESC_FB variants" in error_for(
-        'flashbias', lambda o: o['network_g'].update(attn_type='FlashBias', flashbias_rank=16))
+    assert 'ESC: flashbias_rank (16) is for attn_type FlashBias only' in error_for(
+        'flashbias', lambda o: o['network_g'].update(flashbias_rank=16))
     (tmp_path / 'victim').mkdir()  # a name with '/': BasicSR archived (renamed) this folder of the user's
     for bad in ('../victim', '', 7):
         assert 'name must be a folder name' in error_for(f'name{bad!s:.1}', lambda o, bad=bad: o.update(name=bad))
@@ -641,6 +641,31 @@ def test_training_reaches_total_iter_on_a_small_data_set(tmp_path):
     # the validation after the loop is labelled total_iter (BasicSR passes its counter, 6)
     assert re.findall(r'Best: [\d.]+ @ (\d+) iter', log) == ['5']
     assert re.search(r'iter:\s+5, .*\[eta: 0:00:00, ', log) and '-1 day' not in log  # BasicSR's said -1 day, 23:59:59
+
+
+def test_flashbias_fine_tune_from_a_table_checkpoint_then_test(tmp_path):
+    # the authors' ESC_FB recipe: a FlashBias network starts from a released table-layout model
+    # (strict_load_g true), its tables factored by SVD as they load; then basicsr test on the result
+    data = make_pairs(tmp_path / 'data')
+    table = {k: v for k, v in TINY_ESC.items() if k != 'type'}
+    torch.save({'params_ema': randomize_(ESC(**table), scale=0.1).state_dict()}, tmp_path / 'table.pth')
+    opt = train_options(data, name='fb', total_iter=2, warmup_iter=-1)
+    opt['network_g'].update(attn_type='FlashBias', flashbias_rank=4)
+    opt['path'].update(pretrain_network_g=str(tmp_path / 'table.pth'), param_key_g='params_ema')
+    result = basicsr('train', '-opt', write_yaml(tmp_path / 'fb.yml', opt), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    experiment = tmp_path / 'experiments' / 'fb'
+    log = newest_log(experiment)
+    assert re.search(r'Decomposed blocks\.0\.attn\.relative_position_bias into rank-4 FlashBias factors '
+                     r'\(relative error \d\.\d\de-\d\d\)', log)
+    trained = torch.load(experiment / 'models' / 'net_g_2.pth', weights_only=True)['params_ema']
+    assert trained['blocks.0.attn.flashbias_q'].shape == (2, 16, 4) and not any('relative' in k for k in trained)
+    test_opt = {k: v for k, v in opt.items() if k != 'train'}
+    test_opt.update(name='fb_test', datasets=dict(test_1=opt['datasets']['val']))
+    test_opt['path'] = dict(pretrain_network_g=str(experiment / 'models' / 'net_g_2.pth'), param_key_g='params_ema')
+    result = basicsr('test', '-opt', write_yaml(tmp_path / 'fb_test.yml', test_opt), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r'# psnr: \d+\.\d+', newest_log(tmp_path / 'results' / 'fb_test'))
 
 
 def test_a_corrupt_training_image_is_named(tmp_path):
@@ -899,6 +924,11 @@ def test_every_pair_and_option_basicsr_reads_later_is_checked_first(tmp_path, mo
                         o['path'].update(pretrain_network_g=str(tmp_path / 'fp_x2.pth')))
     assert 'fp_x2.pth (path.pretrain_network_g in x.yml) is an x2 checkpoint but network_g is x4' in error(
         fp_opt, is_train=False)
+    factored = ESC(**{k: v for k, v in TINY_ESC.items() if k != 'type'}, attn_type='FlashBias', flashbias_rank=3)
+    torch.save({'params': factored.state_dict()}, tmp_path / 'fb.pth')  # the authors' ESC_FB_* into a table network
+    assert 'fb.pth (path.pretrain_network_g in x.yml) does not fit network_g (ESC): it is a FlashBias checkpoint ' \
+        '(attn_type: FlashBias, flashbias_rank: 3); 1 missing keys: blocks.0.attn.relative_position_bias' in error(
+            lambda o: o['path'].update(pretrain_network_g=str(tmp_path / 'fb.pth')), is_train=False)
     three = ESC(**{**{k: v for k, v in TINY_ESC.items() if k != 'type'}, 'upscaling_factor': 2, 'n_blocks': 2})
     torch.save({'params': three.state_dict()}, tmp_path / 'blocks.pth')  # training re-samples to_img, not blocks
     err = error(lambda o: o['path'].update(pretrain_network_g=str(tmp_path / 'blocks.pth')))

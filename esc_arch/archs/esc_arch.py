@@ -35,10 +35,10 @@ class SharedFilterTrunk(ESCTrunk):
     """An ESC trunk whose ConvAttns share one dense, symmetrised ``plk_filter``."""
 
     def __init__(self, dim, pdim, kernel_size, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, use_ln,
-                 attn_type, deployment):
+                 attn_type, deployment, flashbias_rank=None):
         super().__init__(dim, pdim, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, proj_ratio=2,
                          use_ln=use_ln, make_plk=ConvolutionalAttention, attn_type=attn_type, ln_last=False,
-                         deployment=deployment)
+                         deployment=deployment, flashbias_rank=flashbias_rank)
         self.kernel_size = kernel_size
         self.plk_filter = _orthogonal_filter(pdim, kernel_size)
 
@@ -104,7 +104,8 @@ class ESC(SharedFilterTrunk):
         n_blocks: blocks. conv_blocks: ConvAttn + ConvFFN pairs per block.
         window_size: attention window side. num_heads: attention heads.
         upscaling_factor: scale. exp_ratio: ConvFFN expansion.
-        use_ln: LayerNorm before each ConvFFN (ESC-XL). attn_type: 'auto', 'naive', 'sdpa', 'flex'.
+        use_ln: LayerNorm before each ConvFFN (ESC-XL). attn_type: 'auto', 'naive', 'sdpa', 'flex',
+        or 'FlashBias' with ``flashbias_rank`` (the authors' ESC_FB releases; see ``WindowAttention``).
         deployment: call ``deploy()`` by itself on the first inference forward (the authors' key).
 
     A state dict trained at another scale loads: its ``to_img`` is re-sampled (one log line).
@@ -112,10 +113,10 @@ class ESC(SharedFilterTrunk):
 
     def __init__(self, dim: int, pdim: int, kernel_size: int, n_blocks: int, conv_blocks: int, window_size: int,
                  num_heads: int, upscaling_factor: int, exp_ratio: float = 2, use_ln: bool = False,
-                 attn_type: str = 'auto', deployment: bool = False):
+                 attn_type: str = 'auto', deployment: bool = False, flashbias_rank: int | None = None):
         check_upscaling_factor(upscaling_factor)
         super().__init__(dim, pdim, kernel_size, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, use_ln,
-                         attn_type, deployment)
+                         attn_type, deployment, flashbias_rank)
         self.upscaling_factor = upscaling_factor
         self.to_img = nn.Conv2d(dim, 3 * upscaling_factor**2, 3, padding=1)
         self.register_load_state_dict_pre_hook(_resample_to_img_hook)

@@ -26,12 +26,12 @@ class ESCFP(ESCTrunk):
 
     def __init__(self, dim: int, pdim: int, kernel_size: int, n_blocks: int, conv_blocks: int, window_size: int,
                  num_heads: int, upscaling_factor: int, exp_ratio: float = 2, attn_type: str = 'auto',
-                 deployment: bool = False):
+                 deployment: bool = False, flashbias_rank: int | None = None):
         check_kernel_size(kernel_size)
         check_upscaling_factor(upscaling_factor)
         super().__init__(dim, pdim, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, proj_ratio=1.5,
                          use_ln=True, make_plk=DecomposedConvolutionalAttention, attn_type=attn_type, ln_last=True,
-                         deployment=deployment)
+                         deployment=deployment, flashbias_rank=flashbias_rank)
         self.kernel_size = kernel_size
         self.upscaling_factor = upscaling_factor
         self.lk_channel = nn.Parameter(torch.randn(pdim, pdim, 1, 1))

@@ -19,14 +19,14 @@ class ESCReal(SharedFilterTrunk):
 
     def __init__(self, dim: int, pdim: int, kernel_size: int, n_blocks: int, conv_blocks: int, window_size: int,
                  num_heads: int, upscaling_factor: int = 4, exp_ratio: float = 2, attn_type: str = 'auto',
-                 deployment: bool = False, use_dysample: bool = False):
+                 deployment: bool = False, use_dysample: bool = False, flashbias_rank: int | None = None):
         if use_dysample:  # the authors' option (default false), for which they release no weights
             raise ValueError('ESCReal: use_dysample: true (a DySample upsampler) is not supported; the released '
                              'ESC-Real upsamples by nearest neighbour + convs (use_dysample: false)')
         if upscaling_factor != 4:
             raise ValueError(f'ESCReal supports upscaling_factor 4 only, got {upscaling_factor}')
         super().__init__(dim, pdim, kernel_size, n_blocks, conv_blocks, window_size, num_heads, exp_ratio,
-                         use_ln=True, attn_type=attn_type, deployment=deployment)
+                         use_ln=True, attn_type=attn_type, deployment=deployment, flashbias_rank=flashbias_rank)
         self.upscaling_factor = upscaling_factor
         self.to_img = nn.Sequential(
             nn.Upsample(scale_factor=2, mode='nearest'),

@@ -5,6 +5,7 @@ Every fast path lives next to the plain computation it replaces; tests prove the
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -28,6 +29,9 @@ from ..kernels import (
 )
 
 ATTN_TYPES = ('auto', 'naive', 'sdpa', 'flex')
+# the authors' FlashBias variants (ESC_FB_*): the bias as the product of two learnt low-rank factors,
+# a layout of its own (flashbias_q / flashbias_k instead of the table); computed as SDPA is
+FLASHBIAS = 'flashbias'
 
 
 # --------------------------------------------------------------------------------------
@@ -702,10 +706,17 @@ def _rpe_score_mod(table: torch.Tensor, window_size: int) -> Callable:
     return score_mod
 
 
+def _dense_score_mod(bias: torch.Tensor) -> Callable:
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx, kv_idx]
+
+    return score_mod
+
+
 _compiled_flex = None
 
 
-def _flex_attention(q, k, v, table, window_size):
+def _flex_attention(q, k, v, score_mod):
     """flex_attention with the bias as a score_mod: compiled on CUDA, eager elsewhere (exact,
     no 30 s CPU compile)."""
     global _compiled_flex
@@ -713,7 +724,6 @@ def _flex_attention(q, k, v, table, window_size):
 
     from torch.nn.attention.flex_attention import flex_attention
 
-    score_mod = _rpe_score_mod(table.to(q.dtype), window_size)
     if q.is_cuda:
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=True)
@@ -724,30 +734,51 @@ def _flex_attention(q, k, v, table, window_size):
 
 
 def resolve_attn_type(attn_type: str) -> str:
-    """Map the user's value (any case) to a backend; ``auto`` gives SDPA with the bias as a
-    float mask, and ``WindowAttention`` turns that into the fused kernel (esc_arch/kernels)
-    for CPU float32 inference where it applies (flex on CUDA is not measured yet)."""
+    """Map the user's value (any case) to a backend; ``auto`` (and ``flashbias``, which also
+    chooses the bias's layout, see ``WindowAttention``) gives SDPA with the bias as a float mask,
+    and ``WindowAttention`` turns that into the fused kernel (esc_arch/kernels) for CPU float32
+    inference where it applies (flex on CUDA is not measured yet)."""
     name = attn_type.lower() if isinstance(attn_type, str) else attn_type
-    if name not in ATTN_TYPES:
-        # the authors' ESC_FB_* files: a low-rank factored bias (flashbias_rank), with weights of its own layout
-        note = ('; FlashBias (the ESC_FB variants, flashbias_rank) is not supported here' if name == 'flashbias'
-                else '')
-        raise ValueError(f"attn_type must be one of {', '.join(ATTN_TYPES)} (any case), got {attn_type!r}{note}")
-    if name == 'auto':
+    if name not in ATTN_TYPES + (FLASHBIAS, ):
+        raise ValueError(f"attn_type must be one of {', '.join(ATTN_TYPES)} or FlashBias (any case), got {attn_type!r}")
+    if name in ('auto', FLASHBIAS):
         return 'sdpa'
     return name
 
 
+def is_flashbias(attn_type) -> bool:
+    return isinstance(attn_type, str) and attn_type.lower() == FLASHBIAS
+
+
 def windowed_attention(q, k, v, table, window_size, backend, bias=None):
     """softmax(q k^T / sqrt(c) + B) v over windows; q/k/v: (windows, heads, N, c). Flex builds
-    B from ``table``; naive and SDPA take the dense ``bias`` (heads, Nq, Nk)."""
+    B from ``table`` where one is given; otherwise (and for naive and SDPA) B is the dense
+    ``bias`` (heads, Nq, Nk)."""
     if backend == 'flex':
-        return _flex_attention(q, k, v, table, window_size)
+        return _flex_attention(q, k, v, _rpe_score_mod(table.to(q.dtype), window_size) if table is not None
+                               else _dense_score_mod(bias.to(q.dtype)))
     bias = bias.to(q.dtype).unsqueeze(0)
     if backend == 'sdpa':
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     score = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]) + bias
     return score.softmax(dim=-1) @ v
+
+
+def flashbias_factors(table: torch.Tensor, window_size: int, rank: int) -> tuple:
+    """The authors' start for a FlashBias model from a table-layout one: the dense bias of
+    ``table`` (heads, (2w-1)^2) split by a truncated SVD, B ~ (U sqrt(S)) (V sqrt(S))^T, each
+    factor (heads, w*w, rank) (zero columns past the bias's own rank), computed in float64 and
+    returned in the table's dtype, with the relative (Frobenius) error of the approximation."""
+    bias = relative_position_bias(table.detach().double(), window_size)
+    u, sv, vh = torch.linalg.svd(bias, full_matrices=False)
+    kept = min(rank, sv.shape[-1])
+    root = sv[:, None, :kept].sqrt()
+    q_f, k_f = (bias.new_zeros(*bias.shape[:2], rank) for _ in range(2))
+    q_f[..., :kept] = u[..., :kept] * root
+    k_f[..., :kept] = vh[:, :kept].transpose(-2, -1) * root
+    error = (torch.linalg.matrix_norm(bias - q_f @ k_f.transpose(-2, -1)).norm()
+             / torch.linalg.matrix_norm(bias).norm().clamp_min(1e-300)).item()
+    return q_f.to(table.dtype), k_f.to(table.dtype), error
 
 
 class WindowAttention(nn.Module):
@@ -759,47 +790,98 @@ class WindowAttention(nn.Module):
             SDPA, except for CPU float32 inference where the fused kernel applies (head dim
             8/16/24/32, window size a multiple of 8): ~2.5x faster than SDPA there (ESC's
             layer at 180x320 on a 2-core AVX2 EPYC: 119-121 ms against 301 ms), with no dense bias.
+            'FlashBias' (the authors' ESC_FB variants): the bias is not a relative-position table
+            but the product of two learnt factors, ``flashbias_q @ flashbias_k^T`` (each (heads,
+            w*w, flashbias_rank)), computed exactly as 'auto' does with a dense bias (the authors run
+            it through bf16 flash attention). ``set_attn_type`` may still switch its backend.
+        flashbias_rank: the factors' rank, with attn_type FlashBias only (default, as the
+            authors': 256 - dim / num_heads). A table-layout state dict (``relative_position_bias``)
+            loads into a FlashBias layer by a truncated SVD of its bias, as the authors' fine-tuning
+            starts (one log line with the approximation's error).
     """
 
-    def __init__(self, dim: int, window_size: int, num_heads: int, attn_type: str = 'auto'):
+    def __init__(self, dim: int, window_size: int, num_heads: int, attn_type: str = 'auto',
+                 flashbias_rank: int | None = None):
         super().__init__()
         for name, value in (('dim', dim), ('window_size', window_size), ('num_heads', num_heads)):
             check_whole(name, value)
         if dim % num_heads:
             raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
+        resolve_attn_type(attn_type)  # validate early
+        self.flashbias = is_flashbias(attn_type)
+        if flashbias_rank is not None and not self.flashbias:
+            raise ValueError(f'flashbias_rank ({flashbias_rank}) is for attn_type FlashBias only, got attn_type '
+                             f'{attn_type!r} (whose bias is a relative-position table)')
         self.dim = dim
         self.window_size = window_size
         self.num_heads = num_heads
         self.attn_type = attn_type
-        resolve_attn_type(attn_type)  # validate early
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.to_out = nn.Conv2d(dim, dim, 1)
-        self.relative_position_bias = nn.Parameter(torch.randn(num_heads, (2 * window_size - 1)**2) * 0.001)
+        if self.flashbias:
+            rank = 256 - dim // num_heads if flashbias_rank is None else flashbias_rank
+            check_whole('flashbias_rank', rank)
+            self.flashbias_rank = rank
+            # the authors start both at zero, where neither ever gets a gradient (they always load
+            # a table-layout model first); small random factors train from scratch too, their
+            # product of the table's scale (std 0.001)
+            std = (1e-3 / math.sqrt(rank)) ** 0.5
+            n = window_size * window_size
+            self.flashbias_q = nn.Parameter(torch.randn(num_heads, n, rank) * std)
+            self.flashbias_k = nn.Parameter(torch.randn(num_heads, n, rank) * std)
+            self._register_load_state_dict_pre_hook(self._factor_table)
+        else:
+            self.relative_position_bias = nn.Parameter(torch.randn(num_heads, (2 * window_size - 1)**2) * 0.001)
         self._deployed = False
-        self._drop_bias()  # the dense bias kept outside autograd, and a copy of the table it came from
+        self._drop_bias()  # the dense bias kept outside autograd, and a copy of what it came from
         self.last_backend = None  # what the latest forward ran ('fused', 'sdpa', ...): for benchmarks
 
     # un-deployed (e.g. BasicSR validating its EMA model) keeps biases up to this size between
     # forwards (ESC: 16 MB per layer); larger ones (ESC-XL: 255 MB) only once deployed
     max_kept_bias_bytes = 64 << 20
 
+    def bias_parameters(self) -> tuple:
+        """What the bias is made of: the relative-position table, or FlashBias's two factors."""
+        return (self.flashbias_q, self.flashbias_k) if self.flashbias else (self.relative_position_bias, )
+
+    def _build_bias(self, *params: torch.Tensor) -> torch.Tensor:
+        if self.flashbias:
+            return params[0] @ params[1].transpose(-2, -1)
+        return relative_position_bias(params[0], self.window_size)
+
     def dense_bias(self) -> torch.Tensor:
-        """The (heads, N, N) bias. Outside autograd it is kept until the table changes (updated
+        """The (heads, N, N) bias. Outside autograd it is kept until its parameters change (updated
         in place, reloaded, moved), so evaluation does not rebuild it on every forward."""
-        table = self.relative_position_bias
-        if (torch.is_grad_enabled() and table.requires_grad) or tracing():  # a trace records it, not a constant
-            return relative_position_bias(table, self.window_size)
-        # kept while the table holds the same values (the table is small: 4 x 63 x 63 floats against
-        # a 16 MB bias). On a GPU, where a comparison would wait for the device, an undeployed layer
-        # rebuilds it (one gather kernel) and a deployed one keeps it while the table is the same tensor
-        on_cpu = table.device.type == 'cpu'
-        if self._bias is not None and unchanged(self._bias_source, table) and (on_cpu or self._bias_table[0] is table):
+        params = self.bias_parameters()
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or tracing():
+            return self._build_bias(*params)  # a trace records it, not a constant
+        # kept while the parameters hold the same values (the table is small: 4 x 63 x 63 floats
+        # against a 16 MB bias). On a GPU, where a comparison would wait for the device, an
+        # undeployed layer rebuilds it (one kernel) and a deployed one keeps it while they are the
+        # same tensors
+        on_cpu = params[0].device.type == 'cpu'
+        if (self._bias is not None and all(unchanged(kept, p) for kept, p in zip(self._bias_source, params))
+                and (on_cpu or all(kept is p for kept, p in zip(self._bias_params, params)))):
             return self._bias
-        bias = relative_position_bias(table.detach(), self.window_size)
+        bias = self._build_bias(*(p.detach() for p in params))
         if self._deployed or (on_cpu and bias.numel() * bias.element_size() <= self.max_kept_bias_bytes):
-            self._bias, self._bias_source = bias, table.detach().clone()
-            self._bias_table = (table, )  # a tuple: not registered as a parameter
+            self._bias, self._bias_source = bias, tuple(p.detach().clone() for p in params)
+            self._bias_params = params  # a tuple: not registered as parameters
         return bias
+
+    def _factor_table(self, state_dict, prefix, *args):
+        """A table-layout state dict into a FlashBias layer: its bias's truncated SVD (``flashbias_factors``)."""
+        table = state_dict.get(prefix + 'relative_position_bias')
+        side = 2 * self.window_size - 1
+        if (table is None or prefix + 'flashbias_q' in state_dict or prefix + 'flashbias_k' in state_dict
+                or tuple(table.shape) != (self.num_heads, side * side)):
+            return  # not a table of this layer's shape: load_state_dict names the difference
+        q_f, k_f, error = flashbias_factors(table, self.window_size, self.flashbias_rank)
+        del state_dict[prefix + 'relative_position_bias']
+        state_dict[prefix + 'flashbias_q'], state_dict[prefix + 'flashbias_k'] = q_f, k_f
+        logging.getLogger('basicsr').info(
+            f'Decomposed {prefix}relative_position_bias into rank-{self.flashbias_rank} FlashBias factors '
+            f'(relative error {error:.2e}).')
 
     def deploy(self):
         """Allow keeping a dense bias of any size (built by the first SDPA/naive forward; the
@@ -811,7 +893,7 @@ class WindowAttention(nn.Module):
         self._drop_bias()
 
     def _drop_bias(self):
-        self._bias, self._bias_source, self._bias_table = None, None, None
+        self._bias, self._bias_source, self._bias_params = None, None, None
 
     def train(self, mode: bool = True):
         if mode:
@@ -833,7 +915,7 @@ class WindowAttention(nn.Module):
         if (backend == 'flex' and x.device.type != 'cuda' and torch.is_grad_enabled()
                 and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
             backend = 'sdpa'  # flex_attention has no backward on the CPU; SDPA computes the same
-        if (backend == 'sdpa' and self.attn_type.lower() == 'auto' and cpu_float32_inference(x)
+        if (backend == 'sdpa' and self.attn_type.lower() in ('auto', FLASHBIAS) and cpu_float32_inference(x)
                 and fused_attention_applies(c, ws)):
             backend = 'fused'  # the CPU inference kernel (esc_arch/kernels): same values, no dense bias
         self.last_backend = backend
@@ -852,8 +934,9 @@ class WindowAttention(nn.Module):
         qkv = linear(x, self.to_qkv.weight.view(3 * self.dim, self.dim), self.to_qkv.bias)
         q, k, v = qkv.view(b * nh * nw, ws * ws, 3, heads, c).permute(2, 0, 3, 1, 4)
         if backend == 'flex' or tracing():  # whole windows (flex's score_mod indexes all queries)
-            bias = None if backend == 'flex' else self.dense_bias()  # flex reads the table
-            out = windowed_attention(q, k, v, self.relative_position_bias, ws, backend, bias=bias)
+            table = None if self.flashbias else self.relative_position_bias
+            bias = None if backend == 'flex' and table is not None else self.dense_bias()  # flex reads the table
+            out = windowed_attention(q, k, v, table, ws, backend, bias=bias)
             out = out.transpose(1, 2).reshape(b * nh * nw, ws * ws, self.dim)
         else:
             out = self._attend_inside(q, k, v, backend, b, h, w).view(b * nh * nw, ws * ws, self.dim)
@@ -878,7 +961,8 @@ class WindowAttention(nn.Module):
         qkv = conv_plus(self.to_qkv, pixels.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
         q, k, v = qkv.permute(0, 2, 3, 1).contiguous().view(b, h, w, 3, heads, c).unbind(3)
         out = qkv.new_empty(b, h, w, heads, c)
-        table = self.relative_position_bias.detach().view(heads, 2 * ws - 1, 2 * ws - 1)
+        table = (self.dense_bias().contiguous() if self.flashbias  # its bias is no table: the kernel reads it dense
+                 else self.relative_position_bias.detach().view(heads, 2 * ws - 1, 2 * ws - 1))
         rows, cols = (padded_positions(n, ws) for n in (h, w))
         window_attention_op()(q, k, v, table, rows, cols, ws, c**-0.5, out)
         out = out.view(b, h, w, self.dim).permute(0, 3, 1, 2)
@@ -917,7 +1001,9 @@ class WindowAttention(nn.Module):
         return out
 
     def extra_repr(self):
-        return f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, attn_type={self.attn_type}'
+        rank = f', flashbias_rank={self.flashbias_rank}' if self.flashbias else ''
+        return (f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, '
+                f'attn_type={self.attn_type}{rank}')
 
 
 def _window_groups(n: int, ws: int, size: int) -> list:
@@ -941,12 +1027,12 @@ class ESCBlock(nn.Module):
 
     def __init__(self, dim: int, pdim: int, conv_blocks: int, window_size: int, num_heads: int,
                  exp_ratio: float, proj_ratio: float, use_ln: bool, make_plk: Callable[[int], nn.Module],
-                 attn_type: str = 'auto'):
+                 attn_type: str = 'auto', flashbias_rank: int | None = None):
         super().__init__()
         self.ln_proj = LayerNorm2d(dim)
         self.proj = ConvFFN(dim, 3, proj_ratio)
         self.ln_attn = LayerNorm2d(dim)
-        self.attn = WindowAttention(dim, window_size, num_heads, attn_type)
+        self.attn = WindowAttention(dim, window_size, num_heads, attn_type, flashbias_rank)
         if use_ln:
             self.lns = nn.ModuleList([LayerNorm2d(dim) for _ in range(conv_blocks)])
         else:
@@ -975,7 +1061,8 @@ class ESCTrunk(nn.Module):
 
     def __init__(self, dim: int, pdim: int, n_blocks: int, conv_blocks: int, window_size: int,
                  num_heads: int, exp_ratio: float, proj_ratio: float, use_ln: bool,
-                 make_plk: Callable[[int], nn.Module], attn_type: str, ln_last: bool, deployment: bool = False):
+                 make_plk: Callable[[int], nn.Module], attn_type: str, ln_last: bool, deployment: bool = False,
+                 flashbias_rank: int | None = None):
         super().__init__()
         self.deployment = deployment  # deploy() automatically on the first inference forward
         self.deployed = False
@@ -992,7 +1079,7 @@ class ESCTrunk(nn.Module):
         self.proj = nn.Conv2d(3, dim, 3, padding=1)
         self.blocks = nn.ModuleList([
             ESCBlock(dim, pdim, conv_blocks, window_size, num_heads, exp_ratio, proj_ratio, use_ln, make_plk,
-                     attn_type) for _ in range(n_blocks)
+                     attn_type, flashbias_rank) for _ in range(n_blocks)
         ])
         if ln_last:
             self.ln_last = LayerNorm2d(dim)
@@ -1026,11 +1113,16 @@ class ESCTrunk(nn.Module):
         return conv_plus(self.last, feat, skip)
 
     def set_attn_type(self, attn_type: str):
-        """Switch every window attention to another backend (e.g. 'flex' on CUDA)."""
+        """Switch every window attention to another backend (e.g. 'flex' on CUDA). A FlashBias
+        model keeps its factored bias whatever the backend."""
         resolve_attn_type(attn_type)
-        for module in self.modules():
-            if isinstance(module, WindowAttention):
-                module.attn_type = attn_type
+        layers = [module for module in self.modules() if isinstance(module, WindowAttention)]
+        if is_flashbias(attn_type) and not all(layer.flashbias for layer in layers):
+            raise ValueError(f'{type(self).__name__}: FlashBias is a weight layout of its own (flashbias_q/k in place '
+                             'of relative_position_bias), not a backend to switch to: build the model with attn_type '
+                             'FlashBias (a table-layout state dict loads into it by an SVD of its bias)')
+        for layer in layers:
+            layer.attn_type = attn_type
         return self
 
     @torch.no_grad()

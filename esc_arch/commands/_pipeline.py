@@ -50,7 +50,7 @@ import torch
 import yaml
 
 from ..arch_options import SCALE_KEYS, default_scale, options_problem
-from ..archs.layers import resample_subpixel_conv
+from ..archs.layers import is_flashbias, resample_subpixel_conv
 from ..loading import CheckpointError, describe_mismatch, infer_config
 from ..messages import OptionError, environment_problem, first_line
 from ..models.esr_model import (
@@ -299,9 +299,6 @@ def _check_networks(opt: dict, opt_path: str) -> None:
             arch = ARCH_REGISTRY.get(net_type)
             options = {k: v for k, v in net_opt.items() if k != 'type'}
             ours = getattr(arch, '__module__', '').startswith('esc_arch.')
-            if ours and 'flashbias_rank' in options:  # attn_type FlashBias alone: the constructor says so
-                raise OptionError(f'{arch.__name__}: FlashBias (the authors\' ESC_FB variants: attn_type FlashBias, '
-                                  f'flashbias_rank) is not supported ({key} in {opt_path})')
             problem = options_problem(arch, options)
             if problem:
                 raise OptionError(f'{arch.__name__}: {problem} ({key} in {opt_path})')
@@ -546,6 +543,9 @@ def _check_network_fits(net_opt: dict, state_dict: dict, what: str, key: str = '
             arch = None
         other = (f' it is an {arch} x{config["upscaling_factor"]} checkpoint;' if arch and arch != net_opt.get('type')
                  else '')
+        if arch and 'flashbias_rank' in config and not is_flashbias(net_opt.get('attn_type')):
+            other += (f' it is a FlashBias checkpoint (attn_type: FlashBias, flashbias_rank: '
+                      f'{config["flashbias_rank"]});')
         raise OptionError(f'{what} does not fit {key} ({net_opt.get("type")}):{other} {problems}') from None
 
 

@@ -226,8 +226,9 @@ def window_attention_op():
 
     op(q, k, v, table, rows, cols, window_size, scale, out, block_rows=0): q/k/v/out (B, H, W,
     heads, head_dim) float32 with contiguous last dims (any other strides), table (heads, 2w-1,
-    2w-1); the image is padded bottom/right to whole w x w windows, rows / cols (int64) giving the
-    image row / column each padded position copies. Writes each pixel's attention over its window
+    2w-1) or a dense bias (heads, w*w, w*w) (FlashBias models); the image is padded bottom/right
+    to whole w x w windows, rows / cols (int64) giving the image row / column each padded
+    position copies. Writes each pixel's attention over its window
     into out. ``block_rows``: queries per register block, 0 for the build's choice on this CPU
     (``ATTENTION_BLOCK_ROWS`` lists what each build has; the same values with any).
     """

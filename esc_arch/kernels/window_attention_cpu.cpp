@@ -5,8 +5,9 @@
 // padded keys are read from the image and no padded copy or window gather exists. For every
 // pixel (a query) of a window, with (qh, qw) its place in the window:
 //   out = softmax(scale * q k^T + B) v,  B[h, q, key] = table[h, kh - qh + w - 1, kw - qw + w - 1]
-// over the window's w * w keys (kh, kw). Only pixels inside the image are queries and only they
-// are written. Head dims 8, 16, 24 or 32; w a multiple of 8 (no run of 8 keys crosses a key row).
+// over the window's w * w keys (kh, kw), or, given a dense (heads, w^2, w^2) bias instead of the
+// table (FlashBias models, whose bias is no table), B[h, q, key] = bias[h, qh * w + qw, kh * w + kw].
+// Only pixels inside the image are queries and only they are written. Head dims 8, 16, 24 or 32; w a multiple of 8 (no run of 8 keys crosses a key row).
 // PyTorch's SDPA spends most of its time here in tiny GEMM calls and online-softmax
 // bookkeeping, and reads a dense (heads, w^2, w^2) bias from memory for every window; this
 // reads B straight from the (2w-1)^2 table, which stays in L1. One (window, head) pair at a
@@ -58,10 +59,11 @@ using Blocks6 = Blocks<6, 4>;
 // R query rows q (pre-scaled, R x C floats) against the w * w keys: scores plus bias into s
 // (R rows of stride ss), then each row becomes exp(s - max) and its sum. bias[r] points at
 // table[h, w - 1 - qh, w - 1 - qw] for row r: key (kh, kw) adds bias[r][kh * (2w - 1) + kw],
-// contiguous along kw. Keys come in panels of P = 2n: kp[j / P][d][j % P].
+// contiguous along kw, a key row's bias gap = w - 1 floats after the last one's; or (gap 0) at
+// row qh * w + qw of a dense bias. Keys come in panels of P = 2n: kp[j / P][d][j % P].
 template <class F, int R, int C>
-inline void scores_softmax(const float* q, const float* kp, int64_t w, const float* const* bias, float* s,
-                           int64_t ss, float* row_sum) {
+inline void scores_softmax(const float* q, const float* kp, int64_t w, int64_t gap, const float* const* bias,
+                           float* s, int64_t ss, float* row_sum) {
   using T = typename F::T;
   constexpr int N = F::n, P = 2 * N, RUNS = N / 8;
   const int64_t nk = w * w;
@@ -76,7 +78,7 @@ inline void scores_softmax(const float* q, const float* kp, int64_t w, const flo
     kw += 8;
     if (kw == w) {  // next key row: on to its run of the table
       kw = 0;
-      b += w - 1;
+      b += gap;
     }
     return at;
   };
@@ -150,13 +152,14 @@ inline void weighted_sum_one_vector(const float* p, int64_t ps, const float* v, 
 
 template <int R, int C>
 inline void row_block(const float* q, int64_t qs, float scale, const float* kp, const float* v, int64_t w,
-                      const float* const* bias, float* out, int64_t os, float* qbuf, float* s, int64_t ss) {
+                      int64_t gap, const float* const* bias, float* out, int64_t os, float* qbuf, float* s,
+                      int64_t ss) {
 #pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 32
     for (int d = 0; d < C; ++d) qbuf[r * C + d] = q[r * qs + d] * scale;
   float row_sum[R];
-  scores_softmax<Wide, R, C>(qbuf, kp, w, bias, s, ss, row_sum);
+  scores_softmax<Wide, R, C>(qbuf, kp, w, gap, bias, s, ss, row_sum);
   float inv[R];
 #pragma GCC unroll 32
   for (int r = 0; r < R; ++r) inv[r] = 1.0f / row_sum[r];
@@ -183,6 +186,8 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   const int64_t batch = q.size(0), height = q.size(1), width = q.size(2), heads = q.size(3);
   const int64_t nh = static_cast<int64_t>(rows.size()) / w, nw = static_cast<int64_t>(cols.size()) / w;
   const int64_t nk = w * w, side = 2 * w - 1;
+  const bool dense = table.size(1) == nk;  // a (heads, nk, nk) bias, else the (heads, side, side) table
+  const int64_t gap = dense ? 0 : w - 1;
   const float* qp = q.data_ptr<float>();
   const float* kd = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -227,7 +232,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
       // queries: the window's pixels inside the image
       const int64_t row0 = wr * w, col0 = wc * w;
       const int64_t q_rows = std::min(w, height - row0), q_cols = std::min(w, width - col0);
-      const float* th = tp + h * side * side;
+      const float* th = tp + h * (dense ? nk * nk : side * side);
       const float* bias[B::rows];
       for (int64_t i = 0; i < q_rows; ++i) {
         const float* qi = qp + b * qb + (row0 + i) * qr + col0 * qc + h * qh;
@@ -235,8 +240,8 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
         const float* bias_row = th + (w - 1 - i) * side + (w - 1);
         auto block = [&](int64_t j0, auto rows_tag) {  // queries j0 .. j0 + R - 1 of this row
           constexpr int R = decltype(rows_tag)::value;
-          for (int r = 0; r < R; ++r) bias[r] = bias_row - (j0 + r);
-          row_block<R, C>(qi + j0 * qc, qc, sc, kpan, vbuf, w, bias, oi + j0 * oc, oc, qbuf, s, ss);
+          for (int r = 0; r < R; ++r) bias[r] = dense ? th + (i * w + j0 + r) * nk : bias_row - (j0 + r);
+          row_block<R, C>(qi + j0 * qc, qc, sc, kpan, vbuf, w, gap, bias, oi + j0 * oc, oc, qbuf, s, ss);
         };
         const int64_t full = full_blocks<B>(q_cols);
         if (full >= 0) {  // full blocks of B::rows, then of B::tail
@@ -308,9 +313,11 @@ void window_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   TORCH_CHECK(w > 0 && w % 8 == 0, "window_attention: the window size must be a multiple of 8, got ", w);
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes() && out.sizes() == q.sizes(),
               "window_attention: q, k, v and out must have the same shape");
-  TORCH_CHECK(table.dim() == 3 && table.size(0) == heads && table.size(1) == 2 * w - 1 && table.size(2) == 2 * w - 1
-                  && table.is_contiguous(),
-              "window_attention: table must be a contiguous (heads, 2w - 1, 2w - 1) tensor");
+  const bool dense = table.dim() == 3 && table.size(1) == w * w && table.size(2) == w * w;
+  TORCH_CHECK(table.dim() == 3 && table.size(0) == heads && table.is_contiguous()
+                  && (dense || (table.size(1) == 2 * w - 1 && table.size(2) == 2 * w - 1)),
+              "window_attention: table must be a contiguous (heads, 2w - 1, 2w - 1) table or (heads, w^2, w^2) "
+              "dense bias");
   const auto row_index = padded_index(rows, w, q.size(1), "rows");
   const auto col_index = padded_index(cols, w, q.size(2), "cols");
   switch (c) {
