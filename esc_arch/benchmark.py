@@ -68,6 +68,8 @@ PRESETS = {
                            num_heads=12, exp_ratio=1.25, use_ln=True)),
     'esc-real': ('ESCReal', dict(dim=64, pdim=16, kernel_size=13, n_blocks=10, conv_blocks=5, window_size=32,
                                  num_heads=4, exp_ratio=2)),
+    'esc-fb': ('ESC', dict(dim=64, pdim=16, kernel_size=13, n_blocks=5, conv_blocks=5, window_size=32, num_heads=4,
+                           exp_ratio=1.25, attn_type='FlashBias', flashbias_rank=48)),  # the authors' ESC_FB_R48
     'swinir-light': ('SwinIR', dict(img_size=64, window_size=8, img_range=1., depths=[6, 6, 6, 6], embed_dim=60,
                                     num_heads=[6, 6, 6, 6], mlp_ratio=2, upsampler='pixelshuffledirect')),
     'edsr-baseline': ('EDSR', dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=16, res_scale=1,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from esc_arch import benchmark
+from esc_arch import ESC, benchmark
 from esc_arch.cli import main as cli_main
 
 TINY_ESC = 'ESC:dim=16,pdim=4,kernel_size=13,n_blocks=1,conv_blocks=1,window_size=8,num_heads=2,upscaling_factor=4'
@@ -141,6 +141,10 @@ def test_option_parsing_and_opt_file(tmp_path):
     spec = benchmark.opt_spec(str(opt))
     assert spec['type'] == 'EDSR' and spec['options']['num_feat'] == 8 and spec['label'] == 'tiny_edsr'
     assert benchmark.preset_spec('esc-light', 4)['options']['n_blocks'] == 3
+    fb = benchmark.preset_spec('esc-fb', 2)['options']  # the authors' FlashBias release builds
+    assert fb['attn_type'] == 'FlashBias' and fb['flashbias_rank'] == 48 and fb['upscaling_factor'] == 2
+    with torch.device('meta'):
+        assert ESC(**fb).blocks[0].attn.flashbias_q.shape == (4, 1024, 48)
     assert benchmark.default_lr_size(4) == (180, 320)
     with pytest.raises(benchmark.BenchError, match='--scale 1000 leaves no pixel'):  # a 0x1 input in the child
         benchmark.default_lr_size(1000)

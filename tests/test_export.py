@@ -58,6 +58,17 @@ def test_onnx_naive_attention_escfp_and_fp16(tmp_path, capsys):
         export_onnx(model, tmp_path / 'flex.onnx', attn_type='flex')
 
 
+@pytest.mark.parametrize('attn_type', ['sdpa', 'naive'])
+def test_onnx_of_a_flashbias_model(tmp_path, attn_type):
+    # the factored bias is traced as a product of the two factors (the graph's constant is theirs)
+    model = ESC(**tiny_config(window_size=8), attn_type='FlashBias', flashbias_rank=3)
+    model = randomize_(model, scale=0.05).eval()
+    path = export_onnx(model, tmp_path / 'fb.onnx', attn_type=attn_type)
+    x = torch.rand(1, 3, 13, 10)
+    assert (run_onnx(path, x) - Upscaler(model).forward(x)).abs().max().item() < 1e-4
+    assert model.blocks[0].attn.flashbias  # the caller's model keeps its layout
+
+
 def test_safetensors_round_trip_is_identical(tmp_path, capsys):
     model = randomize_(ESC(**tiny_config(use_ln=True)), scale=0.05).eval()
     pth = save_checkpoint(model, tmp_path / 'esc.pth')

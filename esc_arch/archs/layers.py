@@ -884,8 +884,8 @@ class WindowAttention(nn.Module):
             f'(relative error {error:.2e}).')
 
     def deploy(self):
-        """Allow keeping a dense bias of any size (built by the first SDPA/naive forward; the
-        fused CPU kernel reads the table and never builds it)."""
+        """Allow keeping a dense bias of any size (built by the first forward that reads it; the
+        fused CPU kernel reads a table model's table and never builds its bias)."""
         self._deployed = True
 
     def undeploy(self):
@@ -917,7 +917,7 @@ class WindowAttention(nn.Module):
             backend = 'sdpa'  # flex_attention has no backward on the CPU; SDPA computes the same
         if (backend == 'sdpa' and self.attn_type.lower() in ('auto', FLASHBIAS) and cpu_float32_inference(x)
                 and fused_attention_applies(c, ws)):
-            backend = 'fused'  # the CPU inference kernel (esc_arch/kernels): same values, no dense bias
+            backend = 'fused'  # the CPU inference kernel (esc_arch/kernels): same values, no dense bias but FlashBias's
         self.last_backend = backend
         channels_last = is_channels_last(x)
         if backend == 'fused':
