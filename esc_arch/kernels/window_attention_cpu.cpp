@@ -7,7 +7,8 @@
 //   out = softmax(scale * q k^T + B) v,  B[h, q, key] = table[h, kh - qh + w - 1, kw - qw + w - 1]
 // over the window's w * w keys (kh, kw), or, given a dense (heads, w^2, w^2) bias instead of the
 // table (FlashBias models, whose bias is no table), B[h, q, key] = bias[h, qh * w + qw, kh * w + kw].
-// Only pixels inside the image are queries and only they are written. Head dims 8, 16, 24 or 32; w a multiple of 8 (no run of 8 keys crosses a key row).
+// Only pixels inside the image are queries and only they are written. Head dims 8, 16, 24 or 32;
+// w a multiple of 8 (no run of 8 keys crosses a key row).
 // PyTorch's SDPA spends most of its time here in tiny GEMM calls and online-softmax
 // bookkeeping, and reads a dense (heads, w^2, w^2) bias from memory for every window; this
 // reads B straight from the (2w-1)^2 table, which stays in L1. One (window, head) pair at a
