@@ -829,7 +829,7 @@ class WindowAttention(nn.Module):
             n = window_size * window_size
             self.flashbias_q = nn.Parameter(torch.randn(num_heads, n, rank) * std)
             self.flashbias_k = nn.Parameter(torch.randn(num_heads, n, rank) * std)
-            self._register_load_state_dict_pre_hook(self._factor_table)
+            self.register_load_state_dict_pre_hook(_factor_table_hook)
         else:
             self.relative_position_bias = nn.Parameter(torch.randn(num_heads, (2 * window_size - 1)**2) * 0.001)
         self._deployed = False
@@ -868,20 +868,6 @@ class WindowAttention(nn.Module):
             self._bias, self._bias_source = bias, tuple(p.detach().clone() for p in params)
             self._bias_params = params  # a tuple: not registered as parameters
         return bias
-
-    def _factor_table(self, state_dict, prefix, *args):
-        """A table-layout state dict into a FlashBias layer: its bias's truncated SVD (``flashbias_factors``)."""
-        table = state_dict.get(prefix + 'relative_position_bias')
-        side = 2 * self.window_size - 1
-        if (table is None or prefix + 'flashbias_q' in state_dict or prefix + 'flashbias_k' in state_dict
-                or tuple(table.shape) != (self.num_heads, side * side)):
-            return  # not a table of this layer's shape: load_state_dict names the difference
-        q_f, k_f, error = flashbias_factors(table, self.window_size, self.flashbias_rank)
-        del state_dict[prefix + 'relative_position_bias']
-        state_dict[prefix + 'flashbias_q'], state_dict[prefix + 'flashbias_k'] = q_f, k_f
-        logging.getLogger('basicsr').info(
-            f'Decomposed {prefix}relative_position_bias into rank-{self.flashbias_rank} FlashBias factors '
-            f'(relative error {error:.2e}).')
 
     def deploy(self):
         """Allow keeping a dense bias of any size (built by the first forward that reads it; the
@@ -1004,6 +990,21 @@ class WindowAttention(nn.Module):
         rank = f', flashbias_rank={self.flashbias_rank}' if self.flashbias else ''
         return (f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, '
                 f'attn_type={self.attn_type}{rank}')
+
+
+def _factor_table_hook(layer: WindowAttention, state_dict, prefix, *args):
+    """A table-layout state dict into a FlashBias layer: its bias's truncated SVD (``flashbias_factors``)."""
+    table = state_dict.get(prefix + 'relative_position_bias')
+    side = 2 * layer.window_size - 1
+    if (table is None or prefix + 'flashbias_q' in state_dict or prefix + 'flashbias_k' in state_dict
+            or tuple(table.shape) != (layer.num_heads, side * side)):
+        return  # not a table of this layer's shape: load_state_dict names the difference
+    q_f, k_f, error = flashbias_factors(table, layer.window_size, layer.flashbias_rank)
+    del state_dict[prefix + 'relative_position_bias']
+    state_dict[prefix + 'flashbias_q'], state_dict[prefix + 'flashbias_k'] = q_f, k_f
+    logging.getLogger('basicsr').info(
+        f'Decomposed {prefix}relative_position_bias into rank-{layer.flashbias_rank} FlashBias factors '
+        f'(relative error {error:.2e}).')
 
 
 def _window_groups(n: int, ws: int, size: int) -> list:
