@@ -294,12 +294,17 @@ def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
 
 
 def image_to_tensor(img: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None]:
-    """(1x3xHxW RGB float in [0, 1], alpha HxW float or None). Gray is replicated to 3 channels."""
+    """(1x3xHxW RGB float in [0, 1], alpha HxW float or None). Gray (HxW or HxWx1) is replicated to 3 channels."""
+    if not isinstance(img, np.ndarray) or img.ndim not in (2, 3) or (img.ndim == 3 and not 1 <= img.shape[2] <= 4) \
+            or img.dtype not in DTYPE_RANGE:
+        raise ValueError(f'an image must be an HxW or HxWxC array with C = 1 (gray), 2 (gray + alpha), 3 (BGR) or 4 '
+                         f'(BGRA), of {", ".join(str(np.dtype(t)) for t in DTYPE_RANGE)}; got '
+                         f'{getattr(img, "shape", type(img).__name__)} {getattr(img, "dtype", "")}'.rstrip())
     scale = DTYPE_RANGE[img.dtype]
     img = img.astype(np.float32) / scale
     alpha = None
-    if img.ndim == 2:
-        color = np.repeat(img[:, :, None], 3, axis=2)
+    if img.ndim == 2 or img.shape[2] == 1:
+        color = np.repeat(img.reshape(*img.shape[:2], 1), 3, axis=2)
     elif img.shape[2] == 2:  # gray + alpha
         color, alpha = np.repeat(img[:, :, :1], 3, axis=2), img[:, :, 1]
     else:
@@ -313,7 +318,7 @@ def image_to_tensor(img: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None]:
 def tensor_to_image(rgb: torch.Tensor, alpha: np.ndarray | None, like: np.ndarray) -> np.ndarray:
     """Inverse of :func:`image_to_tensor` for an upscaled result, in the layout and type of ``like``."""
     color = rgb.squeeze(0).float().clamp(0, 1).permute(1, 2, 0).numpy()[:, :, ::-1]  # BGR
-    gray_input = like.ndim == 2 or like.shape[2] == 2
+    gray_input = like.ndim == 2 or like.shape[2] in (1, 2)
     if gray_input:
         color = cv2.cvtColor(np.ascontiguousarray(color), cv2.COLOR_BGR2GRAY)[:, :, None]
     channels = [color]

@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 
 from .archs import ESC, ESCFP, ESCReal
-from .archs.layers import resample_subpixel_conv
+from .archs.layers import WindowAttention, flashbias_table_shape, is_flashbias, resample_subpixel_conv
 
 ARCHS = {'ESC': ESC, 'ESCFP': ESCFP, 'ESCReal': ESCReal}
 WRAPPER_KEYS = ('params_ema', 'params', 'state_dict', 'model')
@@ -176,11 +176,12 @@ def describe_mismatch(model: torch.nn.Module, state_dict: Mapping, limit: int = 
     if isinstance(model, ESC):
         state_dict = dict(state_dict)
         resample_subpixel_conv(state_dict, '', 3, model.upscaling_factor)
-    for key in [k for k in state_dict if k.endswith('.relative_position_bias')]:  # a FlashBias model factors it
-        prefix = key[:-len('relative_position_bias')]
-        if prefix + 'flashbias_q' in expected and prefix + 'flashbias_q' not in state_dict:
-            state_dict = {k: v for k, v in state_dict.items() if k != key}
-            state_dict.update({prefix + name: expected[prefix + name] for name in ('flashbias_q', 'flashbias_k')})
+    for name, layer in model.named_modules():  # a FlashBias layer factors a table of its shape as it loads
+        prefix = f'{name}.' if name else ''
+        if (isinstance(layer, WindowAttention) and layer.flashbias and prefix + 'relative_position_bias' in state_dict
+                and prefix + 'flashbias_q' not in state_dict and prefix + 'flashbias_k' not in state_dict):
+            expected = {k: v for k, v in expected.items() if k not in (prefix + 'flashbias_q', prefix + 'flashbias_k')}
+            expected[prefix + 'relative_position_bias'] = torch.empty(flashbias_table_shape(layer), device='meta')
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
@@ -202,6 +203,10 @@ def build_from_state_dict(state_dict: Mapping, attn_type: str = 'auto') -> torch
         model = ARCHS[arch](**config)
         if attn_type.lower() not in ('auto', 'flashbias'):
             model.set_attn_type(attn_type)
+    elif is_flashbias(attn_type):  # as set_attn_type: a layout, not a backend; converting is lossy (SVD)
+        raise CheckpointError(f'attn_type {attn_type!r}: this {arch} checkpoint has the relative-position table '
+                              'layout; FlashBias is a layout of its own: build the model with attn_type FlashBias '
+                              'and a flashbias_rank and load this state dict into it (an SVD of each bias)')
     else:
         model = ARCHS[arch](**config, attn_type=attn_type)
     problems = describe_mismatch(model, state_dict)

@@ -242,7 +242,7 @@ def test_deploy_is_exact_and_reversible():
         fresh.load_state_dict(model.state_dict(), strict=True)
         assert (fresh(x) - reference).abs().max().item() <= 1e-6
     model.train()
-    assert not model.deployed and model.blocks[0].attn._bias is None
+    assert not model.deployed and model.blocks[0].attn.kept_bias is None
 
 
 def test_eval_keeps_the_attention_bias_until_the_table_changes():
@@ -251,28 +251,28 @@ def test_eval_keeps_the_attention_bias_until_the_table_changes():
     x = torch.rand(1, 3, 9, 10, dtype=torch.float64)
     with torch.no_grad():
         model(x)
-        cached = attn._bias
+        cached = attn.kept_bias
         model(x)
-        assert attn._bias is cached  # not rebuilt per forward
+        assert attn.kept_bias is cached  # not rebuilt per forward
         for param in model.parameters():
             param.mul_(0.9)  # an in-place update, as an optimizer or EMA step makes
         updated = model(x)
-    assert attn._bias is not cached
+    assert attn.kept_bias is not cached
     fresh = ESC(**tiny_config()).double()
     fresh.load_state_dict(model.state_dict())
     reference = fresh.eval()(x).detach()  # autograd on: the bias is built in the graph
     assert (updated - reference).abs().max().item() <= 1e-12
     model.float()
-    assert attn._bias is None
+    assert attn.kept_bias is None
     attn.max_kept_bias_bytes = 0  # too large to keep un-deployed (as ESC-XL's) ...
     with torch.no_grad():
         model(x.float())
-        assert attn._bias is None
+        assert attn.kept_bias is None
         model.deploy()  # ... but kept once deployed, also after a cast
         model(x.float())  # (window 4: SDPA, which builds it; the fused CPU kernel never does)
-        assert attn._bias is not None
+        assert attn.kept_bias is not None
         model.double()(x)
-        assert attn._bias is not None and attn._bias.dtype == torch.float64
+        assert attn.kept_bias is not None and attn.kept_bias.dtype == torch.float64
 
 
 def test_model_built_and_loaded_under_inference_mode():
@@ -918,3 +918,73 @@ def test_flashbias_is_a_layout_not_a_backend_to_switch_to():
     table = ESC(**tiny_config())
     with pytest.raises(RuntimeError, match='flashbias_q'):  # the other way round: PyTorch names the keys
         table.load_state_dict(model.state_dict())
+
+
+def test_threads_racing_a_first_forward_deploy_once(monkeypatch):
+    # every thread saw deployed False and folded the filter again: the symmetrised filter was then
+    # kept as the trained one, and undeploy() gave it back
+    import threading
+    import time
+    model = randomize_(ESC(**tiny_config(), deployment=True)).eval()
+    trained = model.plk_filter.detach().clone()
+    fold, serial = type(model)._fold_filter, threading.Lock()
+
+    def slow_fold(self, *args):  # one fold at a time, then a pause before deploy() says it is done
+        with serial:
+            result = fold(self, *args)
+        time.sleep(0.1)
+        return result
+
+    monkeypatch.setattr(type(model), '_fold_filter', slow_fold)
+    barrier, x = threading.Barrier(4), torch.rand(1, 3, 9, 9)
+
+    def work():
+        barrier.wait()
+        with torch.inference_mode():
+            model(x)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    model.undeploy()
+    assert torch.equal(model.plk_filter, trained)
+
+
+def test_the_kept_bias_is_one_attribute_threads_never_see_half_written(monkeypatch):
+    # the bias and the copies it is compared with were two attributes: a thread between the two
+    # writes saw a bias with no copies (TypeError: 'NoneType' object is not iterable)
+    import threading
+    layer = WindowAttention(16, 8, 2, 'sdpa').eval()  # SDPA: the dense bias on every path but the kernel's
+    x, errors = torch.rand(1, 16, 8, 8), []
+    with torch.no_grad():
+        expected = layer(x)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-7)  # thread switches as often as they can be: the window is a few bytecodes
+    try:
+        for _ in range(150):
+            layer._drop_bias()
+            barrier = threading.Barrier(8)
+
+            def work(barrier=barrier):
+                barrier.wait()
+                try:
+                    with torch.inference_mode():
+                        assert torch.equal(layer(x), expected)
+                except Exception as exc:  # noqa: BLE001 - collected and reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=work) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors[:1]
+
+
+def test_a_default_flashbias_rank_below_one_says_it_must_be_given():
+    with pytest.raises(ValueError, match=r'flashbias_rank must be given: its default, 256 - head dim \(512\), is'):
+        WindowAttention(512, 8, 1, 'FlashBias')

@@ -1,4 +1,6 @@
 """esc_arch.load_model: variant and config from keys/shapes alone, strict loading, clear errors."""
+import re
+
 import pytest
 import torch
 from conftest import randomize_, tiny_config
@@ -278,3 +280,21 @@ def test_a_table_checkpoint_fits_a_flashbias_model_and_not_the_other_way_round()
     assert describe_mismatch(ESC(**tiny_config()), factored.state_dict()) == (
         '1 missing keys: blocks.0.attn.relative_position_bias | '
         '2 unexpected keys: blocks.0.attn.flashbias_q; blocks.0.attn.flashbias_k')
+
+
+def test_a_table_of_another_window_or_heads_into_a_flashbias_model_is_a_shape_mismatch():
+    from esc_arch.loading import describe_mismatch
+    factored = ESC(**tiny_config(), attn_type='FlashBias', flashbias_rank=3)  # window 4, 2 heads: (2, 49)
+    for other, shape in ((dict(window_size=8), '(2, 225)'), (dict(num_heads=4), '(4, 49)')):
+        table = ESC(**tiny_config(**other)).state_dict()
+        assert describe_mismatch(factored, table) == (
+            f'1 shape mismatches: blocks.0.attn.relative_position_bias: checkpoint {shape} vs model (2, 49)')
+        with pytest.raises(RuntimeError, match=rf'copying a table of shape {re.escape(shape)}, this FlashBias layer '
+                                               r'\(window 4, 2 heads\) factors one of shape \(2, 49\)'):
+            factored.load_state_dict(table)
+
+
+def test_load_model_does_not_convert_a_table_checkpoint_to_flashbias():
+    with pytest.raises(CheckpointError, match="attn_type 'FlashBias': this ESC checkpoint has the relative-position "
+                                              'table layout; FlashBias is a layout of its own'):
+        esc_arch.load_model(ESC(**tiny_config()).state_dict(), attn_type='FlashBias')

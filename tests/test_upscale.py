@@ -676,3 +676,17 @@ def test_a_failed_gray_alpha_write_names_the_output_and_leaves_nothing(tmp_path,
     message = str(caught.value)
     assert message.startswith(f'cannot write {tmp_path / name}: ') and 'No space left on device' in message
     assert '.tmp' not in message and list(tmp_path.iterdir()) == []
+
+
+def test_an_hxwx1_array_is_gray_and_other_arrays_are_named():
+    # a caller's own (H, W, 1) array was taken for colour: "ESC takes a (N >= 1, 3, H, W) batch"
+    up = Upscaler(randomize_(ESC(**tiny_config(window_size=8)), scale=0.05).eval())
+    gray = np.random.default_rng(0).integers(0, 256, (9, 7), dtype=np.uint8)
+    out = up.upscale_image(gray[:, :, None])
+    assert out.shape == (18, 14, 1) and out.dtype == np.uint8
+    assert np.array_equal(out[:, :, 0], up.upscale_image(gray))
+    for bad, said in ((np.zeros((4, 4, 5), np.uint8), r'got \(4, 4, 5\) uint8'), (np.zeros(4), r'got \(4,\) float64'),
+                      (np.zeros((4, 4), np.int32), r'got \(4, 4\) int32'), ([[1]], 'got list')):
+        with pytest.raises(ValueError, match=r'^an image must be an HxW or HxWxC array with C = 1 \(gray\), 2 .*, of '
+                                             rf'uint8, uint16, float32, float64; {said}$'):
+            up.upscale_image(bad)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import Callable
 
 import numpy as np
@@ -32,6 +33,7 @@ ATTN_TYPES = ('auto', 'naive', 'sdpa', 'flex')
 # the authors' FlashBias variants (ESC_FB_*): the bias as the product of two learnt low-rank factors,
 # a layout of its own (flashbias_q / flashbias_k instead of the table); computed as SDPA is
 FLASHBIAS = 'flashbias'
+_DEPLOY_LOCK = threading.Lock()  # not per model: a lock would make models unpicklable
 
 
 # --------------------------------------------------------------------------------------
@@ -819,6 +821,9 @@ class WindowAttention(nn.Module):
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.to_out = nn.Conv2d(dim, dim, 1)
         if self.flashbias:
+            if flashbias_rank is None and dim // num_heads >= 256:
+                raise ValueError(f'flashbias_rank must be given: its default, 256 - head dim ({dim // num_heads}), '
+                                 'is below 1')
             rank = 256 - dim // num_heads if flashbias_rank is None else flashbias_rank
             check_whole('flashbias_rank', rank)
             self.flashbias_rank = rank
@@ -860,13 +865,16 @@ class WindowAttention(nn.Module):
         # undeployed layer rebuilds it (one kernel) and a deployed one keeps it while they are the
         # same tensors
         on_cpu = params[0].device.type == 'cpu'
-        if (self._bias is not None and all(unchanged(kept, p) for kept, p in zip(self._bias_source, params))
-                and (on_cpu or all(kept is p for kept, p in zip(self._bias_params, params)))):
-            return self._bias
+        cache = self._bias_cache  # read once: threads may replace it meanwhile (one attribute, never half-written)
+        if cache is not None:
+            bias, sources, kept_params = cache
+            if (all(unchanged(kept, p) for kept, p in zip(sources, params))
+                    and (on_cpu or all(kept is p for kept, p in zip(kept_params, params)))):
+                return bias
         bias = self._build_bias(*(p.detach() for p in params))
         if self._deployed or (on_cpu and bias.numel() * bias.element_size() <= self.max_kept_bias_bytes):
-            self._bias, self._bias_source = bias, tuple(p.detach().clone() for p in params)
-            self._bias_params = params  # a tuple: not registered as parameters
+            # the bias, copies of what it came from, and those parameters (a tuple: not registered)
+            self._bias_cache = (bias, tuple(p.detach().clone() for p in params), params)
         return bias
 
     def deploy(self):
@@ -879,7 +887,13 @@ class WindowAttention(nn.Module):
         self._drop_bias()
 
     def _drop_bias(self):
-        self._bias, self._bias_source, self._bias_params = None, None, None
+        self._bias_cache = None
+
+    @property
+    def kept_bias(self) -> torch.Tensor | None:
+        """The dense bias kept between forwards, if any."""
+        cache = self._bias_cache
+        return None if cache is None else cache[0]
 
     def train(self, mode: bool = True):
         if mode:
@@ -992,13 +1006,22 @@ class WindowAttention(nn.Module):
                 f'attn_type={self.attn_type}{rank}')
 
 
-def _factor_table_hook(layer: WindowAttention, state_dict, prefix, *args):
+def flashbias_table_shape(layer: WindowAttention) -> tuple:
+    """The shape of the table a FlashBias layer's bias can be factored from."""
+    return (layer.num_heads, (2 * layer.window_size - 1)**2)
+
+
+def _factor_table_hook(layer: WindowAttention, state_dict, prefix, local_metadata, strict, missing_keys,
+                       unexpected_keys, error_msgs):
     """A table-layout state dict into a FlashBias layer: its bias's truncated SVD (``flashbias_factors``)."""
     table = state_dict.get(prefix + 'relative_position_bias')
-    side = 2 * layer.window_size - 1
-    if (table is None or prefix + 'flashbias_q' in state_dict or prefix + 'flashbias_k' in state_dict
-            or tuple(table.shape) != (layer.num_heads, side * side)):
-        return  # not a table of this layer's shape: load_state_dict names the difference
+    if table is None or prefix + 'flashbias_q' in state_dict or prefix + 'flashbias_k' in state_dict:
+        return
+    if tuple(table.shape) != flashbias_table_shape(layer):
+        error_msgs.append(f'size mismatch for {prefix}relative_position_bias: copying a table of shape '
+                          f'{tuple(table.shape)}, this FlashBias layer (window {layer.window_size}, '
+                          f'{layer.num_heads} heads) factors one of shape {flashbias_table_shape(layer)}')
+        return
     q_f, k_f, error = flashbias_factors(table, layer.window_size, layer.flashbias_rank)
     del state_dict[prefix + 'relative_position_bias']
     state_dict[prefix + 'flashbias_q'], state_dict[prefix + 'flashbias_k'] = q_f, k_f
@@ -1103,7 +1126,9 @@ class ESCTrunk(nn.Module):
             raise ValueError(f'{type(self).__name__} takes a (N >= 1, 3, H, W) batch of RGB images, '
                              f'got shape {tuple(x.shape)}')
         if self.deployment and not self.training and not self.deployed:
-            self.deploy()
+            with _DEPLOY_LOCK:  # threads racing a first forward: one deploys (twice would fold the folded filter)
+                if not self.deployed:
+                    self.deploy()
         feat = self.proj(inference_layout(x))
         skip = feat
         filters = self.large_kernel_filters()
