@@ -33,6 +33,16 @@ def tiny_config(**overrides):
     return config
 
 
+def run_in_threads(work, count: int) -> None:
+    """work(0), ..., work(count - 1), each in a thread of its own, started together; returns when all end."""
+    import threading
+    threads = [threading.Thread(target=work, args=(index, )) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
     """Give every parameter non-trivial values (e.g. the zero-initialised dynamic-kernel head)."""
     gen = torch.Generator().manual_seed(seed)

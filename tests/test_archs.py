@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from basicsr.archs import build_network
 from basicsr.utils.registry import ARCH_REGISTRY
-from conftest import REFERENCE, load_fixture, randomize_, tiny_config
+from conftest import REFERENCE, load_fixture, randomize_, run_in_threads, tiny_config
 
 from esc_arch import ESC, ESCFP, ConvAttn, ESCReal, WindowAttention
 from esc_arch.archs.layers import reflect_pad_to_multiple, relative_position_bias, symmetrize_filter
@@ -938,16 +938,12 @@ def test_threads_racing_a_first_forward_deploy_once(monkeypatch):
     monkeypatch.setattr(type(model), '_fold_filter', slow_fold)
     barrier, x = threading.Barrier(4), torch.rand(1, 3, 9, 9)
 
-    def work():
+    def work(_):
         barrier.wait()
         with torch.inference_mode():
             model(x)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(work, 4)
     model.undeploy()
     assert torch.equal(model.plk_filter, trained)
 
@@ -967,7 +963,7 @@ def test_the_kept_bias_is_one_attribute_threads_never_see_half_written(monkeypat
             layer._drop_bias()
             barrier = threading.Barrier(8)
 
-            def work(barrier=barrier):
+            def work(_, barrier=barrier):
                 barrier.wait()
                 try:
                     with torch.inference_mode():
@@ -975,11 +971,7 @@ def test_the_kept_bias_is_one_attribute_threads_never_see_half_written(monkeypat
                 except Exception as exc:  # noqa: BLE001 - collected and reported below
                     errors.append(exc)
 
-            threads = [threading.Thread(target=work) for _ in range(8)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            run_in_threads(work, 8)
     finally:
         sys.setswitchinterval(switch)
     assert not errors, errors[:1]

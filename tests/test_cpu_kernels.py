@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import load_fixture, randomize_, tiny_config
+from conftest import load_fixture, randomize_, run_in_threads, tiny_config
 
 import esc_arch.archs.layers as layers
 import esc_arch.kernels as kernels_module
@@ -980,11 +980,7 @@ def test_one_deployed_model_serves_several_threads(op):
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     try:
-        threads = [threading.Thread(target=work, args=(i, )) for i in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_in_threads(work, 4)
     finally:
         sys.setswitchinterval(interval)
     assert not errors, errors
