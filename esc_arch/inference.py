@@ -235,6 +235,16 @@ FORMAT_TYPES = {'.png': ('uint8', 'uint16'), '.jpg': ('uint8', ), '.jpeg': ('uin
                 '.bmp': ('uint8', ), '.ppm': ('uint8', 'uint16'), '.pgm': ('uint8', 'uint16'),
                 '.tif': ('uint8', 'uint16', 'float32', 'float64'), '.tiff': ('uint8', 'uint16', 'float32', 'float64')}
 _NO_ALPHA = ('.jpg', '.jpeg', '.ppm', '.pgm')
+# the longest side each format stores (libjpeg, libwebp); OpenCV fails on more as on a full disk
+FORMAT_MAX_SIDE = {'.jpg': 65500, '.jpeg': 65500, '.webp': 16383}
+
+
+def format_size_problem(suffix: str, height: int, width: int) -> str | None:
+    """Why a ``suffix`` file cannot hold a height x width image, or None."""
+    most = FORMAT_MAX_SIDE.get(suffix.lower())
+    if most is not None and max(height, width) > most:
+        return f'{suffix} stores images of at most {most} pixels a side, not {width}x{height}'
+    return None
 
 
 def fit_to_format(img: np.ndarray, suffix: str) -> tuple[np.ndarray, list[str]]:
@@ -277,6 +287,8 @@ def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
     if types and img.dtype.name not in types:
         raise InferenceError(f'cannot write {path}: {path.suffix} stores {" or ".join(types)} pixels, not '
                              f'{img.dtype} (see fit_to_format)')
+    if problem := format_size_problem(path.suffix, *img.shape[:2]):
+        raise InferenceError(f'cannot write {path}: {problem}')
     if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha: OpenCV writes 1, 3 or 4 channels only
         writer = _gray_alpha_writer(img, path.suffix.lower())
         if writer is not None:

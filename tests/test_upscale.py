@@ -690,3 +690,31 @@ def test_an_hxwx1_array_is_gray_and_other_arrays_are_named():
         with pytest.raises(ValueError, match=r'^an image must be an HxW or HxWxC array with C = 1 \(gray\), 2 .*, of '
                                              rf'uint8, uint16, float32, float64; {said}$'):
             up.upscale_image(bad)
+
+
+def test_an_output_larger_than_its_format_stores_is_one_line_before_the_forward(tmp_path, esc_pth, monkeypatch,
+                                                                                capsys):
+    # WebP stores at most 16383 pixels a side, JPEG 65500: a 8200-wide WebP went through the whole
+    # forward, then failed with "is the disk full?" (and an OpenCV log line)
+    with pytest.raises(InferenceError, match=r'^cannot write .*wide\.webp: \.webp stores images of at most 16383 '
+                                             r'pixels a side, not 16384x8$'):
+        write_image(tmp_path / 'wide.webp', np.zeros((8, 16384, 3), np.uint8))
+    with pytest.raises(InferenceError, match=r'\.jpg stores images of at most 65500 pixels a side, not 8x65501$'):
+        write_image(tmp_path / 'tall.jpg', np.zeros((65501, 8, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == [tmp_path / 'esc_x2.pth']
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    assert cv2.imwrite(str(folder / 'pano.webp'), np.zeros((4, 8200, 3), np.uint8))
+    assert cv2.imwrite(str(folder / 'small.webp'), np.zeros((4, 6, 3), np.uint8))
+    calls = []
+    real = Upscaler.upscale_images
+    monkeypatch.setattr(Upscaler, 'upscale_images', lambda self, images, **kw: calls.append(images) or
+                        real(self, images, **kw))
+    assert main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'out'), '-m', esc_pth]) == 1
+    captured = capsys.readouterr()
+    assert summary(captured.out).startswith('done: 1, skipped: 0, failed: 1')
+    assert [line for line in captured.err.splitlines() if 'error' in line] == [
+        f'basicsr upscale: error: {folder / "pano.webp"}: its x2 output cannot be written: .webp stores images of '
+        'at most 16383 pixels a side, not 16400x8 (use --ext png)']
+    assert [img.shape for batch in calls for img in batch] == [(4, 6, 3)]  # pano.webp was not upscaled
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['small.webp']

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         InferenceError,
         Upscaler,
         fit_to_format,
+        format_size_problem,
         is_image_path,
         read_image,
         resolve_device,
@@ -153,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
             continue
         try:
             image = read_image(src)
+            if problem := format_size_problem(dst.suffix, *(side * upscaler.scale for side in image.shape[:2])):
+                raise InferenceError(f'{src}: its x{upscaler.scale} output cannot be written: {problem} '
+                                     '(use --ext png)')  # said before the forward, not after it
         except InferenceError as exc:
             _error(str(exc))
             counts['failed'] += 1
