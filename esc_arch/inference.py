@@ -53,7 +53,7 @@ class MissingCodecError(InferenceError):
 # --------------------------------------------------------------------------------------
 # devices and precision
 # --------------------------------------------------------------------------------------
-def resolve_device(name: str | None) -> torch.device:
+def resolve_device(name: str | torch.device | None) -> torch.device:
     """``None``/'auto' picks CUDA when available; 'cuda' without CUDA is an error, not a fallback."""
     if name in (None, 'auto'):
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -391,7 +391,8 @@ class Upscaler:
     Args:
         model: an ESC-family model (``deploy()`` is called here), or a checkpoint's path
             (``esc_arch.load_model``).
-        device: where to run. precision: 'fp32', 'bf16' (CPU or CUDA) or 'fp16' (CUDA).
+        device: where to run: 'cpu', 'cuda[:N]' or 'auto' / None (CUDA when available).
+        precision: 'fp32', 'bf16' (CPU or CUDA) or 'fp16' (CUDA).
         tile: tile side in input pixels (rounded up to a multiple of the window, and to at least
             one window more than the overlap); 0 = whole image.
         tile_overlap: overlap between neighbouring tiles in input pixels (at least this much: tiles
@@ -404,14 +405,14 @@ class Upscaler:
     those lie in the overlaps, where linear ramps blend them away.
     """
 
-    def __init__(self, model: torch.nn.Module | str | os.PathLike, device: str | torch.device = 'cpu',
+    def __init__(self, model: torch.nn.Module | str | os.PathLike, device: str | torch.device | None = 'cpu',
                  precision: str = 'fp32', tile: int = 0, tile_overlap: int = 32, batch: int = 1):
         if isinstance(model, (str, os.PathLike)):
             from .loading import load_model
             model = load_model(model)
         if not (isinstance(model, torch.nn.Module) and hasattr(model, 'deploy')):
             raise TypeError(f'Upscaler takes an ESC-family model or a checkpoint path, got {type(model).__name__}')
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = check_precision(precision, self.device)
         self.model = model.deploy().to(self.device)
         self.scale = int(model.upscaling_factor)

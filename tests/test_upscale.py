@@ -718,3 +718,13 @@ def test_an_output_larger_than_its_format_stores_is_one_line_before_the_forward(
         'at most 16383 pixels a side, not 16400x8 (use --ext png)']
     assert [img.shape for batch in calls for img in batch] == [(4, 6, 3)]  # pano.webp was not upscaled
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['small.webp']
+
+
+def test_the_upscaler_resolves_its_device_as_the_command_does(monkeypatch):
+    # Upscaler(device='auto') was a RuntimeError ("Expected one of cpu, cuda, ..."), and 'cuda'
+    # without CUDA the driver's error from the model's .to()
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    model = ESC(**tiny_config())
+    assert Upscaler(model, device='auto').device == Upscaler(model, device=None).device == torch.device('cpu')
+    with pytest.raises(InferenceError, match=r'^device cuda requested but CUDA is not available here'):
+        Upscaler(model, device='cuda')
