@@ -728,3 +728,18 @@ def test_the_upscaler_resolves_its_device_as_the_command_does(monkeypatch):
     assert Upscaler(model, device='auto').device == Upscaler(model, device=None).device == torch.device('cpu')
     with pytest.raises(InferenceError, match=r'^device cuda requested but CUDA is not available here'):
         Upscaler(model, device='cuda')
+
+
+def test_temp_files_an_interrupted_write_left_are_not_inputs(tmp_path, esc_pth, capsys):
+    # a run killed while writing leaves '.<stem>.<random>.tmp<suffix>' in its -o folder; given that
+    # folder as -i, a partial one failed the run ("cannot read image"), a whole one was upscaled
+    folder = tmp_path / 'x2'
+    folder.mkdir()
+    assert cv2.imwrite(str(folder / 'a.png'), np.zeros((6, 7, 3), np.uint8))
+    whole = (folder / 'a.png').read_bytes()
+    (folder / '.a.k2j3h4qz.tmp.png').write_bytes(whole[:len(whole) // 2])
+    (folder / '.b.x9y8z7wv.tmp.png').write_bytes(whole)
+    assert main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'x4'), '-m', esc_pth]) == 0
+    captured = capsys.readouterr()
+    assert summary(captured.out).startswith('done: 1, skipped: 0, failed: 0') and '.tmp' not in captured.err
+    assert sorted(p.name for p in (tmp_path / 'x4').iterdir()) == ['a.png']

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     import esc_arch
     from esc_arch.data.image_files import IMAGE_EXTENSIONS
+    from esc_arch.fileio import is_temp_name
     from esc_arch.inference import (
         InferenceError,
         Upscaler,
@@ -60,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     folders = []
     if source.is_dir():
         entries = sorted(source.iterdir())
-        files, folders = [p for p in entries if p.is_file()], [p for p in entries if p.is_dir()]
+        # not the temp files an interrupted (killed) atomic write left, e.g. in an earlier run's -o
+        files = [p for p in entries if p.is_file() and not is_temp_name(p.name)]
+        folders = [p for p in entries if p.is_dir()]
         if out_dir.is_dir():  # this run's own output folder (-o in/x4, run again) is not an input left out
             folders = [p for p in folders if p.resolve() != out_dir.resolve()]
         if not files:
