@@ -955,6 +955,41 @@ def test_every_pair_and_option_basicsr_reads_later_is_checked_first(tmp_path, mo
         lambda o: o['path'].update(pretrain_network_g='experiments/tiny/models/net.pth'))
 
 
+def make_lmdbs(data: Path) -> dict:
+    """hr.lmdb and lr.lmdb of ``make_pairs``' images, written by BasicSR's writer (as basicsr prepare does)."""
+    from basicsr.utils.lmdb_util import make_lmdb_from_imgs
+    lmdbs = {}
+    for side in ('hr', 'lr'):
+        names = sorted(os.listdir(data / side))
+        lmdbs[side] = data / f'{side}.lmdb'
+        make_lmdb_from_imgs(str(data / side), str(lmdbs[side]), names, [n.split('.')[0] for n in names],
+                            map_size=1 << 24)
+    return lmdbs
+
+
+def test_an_lmdb_is_checked_as_basicsr_reads_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from esc_arch.commands._pipeline import OptionError, check_options
+    data = make_pairs(tmp_path / 'data')
+    lmdbs = make_lmdbs(data)
+    opt = train_options(data)
+    opt['datasets']['train'].update(io_backend=dict(type='lmdb'), dataroot_gt=str(lmdbs['hr']),
+                                    dataroot_lq=str(lmdbs['lr']))
+
+    def check():
+        check_options(copy.deepcopy(opt), 'x.yml', True, argparse.Namespace(auto_resume=False, launcher='none',
+                                                                            debug=False))
+
+    check()
+    # BasicSR keys a blank line '\n' (in both lists, the same keys): the LMDB holds no such key, and
+    # the first read of it was a TypeError ('NoneType' object is not subscriptable)
+    for side in ('hr', 'lr'):
+        meta = lmdbs[side] / 'meta_info.txt'
+        meta.write_text(meta.read_text() + '\n')
+    with pytest.raises(OptionError, match=r'hr.lmdb/meta_info.txt, line 5: a blank line'):
+        check()
+
+
 def real_options(tmp_path: Path, model_file: str, **extra) -> dict:
     """A shipped ESC-Real option file cut to a CPU-sized run on 2 generated GT images listed in a
     meta_info file (RealESRGANDataset on disk), its perceptual loss removed (no VGG download)."""

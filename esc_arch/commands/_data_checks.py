@@ -153,19 +153,15 @@ def _lmdb_sizes(folder: str, where: str) -> dict[str, tuple[int, int]]:
     is the name up to its first dot, as BasicSR takes it)."""
     meta = _lmdb_meta(folder, where)
     sizes = {}
-    with open(meta, encoding='utf-8', errors='replace') as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            name, _, rest = line.strip().rpartition(' (')  # from the right: names may hold spaces
-            try:
-                height, width = (int(v) for v in rest.split(')')[0].split(',')[:2])
-            except ValueError:
-                raise OptionError(f'{meta}, line {number}: expected "name.png (h,w,c) level", got {line.strip()!r} '
-                                  f'({where})') from None
-            sizes[name.split('.')[0]] = (height, width)
-    if not sizes:
-        raise OptionError(f'{meta} lists no images ({where})')
+    # BasicSR keys every line, a blank one too (a key '\n' the LMDB does not hold: None read, a TypeError)
+    for number, line in enumerate(_listed_lines(meta, 'the LMDB list', where), 1):
+        name, _, rest = line.strip().rpartition(' (')  # from the right: names may hold spaces
+        try:
+            height, width = (int(v) for v in rest.split(')')[0].split(',')[:2])
+        except ValueError:
+            raise OptionError(f'{meta}, line {number}: expected "name.png (h,w,c) level", got {line.strip()!r} '
+                              f'({where})') from None
+        sizes[name.split('.')[0]] = (height, width)
     return sizes
 
 
