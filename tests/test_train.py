@@ -46,6 +46,32 @@ def make_pairs(root: Path) -> Path:
     return root
 
 
+def make_lmdbs(data: Path) -> dict:
+    """hr.lmdb and lr.lmdb of ``make_pairs``' images, written by BasicSR's writer (as basicsr prepare does)."""
+    from basicsr.utils.lmdb_util import make_lmdb_from_imgs
+    lmdbs = {}
+    for side in ('hr', 'lr'):
+        names = sorted(os.listdir(data / side))
+        lmdbs[side] = data / f'{side}.lmdb'
+        make_lmdb_from_imgs(str(data / side), str(lmdbs[side]), names, [n.split('.')[0] for n in names],
+                            map_size=1 << 24)
+    return lmdbs
+
+
+def write_lmdb(folder: Path, meta: str) -> Path:
+    """An LMDB of dummy values under every key its meta_info.txt ``meta`` lists (BasicSR's keys: each
+    line up to its first dot), for the checks, which read the list and the database's keys."""
+    import lmdb
+    folder.mkdir(exist_ok=True)
+    (folder / 'meta_info.txt').write_text(meta)
+    env = lmdb.open(str(folder), map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        for key in {line.split('.')[0] for line in meta.splitlines()} - {''}:
+            txn.put(key.encode(), b'')
+    env.close()
+    return folder
+
+
 def paired(name: str, data: Path, **extra) -> dict:
     return dict(name=name, type='PairedImageDataset', dataroot_gt=str(data / 'hr'), dataroot_lq=str(data / 'lr'),
                 io_backend=dict(type='disk'), **extra)
@@ -724,13 +750,11 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
     lmdbs = {}
     for side, size in (('gt', 32), ('lq', 8)):  # what basicsr prepare writes next to data.mdb
         lmdbs[side] = tmp_path / f'{side}.lmdb'
-        lmdbs[side].mkdir()
-        (lmdbs[side] / 'meta_info.txt').write_text(''.join(f'{i:03d}.png ({size},{size},3) 1\n' for i in range(4)))
+        write_lmdb(lmdbs[side], ''.join(f'{i:03d}.png ({size},{size},3) 1\n' for i in range(4)))
     check(lambda o: o['datasets']['val'].update(io_backend=dict(type='lmdb'), dataroot_gt=str(lmdbs['gt']),
                                                 dataroot_lq=str(lmdbs['lq']), meta_info_file='basicsr/meta_info.txt'))
     for side, size in (('gt', 32), ('lq', 8)):  # names with spaces (BasicSR keys them up to the first dot)
-        (lmdbs[side] / 'meta_info.txt').write_text(''.join(f'my img_s{i:03d}.png ({size},{size},3) 1\n'
-                                                           for i in range(4)))
+        write_lmdb(lmdbs[side], ''.join(f'my img_s{i:03d}.png ({size},{size},3) 1\n' for i in range(4)))
     check(lambda o: o['datasets']['train'].update(io_backend=dict(type='lmdb'), dataroot_gt=str(lmdbs['gt']),
                                                   dataroot_lq=str(lmdbs['lq'])))
     # RealESRGANPairedDataset on LMDBs reads their pairs (BasicSR's paired_paths_from_lmdb), not a
@@ -738,7 +762,7 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
     real_lmdb = dict(type='RealESRGANPairedDataset', io_backend=dict(type='lmdb'), dataroot_gt=str(lmdbs['gt']),
                      dataroot_lq=str(lmdbs['lq']), meta_info='basicsr/meta_info.txt')
     check(lambda o: o['datasets']['train'].update(real_lmdb))
-    (lmdbs['lq'] / 'meta_info.txt').write_text(''.join(f'my img_s{i:03d}.png (9,9,3) 1\n' for i in range(4)))
+    write_lmdb(lmdbs['lq'], ''.join(f'my img_s{i:03d}.png (9,9,3) 1\n' for i in range(4)))
     with pytest.raises(OptionError, match='GT 32x32 is not x4 its LQ 9x9'):
         check(lambda o: o['datasets']['train'].update(real_lmdb))
     # a phone photo: stored 40 wide and 32 high with EXIF orientation 6, which OpenCV (so BasicSR)
@@ -852,8 +876,7 @@ def test_every_pair_and_option_basicsr_reads_later_is_checked_first(tmp_path, mo
     lmdbs = {}
     for side, size, count in (('gt', 32, 4), ('lq', 8, 4), ('lq2', 16, 4), ('lq3', 8, 3)):
         lmdbs[side] = tmp_path / f'{side}.lmdb'
-        lmdbs[side].mkdir()
-        (lmdbs[side] / 'meta_info.txt').write_text(''.join(f'{i:03d}.png ({size},{size},3) 1\n' for i in range(count)))
+        write_lmdb(lmdbs[side], ''.join(f'{i:03d}.png ({size},{size},3) 1\n' for i in range(count)))
 
     def lmdb(gt='gt', lq='lq', **extra):
         return lambda o: o['datasets']['train'].update(io_backend=dict(type='lmdb'), dataroot_gt=str(lmdbs[gt]),
@@ -955,18 +978,6 @@ def test_every_pair_and_option_basicsr_reads_later_is_checked_first(tmp_path, mo
         lambda o: o['path'].update(pretrain_network_g='experiments/tiny/models/net.pth'))
 
 
-def make_lmdbs(data: Path) -> dict:
-    """hr.lmdb and lr.lmdb of ``make_pairs``' images, written by BasicSR's writer (as basicsr prepare does)."""
-    from basicsr.utils.lmdb_util import make_lmdb_from_imgs
-    lmdbs = {}
-    for side in ('hr', 'lr'):
-        names = sorted(os.listdir(data / side))
-        lmdbs[side] = data / f'{side}.lmdb'
-        make_lmdb_from_imgs(str(data / side), str(lmdbs[side]), names, [n.split('.')[0] for n in names],
-                            map_size=1 << 24)
-    return lmdbs
-
-
 def test_an_lmdb_is_checked_as_basicsr_reads_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     from esc_arch.commands._pipeline import OptionError, check_options
@@ -981,12 +992,32 @@ def test_an_lmdb_is_checked_as_basicsr_reads_it(tmp_path, monkeypatch):
                                                                             debug=False))
 
     check()
+    lists = {side: (lmdbs[side] / 'meta_info.txt').read_text() for side in lmdbs}
     # BasicSR keys a blank line '\n' (in both lists, the same keys): the LMDB holds no such key, and
     # the first read of it was a TypeError ('NoneType' object is not subscriptable)
-    for side in ('hr', 'lr'):
-        meta = lmdbs[side] / 'meta_info.txt'
-        meta.write_text(meta.read_text() + '\n')
+    for side, text in lists.items():
+        (lmdbs[side] / 'meta_info.txt').write_text(text + '\n')
     with pytest.raises(OptionError, match=r'hr.lmdb/meta_info.txt, line 5: a blank line'):
+        check()
+    # the database: a key it does not hold (the same TypeError), a missing data.mdb (lmdb.Error
+    # when the first image is read) or a truncated one (a bus error: the run killed without a word)
+    for (side, text), size in zip(lists.items(), (32, 8)):
+        (lmdbs[side] / 'meta_info.txt').write_text(text + f'004.png ({size},{size},3) 1\n')
+    with pytest.raises(OptionError, match=r"1 of the 5 key\(s\) meta_info.txt lists are not in the LMDB "
+                                          rf"{lmdbs['hr']}, e.g. '004' \(datasets.train in x.yml\)"):
+        check()
+    for side, text in lists.items():
+        (lmdbs[side] / 'meta_info.txt').write_text(text)
+    database = lmdbs['lr'] / 'data.mdb'
+    whole = database.read_bytes()
+    database.unlink()
+    with pytest.raises(OptionError, match=rf"{lmdbs['lr']} has no data.mdb"):
+        check()
+    database.write_bytes(whole[:len(whole) - 4096])
+    with pytest.raises(OptionError, match=rf'{database} is truncated \({len(whole) - 4096} of its {len(whole)} bytes'):
+        check()
+    database.write_bytes(whole[:100])
+    with pytest.raises(OptionError, match=rf"cannot open the LMDB {lmdbs['lr']}: .*MDB_INVALID"):
         check()
 
 
@@ -1204,9 +1235,9 @@ def test_a_real_model_on_a_paired_set_or_an_lmdb_is_checked_as_basicsr_reads_the
                           ('0\n1.png\n', 'line 1: expected "name.png ...", got \'0\''),
                           ('0.png\n.png\n', 'line 2: expected "name.png ...", got \'.png\''),  # key ''
                           ('0.png\n', 'make 1 sample(s), fewer than batch_size_per_gpu 2')):
-        (gt_lmdb / 'meta_info.txt').write_text(text)
+        write_lmdb(gt_lmdb, text)
         assert problem in error(lmdb_opt)
-    (gt_lmdb / 'meta_info.txt').write_text('0.png\n0.png\n')  # a repeated key is read twice: 2 samples
+    write_lmdb(gt_lmdb, '0.png\n0.png\n')  # a repeated key is read twice: 2 samples
     check_options(copy.deepcopy(lmdb_opt), 'real.yml', True, namespace)
     # RealESRGANPairedDataset's own list: "gt, lq" lines, which may name images in subfolders
     for side in ('gt', 'lq'):

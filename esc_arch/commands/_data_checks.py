@@ -165,6 +165,34 @@ def _lmdb_sizes(folder: str, where: str) -> dict[str, tuple[int, int]]:
     return sizes
 
 
+def _check_lmdb_database(folder: str, keys, where: str) -> None:
+    """The database of the LMDB ``folder`` opens, is whole and holds every key its meta_info.txt lists.
+    BasicSR opens it in the first read and reads each key as it comes: a missing data.mdb was an
+    lmdb.Error, a truncated one a bus error (the process killed without a word), a key it does not
+    hold a TypeError (BasicSR's get returns None)."""
+    import lmdb
+    data = osp.join(folder, 'data.mdb')
+    if not osp.isfile(data):
+        raise OptionError(f'{folder} has no data.mdb, so it is not an LMDB BasicSR can read '
+                          f'(make one with basicsr prepare) ({where})')
+    try:
+        env = lmdb.open(folder, readonly=True, lock=False, readahead=False)
+    except lmdb.Error as exc:
+        raise OptionError(f'cannot open the LMDB {folder}: {first_line(exc)} ({where})') from None
+    try:  # the meta pages say how long the file is: reading past its end is a bus error
+        needed, size = (env.info()['last_pgno'] + 1) * env.stat()['psize'], osp.getsize(data)
+        if size < needed:
+            raise OptionError(f'{data} is truncated ({size} of its {needed} bytes): copy or make it again ({where})')
+        with env.begin() as txn:
+            held = set(txn.cursor().iternext(keys=True, values=False))
+    finally:
+        env.close()
+    missing = [key for key in keys if key.encode('ascii', 'replace') not in held]  # BasicSR's keys are ASCII
+    if missing:
+        raise OptionError(f'{len(missing)} of the {len(keys)} key(s) meta_info.txt lists are not in the LMDB '
+                          f'{folder}, e.g. {missing[0]!r} ({where})')
+
+
 def _template_hint(gt_dir: str, lq_dir: str, template: str) -> str:
     """'; filename_tmpl '{}x4' pairs them' when the LQ files are named as the GT files plus one
     suffix (``baby.png`` and ``babyx4.png``, the benchmark packs' naming), and the template is another."""
@@ -296,6 +324,8 @@ def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int
                 only = sorted(set(sizes_gt) ^ set(sizes_lq))
                 raise OptionError(f'{len(only)} key(s) in only one of the two LMDBs, e.g. {only[0]} ({where}); '
                                   'they must hold the same images')
+            for key, sizes in (('dataroot_gt', sizes_gt), ('dataroot_lq', sizes_lq)):
+                _check_lmdb_database(folders[key], list(sizes), where)
             pairs = [(key, key, key) for key in sorted(sizes_gt)]
         else:
             pairs = _pairs_on_disk(dataset, folders['dataroot_gt'], folders['dataroot_lq'], where)
@@ -376,6 +406,7 @@ def check_meta_info_list(phase: str, dataset: dict, opt_path: str, world: int = 
         if bad:  # a line with no dot, or none before it, is a key the LMDB does not hold
             raise OptionError(f'{meta}, line {bad[0]}: expected "name.png ...", got {bad[1]!r}: '
                               f'RealESRGANDataset reads the name up to its first dot as a key ({where})')
+        _check_lmdb_database(root, [line.split('.')[0] for line in lines], where)
         count = len(lines)
     elif backend == 'disk':
         if not isinstance(meta, str):
