@@ -2,6 +2,7 @@
 import io
 import os
 import shutil
+import warnings
 
 import cv2
 import numpy as np
@@ -474,6 +475,37 @@ def test_niqe_needs_two_of_its_blocks_in_every_output(tmp_path):
     with pytest.raises(OptionError, match=r'tall.png gives 188x188'):
         check(0)
 
+
+
+def test_psnr_and_ssim_need_an_output_left_after_crop_border(tmp_path):
+    # BasicSR's calculate_psnr of an output cropped to nothing, and calculate_ssim of one smaller than
+    # its 11x11 window, are nan without a word: the validation's mean too ('Best: -inf @ -1 iter')
+    from basicsr.metrics import calculate_psnr, calculate_ssim
+
+    from esc_arch.commands._data_checks import check_images
+    from esc_arch.messages import OptionError
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        image = np.full((10, 12, 3), 7, np.uint8)
+        assert np.isnan(calculate_psnr(image, image + 1, crop_border=5))
+        assert np.isnan(calculate_ssim(image, image + 1, crop_border=0))
+    for side, scale in (('gt', 4), ('lq', 1)):
+        (tmp_path / side).mkdir()
+        cv2.imwrite(str(tmp_path / side / 'a.png'), np.zeros((3 * scale, 5 * scale, 3), np.uint8))
+    dataset = {'name': 'pairs', 'type': 'PairedImageDataset', 'dataroot_gt': str(tmp_path / 'gt'),
+               'dataroot_lq': str(tmp_path / 'lq'), 'io_backend': {'type': 'disk'}}
+
+    def check(kind, crop):
+        opt = {'scale': 4, 'val': {'metrics': {'m': {'type': kind, 'crop_border': crop}}}}
+        check_images(opt, 'val', dataset, 'x.yml')
+    check('calculate_psnr', 5)  # 2x10 left
+    with pytest.raises(OptionError, match=r'val.metrics.m \(calculate_psnr\) needs outputs of 1x1 pixels or more '
+                                          r'\(a smaller one scores nan\) after crop_border 6; .*a.png gives 0x8'):
+        check('calculate_psnr', 6)
+    check('calculate_ssim', 0)  # 12x20
+    with pytest.raises(OptionError, match=r'calculate_ssim\) needs outputs of 11x11 pixels or more .* after '
+                                          r'crop_border 1; .*a.png gives 10x18'):
+        check('calculate_ssim', 1)
 
 def test_prepare_records_thresh_and_step_and_skips_hidden_files(tmp_path, capsys):
     hr, out = _tiny_hr(str(tmp_path / 'H_HR')), str(tmp_path / 'out')

@@ -278,23 +278,37 @@ def _warn_shared_output_names(lq_paths: list[str], where: str) -> None:
 
 
 NIQE_BLOCK = 96  # BasicSR's NIQE fits its model to 96x96 blocks: with one block it fails (SVD), none (min())
+SSIM_WINDOW = 11  # BasicSR's SSIM keeps the 'valid' part of its 11x11 Gaussian filtering
 
 
-def _check_niqe_sizes(opt: dict, lq_sizes, where: str) -> None:
-    """calculate_niqe on an output too small for two of its blocks (after ``crop_border``) is a
-    traceback at the first validation, after training has run: the smallest is named here."""
+def _metric_size_problem(kind, height: int, width: int) -> str | None:
+    """What an output of ``height`` x ``width`` (after ``crop_border``) lacks for the metric ``kind``:
+    NIQE fails with fewer than two blocks; PSNR and SSIM score nothing, silently, as nan (with one
+    such image the validation's mean too, and the best is then '-inf @ -1 iter')."""
+    if kind == 'calculate_niqe':
+        enough = (height // NIQE_BLOCK) * (width // NIQE_BLOCK) >= 2
+        return None if enough else f'needs outputs with two {NIQE_BLOCK}x{NIQE_BLOCK} blocks or more'
+    least = {'calculate_psnr': 1, 'calculate_ssim': SSIM_WINDOW}.get(kind)
+    if least and min(height, width) < least:
+        return f'needs outputs of {least}x{least} pixels or more (a smaller one scores nan)'
+    return None
+
+
+def _check_metric_sizes(opt: dict, lq_sizes, where: str) -> None:
+    """A metric on an output too small for it (after ``crop_border``) fails or scores nan at the first
+    validation, after training has run: the smallest is named here."""
     metrics = (opt.get('val') or {}).get('metrics') or {}
     scale = opt.get('scale') if is_whole(opt.get('scale'), 1) else 1
     for name, metric in metrics.items():
-        if not (isinstance(metric, dict) and metric.get('type') == 'calculate_niqe'):
+        if not isinstance(metric, dict):
             continue
         crop = metric.get('crop_border', 0) if is_whole(metric.get('crop_border', 0), 0) else 0
         for path, (height, width) in lq_sizes:
             out_h, out_w = height * scale - 2 * crop, width * scale - 2 * crop
-            if (out_h // NIQE_BLOCK) * (out_w // NIQE_BLOCK) < 2:
-                raise OptionError(f'val.metrics.{name} (calculate_niqe) needs outputs with two {NIQE_BLOCK}x'
-                                  f'{NIQE_BLOCK} blocks or more after crop_border {crop}; {path} gives '
-                                  f'{max(out_h, 0)}x{max(out_w, 0)} ({where})')
+            problem = _metric_size_problem(metric.get('type'), out_h, out_w)
+            if problem:
+                raise OptionError(f'val.metrics.{name} ({metric["type"]}) {problem} after crop_border {crop}; '
+                                  f'{path} gives {max(out_h, 0)}x{max(out_w, 0)} ({where})')
 
 
 def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int = 1) -> None:
@@ -335,7 +349,7 @@ def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int
         if phase.startswith('train'):
             _check_batch(len(pairs), dataset, where, world)
         else:
-            _check_niqe_sizes(opt, [(lq, sizes_lq[lq]) for _, _, lq in pairs], where)
+            _check_metric_sizes(opt, [(lq, sizes_lq[lq]) for _, _, lq in pairs], where)
             if (opt.get('val') or {}).get('save_img'):
                 _warn_shared_output_names([lq for _, _, lq in pairs], where)
     elif kind == 'SingleImageDataset' and backend == 'disk' and osp.isdir(folders.get('dataroot_lq', '')):
@@ -347,7 +361,7 @@ def check_images(opt: dict, phase: str, dataset: dict, opt_path: str, world: int
         paths = [osp.join(folders['dataroot_lq'], name) for name in names]
         sizes = _header_sizes(paths, where)
         if not phase.startswith('train'):
-            _check_niqe_sizes(opt, [(path, sizes[path]) for path in paths], where)
+            _check_metric_sizes(opt, [(path, sizes[path]) for path in paths], where)
             if (opt.get('val') or {}).get('save_img'):
                 _warn_shared_output_names(paths, where)
 
