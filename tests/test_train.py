@@ -854,6 +854,9 @@ def test_every_pair_and_option_basicsr_reads_later_is_checked_first(tmp_path, mo
     meta = tmp_path / 'meta.txt'
     meta.write_text('000.png (32,32,3)\n007.png (32,32,3)\n')
     assert '007.png: it does not exist' in error(lambda o: o['datasets']['train'].update(meta_info_file=str(meta)))
+    meta.write_text('000.png (32,32,3)\n\n001.png (32,32,3)\n')  # said 'cannot use .../hr/: it does not exist'
+    assert 'meta_info_file ' + f'{meta}, line 2: a blank line' in error(
+        lambda o: o['datasets']['train'].update(meta_info_file=str(meta)))
     meta.write_text('000.png (32,32,3)\n')
     assert '1 training image(s) x dataset_enlarge_ratio make 1 sample(s), fewer than batch_size_per_gpu 2' in error(
         lambda o: o['datasets']['train'].update(meta_info_file=str(meta)))

@@ -220,6 +220,8 @@ def _pairs_on_disk(dataset: dict, gt_dir: str, lq_dir: str, where: str) -> list[
             raise OptionError(f'{len(unpaired)} file(s) in only one of {dataset["dataroot_gt"]} and '
                               f'{dataset["dataroot_lq"]}: {", ".join(unpaired[:5])} ({where}); '
                               f'GT and LQ files pair by name{_template_hint(gt_dir, lq_dir, template)}')
+    if meta:
+        _listed_lines(meta, 'meta_info_file', where)  # a blank line pairs the folders themselves
     try:
         if meta:
             paths = paired_paths_from_meta_info_file([lq_dir, gt_dir], ['lq', 'gt'], osp.expanduser(meta), template)
