@@ -1492,3 +1492,32 @@ def test_the_last_log_line_eta_is_zero_not_minus_one_day():
     logger(dict(epoch=0, iter=5, lrs=[1e-4], time=2.0, data_time=0.1))
     eta = re.search(r'eta: ([^,]+),', lines[-1]).group(1)
     assert eta == str(datetime.timedelta(seconds=0)), lines[-1]
+
+
+
+def test_data_sets_reading_one_lmdb_share_it(tmp_path):
+    """LMDB opens a database once per process: a second data set on it (validating on the training
+    LMDB, two test sets) failed with 'already open in this process', and so did a loader worker
+    forked after the main process had read it (the next epoch's workers, after a validation)."""
+    from basicsr.data.paired_image_dataset import PairedImageDataset
+
+    from esc_arch.commands._pipeline import patch_basicsr
+    patch_basicsr(use_cuda=False)
+    data = make_pairs(tmp_path / 'data')
+    lmdbs = make_lmdbs(data)
+
+    def dataset():  # each its own options, as BasicSR's (the data set pops its io_backend's type)
+        return PairedImageDataset(dict(phase='val', scale=SCALE, dataroot_gt=str(lmdbs['hr']),
+                                       dataroot_lq=str(lmdbs['lr']), io_backend=dict(type='lmdb')))
+    first, second = dataset(), dataset()
+    expected = cv2.imread(str(data / 'hr' / '001.png'))[:, :, ::-1] / 255
+    for each in (first, second):
+        np.testing.assert_allclose(each[1]['gt'].permute(1, 2, 0).numpy(), expected, atol=1e-6)
+    loader = torch.utils.data.DataLoader(dataset(), num_workers=1, multiprocessing_context='fork')
+    assert torch.equal(next(iter(loader))['lq'][0], first[0]['lq'])
+    # an LMDB made again at the same path is read anew, not through the old environment
+    cv2.imwrite(str(data / 'hr' / '001.png'), np.zeros((32, 32, 3), np.uint8))
+    for folder in lmdbs.values():
+        shutil.rmtree(folder)
+    make_lmdbs(data)
+    assert dataset()[1]['gt'].abs().max() == 0

@@ -31,6 +31,10 @@ traceback. A few BasicSR functions are replaced, never edited, for CPU and CPU-D
   TensorBoard point at 1001 for a 1000-iteration run).
 * ``train.MessageLogger``: the eta counts the iterations left (BasicSR's one fewer: the last
   line said 'eta: -1 day, 23:59:59').
+* ``file_client.LmdbBackend``: data sets reading one LMDB share its environment (opened once per
+  path and process, read-only), where LMDB refuses to open a database a second time in a process or
+  in a loader worker forked from it: training and validating on one LMDB failed at the first
+  validation (``already open in this process``), or at the next epoch with loader workers.
 * ``Registry.get``: a name BasicSR registered with its ``_basicsr`` suffix
   (``UNetDiscriminatorSN``) is found without BasicSR's 'Name ... is not found' line.
 """
@@ -1050,6 +1054,38 @@ class _WorkerInit:
             np.random.seed(seed % 2 ** 32)
 
 
+_LMDB_ENVS: dict = {}  # realpath -> (its data.mdb's identity, the read-only environment of this process)
+
+
+def _shared_lmdb_environments(init):
+    """BasicSR's LmdbBackend opens its own environment per data set; LMDB refuses a second open of a
+    path in one process, and in a worker forked from it (the parent's is inherited: that one is read
+    there). Read-only opens of a path share one environment; others are BasicSR's own."""
+    @functools.wraps(init)
+    def wrapper(self, db_paths, client_keys='default', readonly=True, lock=False, readahead=False, **kwargs):
+        paths = [db_paths] if isinstance(db_paths, (str, os.PathLike)) else list(db_paths)
+        keys = [client_keys] if isinstance(client_keys, str) else list(client_keys)
+        if not readonly or len(paths) != len(keys):
+            return init(self, db_paths, client_keys, readonly, lock, readahead, **kwargs)
+        import lmdb
+        self.db_paths, self._client = [str(path) for path in paths], {}
+        for key, path in zip(keys, self.db_paths):
+            real = osp.realpath(path)
+            try:
+                stat = os.stat(osp.join(real, 'data.mdb'))
+                identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                identity = None  # lmdb.open says what is wrong
+            known, env = _LMDB_ENVS.get(real, (None, None))
+            if env is None or known != identity:  # a database made again since is opened again
+                if env is not None:
+                    env.close()
+                env = lmdb.open(path, readonly=True, lock=lock, readahead=readahead, **kwargs)
+                _LMDB_ENVS[real] = (identity, env)
+            self._client[key] = env
+    return wrapper
+
+
 def _eta_of_the_iterations_left(message_logger):
     """BasicSR's training log estimates the time left from ``total_iter - iter - 1`` iterations, one
     too few: the last line said 'eta: -1 day, 23:59:59'."""
@@ -1095,6 +1131,8 @@ def patch_basicsr(use_cuda: bool) -> None:
         basicsr.train.create_train_val_dataloader = _dataloader_wrapper(basicsr.train.create_train_val_dataloader)
         basicsr.train.build_model = _validation_within_total_iter(basicsr.train.build_model)
         basicsr.train.MessageLogger = _eta_of_the_iterations_left(basicsr.train.MessageLogger)
+        from basicsr.utils import file_client
+        file_client.LmdbBackend.__init__ = _shared_lmdb_environments(file_client.LmdbBackend.__init__)
         _patch_image_datasets()
         import importlib
         for module_name in _REAL_MODELS:
