@@ -439,7 +439,8 @@ class Upscaler:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, h, w) in [0, 1] -> (N, 3, h*s, w*s) float32 on the CPU, unclamped."""
         h, w = x.shape[-2:]
-        padded = reflect_pad_to_multiple(x.to(self.device), self.window)
+        weights = next(self.model.parameters())  # a float64 or half input runs as the model's type
+        padded = reflect_pad_to_multiple(x.to(self.device, weights.dtype), self.window)
         with self._autocast():
             out = self.model(padded)
         return out[:, :, :h * self.scale, :w * self.scale].float().cpu()
@@ -452,7 +453,12 @@ class Upscaler:
         return [(y, min(y + self.tile, height), x, min(x + self.tile, width)) for y in ys for x in xs]
 
     def upscale_tensor(self, x: torch.Tensor, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Upscale (N, 3, H, W); tiles of all N images are batched together."""
+        """Upscale (N, 3, H, W) floats in [0, 1] (any float type) -> float32 on the CPU; tiles of all
+        N images are batched together."""
+        if not (isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] == 3 and x.is_floating_point()):
+            got = f'{tuple(x.shape)} {x.dtype}' if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InferenceError(f'upscale_tensor takes a float (N, 3, H, W) tensor in [0, 1], got {got} '
+                                 '(an image array: upscale_image)')
         n, _, height, width = x.shape
         s = self.scale
         grid = self.tiles(height, width)

@@ -1,5 +1,6 @@
 """basicsr upscale / esc_arch.inference: every image kind, tiling, batching, precision, errors."""
 import itertools
+import re
 
 import cv2
 import numpy as np
@@ -141,6 +142,24 @@ def test_bf16_on_cpu_close_to_fp32():
     low = Upscaler(model, precision='bf16').upscale_tensor(x)
     assert low.dtype == torch.float32 and low.shape == ref.shape
     assert 0 < (low - ref).abs().max().item() < 0.05  # bf16 really ran (not exact) and stays close
+
+
+def test_upscale_tensor_takes_any_float_type_and_names_other_inputs():
+    """A float64 or half tensor ran into the convolutions' 'Input type (double) and bias type (float)'
+    RuntimeError, a uint8 one too (its 0-255 values would be garbage), a (3, H, W) one a tuple unpack."""
+    import copy
+    model = randomize_(ESC(**tiny_config(window_size=4)), scale=0.1).eval()
+    x = torch.rand(1, 3, 10, 12, dtype=torch.float64)
+    ref = Upscaler(copy.deepcopy(model)).upscale_tensor(x.float())
+    for given in (x, x.half()):
+        out = Upscaler(copy.deepcopy(model)).upscale_tensor(given)
+        assert out.dtype == torch.float32 and (out - ref).abs().max().item() < (1e-6 if given is x else 2e-3)
+    exact = Upscaler(copy.deepcopy(model).double()).upscale_tensor(x)  # a float64 model takes float32 too
+    assert (exact - ref).abs().max().item() < 1e-5
+    for bad, named in (((x * 255).to(torch.uint8), 'torch.uint8'), (x[0], '(3, 10, 12)'), (x.numpy(), 'ndarray')):
+        with pytest.raises(InferenceError, match=r'takes a float \(N, 3, H, W\) tensor in \[0, 1\], got .*'
+                                                 + re.escape(named)):
+            Upscaler(model).upscale_tensor(bad)
 
 
 def test_cli_errors(tmp_path, esc_pth, images, capsys, monkeypatch):
