@@ -194,6 +194,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         mode, orientation, incomplete, transparent = _probe(path)
     if incomplete:
         raise InferenceError(f'cannot read image {path}: {incomplete} (a truncated file?)')
+    if img.dtype == np.float16:  # a half-float TIFF: float32 holds it exactly (and is written as such)
+        img = img.astype(np.float32)
     if img.dtype not in DTYPE_RANGE:
         raise InferenceError(f'{path}: unsupported pixel type {img.dtype} (8-bit, 16-bit or float only)')
     if img.ndim == 3 and img.shape[2] == 1:

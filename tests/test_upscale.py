@@ -252,6 +252,19 @@ def test_sideways_and_planar_tiffs_keep_their_type_and_turn_upright(tmp_path):
         assert got.dtype == stored.dtype and np.array_equal(got, upright), (name, orientation, planar)
 
 
+def test_a_half_float_tiff_reads_as_float32_and_upscales(tmp_path, esc_pth):
+    """Was 'unsupported pixel type float16 (8-bit, 16-bit or float only)'."""
+    import tifffile
+    stored = np.random.default_rng(6).random((6, 7, 3)).astype(np.float16)
+    (tmp_path / 'in16').mkdir()
+    tifffile.imwrite(tmp_path / 'in16' / 'half.tif', stored, photometric='rgb')
+    got = read_image(tmp_path / 'in16' / 'half.tif')
+    assert got.dtype == np.float32 and np.array_equal(got, stored[:, :, ::-1].astype(np.float32))
+    assert main(['upscale', '-i', str(tmp_path / 'in16'), '-o', str(tmp_path / 'out16'), '-m', esc_pth]) == 0
+    out = read_image(tmp_path / 'out16' / 'half.tif')
+    assert out.dtype == np.float32 and out.shape == (12, 14, 3)
+
+
 def test_compressed_tiffs_read_as_stored(tmp_path, monkeypatch):
     # OpenCV 5 reads an LZW 8-bit RGBA TIFF premultiplied by its alpha, LZW 16-bit gray + alpha and
     # Zstd 16-bit RGB as 8-bit, planar LZW/Zstd samples as wrong pixels: tifffile + imagecodecs reads them
