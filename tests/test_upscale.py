@@ -427,7 +427,7 @@ def test_output_format_chosen_with_ext(tmp_path, esc_pth, images, capsys):
     cv2.imwrite(str(folder / 'rgb.bmp'), np.zeros((5, 5, 3), np.uint8))
     rc = main(['upscale', '-i', str(folder), '-o', str(tmp_path / 'clash'), '-m', esc_pth, '--ext', 'png'])
     err = capsys.readouterr().err
-    assert rc == 1 and 'rgb.png: its output' in err and 'is that of' in err and 'rgb.bmp' in err
+    assert rc == 1 and 'rgb.png: its output' in err and 'is also that of' in err and 'rgb.bmp' in err
     assert read_image(tmp_path / 'clash' / 'rgb.png').shape == (10, 10, 3)  # rgb.bmp's (sorted first), kept
 
 

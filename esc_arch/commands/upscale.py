@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         dst = out_dir / (src.name if args.ext == 'auto' else f'{src.stem}.{args.ext}')
         if dst in written:  # photo.jpg and photo.png with --ext png
-            _error(f'{src}: its output {dst} is that of {written[dst]}, written in this run')
+            _error(f'{src}: its output {dst} is also that of {written[dst]} in this run')
             counts['failed'] += 1
             bar.update(1)
             continue
