@@ -778,6 +778,23 @@ def test_deploy_then_cast_is_the_cast_then_deploy():
     assert not torch.equal(loaded.plk_filter, trained)
 
 
+def test_a_deployed_model_written_then_cast_casts_the_written_filter():
+    # a cast of a deployed model symmetrises its kept trained filter anew; written since (EMA through
+    # .data) without a forward in between, that was the filter of before the write (2.2 off here)
+    model = randomize_(ESC(**tiny_config())).eval().deploy()
+    written = randomize_(ESC(**tiny_config()), seed=5)
+    with torch.no_grad():
+        for param, new in zip(model.parameters(), written.parameters()):
+            param.data.copy_(new.data)
+    expected = ESC(**tiny_config()).double().eval()
+    expected.load_state_dict(written.state_dict())
+    x = torch.rand(1, 3, 9, 10, dtype=torch.float64)
+    with torch.no_grad():
+        assert (model.double()(x) - expected(x)).abs().max().item() < 1e-12
+    model.train()
+    assert torch.equal(model.plk_filter, written.plk_filter.double())
+
+
 def test_gradients_through_a_deployed_model_are_the_undeployed_ones():
     # a deployed ESC keeps the symmetrised filter; backpropagating through it in eval mode (e.g. an
     # optimiser on a deployed model) gave the raw gradient, not its projection on symmetric filters

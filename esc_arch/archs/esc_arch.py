@@ -42,12 +42,15 @@ class SharedFilterTrunk(ESCTrunk):
         self.kernel_size = kernel_size
         self.plk_filter = _orthogonal_filter(pdim, kernel_size)
 
-    def large_kernel_filters(self):
+    def _follow_writes(self):
         # deployed, plk_filter holds the symmetrised filter (and its spectra are kept across images);
         # written since (BasicSR's EMA updates a deployed EMA model through .data), it is the trained
         # filter anew and symmetrised again, so the output is that of the undeployed model
         if self.deployed and not unchanged(self._deployed_filter, self.plk_filter):
             self._fold_filter()
+
+    def large_kernel_filters(self):
+        self._follow_writes()
         if self.deployed and not (torch.is_grad_enabled() and self.plk_filter.requires_grad):
             return (self._large_kernel(self.plk_filter), )
         # symmetrised in the graph, also deployed (idempotent there): its gradient is projected on the
@@ -79,14 +82,14 @@ class SharedFilterTrunk(ESCTrunk):
 
     @torch.no_grad()
     def undeploy(self):
-        if self.deployed and not unchanged(self._deployed_filter, self.plk_filter):
-            self._fold_filter()  # written while deployed: that is the filter to go on from
+        self._follow_writes()  # written while deployed: that is the filter to go on from
         if self.deployed and getattr(self, '_trained_filter', None) is not None:
             self.plk_filter.copy_(self._trained_filter)
         self._trained_filter = self._deployed_filter = None
         return super().undeploy()
 
     def _apply(self, fn, *args, **kwargs):
+        self._follow_writes()  # written while deployed: that is the filter to cast
         trained = getattr(self, '_trained_filter', None)
         result = super()._apply(fn, *args, **kwargs)
         if self.deployed and trained is not None:
