@@ -296,6 +296,22 @@ def test_model_built_and_loaded_under_inference_mode():
         assert (changed - expected(x)).abs().max().item() <= 1e-12
 
 
+@pytest.mark.parametrize('deploy', [False, True])
+def test_a_frozen_model_run_under_inference_mode_backpropagates_to_its_input(deploy):
+    # the attention bias kept by an inference_mode forward is an inference tensor: a later forward of
+    # the frozen model for a gradient of its input (a loss through it) failed in SDPA's backward
+    model = randomize_(ESC(**tiny_config())).double().eval().requires_grad_(False)
+    if deploy:
+        model.deploy()
+    x = torch.rand(1, 3, 9, 10, dtype=torch.float64)
+    with torch.inference_mode():
+        expected = model(x)
+    x.requires_grad_()
+    out = model(x)
+    out.sum().backward()
+    assert (out.detach() - expected).abs().max().item() <= 1e-12 and x.grad.abs().sum().item() > 0
+
+
 def test_deployment_flag_and_loading_after_deploy():
     reference = randomize_(ESC(**tiny_config()), seed=3).double().eval()
     x = torch.rand(1, 3, 7, 9, dtype=torch.float64)

@@ -868,8 +868,11 @@ class WindowAttention(nn.Module):
         cache = self._bias_cache  # read once: threads may replace it meanwhile (one attribute, never half-written)
         if cache is not None:
             bias, sources, kept_params = cache
+            # one built under inference_mode cannot be saved for a backward (a frozen model's input
+            # that requires grad): built anew then, outside it
             if (all(unchanged(kept, p) for kept, p in zip(sources, params))
-                    and (on_cpu or all(kept is p for kept, p in zip(kept_params, params)))):
+                    and (on_cpu or all(kept is p for kept, p in zip(kept_params, params)))
+                    and not (torch.is_grad_enabled() and bias.is_inference())):
                 return bias
         bias = self._build_bias(*(p.detach() for p in params))
         if self._deployed or (on_cpu and bias.numel() * bias.element_size() <= self.max_kept_bias_bytes):
