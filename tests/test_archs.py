@@ -840,6 +840,18 @@ def test_torch_compile_on_cpu():
         assert (torch.compile(model, backend='aot_eager')(x) - model(x)).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize('arch', ['ESC', 'ESCFP'])
+def test_torch_export_of_a_deployed_model(arch):
+    # torch.export traces fake tensors: the check of a deployed ESC's folded filter against writes read
+    # their values (RuntimeError: Cannot access data pointer of Tensor)
+    model = randomize_(ARCHS[arch](**tiny_config(window_size=8, kernel_size=13))).double().eval()
+    x = torch.rand(1, 3, 20, 18, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        exported = torch.export.export(model.deploy(), (x, )).module()
+        assert (exported(x) - expected).abs().max().item() < 1e-12
+
+
 @pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
 def test_torch_jit_trace_passes_its_check_and_runs_other_sizes():
     # the cached dense bias and the deployed model's kept FFT kernel were baked into the trace as

@@ -50,8 +50,12 @@ class SharedFilterTrunk(ESCTrunk):
             self._fold_filter()
 
     def large_kernel_filters(self):
-        self._follow_writes()
-        if self.deployed and not (torch.is_grad_enabled() and self.plk_filter.requires_grad):
+        # torch.export traces fake tensors, whose values cannot be compared with the folded filter's:
+        # its graph symmetrises plk_filter, as the undeployed model's
+        folded = self.deployed and not torch.compiler.is_exporting()
+        if folded:
+            self._follow_writes()
+        if folded and not (torch.is_grad_enabled() and self.plk_filter.requires_grad):
             return (self._large_kernel(self.plk_filter), )
         # symmetrised in the graph, also deployed (idempotent there): its gradient is projected on the
         # symmetric filters, as the undeployed model's, not that of the 8 symmetries' one tap
