@@ -853,6 +853,26 @@ def test_torch_export_of_a_deployed_model(arch):
 
 
 @pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
+@pytest.mark.parametrize('capture', ['trace', 'export'])
+def test_capturing_a_deployment_model_records_no_deploy(capture):
+    # deployment: true deployed on the first forward, also one being traced or exported: the graph
+    # recorded the fold's write into plk_filter (each call of the trace rewrote the parameter; the
+    # exported model kept export's fake tensors as its trained filter), and the trained filter was lost
+    model = randomize_(ESC(**tiny_config(window_size=8, kernel_size=13), deployment=True)).double().eval()
+    trained = model.plk_filter.detach().clone()
+    expected = ESC(**tiny_config(window_size=8, kernel_size=13)).double().eval()
+    expected.load_state_dict(model.state_dict())
+    x = torch.rand(1, 3, 20, 18, dtype=torch.float64)
+    with torch.no_grad():
+        captured = (torch.jit.trace(model, x, check_trace=False) if capture == 'trace'
+                    else torch.export.export(model, (x, )).module())
+        assert (captured(x) - expected(x)).abs().max().item() < 1e-12
+        assert torch.equal(model.plk_filter, trained)
+        assert (model(x) - expected(x)).abs().max().item() < 1e-12 and model.deployed  # deploys as it runs
+    assert torch.equal(model.train().plk_filter, trained)
+
+
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
 def test_torch_jit_trace_passes_its_check_and_runs_other_sizes():
     # the cached dense bias and the deployed model's kept FFT kernel were baked into the trace as
     # constants, so the default check_trace failed ("Graphs differed across invocations")

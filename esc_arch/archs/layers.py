@@ -1128,7 +1128,8 @@ class ESCTrunk(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[0] == 0:
             raise ValueError(f'{type(self).__name__} takes a (N >= 1, 3, H, W) batch of RGB images, '
                              f'got shape {tuple(x.shape)}')
-        if self.deployment and not self.training and not self.deployed:
+        # not while tracing: a trace or an exported graph would record the fold's writes into plk_filter
+        if self.deployment and not self.training and not self.deployed and not tracing():
             with _DEPLOY_LOCK:  # threads racing a first forward: one deploys (twice would fold the folded filter)
                 if not self.deployed:
                     self.deploy()
