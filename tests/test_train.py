@@ -1521,3 +1521,25 @@ def test_data_sets_reading_one_lmdb_share_it(tmp_path):
         shutil.rmtree(folder)
     make_lmdbs(data)
     assert dataset()[1]['gt'].abs().max() == 0
+
+
+@pytest.mark.parametrize('kind', ['bare', 'safetensors'])
+def test_basicsrs_own_models_load_the_network_files_the_checks_accept(tmp_path, kind):
+    """The option checks read a pretrained network as ESCSRModel loads it; BasicSR's own SRModel
+    failed on a bare state dict (KeyError: 'params') and on a .safetensors file after they passed."""
+    from basicsr.models.sr_model import SRModel
+    from safetensors.torch import save_file
+
+    from esc_arch.commands._pipeline import patch_basicsr
+    patch_basicsr(use_cuda=False)
+    source = randomize_(ESC(**{k: v for k, v in TINY_ESC.items() if k != 'type'}))
+    path = tmp_path / ('net.pth' if kind == 'bare' else 'net.safetensors')
+    if kind == 'bare':
+        torch.save(source.state_dict(), path)
+    else:
+        save_file(source.state_dict(), str(path))
+    opt = model_options(tmp_path, is_train=False)
+    opt.update(model_type='SRModel')
+    opt['path'].update(pretrain_network_g=str(path), param_key_g='params_ema', strict_load_g=True)
+    model = SRModel(opt)
+    torch.testing.assert_close(model.net_g.state_dict(), source.state_dict(), rtol=0, atol=0)

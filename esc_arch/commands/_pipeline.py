@@ -35,6 +35,10 @@ traceback. A few BasicSR functions are replaced, never edited, for CPU and CPU-D
   path and process, read-only), where LMDB refuses to open a database a second time in a process or
   in a loader worker forked from it: training and validating on one LMDB failed at the first
   validation (``already open in this process``), or at the next epoch with loader workers.
+* ``base_model.BaseModel.load_network``: BasicSR's own models (``SRModel``, ``SwinIRModel``, ...) read
+  their pretrained networks as ``ESCSRModel`` does and as the option checks read them (a ``.safetensors``
+  file, a bare state dict or one under another wrapper key); BasicSR's failed on those after the checks
+  had passed them (``KeyError: 'params'``, safetensors' 'callable map_location is not supported').
 * ``Registry.get``: a name BasicSR registered with its ``_basicsr`` suffix
   (``UNetDiscriminatorSN``) is found without BasicSR's 'Name ... is not found' line.
 """
@@ -58,6 +62,7 @@ from ..archs.layers import is_flashbias, resample_subpixel_conv
 from ..loading import CheckpointError, describe_mismatch, infer_config
 from ..messages import OptionError, environment_problem, first_line
 from ..models.esr_model import (
+    ESCSRModel,
     TrainingDivergedError,
     latest_training_state,
     pretrained_state_dict,
@@ -1131,6 +1136,8 @@ def patch_basicsr(use_cuda: bool) -> None:
         basicsr.train.create_train_val_dataloader = _dataloader_wrapper(basicsr.train.create_train_val_dataloader)
         basicsr.train.build_model = _validation_within_total_iter(basicsr.train.build_model)
         basicsr.train.MessageLogger = _eta_of_the_iterations_left(basicsr.train.MessageLogger)
+        from basicsr.models.base_model import BaseModel
+        BaseModel.load_network = ESCSRModel.load_network
         from basicsr.utils import file_client
         file_client.LmdbBackend.__init__ = _shared_lmdb_environments(file_client.LmdbBackend.__init__)
         _patch_image_datasets()

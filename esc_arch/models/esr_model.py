@@ -132,7 +132,7 @@ class ESCSRModel(SRModel):
     def load_network(self, net, load_path, strict=True, param_key='params'):
         """BasicSR's loader plus ``.safetensors`` files, safe ``torch.load`` and, for ESC/ESC-FP
         with ``strict_load_g: false``, cross-scale re-sampling of ``to_img`` (BasicSR would drop
-        the mismatched tensor instead)."""
+        the mismatched tensor instead). ``basicsr train`` / ``test`` give BasicSR's own models it too."""
         logger = get_root_logger()
         net = self.get_bare_model(net)
         if not os.path.isfile(load_path):
