@@ -170,10 +170,10 @@ def infer_config(state_dict: Mapping) -> tuple[str, dict]:
 
 
 def describe_mismatch(model: torch.nn.Module, state_dict: Mapping, limit: int = 8) -> str:
-    """One message naming missing/unexpected keys and differing shapes (an ESC's ``to_img`` of
-    another scale is not one: loading re-samples it)."""
+    """One message naming missing/unexpected keys and differing shapes (an ESC's or ESC-FP's
+    ``to_img`` of another scale is not one: loading re-samples it)."""
     expected = model.state_dict()
-    if isinstance(model, ESC):
+    if isinstance(model, (ESC, ESCFP)):
         state_dict = dict(state_dict)
         resample_subpixel_conv(state_dict, '', 3, model.upscaling_factor)
     for name, layer in model.named_modules():  # a FlashBias layer factors a table of its shape as it loads

@@ -224,13 +224,15 @@ def test_missing_to_img_is_one_error_naming_it():
         esc_arch.load_model(state)
 
 
-def test_another_scales_to_img_is_no_mismatch():
-    # ESC's loading re-samples a to_img of another scale (x2 weights into an x4 network)
+@pytest.mark.parametrize('arch', [ESC, ESCFP])
+def test_another_scales_to_img_is_no_mismatch(arch):
+    # ESC's and ESC-FP's loading re-samples a to_img of another scale (x2 weights into an x4 network)
     from esc_arch.loading import describe_mismatch
-    x2 = ESC(**tiny_config(upscaling_factor=2)).state_dict()
-    assert describe_mismatch(ESC(**tiny_config(upscaling_factor=4)), x2) == ''
+    x2 = arch(**tiny_config(upscaling_factor=2)).state_dict()
+    arch(**tiny_config(upscaling_factor=4)).load_state_dict(x2, strict=True)
+    assert describe_mismatch(arch(**tiny_config(upscaling_factor=4)), x2) == ''
     del x2['blocks.0.conv_out.bias']
-    assert describe_mismatch(ESC(**tiny_config(upscaling_factor=4)), x2) == '1 missing keys: blocks.0.conv_out.bias'
+    assert describe_mismatch(arch(**tiny_config(upscaling_factor=4)), x2) == '1 missing keys: blocks.0.conv_out.bias'
 
 
 def test_long_key_lists_are_cut_at_the_limit():

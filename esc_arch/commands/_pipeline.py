@@ -58,7 +58,7 @@ import torch
 import yaml
 
 from ..arch_options import SCALE_KEYS, default_scale, options_problem
-from ..archs.layers import is_flashbias, resample_subpixel_conv
+from ..archs.layers import is_flashbias
 from ..loading import CheckpointError, describe_mismatch, infer_config
 from ..messages import OptionError, environment_problem, first_line
 from ..models.esr_model import (
@@ -570,11 +570,7 @@ def _check_pretrained(opt: dict, opt_path: str, is_train: bool = True) -> None:
         except CheckpointError as exc:
             raise OptionError(f'{exc} (path.pretrain_network_{suffix} in {opt_path})') from None
         if paths.get(f'strict_load_{suffix}', True):  # first: weights of another arch are that, whatever their scale
-            fitted = state_dict
-            if not is_train and net_opt.get('type') == 'ESCFP' and isinstance(net_opt.get('upscaling_factor'), int):
-                fitted = dict(state_dict)  # another scale's to_img is told below (ESC's loading re-samples it)
-                resample_subpixel_conv(fitted, '', 3, net_opt['upscaling_factor'])
-            _check_network_fits(net_opt, fitted, what, f'network_{suffix}')
+            _check_network_fits(net_opt, state_dict, what, f'network_{suffix}')  # another scale's to_img: below
         to_img = state_dict.get('to_img.weight')
         if suffix == 'g' and not is_train and net_opt.get('type') in ('ESC', 'ESCFP') \
                 and isinstance(to_img, torch.Tensor) and to_img.shape[0] != 3 * net_opt.get('upscaling_factor', 0) ** 2:
