@@ -10,6 +10,7 @@ import torch
 
 from .archs import ESC, ESCFP, ESCReal
 from .archs.layers import WindowAttention, flashbias_table_shape, is_flashbias, resample_subpixel_conv
+from .messages import first_line
 
 ARCHS = {'ESC': ESC, 'ESCFP': ESCFP, 'ESCReal': ESCReal}
 WRAPPER_KEYS = ('params_ema', 'params', 'state_dict', 'model')
@@ -90,6 +91,8 @@ def read_checkpoint_file(path: str):
             return torch.load(f, map_location='cpu', weights_only=True)
     except CheckpointError:
         raise
+    except OSError as exc:  # the file cannot be opened or read: permissions, an I/O error
+        raise CheckpointError(f'cannot read checkpoint {path}: {exc.strerror or first_line(exc)}') from exc
     except Exception as exc:  # corrupt, truncated or foreign file
         text = str(exc)
         if kind == 'unknown':

@@ -137,6 +137,23 @@ def test_file_errors_say_what_is_wrong(tmp_path):
         esc_arch.load_model(state)
 
 
+def test_an_unreadable_file_is_one_error_saying_so(tmp_path, monkeypatch):
+    # a file the user may not read (or an I/O error) was an UnboundLocalError from the error handler
+    import builtins
+    import errno
+    path = tmp_path / 'net.pth'
+    torch.save({'params_ema': ESC(**tiny_config()).state_dict()}, path)
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):  # as for a mode-000 file (the tests may run as root)
+        if str(file) == str(path):
+            raise PermissionError(errno.EACCES, 'Permission denied', str(file))
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, 'open', denied)
+    with pytest.raises(CheckpointError, match=f'^cannot read checkpoint {re.escape(str(path))}: Permission denied$'):
+        esc_arch.load_model(path)
+
+
 def test_format_follows_the_content_not_the_name(tmp_path):
     source = randomize_(ESC(**tiny_config())).eval()
     torch.save(source.state_dict(), tmp_path / 'torch.SAFETENSORS')  # a torch file with another name
