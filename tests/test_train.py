@@ -792,6 +792,11 @@ def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_
         val=dict(name='lq only', type='SingleImageDataset', dataroot_lq=str(turned / 'lr'),
                  io_backend=dict(type='disk')))))  # no GT: BasicSR names the outputs the same way
     assert 'warning: p.jpg and p.png save to one output image' in capsys.readouterr().err
+    # two validation sets of one name: one folder of images, one name for their metrics
+    check(lambda o: o['datasets'].update(val_2=copy.deepcopy(o['datasets']['val'])))
+    assert "warning: datasets.val and datasets.val_2 in x.yml are both named 'tinyval'" in capsys.readouterr().err
+    check(lambda o: o['datasets'].update(val_2=dict(copy.deepcopy(o['datasets']['val']), name='other')))
+    assert 'both named' not in capsys.readouterr().err
     # refused before training: what BasicSR fails on later
     refused = {
         "SGD.*unexpected keyword argument 'betas'": lambda o: o['train']['optim_g'].update(type='SGD'),

@@ -637,6 +637,7 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
             _data_checks.check_loader_settings(dataset, where)
         _data_checks.check_images(opt, phase, dataset, opt_path, _world_size(args))
         _data_checks.check_meta_info_list(phase, dataset, opt_path, _world_size(args))
+    _warn_shared_set_names(datasets, opt_path)
     _check_metrics(opt, opt_path)
     if is_train:
         _real_checks.check_real_model_options(opt, opt_path)
@@ -678,6 +679,20 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
             resolve_amp(opt['train'].get('amp'), torch.device('cpu'))
         except ValueError as exc:
             raise OptionError(f'{exc} ({opt_path})') from None
+
+
+def _warn_shared_set_names(datasets: dict, opt_path: str) -> None:
+    """BasicSR keys a validation/test set's saved images (visualization/<name>/), its log lines, its
+    best metrics and its TensorBoard tags by the set's ``name``: two sets of one name mix them."""
+    phases: dict = {}
+    for phase, dataset in datasets.items():
+        if not phase.startswith('train') and isinstance(dataset.get('name'), str):
+            phases.setdefault(dataset['name'], []).append(phase)
+    for name, same in phases.items():
+        if len(same) > 1:
+            print(f'warning: datasets.{" and datasets.".join(same)} in {opt_path} are both named {name!r}: '
+                  'BasicSR saves their images into one folder (the last written kept) and logs and keeps their '
+                  'metrics under one name; give each its own name', file=sys.stderr)
 
 
 def _check_not_in_archived_folder(opt: dict, opt_path: str, args) -> None:
