@@ -1160,6 +1160,8 @@ MSE, GAN = 'train_ESC_Real_x4_MSE.yml', 'train_ESC_Real_x4_GAN.yml'
     (MSE, lambda o: o.update(noise_range2=[-1, 25]), 'noise_range2 must be at least 0'),
     (MSE, lambda o: o.update(resize_range=[0, 1.5]), 'resize_range must be above 0'),  # a 0-pixel resize
     (MSE, lambda o: o.update(jpeg_range2=[30, 101]), 'jpeg_range2 must be at most 100'),
+    # quality 100 made DiffJPEG divide by 0: a nan LQ image, then "invalid Poisson rate" (or a nan loss)
+    (MSE, lambda o: o.update(jpeg_range=[100, 100]), 'jpeg_range must have low below 100, got [100, 100]'),
     (MSE, lambda o: o.update(gaussian_noise_prob=1.5), 'gaussian_noise_prob must be a probability from 0 to 1'),
     (MSE, lambda o: o.update(queue_size=0), 'queue_size must be a whole number >= 1, got 0'),
     (MSE, lambda o: o.update(queue_size=3), 'queue_size (3) must be a multiple of the batch size per process (2)'),
@@ -1280,9 +1282,10 @@ def test_the_shipped_real_options_pass_the_degradation_checks(tmp_path):
         opt = real_options(tmp_path / model_file, model_file)
         _real_checks.check_real_model_options(opt, model_file)
         _real_checks.check_real_dataset_options(opt['datasets']['train'], model_file)
-        # edge values BasicSR takes: no noise, probabilities 0 and 1, one sure resize direction
+        # edge values BasicSR takes: no noise, probabilities 0 and 1, one sure resize direction, qualities
+        # drawn up to 100 (from [low, high): 100 itself never)
         opt.update(noise_range=[0, 0], poisson_scale_range2=[0, 3], gray_noise_prob=0, second_blur_prob=1,
-                   resize_prob=[0, 0, 1], jpeg_range=[100, 100])
+                   resize_prob=[0, 0, 1], jpeg_range=[30, 100], jpeg_range2=[95, 95])
         _real_checks.check_real_model_options(opt, model_file)
         _real_checks.check_real_dataset_options(dict(opt['datasets']['train'], blur_sigma=[0, 3]), model_file)
     assert _real_checks.real_model_kind('RealESRGANModel') == 'esrgan'

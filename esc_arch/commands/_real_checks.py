@@ -20,7 +20,8 @@ CROP_PAD_SIZE = 400  # RealESRGANDataset crops (or pads) every GT image to 400x4
 PROBABILITIES = ('gaussian_noise_prob', 'gray_noise_prob', 'second_blur_prob', 'gaussian_noise_prob2',
                  'gray_noise_prob2')
 # the bounds of each [low, high] range the model draws from: (lowest, whether lowest itself is
-# allowed, highest); a resize by 0 or a JPEG quality of 0 fails, no noise is fine
+# allowed, highest, which the draws must stay below); a resize by 0 fails, no noise is fine, a JPEG
+# quality of 0 fails and one of 100 makes DiffJPEG divide by 0 (a nan LQ image)
 RANGES = {'resize_range': (0, False, None), 'noise_range': (0, True, None), 'poisson_scale_range': (0, True, None),
           'jpeg_range': (0, False, 100), 'resize_range2': (0, False, None), 'noise_range2': (0, True, None),
           'poisson_scale_range2': (0, True, None), 'jpeg_range2': (0, False, 100)}
@@ -71,7 +72,8 @@ def _check_probability(key: str, value, where: str) -> None:
 
 
 def _check_range(key: str, value, where: str, lowest=None, inclusive=False, highest=None, strict=False) -> None:
-    """A [low, high] list of two numbers within the bounds (low < high if ``strict``)."""
+    """A [low, high] list of two numbers within the bounds (low < high if ``strict``). BasicSR draws
+    from [low, high): ``highest`` is never drawn from a range up to it, but always from [highest, highest]."""
     if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(v) for v in value)):
         raise OptionError(f'{key} must be a [low, high] list of two numbers, got {value!r} ({where})')
     low, high = value
@@ -82,6 +84,9 @@ def _check_range(key: str, value, where: str, lowest=None, inclusive=False, high
         raise OptionError(f'{key} must be {bound}, got {value!r} ({where})')
     if highest is not None and high > highest:
         raise OptionError(f'{key} must be at most {highest}, got {value!r} ({where})')
+    if highest is not None and low == highest:
+        raise OptionError(f'{key} must have low below {highest}, got {value!r} ({where}; BasicSR draws from '
+                          f'[low, high), so it would draw {highest} itself, which fails)')
 
 
 def _check_weights(key: str, value, count: int, where: str, names=None) -> None:
