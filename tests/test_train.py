@@ -618,6 +618,38 @@ def test_resume_checks_the_state_against_the_options(tmp_path, capsys):
         load_resume_state(opt)
 
 
+def test_resume_from_a_state_of_another_model_is_one_line(tmp_path):
+    # the MSE stage resumed from a GAN run's state (optim_g and optim_d), or the other way round, was
+    # BasicSR's "AssertionError: Wrong lengths of optimizers" after the set-up
+    from basicsr.archs.discriminator_arch import UNetDiscriminatorSN
+
+    from esc_arch.commands._pipeline import OptionError, load_resume_state
+    states, models = tmp_path / 'training_states', tmp_path / 'models'
+    states.mkdir()
+    models.mkdir()
+    model = ESC(**{k: v for k, v in TINY_ESC.items() if k != 'type'})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    atomic_torch_save({'params': model.state_dict()}, str(models / 'net_g_2.pth'))
+    net_d = dict(type='UNetDiscriminatorSN', num_in_ch=3, num_feat=4)
+    atomic_torch_save({'params': UNetDiscriminatorSN(3, num_feat=4).state_dict()}, str(models / 'net_d_2.pth'))
+    adam = dict(type='AdamW', lr=5e-4)
+
+    def resume(count, **opt):
+        atomic_torch_save({'epoch': 0, 'iter': 2, 'optimizers': [optimizer.state_dict()] * count,
+                           'schedulers': []}, str(states / '2.state'))
+        return load_resume_state(dict(opt, auto_resume=True, num_gpu=0, network_g=dict(TINY_ESC),
+                                      path=dict(training_states=str(states), models=str(models), resume_state=None)))
+
+    with pytest.raises(OptionError, match=r'cannot resume from \S+2\.state: it holds the states of 2 optimizer\(s\), '
+                                          r'but RealHATMSEModel trains 1 \(optim_g\): it was saved by another model'):
+        resume(2, model_type='RealHATMSEModel', train=dict(optim_g=adam))
+    with pytest.raises(OptionError, match=r'it holds the states of 1 optimizer\(s\), but RealHATGANModel trains 2 '
+                                          r'\(optim_g, optim_d\)'):
+        resume(1, model_type='RealHATGANModel', network_d=net_d, train=dict(optim_g=adam, optim_d=adam))
+    assert resume(1, model_type='RealHATMSEModel', train=dict(optim_g=adam))['iter'] == 2
+    assert resume(2, model_type='RealHATGANModel', network_d=net_d, train=dict(optim_g=adam, optim_d=adam))['iter'] == 2
+
+
 class _Draws(torch.utils.data.Dataset):
     """What an augmenting data set draws per sample (BasicSR's crops use random, flips NumPy)."""
 

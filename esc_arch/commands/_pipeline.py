@@ -436,12 +436,17 @@ def _check_gan_train_settings(opt: dict, train: dict, opt_path: str) -> None:
                           f'(RGB) in {opt_path}')
 
 
+def _is_model_of(model_type, base: type) -> bool:
+    """Whether ``model_type`` names a registered model class derived from ``base``."""
+    from basicsr.utils.registry import MODEL_REGISTRY
+    model = MODEL_REGISTRY.get(model_type) if _known(MODEL_REGISTRY, model_type) else None
+    return isinstance(model, type) and issubclass(model, base)
+
+
 def _is_gan_model(model_type) -> bool:
     """Whether the model builds a discriminator (BasicSR's SRGANModel family)."""
     from basicsr.models.srgan_model import SRGANModel
-    from basicsr.utils.registry import MODEL_REGISTRY
-    model = MODEL_REGISTRY.get(model_type) if _known(MODEL_REGISTRY, model_type) else None
-    return isinstance(model, type) and issubclass(model, SRGANModel)
+    return _is_model_of(model_type, SRGANModel)
 
 
 def _dummy_optimizer(model_type: str, settings: dict):
@@ -515,11 +520,8 @@ def _validates_on_arrays(model_type) -> bool:
     metrics numpy uint8 images; a model of another package may have its own validation."""
     from basicsr.models.sr_model import SRModel
     from basicsr.utils.registry import MODEL_REGISTRY
-    if not _known(MODEL_REGISTRY, model_type):
-        return False
-    model = MODEL_REGISTRY.get(model_type)
-    return (isinstance(model, type) and issubclass(model, SRModel)
-            and model.nondist_validation.__module__.startswith(('basicsr.', 'esc_arch.')))
+    return (_is_model_of(model_type, SRModel)
+            and MODEL_REGISTRY.get(model_type).nondist_validation.__module__.startswith(('basicsr.', 'esc_arch.')))
 
 
 def _world_size(args) -> int:
@@ -762,6 +764,7 @@ def _init_dist_slurm(backend='nccl', port=None):
 
 def load_resume_state(opt):
     """BasicSR's ``load_resume_state``, mapped to the run's device, skipping unreadable states."""
+    from basicsr.models.sr_model import SRModel
     from basicsr.utils import check_resume
     if opt['auto_resume']:
         state_dir = opt['path']['training_states']
@@ -790,7 +793,13 @@ def load_resume_state(opt):
             continue
         for key, (net_path, network) in networks.items():
             _check_network_fits(opt[key], network, f'resume state {path} (its network {net_path})', key)
-        for number, key in enumerate(('optim_g', 'optim_d')[:1 + _is_gan_model(opt.get('model_type'))]):
+        optimizers = ('optim_g', 'optim_d')[:1 + _is_gan_model(opt.get('model_type'))]
+        saved = len(state.get('optimizers') or ())
+        if saved != len(optimizers) and _is_model_of(opt.get('model_type'), SRModel):  # they build these only
+            raise OptionError(f'cannot resume from {path}: it holds the states of {saved} optimizer(s), but '
+                              f'{opt["model_type"]} trains {len(optimizers)} ({", ".join(optimizers)}): it was saved '
+                              'by another model; resume with the options of that run, or give this run another name')
+        for number, key in enumerate(optimizers):
             _check_resumed_optimizer(opt, state, path, key, number)
         opt['path']['resume_state'] = path
         check_resume(opt, state['iter'])
