@@ -1380,6 +1380,24 @@ def test_the_gan_stage_stops_on_nan_and_resumes_only_with_its_discriminator(tmp_
     assert re.search(r'Cannot resume from \S+4\.state \(.*net_d_4\.pth.*\); trying \S+2\.state', said), said
 
 
+def test_the_gan_stage_records_no_graph_of_its_ema_network(tmp_path):
+    # the GAN stage's set-up (SRGANModel's) left the EMA network's parameters trainable: its forward
+    # for ldl_opt recorded an autograd graph, and output_ema kept its activations to the next iteration
+    from esc_arch.commands._pipeline import patch_basicsr
+    from esc_arch.models.real_models import ESCRealESRGANModel
+    patch_basicsr(use_cuda=False)  # BasicSR's Real-ESRGAN puts its DiffJPEG on CUDA
+    opt = real_options(tmp_path, GAN)
+    opt['train']['ldl_opt'] = dict(type='L1Loss', loss_weight=1.0)
+    opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False)
+    opt['path'].update(models=str(tmp_path), training_states=str(tmp_path))
+    model = ESCRealESRGANModel(opt)
+    model.lq, model.gt = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 32, 32)
+    model.gt_usm = model.gt
+    model.optimize_parameters(1)
+    assert 'l_g_ldl' in model.log_dict and not model.output_ema.requires_grad
+    assert not any(param.requires_grad for param in model.net_g_ema.parameters())
+
+
 def test_an_offline_perceptual_loss_says_which_weights_to_put_where(tmp_path, capsys, monkeypatch):
     import urllib.error
 

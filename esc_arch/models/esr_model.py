@@ -151,15 +151,17 @@ class ESCSRModel(SRModel):
         self.scaler = torch.amp.GradScaler('cuda') if use_scaler else None
         self.grad_clip = float(train_opt.get('grad_clip') or 0)
         super().init_training_settings()
-        if hasattr(self, 'net_g_ema'):
-            self.net_g_ema.requires_grad_(False)
         if self.amp_dtype is not None:
             get_root_logger().info(f'Mixed precision: {str(self.amp_dtype)[6:]} autocast'
                                    f'{" with a GradScaler" if self.scaler else ""}.')
-        self._remove_stale_temp_files()
+        self._finish_training_settings()
 
-    def _remove_stale_temp_files(self):
-        """What a run killed mid-save left half-written (rank 0: the folders are shared)."""
+    def _finish_training_settings(self):
+        """After the set-up (this model's, or the GAN stage's, which is SRGANModel's): the EMA network
+        frozen (its forwards record no autograd graph), and what a run killed mid-save left
+        half-written removed (rank 0: the folders are shared)."""
+        if hasattr(self, 'net_g_ema'):
+            self.net_g_ema.requires_grad_(False)
         if self.opt['rank'] == 0:
             for key in ('models', 'training_states'):
                 remove_stale_temp_files(self.opt['path'].get(key, ''))

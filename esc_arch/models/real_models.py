@@ -34,7 +34,7 @@ class ESCRealESRGANModel(RealESRGANModel, ESCSRModel):
 
     def init_training_settings(self):
         super().init_training_settings()  # SRGANModel's: net_d, its optimizers and losses
-        self._remove_stale_temp_files()
+        self._finish_training_settings()  # its EMA network was left trainable (ldl_opt's forward kept a graph)
 
     def optimize_parameters(self, current_iter):
         super().optimize_parameters(current_iter)
