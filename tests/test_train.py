@@ -1200,6 +1200,12 @@ MSE, GAN = 'train_ESC_Real_x4_MSE.yml', 'train_ESC_Real_x4_GAN.yml'
     (MSE, lambda o: o.update(scale=3, gt_size=96, network_g=dict(type='ESC', **tiny_config(upscaling_factor=3))),
      'scale 3 does not divide 400'),  # "Scale mismatches" in the first iteration
     (MSE, lambda o: o.update(high_order_degradation=False), 'RealESRGANDataset gives GT images only'),  # KeyError lq
+    # a data set of GT images alone to validate on, or to train a model that degrades nothing: a KeyError
+    # at the first validation (after training) or iteration
+    (MSE, lambda o: o['datasets'].update(val=dict(o['datasets']['train'], name='rv')) or o.update(val=dict(val_freq=2)),
+     'RealESRGANDataset gives GT images only, but RealHATMSEModel validates on LQ images'),
+    (MSE, lambda o: o.update(model_type='ESCSRModel'), 'RealESRGANDataset gives GT images only, but ESCSRModel trains '
+                                                       'on LQ images'),
     (MSE, lambda o: o['datasets']['train'].update(kernel_prob=[0.5] * 5), 'kernel_prob must be a list of 6 weights'),
     (MSE, lambda o: o['datasets']['train']['kernel_list'].__setitem__(0, 'isoo'), "unknown kernel 'isoo' (did you "
                                                                                    'mean iso?)'),  # UnboundLocalError

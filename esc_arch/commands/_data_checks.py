@@ -21,6 +21,7 @@ from ..messages import OptionError, first_line
 
 PAIRED_TYPES = ('PairedImageDataset', 'RealESRGANPairedDataset')  # GT + LQ pairs, BasicSR's pairing
 OWN_LISTS = ('RealESRGANDataset', 'RealESRGANPairedDataset')  # read the images their meta_info lists
+GT_ONLY = ('RealESRGANDataset', 'FFHQDataset')  # give no LQ images (a real-world model degrades the GT)
 # options BasicSR's data sets read with opt[key] (a KeyError without them): always, and for training
 REQUIRED = {'PairedImageDataset': (('dataroot_gt', 'dataroot_lq', 'io_backend'), ('gt_size', 'use_hflip', 'use_rot')),
             'RealESRGANPairedDataset': (('dataroot_gt', 'dataroot_lq', 'io_backend'),

@@ -524,6 +524,21 @@ def _validates_on_arrays(model_type) -> bool:
             and MODEL_REGISTRY.get(model_type).nondist_validation.__module__.startswith(('basicsr.', 'esc_arch.')))
 
 
+def _check_gives_lq(opt: dict, phase: str, dataset: dict, is_train: bool, where: str) -> None:
+    """A data set of GT images alone where SRModel's family reads LQ images (BasicSR: a KeyError at the
+    first iteration, or at the first validation, after training): everywhere but a real-world model's
+    training (checked with its degradation) and a training's val set without a val section (unread)."""
+    training = phase.startswith('train')
+    reads_lq = _real_checks.real_model_kind(opt['model_type']) is None if training else (
+        not is_train or opt.get('val') is not None)
+    if dataset.get('type') in _data_checks.GT_ONLY and reads_lq and _validates_on_arrays(opt['model_type']):
+        instead = ('a real-world model (e.g. ESCRealESRNetModel), which degrades the GT images itself' if training
+                   else 'a SingleImageDataset')
+        raise OptionError(f'{dataset["type"]} gives GT images only, but {opt["model_type"]} '
+                          f'{"trains" if training else "validates" if is_train else "tests"} on LQ images: use a '
+                          f'PairedImageDataset (dataroot_gt and dataroot_lq) or {instead} ({where})')
+
+
 def _world_size(args) -> int:
     """How many training processes the launcher starts (torchrun's WORLD_SIZE, Slurm's tasks)."""
     variable = {'pytorch': 'WORLD_SIZE', 'slurm': 'SLURM_NTASKS'}.get(getattr(args, 'launcher', 'none'))
@@ -633,6 +648,7 @@ def check_options(opt: dict, opt_path: str, is_train: bool, args) -> None:
                 raise OptionError(f'data set path not found: {value} (datasets.{phase}.{key} in {opt_path})')
         where = f'datasets.{phase} in {opt_path}'
         _data_checks.check_required_keys(phase, dataset, opt, where)
+        _check_gives_lq(opt, phase, dataset, is_train, where)
         if is_train and phase.startswith('train') and dataset.get('type') == 'RealESRGANDataset':
             _real_checks.check_real_dataset_options(dataset, where)
         if phase == 'train':
