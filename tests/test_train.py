@@ -1200,6 +1200,9 @@ MSE, GAN = 'train_ESC_Real_x4_MSE.yml', 'train_ESC_Real_x4_GAN.yml'
     (MSE, lambda o: o.update(scale=3, gt_size=96, network_g=dict(type='ESC', **tiny_config(upscaling_factor=3))),
      'scale 3 does not divide 400'),  # "Scale mismatches" in the first iteration
     (MSE, lambda o: o.update(high_order_degradation=False), 'RealESRGANDataset gives GT images only'),  # KeyError lq
+    # a quoted 'false' is a string, which BasicSR takes as true: it degraded anyway
+    (MSE, lambda o: o.update(high_order_degradation='false'),
+     "high_order_degradation must be true or false, got 'false'"),
     # a data set of GT images alone to validate on, or to train a model that degrades nothing: a KeyError
     # at the first validation (after training) or iteration
     (MSE, lambda o: o['datasets'].update(val=dict(o['datasets']['train'], name='rv')) or o.update(val=dict(val_freq=2)),

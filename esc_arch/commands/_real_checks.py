@@ -116,7 +116,11 @@ def check_real_model_options(opt: dict, opt_path: str) -> None:
     if kind == 'esrgan':
         require_keys(ESRGAN_SWITCHES, opt, opt['model_type'], where)
         _check_switches(opt, ESRGAN_SWITCHES, False, where)
-    if not opt.get('high_order_degradation', True):  # trains on the data set's own LQ images
+    switch = opt.get('high_order_degradation', True)
+    if not isinstance(switch, bool):  # BasicSR tests its truth: a quoted 'false' would degrade
+        raise OptionError(f'high_order_degradation must be true or false, got {switch!r} ({where}; BasicSR '
+                          f'tests its truth, so {switch!r} would be taken as {str(bool(switch)).lower()})')
+    if not switch:  # trains on the data set's own LQ images
         if train_set.get('type') == 'RealESRGANDataset':
             raise OptionError(f'high_order_degradation is false, so {opt["model_type"]} trains on the data set\'s '
                               'own LQ images, but RealESRGANDataset gives GT images only: use a paired data set '
