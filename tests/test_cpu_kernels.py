@@ -808,20 +808,36 @@ def test_a_first_build_is_announced(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
     _announce_a_first_build(cpp_extension, 'esc_arch_never_built', 'avx2')
     assert 'compiling the CPU kernels (avx2) for this install, once' in capsys.readouterr().err
-    (tmp_path / 'esc_arch_never_built' / 'esc_arch_never_built.so').write_bytes(b'')
-    _announce_a_first_build(cpp_extension, 'esc_arch_never_built', 'avx2')
-    assert capsys.readouterr().err == ''
-    # a library cut short (a full disk, a killed copy) crashed the process with SIGBUS as it loaded,
-    # and ninja, seeing it newer than its objects, did not link it again: it is removed to be relinked
     import torch._C
     library = tmp_path / 'esc_arch_never_built' / 'esc_arch_never_built.so'
     whole = Path(torch._C.__file__).read_bytes()  # an ELF shared library
     library.write_bytes(whole)
     _announce_a_first_build(cpp_extension, 'esc_arch_never_built', 'avx2')
     assert capsys.readouterr().err == '' and library.exists()
+    # a library cut short (a full disk, a killed copy) crashed the process with SIGBUS as it loaded,
+    # and ninja, seeing it newer than its objects, did not link it again: it is removed to be relinked
     library.write_bytes(whole[:len(whole) // 2])
     _announce_a_first_build(cpp_extension, 'esc_arch_never_built', 'avx2')
     assert 'compiling the CPU kernels' in capsys.readouterr().err and not library.exists()
+
+
+@pytest.mark.parametrize('size', [0, 40])
+def test_a_library_cut_short_within_its_elf_header_is_linked_again(tmp_path, monkeypatch, capsys, size):
+    # an empty library, or one shorter than its 64-byte ELF header, passed as complete: it was kept,
+    # ninja did not link it again, and every process fell back to PyTorch's operators ("building it
+    # failed: Could not load this library"); the kernels are built for x86-64 only, a 64-bit ELF
+    import torch._C
+    from torch.utils import cpp_extension
+
+    from esc_arch.kernels import _announce_a_first_build, complete_elf
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    library = tmp_path / 'esc_arch_never_built' / 'esc_arch_never_built.so'
+    library.parent.mkdir()
+    library.write_bytes(Path(torch._C.__file__).read_bytes()[:size])
+    assert not complete_elf(str(library))
+    _announce_a_first_build(cpp_extension, 'esc_arch_never_built', 'avx2')
+    # made older than any object file rather than removed: ld starts a link with an empty file
+    assert 'compiling the CPU kernels' in capsys.readouterr().err and library.stat().st_mtime == 0
 
 
 def test_an_unknown_switch_value_is_warned_about(monkeypatch):

@@ -148,14 +148,17 @@ def _load_prebuilt(name: str, digest: str) -> bool:
 def complete_elf(path: str) -> bool:
     """Whether the ELF file at ``path`` holds its section header table, which linkers write last: a
     library truncated by a full disk or a killed copy fails this (loading one dies of SIGBUS, and
-    ninja, seeing it newer than its objects, would not link it again)."""
+    ninja, seeing it newer than its objects, would not link it again), as does one cut within its
+    64-byte ELF header (an empty file): the kernels are built on x86-64 only, as 64-bit ELF files."""
     try:
         with open(path, 'rb') as handle:
             header = handle.read(64)
             size = os.fstat(handle.fileno()).st_size
     except OSError:
         return False
-    if len(header) < 64 or header[:4] != b'\x7fELF' or header[4] != 2 or header[5] != 1:
+    if len(header) < 64:
+        return False
+    if header[:4] != b'\x7fELF' or header[4] != 2 or header[5] != 1:
         return True  # not a 64-bit little-endian ELF: leave it to the loader to judge
     sh_offset, = struct.unpack_from('<Q', header, 0x28)
     sh_entsize, sh_count = struct.unpack_from('<HH', header, 0x3A)
@@ -164,15 +167,19 @@ def complete_elf(path: str) -> bool:
 
 def _announce_a_first_build(cpp_extension, name: str, isa: str) -> None:
     """A line on stderr when the library is not built yet: the first call then takes a minute. A
-    truncated library is removed first, so that it is linked again."""
+    truncated library is removed (or, cut within its header, made old) first, so that it is linked again."""
     try:
         library = _library_path(cpp_extension, name)
     except Exception:  # a private helper of PyTorch's loader: say nothing rather than fail
         return
-    if os.path.isfile(library) and not complete_elf(library):
+    relink = os.path.isfile(library) and not complete_elf(library)
+    if relink:
         with contextlib.suppress(OSError):
-            os.unlink(library)
-    if not os.path.isfile(library):
+            if os.path.getsize(library) < 64:  # also how ld starts a link another process may be running:
+                os.utime(library, (0, 0))  # made older than its objects (ninja links it again), not removed
+            else:
+                os.unlink(library)
+    if relink or not os.path.isfile(library):
         print(f'esc_arch: compiling the CPU kernels ({isa}) for this install, once (a minute or two; cached in '
               f'{os.path.dirname(os.path.dirname(library))})', file=sys.stderr, flush=True)
 
