@@ -109,7 +109,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, fp16
     wrapper = PadRunCrop(model).to(dtype).eval()
     window = wrapper.window
     sample = torch.rand(1, 3, 2 * window, 2 * window, dtype=dtype)
-    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad(), _without_native_stdout():
+    # an OSError of the exporter is its write failing (a full disk: 'File too large')
+    with atomic_path(path, failed_writes=(OSError, )) as tmp, warnings.catch_warnings(), torch.no_grad(), \
+            _without_native_stdout():
         warnings.simplefilter('ignore')  # TracerWarnings on the shape arithmetic, checked by verify_onnx
         torch.onnx.export(wrapper, (sample, ), tmp, dynamo=False, opset_version=opset,
                           input_names=['input'], output_names=['output'],

@@ -180,3 +180,13 @@ def test_each_attention_exports_at_its_lowest_opset(tmp_path):
         assert (run_onnx(path, x) - Upscaler(model).forward(x)).abs().max().item() < 1e-4, attn
     with pytest.raises(ExportError, match=r'^opset 12 is too old for the naive attention \(it needs 13 or later\)$'):
         export_onnx(model, tmp_path / 'old.onnx', opset=12, attn_type='naive')
+
+
+def test_onnx_on_a_full_disk_is_one_line_naming_the_file(tmp_path, capsys):
+    pytest.importorskip('onnxruntime')
+    pth = save_checkpoint(ESC(**tiny_config()), tmp_path / 'esc.pth')
+    with file_size_limit(5_000):  # was 'ONNX export failed (WriteError): ...'
+        assert main(['export', '-m', pth, '-o', str(tmp_path / 'e.onnx')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'basicsr export: error: cannot write {tmp_path / "e.onnx"}: '), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['esc.pth']

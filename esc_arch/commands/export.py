@@ -27,6 +27,7 @@ def _error(message: str) -> int:
 def run(args: argparse.Namespace) -> int:
     import esc_arch
     from esc_arch.export import ONNX_TOLERANCE, ExportError, export_onnx, require_onnx, save_safetensors, verify_onnx
+    from esc_arch.fileio import WriteError
     from esc_arch.loading import CheckpointError
 
     output = Path(args.output)
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         export_onnx(model, output, opset=opset, fp16=args.fp16, attn_type=args.attn or 'sdpa')
         results = verify_onnx(output, model, fp16=args.fp16)
-    except ExportError as exc:
+    except (ExportError, WriteError) as exc:  # WriteError: the file cannot be written (a read-only folder, ...)
         return _error(str(exc))
     except Exception as exc:  # the exporter's or onnxruntime's own failure: one line, not a traceback
         return _error(f'ONNX export failed ({type(exc).__name__}): {str(exc).strip().splitlines()[0]}')
