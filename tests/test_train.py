@@ -701,6 +701,26 @@ def test_training_reaches_total_iter_on_a_small_data_set(tmp_path):
     assert re.search(r'iter:\s+5, .*\[eta: 0:00:00, ', log) and '-1 day' not in log  # BasicSR's said -1 day, 23:59:59
 
 
+def test_a_run_resumed_with_a_smaller_batch_size_trains_to_total_iter(tmp_path):
+    # batches of 4 (one iteration per epoch) saved iteration 8 at epoch 7; in batches of 2, 10
+    # iterations count 5 epochs, so BasicSR's epoch loop (from 7 to 5) trained nothing and ended at 8
+    data = make_pairs(tmp_path / 'data')
+    opt = train_options(data, total_iter=8, warmup_iter=-1)
+    opt['datasets']['train']['batch_size_per_gpu'] = 4
+    opt['logger']['save_checkpoint_freq'] = 8
+    opt['val']['val_freq'] = 100
+    result = basicsr('train', '-opt', write_yaml(tmp_path / 'big.yml', opt), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    opt['datasets']['train']['batch_size_per_gpu'] = 2
+    opt['train']['total_iter'] = 10
+    result = basicsr('train', '-opt', write_yaml(tmp_path / 'small.yml', opt), '--auto_resume', cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = newest_log(tmp_path / 'experiments' / 'tiny')
+    assert 'Resuming training from epoch: 7, iter: 8.' in log
+    assert re.search(r'iter:\s+10,', log) and not re.search(r'iter:\s+11,', log)
+    assert saved_iterations(tmp_path / 'experiments' / 'tiny' / 'training_states') == [8]
+
+
 def test_flashbias_fine_tune_from_a_table_checkpoint_then_test(tmp_path):
     # the authors' ESC_FB recipe: a FlashBias network starts from a released table-layout model
     # (strict_load_g true), its tables factored by SVD as they load; then basicsr test on the result

@@ -11,7 +11,8 @@ traceback. A few BasicSR functions are replaced, never edited, for CPU and CPU-D
   checks that the options' network and optimizer are the state's and, with ``--auto_resume``, falls
   back to an older state if the newest (or its network file) cannot be read.
 * ``train.create_train_val_dataloader``: the epoch count from the training loader's real length
-  (it drops the last partial batch), so training reaches ``total_iter``.
+  (it drops the last partial batch) and, resuming, from the saved epoch, so training reaches
+  ``total_iter`` (a state saved with a larger batch size is at a later epoch than this run counts).
 * the training loader's ``worker_init_fn``: the workers' ``random``/NumPy seeds differ between
   epochs (BasicSR's repeat every epoch, as its workers restart, so do the crops and flips).
 * the image data sets' ``imfrombytes`` / ``__getitem__``: an image OpenCV cannot decode is an
@@ -749,7 +750,7 @@ def _has_state(opt: dict, args) -> bool:
 
 
 # ------------------------------------------------------------------------------ BasicSR patches
-_RUN = {'cuda': False}
+_RUN = {'cuda': False, 'resumed': None}  # resumed: the (epoch, iter) of the state resumed from
 _ORIGINAL = {}
 _PATCHED: set = set()  # the patches that can also be applied on their own (in a loader worker)
 
@@ -782,6 +783,7 @@ def load_resume_state(opt):
     """BasicSR's ``load_resume_state``, mapped to the run's device, skipping unreadable states."""
     from basicsr.models.sr_model import SRModel
     from basicsr.utils import check_resume
+    _RUN['resumed'] = None
     if opt['auto_resume']:
         state_dir = opt['path']['training_states']
         candidates = [osp.join(state_dir, f'{it}.state') for it in reversed(saved_iterations(state_dir))]
@@ -819,6 +821,7 @@ def load_resume_state(opt):
             _check_resumed_optimizer(opt, state, path, key, number)
         opt['path']['resume_state'] = path
         check_resume(opt, state['iter'])
+        _RUN['resumed'] = state['epoch'], state['iter']
         return state
 
 
@@ -954,7 +957,9 @@ def _dataloader_wrapper(original):
         if train_loader is not None and train_loader.num_workers > 0:
             train_loader.worker_init_fn = _WorkerInit(train_loader.worker_init_fn)
         if train_loader is not None and len(train_loader) > 0:
-            total_epochs = max(total_epochs, math.ceil(total_iters / len(train_loader)))
+            # a resumed run goes on from the saved epoch, which another batch size (or data set) counted
+            epoch, done = _RUN['resumed'] or (0, 0)
+            total_epochs = max(total_epochs, epoch + math.ceil((total_iters - done) / len(train_loader)))
         return train_loader, train_sampler, val_loaders, total_epochs, total_iters
 
     return create_train_val_dataloader
