@@ -453,6 +453,26 @@ def test_auto_resume_skips_an_unreadable_newest_state(tmp_path, capsys):
     assert '4.state' in capsys.readouterr().out
 
 
+def test_resuming_a_state_past_total_iter_is_one_line(tmp_path):
+    # a run to 10 saved 8.state and net_g_latest.pth (iteration 10); --auto_resume with total_iter 6
+    # trained nothing, overwrote net_g_latest.pth with iteration 8's network and validated it as '@ 6 iter'
+    from esc_arch.commands._pipeline import OptionError, load_resume_state
+    states, models = tmp_path / 'training_states', tmp_path / 'models'
+    states.mkdir()
+    models.mkdir()
+    atomic_torch_save({'epoch': 3, 'iter': 8, 'optimizers': [], 'schedulers': []}, str(states / '8.state'))
+    net = {k: v for k, v in TINY_ESC.items() if k != 'type'}
+    atomic_torch_save({'params': ESC(**net).state_dict()}, str(models / 'net_g_8.pth'))
+    opt = dict(auto_resume=True, num_gpu=0, network_g=dict(TINY_ESC), train=dict(total_iter=6),
+               path=dict(training_states=str(states), models=str(models), resume_state=None))
+    with pytest.raises(OptionError, match=rf'^cannot resume from {re.escape(str(states / "8.state"))}: it is at '
+                                          r'iteration 8, past train.total_iter 6 .*raise total_iter to train on'):
+        load_resume_state(copy.deepcopy(opt))
+    for total in (8, 10):  # at total_iter (nothing left to train: net_g_latest.pth is its network) or before
+        opt['train']['total_iter'] = total
+        assert load_resume_state(copy.deepcopy(opt))['iter'] == 8
+
+
 def test_more_option_mistakes_are_one_line_before_training(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = make_pairs(tmp_path / 'data')

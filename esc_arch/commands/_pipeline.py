@@ -8,8 +8,8 @@ traceback. A few BasicSR functions are replaced, never edited, for CPU and CPU-D
 * ``dist_util._init_dist_pytorch`` / ``_init_dist_slurm``: gloo and no ``torch.cuda.set_device``
   when the run is on CPU; the device of a CUDA run is chosen by ``LOCAL_RANK``.
 * ``train.load_resume_state``: maps a state to the run's device (BasicSR always maps to CUDA),
-  checks that the options' network and optimizer are the state's and, with ``--auto_resume``, falls
-  back to an older state if the newest (or its network file) cannot be read.
+  checks that the options' network and optimizer are the state's and that it is not past ``total_iter``
+  and, with ``--auto_resume``, falls back to an older state if the newest (or its network file) cannot be read.
 * ``train.create_train_val_dataloader``: the epoch count from the training loader's real length
   (it drops the last partial batch) and, resuming, from the saved epoch, so training reaches
   ``total_iter`` (a state saved with a larger batch size is at a later epoch than this run counts).
@@ -819,6 +819,11 @@ def load_resume_state(opt):
                               'by another model; resume with the options of that run, or give this run another name')
         for number, key in enumerate(optimizers):
             _check_resumed_optimizer(opt, state, path, key, number)
+        total = (opt.get('train') or {}).get('total_iter')
+        if isinstance(total, (int, float)) and state['iter'] > total:  # BasicSR trained nothing, then saved
+            raise OptionError(f'cannot resume from {path}: it is at iteration {state["iter"]}, past train.total_iter '
+                              f'{total:g} (its net_g_latest.pth would be overwritten with the saved network); raise '
+                              'total_iter to train on, or give this run another name')
         opt['path']['resume_state'] = path
         check_resume(opt, state['iter'])
         _RUN['resumed'] = state['epoch'], state['iter']
