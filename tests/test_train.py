@@ -1650,3 +1650,27 @@ def test_basicsrs_own_models_load_the_network_files_the_checks_accept(tmp_path, 
     opt['path'].update(pretrain_network_g=str(path), param_key_g='params_ema', strict_load_g=True)
     model = SRModel(opt)
     torch.testing.assert_close(model.net_g.state_dict(), source.state_dict(), rtol=0, atol=0)
+
+
+def test_a_final_network_that_cannot_be_saved_fails_the_run(tmp_path, caplog, monkeypatch):
+    """The end-of-run save of net_g_latest.pth gave up (a full disk) with a log line and exit 0: a
+    scheduler saw success, with the run's result missing."""
+    import esc_arch.models.esr_model as esr_model
+    monkeypatch.chdir(tmp_path)
+    opt = train_options(make_pairs(tmp_path / 'data'), name='final', total_iter=2)
+    opt.pop('val')
+    opt['datasets'].pop('val')
+    real_save = esr_model.atomic_torch_save
+
+    def full_disk_at_the_end(obj, path):
+        if path.endswith('_latest.pth'):
+            raise OSError(28, 'No space left on device')
+        return real_save(obj, path)
+    monkeypatch.setattr(esr_model, 'atomic_torch_save', full_disk_at_the_end)
+    monkeypatch.setattr(esr_model.time, 'sleep', lambda seconds: None)
+    code = cli_main(['train', '-opt', str(write_yaml(tmp_path / 'final.yml', opt))])
+    said = [record.getMessage() for record in caplog.records if record.levelname == 'ERROR']
+    assert code == 1, said
+    assert said[-1].startswith('training ran to the end, but its final network could not be saved in '), said
+    assert said[-1].endswith('the latest checkpoint is that of iteration 2'), said
+    assert (tmp_path / 'experiments' / 'final' / 'models' / 'net_g_2.pth').is_file()

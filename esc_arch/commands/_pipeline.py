@@ -64,7 +64,7 @@ from ..loading import CheckpointError, describe_mismatch, infer_config
 from ..messages import OptionError, environment_problem, first_line
 from ..models.esr_model import (
     ESCSRModel,
-    TrainingDivergedError,
+    TrainingStoppedError,
     latest_training_state,
     pretrained_state_dict,
     resolve_amp,
@@ -1268,7 +1268,7 @@ def run(command: str, args) -> int:
         else:
             import basicsr.test
             basicsr.test.test_pipeline(os.getcwd())
-    except TrainingDivergedError as exc:
+    except TrainingStoppedError as exc:  # diverged, or the final network not saved
         if not dist.is_initialized() or dist.get_rank() == 0:
             from basicsr.utils import get_root_logger
             get_root_logger().error(str(exc))

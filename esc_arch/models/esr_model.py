@@ -40,7 +40,12 @@ AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.
               'half': torch.float16}
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingStoppedError(RuntimeError):
+    """Training ended without what it was run for; the message says why (``basicsr train`` logs it
+    and exits 1)."""
+
+
+class TrainingDivergedError(TrainingStoppedError):
     """The loss became NaN or infinite; the message names the iteration and the last saved state."""
 
 
@@ -298,6 +303,12 @@ class ESCSRModel(SRModel):
             saved = self.save_network(self.net_d, 'net_d', current_iter)
         if saved is not False:  # a state must never point at a network file that was not written
             self.save_training_state(epoch, current_iter)
+        elif current_iter == -1:  # the end of the run: its result would be lost without a word (exit 0)
+            kept = saved_iterations(self.opt['path']['training_states'])
+            raise TrainingStoppedError(
+                f'training ran to the end, but its final network could not be saved in {self.opt["path"]["models"]} '
+                f'(see the warnings above); ' + (f'the latest checkpoint is that of iteration {kept[-1]}' if kept
+                                                 else 'no checkpoint was saved'))
 
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):
@@ -348,4 +359,5 @@ class ESCSRModel(SRModel):
 if 'ESRModel' not in MODEL_REGISTRY:  # the authors' name, so their option files run unchanged
     MODEL_REGISTRY._do_register('ESRModel', ESCSRModel)
 
-__all__ = ['ESCSRModel', 'TrainingDivergedError', 'atomic_torch_save', 'latest_training_state', 'saved_iterations']
+__all__ = ['ESCSRModel', 'TrainingDivergedError', 'TrainingStoppedError', 'atomic_torch_save', 'latest_training_state',
+           'saved_iterations']
