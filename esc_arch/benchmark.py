@@ -222,6 +222,15 @@ def validate_settings(settings: dict) -> None:
         raise BenchError('--threads must be >= 1')
 
 
+def default_threads() -> int:
+    """``--threads``' default: the CPUs this process may run on (its affinity mask: taskset, a cgroup
+    cpuset, a Slurm allocation), not every core of the machine, which would oversubscribe them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity mask here (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def validate_timeout(timeout: float | None) -> None:
     if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
         raise BenchError(f'--timeout must be a finite number of seconds > 0, got {timeout:g}')
@@ -462,7 +471,7 @@ def measure(spec: dict, settings: dict) -> dict:
 
     validate_settings(settings)
     import_user_archs(settings.get('imports'))
-    threads = settings.get('threads') or os.cpu_count()
+    threads = settings.get('threads') or default_threads()
     torch.set_num_threads(threads)
     device = torch.device(settings['device'])
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[settings['dtype']]

@@ -567,9 +567,16 @@ def test_sizes_seeds_threads_and_same_second_records(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, 'rand', lambda *args, generator=None, **kwargs: (
         seeds.append(generator and generator.initial_seed()), real(*args, generator=generator, **kwargs))[1])
     record = benchmark.measure(benchmark.arch_spec(TINY_EDSR), settings(runs=1, warmup=0, seed=7, threads=None))
-    assert 7 in seeds and record['threads'] == os.cpu_count()
+    assert 7 in seeds and record['threads'] == benchmark.default_threads()
     paths = {benchmark.write_record(str(tmp_path), record) for _ in range(3)}  # one second, one config
     assert len(paths) == 3 and all(os.path.exists(p) for p in paths)
+
+
+def test_the_default_threads_are_the_cpus_this_process_may_run_on(monkeypatch):
+    # taskset, a cgroup cpuset or a Slurm allocation: all the machine's cores would oversubscribe the few allowed
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0}, raising=False)
+    record = benchmark.measure(benchmark.arch_spec(TINY_EDSR), settings(runs=1, warmup=0, threads=None))
+    assert record['threads'] == torch.get_num_threads() == 1
 
 
 def test_a_measurement_past_its_timeout_is_stopped():

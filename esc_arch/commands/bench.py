@@ -5,7 +5,6 @@ Each measurement runs in a fresh child process; see ``esc_arch.benchmark`` for t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from esc_arch import benchmark
@@ -47,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument('--warmup', type=int, default=1, help='untimed warm-up runs (default 1)')
     how.add_argument('--device', default='cpu', help='cpu or cuda[:N] (default cpu)')
     how.add_argument('--dtype', default='fp32', choices=benchmark.DTYPES, help='fp16 is CUDA only (default fp32)')
-    how.add_argument('--threads', type=int, help=f'torch threads (default: all cores, {os.cpu_count()})')
+    how.add_argument('--threads', type=int, help=f'torch threads (default: the CPUs this process may run on, '
+                     f'{benchmark.default_threads()})')
     how.add_argument('--check', action='store_true',
                      help='also report the max abs error against the same model in float64')
     how.add_argument('--no-pad', action='store_true',
