@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -577,13 +578,31 @@ def _worker_env() -> dict:
 
 
 def _exit_reason(code: int) -> str:
-    import signal
     if code < 0:
         try:
             return f'was killed by {signal.Signals(-code).name}'
         except ValueError:
             return f'was killed by signal {-code}'
     return f'exited with code {code}'
+
+
+def _kill_session(leader: int) -> None:
+    """SIGKILL the worker ``leader`` (not reaped yet, so its ids are still its own) and every process
+    of its session: the compiler jobs of a first build of the CPU kernels, which ninja starts in
+    process groups of their own, would otherwise run on into the next arch's timed runs."""
+    os.killpg(leader, signal.SIGKILL)  # the worker and ninja first: nothing new is started
+    try:
+        entries = [entry for entry in os.listdir('/proc') if entry.isdigit()]
+    except OSError:  # no /proc (macOS): the group is what can be found
+        return
+    for entry in entries:
+        try:
+            with open(f'/proc/{entry}/stat', encoding='utf-8', errors='replace') as handle:
+                session = int(handle.read().rsplit(')', 1)[1].split()[3])  # after state, ppid, pgrp
+            if session == leader:
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
 
 
 def run_in_child(spec: dict, settings: dict, timeout: float | None = None) -> dict:
@@ -594,15 +613,15 @@ def run_in_child(spec: dict, settings: dict, timeout: float | None = None) -> di
         with open(job, 'w', encoding='utf-8') as handle:
             json.dump({'spec': spec, 'settings': settings}, handle, default=str)
         proc = subprocess.Popen([sys.executable, '-c', _WORKER, '--worker', job, result, str(os.getpid())],
-                                env=_worker_env(),
+                                env=_worker_env(), start_new_session=True,  # its own group: see below
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise BenchError(f"{spec['label']}: measurement took longer than {timeout} s") from None
-        finally:  # a timeout, Ctrl-C or SIGTERM here: the worker goes too
+        finally:  # a timeout, Ctrl-C or SIGTERM here: the worker goes too, with what it started
             if proc.poll() is None:
-                proc.kill()
+                _kill_session(proc.pid)
                 proc.wait()
         if not os.path.exists(result):
             lines = [line.strip() for line in (stderr or stdout or '').splitlines() if line.strip()]

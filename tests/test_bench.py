@@ -587,6 +587,37 @@ def test_a_measurement_past_its_timeout_is_stopped():
     assert time.monotonic() - start < 30
 
 
+def test_a_timeout_also_stops_what_the_worker_started(tmp_path, monkeypatch):
+    # e.g. the compiler jobs of a first build of the CPU kernels, which ran on into the next arch's timed
+    # runs; ninja starts each in a process group of its own, as the worker's child here is started
+    import signal
+    import time
+    pid_file = tmp_path / 'grandchild.pid'
+    monkeypatch.setattr(benchmark, '_WORKER', 'import os, subprocess, time; '
+                        'child = subprocess.Popen(["sleep", "120"], preexec_fn=os.setpgrp); '
+                        f'open({str(pid_file)!r}, "w").write(str(child.pid)); time.sleep(120)')
+    with pytest.raises(benchmark.BenchError, match='measurement took longer than 3 s'):
+        benchmark.run_in_child(benchmark.arch_spec(TINY_EDSR), settings(), timeout=3)
+    pid = int(pid_file.read_text())
+
+    def running():  # a killed orphan is a zombie until init reaps it
+        try:
+            with open(f'/proc/{pid}/stat') as handle:
+                return handle.read().rsplit(')', 1)[1].split()[0] != 'Z'
+        except FileNotFoundError:
+            return False
+    try:
+        deadline = time.monotonic() + 10
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running()
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_defaults_and_warnings_the_cli_prints(tmp_path, capsys, monkeypatch, esc_record):
     # one untimed warm-up by default; FLOPs a counter missed are said; a crashed worker's last line is quoted
     seen = []
