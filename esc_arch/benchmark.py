@@ -701,7 +701,7 @@ def collect_records(out_dir: str, like: dict) -> list[dict]:
         except (OSError, ValueError):
             continue
         if not (isinstance(record, dict) and {'arch', 'type', 'options', 'timestamp'} <= record.keys()
-                and isinstance(record['options'], dict)
+                and isinstance(record['options'], dict) and isinstance(record['timestamp'], str)
                 and all(isinstance(record.get(key), (int, float)) and not isinstance(record.get(key), bool)
                         for key in ('params', 'median_ms'))):
             continue  # not a record this tool wrote (or edited by hand): not plotted

@@ -459,6 +459,14 @@ def test_records_with_long_labels_and_foreign_json_in_the_folder(tmp_path, esc_r
     assert [r['arch'] for r in benchmark.collect_records(str(tmp_path), esc_record)] == [long['arch']]
 
 
+def test_a_record_edited_to_a_timestamp_that_is_no_text_is_not_plotted(tmp_path, esc_record):
+    # the newest record per configuration is found by comparing timestamps: None or 5 next to text was a TypeError
+    benchmark.write_record(str(tmp_path), esc_record)
+    for name, stamp in (('unstamped', None), ('numbered', 5)):
+        (tmp_path / f'{name}.json').write_text(json.dumps({**esc_record, 'arch': name, 'timestamp': stamp}))
+    assert [r['arch'] for r in benchmark.collect_records(str(tmp_path), esc_record)] == [esc_record['arch']]
+
+
 def test_killing_bench_ends_its_worker_and_removes_its_folder(tmp_path, odd_archs):
     import signal
     import tempfile
