@@ -31,6 +31,11 @@ class PluginImportError(ImportError):
     """An ``--import`` item that cannot be imported; the message is one line naming it."""
 
 
+# what a user's module may raise as it is imported, said as one line naming it: also sys.exit()
+# (e.g. where an optional package it needs is missing), which would end the command with its message alone
+_MODULE_FAILURES = (Exception, SystemExit)
+
+
 def _resolve(item: str) -> str:
     """A path item as an absolute path; a module name as it is (a bare name that is also a folder
     here counts as a module when the folder is a package, i.e. has an ``__init__.py``)."""
@@ -84,13 +89,13 @@ def _import_one(item: str) -> str:
                 names.append(_import_file(os.path.join(item, file)))
             except PluginImportError:
                 raise
-            except Exception as exc:  # noqa: BLE001  (say which of the folder's files failed)
+            except _MODULE_FAILURES as exc:  # say which of the folder's files failed
                 raise _failure(f'{item} ({file})', exc) from None
         return ', '.join(names)
     return _import_file(item)
 
 
-def _failure(where: str, exc: Exception) -> PluginImportError:
+def _failure(where: str, exc: BaseException) -> PluginImportError:
     """Anything the user's module raised, as one line."""
     if isinstance(exc, SyntaxError):
         return PluginImportError(f'--import {where}: syntax error in {exc.filename}, line {exc.lineno}: {exc.msg}')
@@ -111,7 +116,7 @@ def import_arch_modules(items) -> list[str]:
                 _imported[key] = _import_one(key)
             except PluginImportError:
                 raise
-            except Exception as exc:  # noqa: BLE001  (anything the user's module raises: one line)
+            except _MODULE_FAILURES as exc:  # anything the user's module raises: one line
                 raise _failure(item, exc) from None
         resolved.append(key)
     return resolved

@@ -118,6 +118,16 @@ def test_import_errors_name_the_item(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith('basicsr train: error: --import') and 'line 1' in err[0]
 
 
+def test_a_module_that_exits_on_import_is_one_line_naming_it(tmp_path):
+    # e.g. arch code that quits where an optional package is missing: its message alone named nothing
+    exiting = tmp_path / 'exiting_arch.py'
+    exiting.write_text('import sys\nsys.exit("install mamba_ssm first")\n')
+    for item, where in ((exiting, exiting), (tmp_path, f'{tmp_path} (exiting_arch.py)')):
+        with pytest.raises(PluginImportError) as info:
+            import_arch_modules([str(item)])
+        assert str(info.value) == f'--import {where}: SystemExit: install mamba_ssm first'
+
+
 def test_an_item_is_imported_once(tmp_path):
     path, name = write_arch(tmp_path / 'mine')
     first = import_arch_modules([str(path)])
