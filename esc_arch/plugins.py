@@ -49,14 +49,27 @@ def _resolve(item: str) -> str:
     return item
 
 
+def _importable_as(stem: str, path: str) -> bool:
+    """Whether ``import stem`` gives the file ``path`` (its folder is first on ``sys.path``, or a
+    neighbour imported it already); not where another module of that name comes first."""
+    try:
+        spec = importlib.util.find_spec(stem)
+    except (ImportError, ValueError):  # e.g. a dot in the name; a module without a spec
+        return False
+    return spec is not None and bool(spec.origin) and os.path.abspath(spec.origin) == path
+
+
 def _import_file(path: str) -> str:
     if path in _imported_files:  # e.g. --import plugins --import plugins/my_arch.py
         return _imported_files[path]
     stem = os.path.splitext(os.path.basename(path))[0]
-    name = f'esc_arch_user_{stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}'
     folder = os.path.dirname(path)
     if folder not in sys.path:
         sys.path.insert(0, folder)
+    if _importable_as(stem, path):  # one module with its neighbours' `import stem`, not a second copy
+        _imported_files[path] = importlib.import_module(stem).__name__  # (which would register its archs again)
+        return _imported_files[path]
+    name = f'esc_arch_user_{stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}'  # a name of its own
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise PluginImportError(f'--import {path}: not a Python file')

@@ -157,6 +157,21 @@ def test_a_folder_and_a_file_in_it_import_the_file_once(tmp_path):
     assert name in ARCH_REGISTRY
 
 
+def test_a_folders_arch_files_may_import_one_another(tmp_path):
+    # a neighbour imported by name (as a file's folder is on sys.path for) is the module the folder's
+    # import runs, before and after its turn: it was a second copy, which registered its arch again
+    tag = uuid.uuid4().hex[:8]
+    folder = tmp_path / f'neighbours_{tag}'
+    folder.mkdir()
+    (folder / f'm{tag}_arch.py').write_text('import torch.nn as nn\nfrom basicsr.utils.registry import ARCH_REGISTRY\n'
+                                            f'\n\n@ARCH_REGISTRY.register()\nclass MNet{tag}(nn.Module):\n    pass\n')
+    for first in 'az':  # imported before m{tag}_arch.py, and after it
+        (folder / f'{first}{tag}_arch.py').write_text(f'from m{tag}_arch import MNet{tag}  # noqa: F401\n')
+    import_arch_modules([str(folder)])
+    from basicsr.utils.registry import ARCH_REGISTRY
+    assert f'MNet{tag}' in ARCH_REGISTRY
+
+
 def test_a_bare_name_of_a_module_file_here_is_imported(tmp_path, monkeypatch):
     path, name = write_arch(tmp_path / 'here')
     monkeypatch.chdir(path.parent)
