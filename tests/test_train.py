@@ -436,14 +436,21 @@ def test_stale_temp_files_are_recognised_and_only_they_are_removed(tmp_path):
     assert saved_iterations(str(tmp_path)) == [2, 13]
 
 
-def test_auto_resume_skips_an_unreadable_newest_state(tmp_path, capsys):
-    from esc_arch.commands._pipeline import load_resume_state
-    states, models = tmp_path / 'training_states', tmp_path / 'models'
+def saved_run(root: Path, iteration: int, epoch: int) -> tuple[Path, Path]:
+    """training_states/ and models/ of a run that saved ``iteration`` (a state and its tiny ESC network)."""
+    states, models = root / 'training_states', root / 'models'
     states.mkdir()
     models.mkdir()
-    atomic_torch_save({'epoch': 0, 'iter': 2, 'optimizers': [], 'schedulers': []}, str(states / '2.state'))
+    atomic_torch_save({'epoch': epoch, 'iter': iteration, 'optimizers': [], 'schedulers': []},
+                      str(states / f'{iteration}.state'))
     net = {k: v for k, v in TINY_ESC.items() if k != 'type'}
-    atomic_torch_save({'params': ESC(**net).state_dict()}, str(models / 'net_g_2.pth'))
+    atomic_torch_save({'params': ESC(**net).state_dict()}, str(models / f'net_g_{iteration}.pth'))
+    return states, models
+
+
+def test_auto_resume_skips_an_unreadable_newest_state(tmp_path, capsys):
+    from esc_arch.commands._pipeline import load_resume_state
+    states, models = saved_run(tmp_path, 2, epoch=0)
     (states / '4.state').write_bytes(b'truncated by a crash')  # e.g. written by a non-atomic save
     opt = dict(auto_resume=True, num_gpu=0, network_g=dict(TINY_ESC),
                path=dict(training_states=str(states), models=str(models), resume_state=None))
@@ -457,12 +464,7 @@ def test_resuming_a_state_past_total_iter_is_one_line(tmp_path):
     # a run to 10 saved 8.state and net_g_latest.pth (iteration 10); --auto_resume with total_iter 6
     # trained nothing, overwrote net_g_latest.pth with iteration 8's network and validated it as '@ 6 iter'
     from esc_arch.commands._pipeline import OptionError, load_resume_state
-    states, models = tmp_path / 'training_states', tmp_path / 'models'
-    states.mkdir()
-    models.mkdir()
-    atomic_torch_save({'epoch': 3, 'iter': 8, 'optimizers': [], 'schedulers': []}, str(states / '8.state'))
-    net = {k: v for k, v in TINY_ESC.items() if k != 'type'}
-    atomic_torch_save({'params': ESC(**net).state_dict()}, str(models / 'net_g_8.pth'))
+    states, models = saved_run(tmp_path, 8, epoch=3)
     opt = dict(auto_resume=True, num_gpu=0, network_g=dict(TINY_ESC), train=dict(total_iter=6),
                path=dict(training_states=str(states), models=str(models), resume_state=None))
     with pytest.raises(OptionError, match=rf'^cannot resume from {re.escape(str(states / "8.state"))}: it is at '
