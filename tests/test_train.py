@@ -1624,6 +1624,10 @@ def test_data_sets_reading_one_lmdb_share_it(tmp_path):
         np.testing.assert_allclose(each[1]['gt'].permute(1, 2, 0).numpy(), expected, atol=1e-6)
     loader = torch.utils.data.DataLoader(dataset(), num_workers=1, multiprocessing_context='fork')
     assert torch.equal(next(iter(loader))['lq'][0], first[0]['lq'])
+    # the checks before a run read the same environment: a second run in this process (basicsr train
+    # then test, from Python) was 'cannot open the LMDB ...: ... already open in this process'
+    from esc_arch.commands import _data_checks
+    _data_checks._check_lmdb_database(str(lmdbs['hr']), ['000', '003'], 'x.yml')
     # an LMDB made again at the same path is read anew, not through the old environment
     cv2.imwrite(str(data / 'hr' / '001.png'), np.zeros((32, 32, 3), np.uint8))
     for folder in lmdbs.values():

@@ -1105,35 +1105,20 @@ class _WorkerInit:
             np.random.seed(seed % 2 ** 32)
 
 
-_LMDB_ENVS: dict = {}  # realpath -> (its data.mdb's identity, the read-only environment of this process)
-
-
 def _shared_lmdb_environments(init):
     """BasicSR's LmdbBackend opens its own environment per data set; LMDB refuses a second open of a
     path in one process, and in a worker forked from it (the parent's is inherited: that one is read
-    there). Read-only opens of a path share one environment; others are BasicSR's own."""
+    there). Read-only opens of a path share one environment (``_data_checks.shared_lmdb``); others are
+    BasicSR's own."""
     @functools.wraps(init)
     def wrapper(self, db_paths, client_keys='default', readonly=True, lock=False, readahead=False, **kwargs):
         paths = [db_paths] if isinstance(db_paths, (str, os.PathLike)) else list(db_paths)
         keys = [client_keys] if isinstance(client_keys, str) else list(client_keys)
         if not readonly or len(paths) != len(keys):
             return init(self, db_paths, client_keys, readonly, lock, readahead, **kwargs)
-        import lmdb
-        self.db_paths, self._client = [str(path) for path in paths], {}
-        for key, path in zip(keys, self.db_paths):
-            real = osp.realpath(path)
-            try:
-                stat = os.stat(osp.join(real, 'data.mdb'))
-                identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-            except OSError:
-                identity = None  # lmdb.open says what is wrong
-            known, env = _LMDB_ENVS.get(real, (None, None))
-            if env is None or known != identity:  # a database made again since is opened again
-                if env is not None:
-                    env.close()
-                env = lmdb.open(path, readonly=True, lock=lock, readahead=readahead, **kwargs)
-                _LMDB_ENVS[real] = (identity, env)
-            self._client[key] = env
+        self.db_paths = [str(path) for path in paths]
+        self._client = {key: _data_checks.shared_lmdb(path, lock=lock, readahead=readahead, **kwargs)
+                        for key, path in zip(keys, self.db_paths)}
     return wrapper
 
 
