@@ -9,6 +9,7 @@ header (an LMDB's from its ``meta_info.txt``), so a file that is not an image, a
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from os import path as osp
 
 from ..data.image_files import list_images, name_clashes
+from ..data.lmdb_envs import reading_lmdb
 from ..messages import OptionError, first_line
 
 PAIRED_TYPES = ('PairedImageDataset', 'RealESRGANPairedDataset')  # GT + LQ pairs, BasicSR's pairing
@@ -166,29 +168,6 @@ def _lmdb_sizes(folder: str, where: str) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-_LMDB_ENVS: dict = {}  # realpath -> (its data.mdb's identity, the read-only environment of this process)
-
-
-def shared_lmdb(path: str, lock: bool = False, readahead: bool = False, **kwargs):
-    """The read-only environment of the LMDB at ``path``, one per path and process (LMDB refuses to open
-    a database a second time in a process, or in a worker forked from one that has it open): what the
-    checks here and every data set of the run read. A database made again since is opened again."""
-    import lmdb
-    real = osp.realpath(path)
-    try:
-        stat = os.stat(osp.join(real, 'data.mdb'))
-        identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    except OSError:
-        identity = None  # lmdb.open says what is wrong
-    known, env = _LMDB_ENVS.get(real, (None, None))
-    if env is None or known != identity:
-        if env is not None:
-            env.close()
-        env = lmdb.open(path, readonly=True, lock=lock, readahead=readahead, **kwargs)
-        _LMDB_ENVS[real] = (identity, env)
-    return env
-
-
 def _check_lmdb_database(folder: str, keys, where: str) -> None:
     """The database of the LMDB ``folder`` opens, is whole and holds every key its meta_info.txt lists.
     BasicSR opens it in the first read and reads each key as it comes: a missing data.mdb was an
@@ -199,22 +178,17 @@ def _check_lmdb_database(folder: str, keys, where: str) -> None:
     if not osp.isfile(data):
         raise OptionError(f'{folder} has no data.mdb, so it is not an LMDB BasicSR can read '
                           f'(make one with basicsr prepare) ({where})')
-    # the environment data sets of this process read already (a second open would fail), else one of
-    # its own, closed after (a writer, e.g. the LMDB made again, could not open it meanwhile)
-    opened = osp.realpath(folder) not in _LMDB_ENVS
-    try:
-        env = shared_lmdb(folder)
-    except lmdb.Error as exc:
-        raise OptionError(f'cannot open the LMDB {folder}: {first_line(exc)} ({where})') from None
-    try:  # the meta pages say how long the file is: reading past its end is a bus error
+    with contextlib.ExitStack() as stack:
+        try:
+            env = stack.enter_context(reading_lmdb(folder))
+        except lmdb.Error as exc:
+            raise OptionError(f'cannot open the LMDB {folder}: {first_line(exc)} ({where})') from None
+        # the meta pages say how long the file is: reading past its end is a bus error
         needed, size = (env.info()['last_pgno'] + 1) * env.stat()['psize'], osp.getsize(data)
         if size < needed:
             raise OptionError(f'{data} is truncated ({size} of its {needed} bytes): copy or make it again ({where})')
         with env.begin() as txn:
             held = set(txn.cursor().iternext(keys=True, values=False))
-    finally:
-        if opened:
-            _LMDB_ENVS.pop(osp.realpath(folder))[1].close()
     missing = [key for key in keys if key.encode('ascii', 'replace') not in held]  # BasicSR's keys are ASCII
     if missing:
         raise OptionError(f'{len(missing)} of the {len(keys)} key(s) meta_info.txt lists are not in the LMDB '

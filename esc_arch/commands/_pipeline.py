@@ -60,6 +60,7 @@ import yaml
 
 from ..arch_options import SCALE_KEYS, default_scale, options_problem
 from ..archs.layers import is_flashbias
+from ..data.lmdb_envs import shared_lmdb
 from ..loading import CheckpointError, describe_mismatch, infer_config
 from ..messages import OptionError, environment_problem, first_line
 from ..models.esr_model import (
@@ -1108,7 +1109,7 @@ class _WorkerInit:
 def _shared_lmdb_environments(init):
     """BasicSR's LmdbBackend opens its own environment per data set; LMDB refuses a second open of a
     path in one process, and in a worker forked from it (the parent's is inherited: that one is read
-    there). Read-only opens of a path share one environment (``_data_checks.shared_lmdb``); others are
+    there). Read-only opens of a path share one environment (``data.lmdb_envs.shared_lmdb``); others are
     BasicSR's own."""
     @functools.wraps(init)
     def wrapper(self, db_paths, client_keys='default', readonly=True, lock=False, readahead=False, **kwargs):
@@ -1117,7 +1118,7 @@ def _shared_lmdb_environments(init):
         if not readonly or len(paths) != len(keys):
             return init(self, db_paths, client_keys, readonly, lock, readahead, **kwargs)
         self.db_paths = [str(path) for path in paths]
-        self._client = {key: _data_checks.shared_lmdb(path, lock=lock, readahead=readahead, **kwargs)
+        self._client = {key: shared_lmdb(path, lock=lock, readahead=readahead, **kwargs)
                         for key, path in zip(keys, self.db_paths)}
     return wrapper
 

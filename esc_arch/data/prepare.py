@@ -54,6 +54,7 @@ from .image_files import (
     read_image_bgr,
     write_png_atomic,
 )
+from .lmdb_envs import reading_lmdb
 
 
 @dataclass
@@ -278,13 +279,10 @@ def lmdb_complete(lmdb_path: str, keys: list[str]) -> bool:
     if sorted(meta_keys) != sorted(keys):
         return False
     try:
-        env = lmdb.open(lmdb_path, readonly=True, lock=False, readahead=False)
+        with reading_lmdb(lmdb_path) as env:  # the environment a data set of this process may have open
+            return env.stat()['entries'] == len(keys)
     except lmdb.Error:
         return False
-    try:
-        return env.stat()['entries'] == len(keys)
-    finally:
-        env.close()
 
 
 def build_lmdb(folder: str, keys: list[str], settings: dict | None = None) -> bool:
