@@ -81,17 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     stdout = sys.stdout
     guarded = _GuardedStdout(stdout, prog) if stdout is not None else None  # None: print() drops it all
     sys.stdout = guarded or stdout
+    from esc_arch.runtime import Terminated, sigterm_as_interrupt
     try:
         try:
-            code = _run(name, argv)
+            with sigterm_as_interrupt():  # kill: the command ends as on Ctrl-C, its clean-up done
+                code = _run(name, argv)
         except SystemExit as exc:  # argparse after --help (0) or a usage error (2, said on stderr)
             code = _exit_code(exc)
         if guarded is not None:
             guarded.flush()  # a block-buffered stdout fails here, not at exit
         return code or (1 if guarded is not None and guarded.failed else 0)  # done; its report is lost
-    except KeyboardInterrupt:  # Ctrl-C: what was written is complete (every write is atomic)
-        sys.stderr.write(f'{prog}: interrupted\n')
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: what was written is complete (every write is atomic)
+        terminated = isinstance(exc, Terminated)
+        sys.stderr.write(f'{prog}: {"terminated" if terminated else "interrupted"}\n')
+        return 143 if terminated else 130
     except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as `cat` does
         _discard_stdout()
         return 141

@@ -67,3 +67,32 @@ def die_with_parent(parent: int | None = None) -> None:
         return
     if parent is not None and os.getppid() != parent:  # adopted already: no signal will come
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler's stop), handled as Ctrl-C is: what is under way ends
+    cleanly (``finally`` blocks, temp files, worker processes), and the command exits 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+class sigterm_as_interrupt:
+    """While active, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in the main thread
+    instead of ending the process at once; the previous handler is put back after. Elsewhere than in
+    the main thread (where Python allows no signal handlers) it does nothing."""
+
+    def __enter__(self):
+        import signal
+        import threading
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            import signal
+            signal.signal(signal.SIGTERM, self._previous)
+        return False

@@ -82,7 +82,13 @@ def test_slow_bf16_warning_follows_pytorchs_onednn_check(monkeypatch):
     assert resolve_amp(False, torch.device('cpu'), log=logged.append) == (None, False) and len(logged) == 1
 
 
+def _raise_terminated():
+    from esc_arch.runtime import Terminated
+    raise Terminated
+
+
 @pytest.mark.parametrize('raised, code, said', [(KeyboardInterrupt, 130, 'basicsr export: interrupted\n'),
+                                                (_raise_terminated, 143, 'basicsr export: terminated\n'),
                                                 (BrokenPipeError, 141, '')])
 def test_ctrl_c_and_a_closed_stdout_are_no_traceback(monkeypatch, capsys, raised, code, said):
     # Ctrl-C printed a KeyboardInterrupt traceback (upscale, train, export, prepare); `| head` a BrokenPipeError one
@@ -90,7 +96,7 @@ def test_ctrl_c_and_a_closed_stdout_are_no_traceback(monkeypatch, capsys, raised
     from esc_arch.cli import main
 
     def interrupted(args):
-        raise raised
+        raise raised() if raised is _raise_terminated else raised
     monkeypatch.setattr(export_command, 'run', interrupted)
     assert main(['export', '-m', 'm.pth', '-o', 'm.onnx']) == code
     assert capsys.readouterr().err == said
@@ -163,3 +169,20 @@ def test_a_worker_whose_parent_ended_before_it_armed_the_signal_ends_too():
     here = subprocess.run([sys.executable, '-c', script, str(os.getpid())], capture_output=True, text=True,
                           timeout=60)
     assert here.returncode == 0 and here.stdout.strip() == 'alive', here.stderr
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path):
+    # SIGTERM ended `basicsr upscale` at once, without its clean-up; now it is Ctrl-C's path, exit 143
+    import signal
+    import time
+    script = tmp_path / 'slow.py'
+    script.write_text('import sys, time\nfrom esc_arch import cli\nimport esc_arch.commands.export as e\n'
+                      'def slow(args):\n    try:\n        print("ready", flush=True); time.sleep(60)\n'
+                      '    finally:\n        print("cleaned up", flush=True)\n'
+                      'e.run = slow\nsys.exit(cli.main(["export", "-m", "m.pth", "-o", "m.onnx"]))\n')
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == 'ready'
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and out.strip() == 'cleaned up' and err == 'basicsr export: terminated\n', (out, err)

@@ -183,6 +183,109 @@ def test_train_kill_resume_then_test(tmp_path):
     assert len(list((tmp_path / 'results' / 'tiny_test_noval' / 'visualization' / 'tinytest').glob('*.png'))) == 4
 
 
+def _wait_for_iteration(experiment: Path, proc, iteration: int, timeout: float = 90) -> None:
+    """Until the run's log shows ``iteration`` (print_freq 1)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        logs = list(experiment.glob('*.log')) if experiment.is_dir() else []
+        if logs and re.search(rf'iter:\s+{iteration},', newest_log(experiment)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f'iteration {iteration} not reached (rc {proc.poll()})')
+
+
+@pytest.mark.parametrize('how', ['SIGTERM to the process', 'Ctrl-C to the process group, loader workers'])
+def test_a_signal_stops_training_after_saving_the_iteration_under_way(tmp_path, how):
+    # SIGTERM (kill, a scheduler) ended the run at once and Ctrl-C with a traceback: every iteration
+    # since the last checkpoint (here: none in 1000) was lost
+    data = make_pairs(tmp_path / 'data')
+    opt = train_options(data, total_iter=100000)
+    opt['logger']['save_checkpoint_freq'] = 1000
+    opt['val']['val_freq'] = 1000
+    if how.endswith('workers'):
+        opt['datasets']['train']['num_worker_per_gpu'] = 2
+    opt_file = write_yaml(tmp_path / 'train.yml', opt)
+    experiment = tmp_path / 'experiments' / 'tiny'
+    states = experiment / 'training_states'
+    signum = signal.SIGTERM if how.startswith('SIGTERM') else signal.SIGINT
+    proc = subprocess.Popen([sys.executable, '-m', 'esc_arch.cli', 'train', '-opt', str(opt_file)], cwd=tmp_path,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_iteration(experiment, proc, 3)
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)  # what the terminal does: the main process and its loader workers
+        else:
+            proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 128 + signum, lines[-10:]
+    saved = saved_iterations(states)
+    assert len(saved) == 1 and saved[0] >= 3, (saved, lines[-10:])
+    last = saved[0]
+    assert lines[-1] == (f'basicsr train: stopped by {signum.name} after iteration {last}, which is saved (models and '
+                         'training state): add --auto_resume to go on from it')
+    assert 'Traceback' not in err
+    log = newest_log(experiment)
+    assert not re.search(rf'iter:\s+{last + 1},', log)  # it stopped where it saved
+    state = torch.load(states / f'{last}.state', weights_only=True)
+    assert state['iter'] == last
+    assert set(torch.load(experiment / 'models' / f'net_g_{last}.pth', weights_only=True)) == {'params', 'params_ema'}
+
+    result = basicsr('train', '-opt', opt_file, '--auto_resume', '--force_yml', f'train:total_iter={last + 1}',
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = newest_log(experiment)
+    assert re.search(rf'Resuming training from epoch: {state["epoch"]}, iter: {last}\.', log)
+    assert re.search(rf'iter:\s+{last + 1},', log)
+
+
+def test_a_second_signal_or_nothing_to_save_stops_at_once():
+    from esc_arch.commands._stopping import TrainingInterrupted, _Stop
+
+    class Model:
+        device = torch.device('cpu')
+
+        def __init__(self):
+            self.saves = []
+
+        def optimize_parameters(self, current_iter):
+            pass
+
+        def save(self, epoch, current_iter):
+            self.saves.append((epoch, current_iter))
+
+        def validation(self, *args):
+            pass
+
+    stop, model = _Stop(), Model()
+    stop.watch(model, resumed_iter=10)
+    with pytest.raises(TrainingInterrupted) as raised:  # resumed, nothing trained yet: nothing to save
+        stop.on_signal(signal.SIGINT, None)
+    assert raised.value.saved is None and raised.value.exit_code == 130
+    assert raised.value.line() == 'stopped by SIGINT; iteration 10, the last saved, is where --auto_resume goes on'
+    sampler = type('Sampler', (), {'set_epoch': lambda self, epoch: None})()
+    stop.follow_epochs(sampler)
+    sampler.set_epoch(4)  # BasicSR's loop, at an epoch's start
+    model.optimize_parameters(11)
+    stop.on_signal(signal.SIGTERM, None)  # iteration 11 unsaved: asks to stop, and does not raise
+    with pytest.raises(TrainingInterrupted) as raised:  # a second signal: at once, without saving
+        stop.on_signal(signal.SIGTERM, None)
+    assert raised.value.saved is None and model.saves == []
+    with pytest.raises(TrainingInterrupted) as raised:  # the validation's end is a stop point too
+        model.validation()
+    assert raised.value.saved == 11 and raised.value.exit_code == 143 and model.saves == [(4, 11)]
+    stop.requested = None
+    model.save(4, 12)  # a periodic checkpoint at the iteration under way
+    model.optimize_parameters(12)
+    with pytest.raises(TrainingInterrupted) as raised:  # iteration 12 is saved: at once
+        stop.on_signal(signal.SIGINT, None)
+    assert raised.value.saved is None and raised.value.last_saved == 12
+
+
 def test_nan_loss_stops_with_message(tmp_path):
     data = make_pairs(tmp_path / 'data')
     opt = train_options(data, name='diverge', total_iter=50, warmup_iter=-1, grad_clip=None, ema_decay=0,
@@ -216,6 +319,51 @@ def test_cpu_ddp_with_torchrun(tmp_path):
     assert 'Mixed precision: bfloat16 autocast' in log
     assert re.search(r'iter:\s+2,', log)
     assert (tmp_path / 'experiments' / 'ddp' / 'models' / 'net_g_latest.pth').is_file()
+
+
+def _child_with_env(parent: int, entry: bytes, timeout: float = 60) -> int:
+    """The pid of a child process of ``parent`` whose environment holds ``entry`` (Linux /proc)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in filter(str.isdigit, os.listdir('/proc')):
+            try:
+                ppid = int(Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[1])
+                if ppid == parent and entry in Path(f'/proc/{pid}/environ').read_bytes().split(b'\0'):
+                    return int(pid)
+            except (OSError, IndexError, ValueError):
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f'no child of {parent} with {entry!r}')
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not os.path.isdir('/proc'),
+                    reason='needs torch.distributed and /proc')
+def test_cpu_ddp_processes_stop_together_when_one_gets_a_signal(tmp_path):
+    # the processes agree at each iteration's end: process 1's SIGINT stops both there, process 0 saves
+    data = make_pairs(tmp_path / 'data')
+    opt = train_options(data, name='ddpstop', total_iter=100000)
+    opt['logger']['save_checkpoint_freq'] = 1000
+    opt['val']['val_freq'] = 1000
+    opt_file = write_yaml(tmp_path / 'ddpstop.yml', opt)
+    experiment = tmp_path / 'experiments' / 'ddpstop'
+    torchrun = shutil.which('torchrun', path=os.path.dirname(sys.executable)) or 'torchrun'
+    proc = subprocess.Popen([torchrun, '--standalone', '--nproc_per_node=2', '-m', 'esc_arch.cli', 'train', '-opt',
+                             str(opt_file), '--launcher', 'pytorch'], cwd=tmp_path, env=dict(ENV, OMP_NUM_THREADS='1'),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        rank1 = _child_with_env(proc.pid, b'RANK=1')
+        _wait_for_iteration(experiment, proc, 3, timeout=120)
+        os.kill(rank1, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    saved = saved_iterations(experiment / 'training_states')
+    assert len(saved) == 1 and saved[0] >= 3, err[-3000:]
+    assert f'basicsr train: stopped by SIGINT after iteration {saved[0]}, which is saved' in err, err[-3000:]
+    assert 'another one stopped' not in err and 'Connection closed' not in err, err[-3000:]
+    assert not re.search(rf'iter:\s+{saved[0] + 1},', newest_log(experiment))
+    assert (experiment / 'models' / f'net_g_{saved[0]}.pth').is_file()
 
 
 def test_cpu_ddp_names_a_corrupt_image_from_a_spawned_worker(tmp_path):

@@ -40,6 +40,8 @@ traceback. A few BasicSR functions are replaced, never edited, for CPU and CPU-D
   their pretrained networks as ``ESCSRModel`` does and as the option checks read them (a ``.safetensors``
   file, a bare state dict or one under another wrapper key); BasicSR's failed on those after the checks
   had passed them (``KeyError: 'params'``, safetensors' 'callable map_location is not supported').
+* ``train.build_model`` / the training sampler: a Ctrl-C or SIGTERM stops the run at the end of the
+  iteration under way, saved (``_stopping``).
 * ``Registry.get``: a name BasicSR registered with its ``_basicsr`` suffix
   (``UNetDiscriminatorSN``) is found without BasicSR's 'Name ... is not found' line.
 """
@@ -72,7 +74,7 @@ from ..models.esr_model import (
     saved_iterations,
 )
 from ..plugins import PluginImportError, add_import_argument, import_arch_modules
-from . import _data_checks, _real_checks
+from . import _data_checks, _real_checks, _stopping
 
 DATA_PATH_KEYS = ('dataroot_gt', 'dataroot_lq', 'dataroot', 'meta_info_file', 'meta_info')
 
@@ -962,6 +964,8 @@ def _dataloader_wrapper(original):
         train_loader, train_sampler, val_loaders, total_epochs, total_iters = original(opt, logger)
         if train_loader is not None and train_loader.num_workers > 0:
             train_loader.worker_init_fn = _WorkerInit(train_loader.worker_init_fn)
+        if train_sampler is not None:
+            _stopping.STOP.follow_epochs(train_sampler)
         if train_loader is not None and len(train_loader) > 0:
             # a resumed run goes on from the saved epoch, which another batch size (or data set) counted
             epoch, done = _RUN['resumed'] or (0, 0)
@@ -1097,6 +1101,7 @@ class _WorkerInit:
 
     def __call__(self, worker_id):
         _patch_image_datasets()
+        _stopping.ignore_stop_signals()
         if self.seeding is not None:  # BasicSR's, given a manual_seed: ours replaces it
             import random
 
@@ -1134,9 +1139,10 @@ def _eta_of_the_iterations_left(message_logger):
     return MessageLogger
 
 
-def _validation_within_total_iter(build_model):
+def _followed_model(build_model):
     """BasicSR's training loop stops when its counter passes ``total_iter`` and then validates with
-    that counter: the last validation would be labelled ``total_iter + 1``."""
+    that counter: the last validation would be labelled ``total_iter + 1``. The model is also
+    followed for a stop on Ctrl-C or SIGTERM (``_stopping``)."""
     @functools.wraps(build_model)
     def wrapper(opt):
         model = build_model(opt)
@@ -1149,6 +1155,8 @@ def _validation_within_total_iter(build_model):
                 current_iter = int(total)
             return validation(dataloader, current_iter, *args, **kwargs)
         model.validation = within_total
+        if opt.get('is_train'):
+            _stopping.STOP.watch(model, (_RUN['resumed'] or (None, None))[1])
         return model
     return wrapper
 
@@ -1166,7 +1174,7 @@ def patch_basicsr(use_cuda: bool) -> None:
         dist_util._init_dist_slurm = _init_dist_slurm
         basicsr.train.load_resume_state = load_resume_state
         basicsr.train.create_train_val_dataloader = _dataloader_wrapper(basicsr.train.create_train_val_dataloader)
-        basicsr.train.build_model = _validation_within_total_iter(basicsr.train.build_model)
+        basicsr.train.build_model = _followed_model(basicsr.train.build_model)
         basicsr.train.MessageLogger = _eta_of_the_iterations_left(basicsr.train.MessageLogger)
         from basicsr.models.base_model import BaseModel
         BaseModel.load_network = ESCSRModel.load_network
@@ -1250,10 +1258,16 @@ def run(command: str, args) -> int:
     try:
         if is_train:
             import basicsr.train
+            _stopping.STOP.install()
             basicsr.train.train_pipeline(os.getcwd())
         else:
             import basicsr.test
             basicsr.test.test_pipeline(os.getcwd())
+    except _stopping.TrainingInterrupted as exc:  # Ctrl-C or SIGTERM, the last iteration saved
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            sys.stderr.write(f'basicsr {command}: {exc.line()}\n')
+            sys.stderr.flush()
+        return exc.exit_code
     except TrainingStoppedError as exc:  # diverged, or the final network not saved
         if not dist.is_initialized() or dist.get_rank() == 0:
             from basicsr.utils import get_root_logger
@@ -1280,6 +1294,7 @@ def run(command: str, args) -> int:
         return 1
     finally:
         sys.argv = saved_argv
+        _stopping.STOP.uninstall()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -9,7 +9,7 @@ import sys
 
 from esc_arch import benchmark
 from esc_arch.plugins import add_import_argument
-from esc_arch.runtime import slow_bf16_warning
+from esc_arch.runtime import Terminated, sigterm_as_interrupt, slow_bf16_warning
 
 
 class _InOrder(argparse.Action):
@@ -62,24 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument('--no-progress', action='store_true', help='hide the progress bar')
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C (the worker ends and is cleaned up), but exit 143."""
-
-
-def _raise_interrupt(signum, frame):
-    raise _Terminated
-
-
 def run(args: argparse.Namespace) -> int:
-    import signal
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # kill: end the worker and clean up too
     try:
-        return _run(args)
+        with sigterm_as_interrupt():  # kill: end the worker and clean up too
+            return _run(args)
     except KeyboardInterrupt as exc:
         print('basicsr bench: interrupted; the records written so far are kept', file=sys.stderr)
-        return 143 if isinstance(exc, _Terminated) else 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return 143 if isinstance(exc, Terminated) else 130
 
 
 def _run(args: argparse.Namespace) -> int:

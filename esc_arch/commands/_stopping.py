@@ -1,0 +1,150 @@
+"""Stopping ``basicsr train`` on Ctrl-C or SIGTERM without losing the iterations since its last save.
+
+BasicSR's loop dies where the signal lands: every iteration after the last periodic checkpoint is
+lost (hours, with ``save_checkpoint_freq: 5000``), and SIGTERM, what ``kill``, torchrun and batch
+schedulers (SLURM before a pre-emption or a time limit) send, ends it without its clean-up. Here the
+first signal asks the run to stop at the next point where the model is whole: the end of the
+iteration under way (after its optimizer step) or of a validation. There the model and the training
+state of its last finished iteration are saved, as a periodic checkpoint is (atomically), and the
+command exits 130 (SIGINT) or 143 (SIGTERM); ``--auto_resume`` goes on from there. A second signal
+stops at once, as does a first one when no finished iteration is unsaved (before the first, right
+after a checkpoint). Under DDP the processes agree at each of those points (one all-reduce of a flag),
+so they stop at the same iteration also when only one got the signal. The training loader's worker
+processes ignore both signals (Ctrl-C reaches the whole process group): the run ends them as it stops.
+"""
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+import threading
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """The run stopped on a signal; ``saved``: the iteration saved as it stopped (None: nothing new)."""
+
+    def __init__(self, signum: int, saved: int | None, last_saved: int | None):
+        super().__init__(signum)
+        self.signum, self.saved, self.last_saved = signum, saved, last_saved
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+    def line(self) -> str:
+        name = signal.Signals(self.signum).name
+        if self.saved is not None:
+            return (f'stopped by {name} after iteration {self.saved}, which is saved (models and training state): '
+                    'add --auto_resume to go on from it')
+        if self.last_saved is not None:
+            return f'stopped by {name}; iteration {self.last_saved}, the last saved, is where --auto_resume goes on'
+        return f'stopped by {name} before any iteration was saved'
+
+
+class _Stop:
+    """The state of one training run's stop (a process runs one training at a time)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.requested = None  # the signal that asked to stop
+        self.model = None
+        self.epoch = 0
+        self.done = None  # the last finished iteration
+        self.saved = None  # the last iteration whose training state is saved
+        self.previous = {}
+
+    def unsaved(self) -> bool:
+        return self.done is not None and self.done != self.saved
+
+    # ---------------------------------------------------------------------------------- signals
+    def on_signal(self, signum, frame):
+        if self.requested is not None or not self.unsaved():
+            raise TrainingInterrupted(signum, None, self.saved)
+        self.requested = signum
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            sys.stderr.write(f'basicsr train: {signal.Signals(signum).name}: stopping once the iteration (or '
+                             'validation) under way ends, saving it first (Ctrl-C or SIGTERM again stops at once, '
+                             'without saving)\n')
+            sys.stderr.flush()
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread() and not self.previous:
+            self.previous = {signum: signal.signal(signum, self.on_signal) for signum in _SIGNALS}
+
+    def uninstall(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.reset()
+
+    # ---------------------------------------------------------------------------------- stop points
+    def stop_point(self):
+        """Where the model is whole: save and stop if any process was asked to."""
+        import torch
+        import torch.distributed as dist
+        wanted = int(self.requested or 0)
+        if dist.is_available() and dist.is_initialized():  # the signal any process got
+            flag = torch.tensor([float(wanted)], device=self.model.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            wanted = int(flag.item())
+        if not wanted:
+            return
+        saved = None
+        if self.unsaved():
+            from basicsr.utils import get_root_logger
+            get_root_logger().info(f'Stopping ({signal.Signals(wanted).name}): saving models and training states of '
+                                   f'iteration {self.done}.')
+            self.model.save(self.epoch, self.done)
+            saved = self.done
+        raise TrainingInterrupted(wanted, saved, self.saved)
+
+    def watch(self, model, resumed_iter: int | None):
+        """Follow ``model``'s iterations, saves and validations (its methods wrapped on the instance)."""
+        self.model = model
+        self.saved = resumed_iter
+        optimize, save, validation = model.optimize_parameters, model.save, model.validation
+
+        @functools.wraps(optimize)
+        def optimize_parameters(current_iter, *args, **kwargs):
+            result = optimize(current_iter, *args, **kwargs)
+            self.done = current_iter
+            self.stop_point()
+            return result
+
+        @functools.wraps(save)
+        def save_model(epoch, current_iter, *args, **kwargs):
+            result = save(epoch, current_iter, *args, **kwargs)
+            if current_iter >= 0:  # -1: only net_g_latest, no training state
+                self.saved = current_iter
+            return result
+
+        @functools.wraps(validation)
+        def validate(*args, **kwargs):
+            result = validation(*args, **kwargs)
+            self.stop_point()
+            return result
+
+        model.optimize_parameters, model.save, model.validation = optimize_parameters, save_model, validate
+
+    def follow_epochs(self, sampler):
+        """Record the epoch BasicSR's loop is in (it sets it on its sampler at each epoch's start)."""
+        set_epoch = sampler.set_epoch
+
+        @functools.wraps(set_epoch)
+        def recording(epoch):
+            self.epoch = epoch
+            return set_epoch(epoch)
+        sampler.set_epoch = recording
+
+
+STOP = _Stop()
+
+
+def ignore_stop_signals() -> None:
+    """In a loader worker: leave Ctrl-C and SIGTERM to the main process, which stops the run."""
+    for signum in _SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
