@@ -608,7 +608,7 @@ def test_auto_resume_skips_an_unreadable_newest_state(tmp_path, capsys):
     assert '4.state' in capsys.readouterr().out
 
 
-def test_resuming_a_state_past_total_iter_is_one_line(tmp_path):
+def test_resuming_a_state_past_total_iter_or_at_it_over_a_newer_network_is_one_line(tmp_path):
     # a run to 10 saved 8.state and net_g_latest.pth (iteration 10); --auto_resume with total_iter 6
     # trained nothing, overwrote net_g_latest.pth with iteration 8's network and validated it as '@ 6 iter'
     from esc_arch.commands._pipeline import OptionError, load_resume_state
@@ -621,6 +621,18 @@ def test_resuming_a_state_past_total_iter_is_one_line(tmp_path):
     for total in (8, 10):  # at total_iter (nothing left to train: net_g_latest.pth is its network) or before
         opt['train']['total_iter'] = total
         assert load_resume_state(copy.deepcopy(opt))['iter'] == 8
+    # at total_iter, where net_g_latest.pth holds another network (a longer run's end): it would be lost
+    net = ESC(**{k: v for k, v in TINY_ESC.items() if k != 'type'}).state_dict()
+    atomic_torch_save({'params': {k: v + 1 for k, v in net.items()}}, str(models / 'net_g_latest.pth'))
+    opt['train']['total_iter'] = 8
+    with pytest.raises(OptionError, match=r'it is at iteration 8, train.total_iter, so nothing would be trained and '
+                                          r'.*net_g_latest.pth, which holds another network'):
+        load_resume_state(copy.deepcopy(opt))
+    opt['train']['total_iter'] = 10
+    assert load_resume_state(copy.deepcopy(opt))['iter'] == 8  # training on replaces it, as asked
+    shutil.copy(models / 'net_g_8.pth', models / 'net_g_latest.pth')  # the state's own network: run again, fine
+    opt['train']['total_iter'] = 8
+    assert load_resume_state(copy.deepcopy(opt))['iter'] == 8
 
 
 def test_more_option_mistakes_are_one_line_before_training(tmp_path, capsys, monkeypatch):

@@ -827,10 +827,31 @@ def load_resume_state(opt):
             raise OptionError(f'cannot resume from {path}: it is at iteration {state["iter"]}, past train.total_iter '
                               f'{total:g} (its net_g_latest.pth would be overwritten with the saved network); raise '
                               'total_iter to train on, or give this run another name')
+        if isinstance(total, (int, float)) and state['iter'] == total and 'network_g' in networks:
+            _check_latest_is_the_states(opt, path, state['iter'], networks['network_g'][1])
         opt['path']['resume_state'] = path
         check_resume(opt, state['iter'])
         _RUN['resumed'] = state['epoch'], state['iter']
         return state
+
+
+def _check_latest_is_the_states(opt: dict, path: str, iteration: int, network: dict) -> None:
+    """A state at ``total_iter`` trains nothing; BasicSR then saves its network as ``net_g_latest.pth``.
+    That is harmless where the file holds that network (a run killed before its final save, or
+    run again) but loses the network of a longer run that ended after this state (to 1500, states
+    every 1000, then resumed with ``total_iter: 1000``)."""
+    latest = osp.join(opt['path']['models'], 'net_g_latest.pth')
+    if not osp.isfile(latest):
+        return
+    try:
+        kept = pretrained_state_dict(latest, 'params')[0]
+    except Exception:  # unreadable: BasicSR's save replaces it, as it would after training on
+        return
+    if kept.keys() == network.keys() and all(torch.equal(kept[k].cpu(), network[k].cpu()) for k in kept):
+        return
+    raise OptionError(f'cannot resume from {path}: it is at iteration {iteration}, train.total_iter, so nothing would '
+                      f'be trained and {latest}, which holds another network (of a longer run?), would be overwritten '
+                      'with the saved one; raise total_iter to train on, or give this run another name')
 
 
 def _check_resumed_optimizer(opt: dict, state: dict, path: str, key: str = 'optim_g', number: int = 0) -> None:
