@@ -262,6 +262,9 @@ def test_a_second_signal_or_nothing_to_save_stops_at_once():
             pass
 
     stop, model = _Stop(), Model()
+    with pytest.raises(TrainingInterrupted) as raised:  # before the model is built
+        stop.on_signal(signal.SIGINT, None)
+    assert raised.value.line() == 'stopped by SIGINT before an iteration of this run ended (nothing to save)'
     stop.watch(model, resumed_iter=10)
     with pytest.raises(TrainingInterrupted) as raised:  # resumed, nothing trained yet: nothing to save
         stop.on_signal(signal.SIGINT, None)

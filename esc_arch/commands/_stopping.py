@@ -40,7 +40,7 @@ class TrainingInterrupted(KeyboardInterrupt):
                     'add --auto_resume to go on from it')
         if self.last_saved is not None:
             return f'stopped by {name}; iteration {self.last_saved}, the last saved, is where --auto_resume goes on'
-        return f'stopped by {name} before any iteration was saved'
+        return f'stopped by {name} before an iteration of this run ended (nothing to save)'
 
 
 class _Stop:
