@@ -288,6 +288,22 @@ def test_a_second_signal_or_nothing_to_save_stops_at_once():
         stop.on_signal(signal.SIGINT, None)
     assert raised.value.saved is None and raised.value.last_saved == 12
 
+    class FullDisk(Model):  # as ESCSRModel.save on a full disk: warnings, then no state file
+        opt = {'path': {'training_states': '/nonexistent'}}
+
+        def save(self, epoch, current_iter):
+            self.saves.append((epoch, current_iter))
+
+    stop, model = _Stop(), FullDisk()
+    stop.watch(model, resumed_iter=10)
+    model.optimize_parameters(11)
+    stop.on_signal(signal.SIGTERM, None)
+    with pytest.raises(TrainingInterrupted) as raised:
+        model.validation()
+    assert model.saves == [(0, 11)] and raised.value.saved is None
+    assert raised.value.line() == ('stopped by SIGTERM; iteration 11 could not be saved (see the warnings above); '
+                                   'iteration 10, the last saved, is where --auto_resume goes on')
+
 
 def test_nan_loss_stops_with_message(tmp_path):
     data = make_pairs(tmp_path / 'data')

@@ -15,6 +15,7 @@ processes ignore both signals (Ctrl-C reaches the whole process group): the run 
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 import threading
@@ -25,9 +26,9 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class TrainingInterrupted(KeyboardInterrupt):
     """The run stopped on a signal; ``saved``: the iteration saved as it stopped (None: nothing new)."""
 
-    def __init__(self, signum: int, saved: int | None, last_saved: int | None):
+    def __init__(self, signum: int, saved: int | None, last_saved: int | None, unsaved: int | None = None):
         super().__init__(signum)
-        self.signum, self.saved, self.last_saved = signum, saved, last_saved
+        self.signum, self.saved, self.last_saved, self.unsaved = signum, saved, last_saved, unsaved
 
     @property
     def exit_code(self) -> int:
@@ -38,8 +39,12 @@ class TrainingInterrupted(KeyboardInterrupt):
         if self.saved is not None:
             return (f'stopped by {name} after iteration {self.saved}, which is saved (models and training state): '
                     'add --auto_resume to go on from it')
+        lost = f'; iteration {self.unsaved} could not be saved (see the warnings above)' if self.unsaved else ''
         if self.last_saved is not None:
-            return f'stopped by {name}; iteration {self.last_saved}, the last saved, is where --auto_resume goes on'
+            return (f'stopped by {name}{lost}; iteration {self.last_saved}, the last saved, is where --auto_resume '
+                    'goes on')
+        if lost:
+            return f'stopped by {name}{lost}; no iteration of this run is saved'
         return f'stopped by {name} before an iteration of this run ended (nothing to save)'
 
 
@@ -99,6 +104,8 @@ class _Stop:
             get_root_logger().info(f'Stopping ({signal.Signals(wanted).name}): saving models and training states of '
                                    f'iteration {self.done}.')
             self.model.save(self.epoch, self.done)
+            if self.saved != self.done:  # a full disk: the model said why
+                raise TrainingInterrupted(wanted, None, self.saved, unsaved=self.done)
             saved = self.done
         raise TrainingInterrupted(wanted, saved, self.saved)
 
@@ -118,7 +125,7 @@ class _Stop:
         @functools.wraps(save)
         def save_model(epoch, current_iter, *args, **kwargs):
             result = save(epoch, current_iter, *args, **kwargs)
-            if current_iter >= 0:  # -1: only net_g_latest, no training state
+            if current_iter >= 0 and _state_written(model, current_iter):  # -1: net_g_latest only
                 self.saved = current_iter
             return result
 
@@ -139,6 +146,19 @@ class _Stop:
             self.epoch = epoch
             return set_epoch(epoch)
         sampler.set_epoch = recording
+
+
+def _state_written(model, iteration: int) -> bool:
+    """Whether ``model.save`` wrote the training state of ``iteration`` (it gives up on a full disk).
+    Only the first DDP process saves; the others take its word."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return True
+    try:
+        folder = model.opt['path']['training_states']
+    except (AttributeError, KeyError, TypeError):  # a model without BasicSR's paths: its save raises on failure
+        return True
+    return os.path.isfile(os.path.join(folder, f'{iteration}.state'))
 
 
 STOP = _Stop()
