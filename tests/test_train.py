@@ -194,7 +194,8 @@ def _wait_for_iteration(experiment: Path, proc, iteration: int, timeout: float =
     raise AssertionError(f'iteration {iteration} not reached (rc {proc.poll()})')
 
 
-@pytest.mark.parametrize('how', ['SIGTERM to the process', 'Ctrl-C to the process group, loader workers'])
+@pytest.mark.parametrize('how', ['SIGTERM to the process', 'SIGINT to the process group, loader workers',
+                                 'SIGTERM to the process group, loader workers'])
 def test_a_signal_stops_training_after_saving_the_iteration_under_way(tmp_path, how):
     # SIGTERM (kill, a scheduler) ended the run at once and Ctrl-C with a traceback: every iteration
     # since the last checkpoint (here: none in 1000) was lost
@@ -208,13 +209,14 @@ def test_a_signal_stops_training_after_saving_the_iteration_under_way(tmp_path, 
     experiment = tmp_path / 'experiments' / 'tiny'
     states = experiment / 'training_states'
     signum = signal.SIGTERM if how.startswith('SIGTERM') else signal.SIGINT
+    to_group = 'group' in how  # what a terminal's Ctrl-C does (SIGINT), or SLURM, systemd (SIGTERM)
     proc = subprocess.Popen([sys.executable, '-m', 'esc_arch.cli', 'train', '-opt', str(opt_file)], cwd=tmp_path,
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         _wait_for_iteration(experiment, proc, 3)
-        if signum == signal.SIGINT:
-            os.killpg(proc.pid, signum)  # what the terminal does: the main process and its loader workers
+        if to_group:  # the main process and its loader workers
+            os.killpg(proc.pid, signum)
         else:
             proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
@@ -241,6 +243,45 @@ def test_a_signal_stops_training_after_saving_the_iteration_under_way(tmp_path, 
     log = newest_log(experiment)
     assert re.search(rf'Resuming training from epoch: {state["epoch"]}, iter: {last}\.', log)
     assert re.search(rf'iter:\s+{last + 1},', log)
+
+
+@pytest.mark.skipif(not hasattr(signal, 'SIGCHLD'), reason='POSIX signals')
+def test_loader_workers_ended_by_the_stopping_sigterm_raise_nothing_mid_iteration():
+    # a SIGTERM to every process (SLURM) ends the loader's workers too; PyTorch's SIGCHLD handler then
+    # raised 'DataLoader worker ... is killed by signal' wherever the main process was: seen inside
+    # the stop's own torch.save (taken for a full disk), and it can land inside optimize_parameters
+    from esc_arch.commands._stopping import _Stop
+
+    class Slow(torch.utils.data.Dataset):
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, index):
+            time.sleep(0.01)
+            return index
+
+    def end_a_worker(iterator):  # from another process, as a scheduler's signal comes
+        pid = iterator._workers[0].pid
+        subprocess.run([sys.executable, '-c', f'import os, signal; os.kill({pid}, signal.SIGTERM)'], check=True)
+        time.sleep(2)  # a handler that raises does so here
+
+    stop = _Stop()
+    stop.install()
+    try:
+        iterator = iter(torch.utils.data.DataLoader(Slow(), num_workers=2))
+        next(iterator)
+        loaders_handler = signal.getsignal(signal.SIGCHLD)
+        stop.done = 5  # an unsaved iteration: the first signal asks to stop
+        stop.on_signal(signal.SIGTERM, None)
+        end_a_worker(iterator)
+        del iterator
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGCHLD) is loaders_handler  # put back for the next run
+    iterator = iter(torch.utils.data.DataLoader(Slow(), num_workers=2))
+    next(iterator)
+    with pytest.raises(RuntimeError, match='killed by signal'):  # (what it does outside a stop)
+        end_a_worker(iterator)
 
 
 def test_a_second_signal_or_nothing_to_save_stops_at_once():

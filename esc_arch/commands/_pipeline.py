@@ -1122,7 +1122,7 @@ class _WorkerInit:
 
     def __call__(self, worker_id):
         _patch_image_datasets()
-        _stopping.ignore_stop_signals()
+        _stopping.ignore_ctrl_c()
         if self.seeding is not None:  # BasicSR's, given a manual_seed: ours replaces it
             import random
 
@@ -1301,6 +1301,12 @@ def run(command: str, args) -> int:
         _say_error(command, _decode_error_line(exc))
         return 1
     except RuntimeError as exc:
+        if is_train and _stopping.STOP.requested is not None:  # e.g. the loader's workers got the SIGTERM too
+            stopped = _stopping.STOP.after_failure()
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                sys.stderr.write(f'basicsr {command}: {stopped.line()}\n')
+                sys.stderr.flush()
+            return stopped.exit_code
         if dist.is_initialized() and _peer_stopped(exc):
             _say_error(command, f'process {dist.get_rank()} of {dist.get_world_size()} stops: another one stopped '
                                 '(its error is above)')

@@ -10,7 +10,11 @@ command exits 130 (SIGINT) or 143 (SIGTERM); ``--auto_resume`` goes on from ther
 stops at once, as does a first one when no finished iteration is unsaved (before the first, right
 after a checkpoint). Under DDP the processes agree at each of those points (one all-reduce of a flag),
 so they stop at the same iteration also when only one got the signal. The training loader's worker
-processes ignore both signals (Ctrl-C reaches the whole process group): the run ends them as it stops.
+processes ignore Ctrl-C (the terminal sends it to the whole process group): the run ends them as it
+stops. A SIGTERM to every process (a SLURM job's, systemd's stop) ends the workers too; PyTorch's
+SIGCHLD handler would then raise in the middle of the iteration, so once a stop is asked for it is
+put aside: the iteration ends and is saved. Where the workers' end is found first, by a data
+fetch between iterations, the last finished iteration is saved there.
 """
 from __future__ import annotations
 
@@ -59,6 +63,7 @@ class _Stop:
         self.model = None
         self.epoch = 0
         self.done = None  # the last finished iteration
+        self.inside = False  # in an iteration's optimize_parameters
         self.saved = None  # the last iteration whose training state is saved
         self.previous = {}
 
@@ -70,6 +75,9 @@ class _Stop:
         if self.requested is not None or not self.unsaved():
             raise TrainingInterrupted(signum, None, self.saved)
         self.requested = signum
+        child = getattr(signal, 'SIGCHLD', None)  # (none on Windows)
+        if child is not None and child not in self.previous and callable(signal.getsignal(child)):
+            self.previous[child] = signal.signal(child, _worker_ended)  # PyTorch's loader's handler
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
             sys.stderr.write(f'basicsr train: {signal.Signals(signum).name}: stopping once the iteration (or '
@@ -109,6 +117,19 @@ class _Stop:
             saved = self.done
         raise TrainingInterrupted(wanted, saved, self.saved)
 
+    def after_failure(self) -> TrainingInterrupted:
+        """The run failed after a stop was asked for (the loader's workers ended by the same SIGTERM, a
+        DDP peer gone): the last finished iteration is saved where the failure came between iterations."""
+        if self.model is None or self.inside or not self.unsaved():
+            return TrainingInterrupted(self.requested, None, self.saved)
+        from basicsr.utils import get_root_logger
+        get_root_logger().info(f'Stopping ({signal.Signals(self.requested).name}): saving models and training states '
+                               f'of iteration {self.done}.')
+        self.model.save(self.epoch, self.done)
+        if self.saved != self.done:
+            return TrainingInterrupted(self.requested, None, self.saved, unsaved=self.done)
+        return TrainingInterrupted(self.requested, self.done, self.saved)
+
     def watch(self, model, resumed_iter: int | None):
         """Follow ``model``'s iterations, saves and validations (its methods wrapped on the instance)."""
         self.model = model
@@ -117,7 +138,9 @@ class _Stop:
 
         @functools.wraps(optimize)
         def optimize_parameters(current_iter, *args, **kwargs):
+            self.inside = True  # stays True where it raises: the model may be half-updated
             result = optimize(current_iter, *args, **kwargs)
+            self.inside = False
             self.done = current_iter
             self.stop_point()
             return result
@@ -164,7 +187,12 @@ def _state_written(model, iteration: int) -> bool:
 STOP = _Stop()
 
 
-def ignore_stop_signals() -> None:
-    """In a loader worker: leave Ctrl-C and SIGTERM to the main process, which stops the run."""
-    for signum in _SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+def _worker_ended(signum, frame):
+    """SIGCHLD once a stop is asked for: the run is ending; a loader worker ended by the same signal
+    is no error to raise in the middle of the iteration (PyTorch's handler would)."""
+
+
+def ignore_ctrl_c() -> None:
+    """In a loader worker: leave Ctrl-C to the main process, which stops the run. (SIGTERM keeps its
+    default: the loader, and multiprocessing at exit, end their workers with it and then wait.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
