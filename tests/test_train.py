@@ -1000,6 +1000,37 @@ def test_a_corrupt_training_image_is_named(tmp_path):
     assert 'Traceback' not in result.stderr
 
 
+@pytest.mark.parametrize('kind', ['PairedImageDataset', 'RealESRGANDataset'])
+def test_a_training_image_gone_after_the_checks_is_tried_again_then_named(tmp_path, monkeypatch, kind):
+    # a file that cannot be read mid-run failed PairedImageDataset with a traceback; RealESRGANDataset
+    # read another file at random instead, randint(0, len) (an IndexError one time in len + 1), and
+    # failed with UnboundLocalError after three
+    from basicsr.data.paired_image_dataset import PairedImageDataset
+    from basicsr.data.realesrgan_dataset import RealESRGANDataset
+
+    from esc_arch.commands import _pipeline
+    _pipeline._patch_image_datasets()
+    slept = []
+    monkeypatch.setattr(time, 'sleep', slept.append)
+    if kind == 'PairedImageDataset':
+        data = make_pairs(tmp_path / 'data')
+        dataset = PairedImageDataset(dict(paired('tiny', data), phase='train', scale=SCALE, gt_size=16,
+                                          use_hflip=False, use_rot=False))
+        gone = data / 'hr' / '000.png'
+    else:
+        dataset = RealESRGANDataset(real_options(tmp_path, 'train_ESC_Real_x4_MSE.yml')['datasets']['train'])
+        gone = tmp_path / 'gt' / '0.png'
+    assert dataset[0]['gt'].shape[0] == 3
+    gone.unlink()
+    for _ in range(5):  # RealESRGANDataset's random pick would hit the other file or the list's end
+        with pytest.raises(_pipeline.ImageDecodeError) as raised:
+            dataset[0]
+        assert str(raised.value).startswith('cannot read an image of ') and str(gone) in str(raised.value)
+        assert str(raised.value).endswith(': No such file or directory (tried 3 times, 1 s apart)')
+    assert slept.count(1) >= 10  # two waits per image read
+    assert dataset[1]['gt'].shape[0] == 3  # the others still read
+
+
 def test_pre_checks_accept_what_basicsr_accepts_and_refuse_what_it_fails_on(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = make_pairs(tmp_path / 'data')

@@ -15,9 +15,10 @@ traceback. A few BasicSR functions are replaced, never edited, for CPU and CPU-D
   ``total_iter`` (a state saved with a larger batch size is at a later epoch than this run counts).
 * the training loader's ``worker_init_fn``: the workers' ``random``/NumPy seeds differ between
   epochs (BasicSR's repeat every epoch, as its workers restart, so do the crops and flips).
-* the image data sets' ``imfrombytes`` / ``__getitem__``: an image OpenCV cannot decode is an
-  ``ImageDecodeError`` naming its files (BasicSR fails on ``None.astype`` without a name), also
-  in spawned loader workers (DDP), which apply these patches when they start.
+* the image data sets' ``imfrombytes`` / ``__getitem__`` and ``FileClient.get``: an image OpenCV cannot
+  decode, or a file that cannot be read three times, is an ``ImageDecodeError`` naming its files
+  (BasicSR fails on ``None.astype`` without a name, and RealESRGANDataset reads other files at random,
+  up to an IndexError), also in spawned loader workers (DDP), which apply these patches when they start.
 * ``train/test.parse_options``: on CPU, ``prefetch_mode: cuda`` becomes the plain loader;
   ``dist`` follows ``--launcher`` even when ``--force_yml`` sets it; under DDP the training
   loader's workers persist across epochs (``persistent_workers``, unless the options say, or
@@ -957,6 +958,34 @@ def _checked_imfrombytes(original):
     return imfrombytes
 
 
+_READ_TRIES = 3
+
+
+def _retried_reads(get):
+    """``FileClient.get`` of the image data sets: a file that cannot be read (gone since the checks
+    before the run, no permission, a network file system's hiccup) is tried again, 1 s apart, then
+    is an ImageDecodeError the data set names. BasicSR failed with a traceback, except in
+    RealESRGANDataset, which on a read error reads another file at random, ``randint(0, len)``:
+    the image list's length itself one time in len + 1 (an IndexError), and after three failures
+    ``UnboundLocalError: img_bytes``."""
+    if getattr(get, 'retried', False):
+        return get
+
+    @functools.wraps(get)
+    def wrapper(self, filepath, *args, **kwargs):
+        import time
+        for attempt in range(1, _READ_TRIES + 1):
+            try:
+                return get(self, filepath, *args, **kwargs)
+            except OSError as exc:
+                if attempt == _READ_TRIES:
+                    reason = exc.strerror or first_line(exc)
+                    raise ImageDecodeError(f'{reason} (tried {_READ_TRIES} times, 1 s apart)') from None
+                time.sleep(1)
+    wrapper.retried = True
+    return wrapper
+
+
 def _named_decode_errors(getitem):
     def __getitem__(self, index):
         try:
@@ -1099,6 +1128,8 @@ def _patch_image_datasets() -> None:
         return
     import importlib
     _PATCHED.add('datasets')
+    from basicsr.utils.file_client import FileClient
+    FileClient.get = _retried_reads(FileClient.get)
     for module_name, class_name in _IMAGE_DATASETS.items():
         module = importlib.import_module(f'basicsr.data.{module_name}')
         module.imfrombytes = _checked_imfrombytes(module.imfrombytes)
