@@ -108,6 +108,16 @@ def newest_log(folder: Path) -> str:
     return max(folder.glob('*.log'), key=lambda p: p.stat().st_mtime).read_text()
 
 
+def resumed_log(tmp_path: Path, opt_file: Path, experiment: Path, last: int, total: int) -> str:
+    """The log of ``basicsr train --auto_resume`` to ``total``, checked to go on past ``last``."""
+    result = basicsr('train', '-opt', opt_file, '--auto_resume', '--force_yml', f'train:total_iter={total}',
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = newest_log(experiment)
+    assert re.search(rf'iter:\s+{last + 1},', log)
+    return log
+
+
 # ---------------------------------------------------------------------------------- subprocess
 def test_train_kill_resume_then_test(tmp_path):
     data = make_pairs(tmp_path / 'data')
@@ -144,13 +154,9 @@ def test_train_kill_resume_then_test(tmp_path):
     last = saved[-1]
 
     # 2. --auto_resume continues from the newest state
-    result = basicsr('train', '-opt', opt_file, '--auto_resume', '--force_yml', f'train:total_iter={last + 2}',
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = newest_log(experiment)
+    log = resumed_log(tmp_path, opt_file, experiment, last, last + 2)
     assert re.search(rf'Resuming training from epoch: \d+, iter: {last}\.', log)
     assert re.search(rf'Start training from epoch: \d+, iter: {last}\n', log)
-    assert re.search(rf'iter:\s+{last + 1},', log)
     assert not re.search(r'iter:\s+1,', log)  # did not start over
     assert re.search(r'# psnr: \d+\.\d+', log)
     assert (experiment / 'models' / 'net_g_latest.pth').is_file()
@@ -224,9 +230,10 @@ def test_a_signal_stops_training_after_saving_the_iteration_under_way(tmp_path, 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     lines = err.strip().splitlines()
-    assert proc.returncode == 128 + signum, lines[-10:]
+    tail = '\n'.join(lines[-12:])
+    assert proc.returncode == 128 + signum, tail
     saved = saved_iterations(states)
-    assert len(saved) == 1 and saved[0] >= 3, (saved, lines[-10:])
+    assert len(saved) == 1 and saved[0] >= 3, f'{saved}\n{tail}'
     last = saved[0]
     assert lines[-1] == (f'basicsr train: stopped by {signum.name} after iteration {last}, which is saved (models and '
                          'training state): add --auto_resume to go on from it')
@@ -237,12 +244,8 @@ def test_a_signal_stops_training_after_saving_the_iteration_under_way(tmp_path, 
     assert state['iter'] == last
     assert set(torch.load(experiment / 'models' / f'net_g_{last}.pth', weights_only=True)) == {'params', 'params_ema'}
 
-    result = basicsr('train', '-opt', opt_file, '--auto_resume', '--force_yml', f'train:total_iter={last + 1}',
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = newest_log(experiment)
+    log = resumed_log(tmp_path, opt_file, experiment, last, last + 1)
     assert re.search(rf'Resuming training from epoch: {state["epoch"]}, iter: {last}\.', log)
-    assert re.search(rf'iter:\s+{last + 1},', log)
 
 
 @pytest.mark.skipif(not hasattr(signal, 'SIGCHLD'), reason='POSIX signals')
