@@ -1310,8 +1310,12 @@ def run(command: str, args) -> int:
     try:
         if is_train:
             import basicsr.train
-            _stopping.STOP.install()
-            basicsr.train.train_pipeline(os.getcwd())
+            try:
+                with _stopping.STOP.handling():
+                    basicsr.train.train_pipeline(os.getcwd())
+            except BaseException:
+                _stopping.sigterm_ends_the_process()
+                raise
         else:
             import basicsr.test
             basicsr.test.test_pipeline(os.getcwd())
@@ -1332,16 +1336,20 @@ def run(command: str, args) -> int:
         _say_error(command, _decode_error_line(exc))
         return 1
     except RuntimeError as exc:
-        if is_train and _stopping.STOP.requested is not None:  # e.g. the loader's workers got the SIGTERM too
-            stopped = _stopping.STOP.after_failure()
-            if not dist.is_initialized() or dist.get_rank() == 0:
+        # asked to stop, then a failure: the loader's workers got the SIGTERM too, or a DDP peer is gone
+        stopped = _stopping.STOP.after_failure() if is_train and _stopping.STOP.requested is not None else None
+        first = not dist.is_initialized() or dist.get_rank() == 0  # the process that saves
+        if dist.is_initialized() and _peer_stopped(exc):
+            saved = (f'; iteration {stopped.saved} is saved (add --auto_resume to go on from it)'
+                     if first and stopped is not None and stopped.saved is not None else '')
+            _say_error(command, f'process {dist.get_rank()} of {dist.get_world_size()} stops: another one stopped '
+                                f'(its error is above){saved}')
+            return 1
+        if stopped is not None:
+            if first:
                 sys.stderr.write(f'basicsr {command}: {stopped.line()}\n')
                 sys.stderr.flush()
             return stopped.exit_code
-        if dist.is_initialized() and _peer_stopped(exc):
-            _say_error(command, f'process {dist.get_rank()} of {dist.get_world_size()} stops: another one stopped '
-                                '(its error is above)')
-            return 1
         problem = environment_problem(exc)
         if problem is None:
             raise

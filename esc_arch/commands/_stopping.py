@@ -18,6 +18,7 @@ fetch between iterations, the last finished iteration is saved there.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -89,9 +90,24 @@ class _Stop:
         if threading.current_thread() is threading.main_thread() and not self.previous:
             self.previous = {signum: signal.signal(signum, self.on_signal) for signum in _SIGNALS}
 
-    def uninstall(self):
-        for signum, handler in self.previous.items():
+    def restore_handlers(self):
+        """The handlers from before ``install`` back; the run's state is kept (for ``after_failure``)."""
+        previous, self.previous = self.previous, {}
+        for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+    @contextlib.contextmanager
+    def handling(self):
+        """Stop on signals while the training runs; once it has ended (returned or raised), a signal is
+        the command's again (the run's end is under way: nothing is asked to stop)."""
+        self.install()
+        try:
+            yield self
+        finally:
+            self.restore_handlers()
+
+    def uninstall(self):
+        self.restore_handlers()
         self.reset()
 
     # ---------------------------------------------------------------------------------- stop points
@@ -190,6 +206,15 @@ STOP = _Stop()
 def _worker_ended(signum, frame):
     """SIGCHLD once a stop is asked for: the run is ending; a loader worker ended by the same signal
     is no error to raise in the middle of the iteration (PyTorch's handler would)."""
+
+
+def sigterm_ends_the_process() -> None:
+    """Once training has failed or stopped, SIGTERM ends the process at once, as by default: what is left
+    is its teardown (its work is saved), and torchrun ends the other DDP processes of a failed run with
+    SIGTERM, where the command's Ctrl-C-like handler raised inside their loader's ``__del__`` (joining
+    its workers), a traceback Python prints and otherwise ignores."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def ignore_ctrl_c() -> None:
