@@ -322,6 +322,13 @@ def test_a_second_signal_or_nothing_to_save_stops_at_once():
     with pytest.raises(TrainingInterrupted) as raised:  # a second signal: at once, without saving
         stop.on_signal(signal.SIGTERM, None)
     assert raised.value.saved is None and model.saves == []
+    assert raised.value.line() == ('stopped by SIGTERM (a second signal: at once, without saving); iteration 10, the '
+                                   'last saved, is where --auto_resume goes on')
+    stop.inside = True  # a failure inside an iteration (its model may be half-updated): nothing is saved
+    assert stop.after_failure(RuntimeError('DataLoader worker (pid 7) is killed by signal')).line() == (
+        'stopped by SIGTERM (inside an iteration, not saved: DataLoader worker (pid 7) is killed by signal); '
+        'iteration 10, the last saved, is where --auto_resume goes on')
+    stop.inside = False
     with pytest.raises(TrainingInterrupted) as raised:  # the validation's end is a stop point too
         model.validation()
     assert raised.value.saved == 11 and raised.value.exit_code == 143 and model.saves == [(4, 11)]

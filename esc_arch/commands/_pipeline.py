@@ -1337,7 +1337,7 @@ def run(command: str, args) -> int:
         return 1
     except RuntimeError as exc:
         # asked to stop, then a failure: the loader's workers got the SIGTERM too, or a DDP peer is gone
-        stopped = _stopping.STOP.after_failure() if is_train and _stopping.STOP.requested is not None else None
+        stopped = _stopping.STOP.after_failure(exc) if is_train and _stopping.STOP.requested is not None else None
         first = not dist.is_initialized() or dist.get_rank() == 0  # the process that saves
         if dist.is_initialized() and _peer_stopped(exc):
             saved = (f'; iteration {stopped.saved} is saved (add --auto_resume to go on from it)'

@@ -25,22 +25,25 @@ import signal
 import sys
 import threading
 
+from ..messages import first_line
+
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
     """The run stopped on a signal; ``saved``: the iteration saved as it stopped (None: nothing new)."""
 
-    def __init__(self, signum: int, saved: int | None, last_saved: int | None, unsaved: int | None = None):
+    def __init__(self, signum: int, saved: int | None, last_saved: int | None, unsaved: int | None = None,
+                 why: str | None = None):
         super().__init__(signum)
-        self.signum, self.saved, self.last_saved, self.unsaved = signum, saved, last_saved, unsaved
+        self.signum, self.saved, self.last_saved, self.unsaved, self.why = signum, saved, last_saved, unsaved, why
 
     @property
     def exit_code(self) -> int:
         return 128 + int(self.signum)
 
     def line(self) -> str:
-        name = signal.Signals(self.signum).name
+        name = signal.Signals(self.signum).name + (f' ({self.why})' if self.why else '')
         if self.saved is not None:
             return (f'stopped by {name} after iteration {self.saved}, which is saved (models and training state): '
                     'add --auto_resume to go on from it')
@@ -48,7 +51,7 @@ class TrainingInterrupted(KeyboardInterrupt):
         if self.last_saved is not None:
             return (f'stopped by {name}{lost}; iteration {self.last_saved}, the last saved, is where --auto_resume '
                     'goes on')
-        if lost:
+        if lost or self.why:
             return f'stopped by {name}{lost}; no iteration of this run is saved'
         return f'stopped by {name} before an iteration of this run ended (nothing to save)'
 
@@ -73,7 +76,9 @@ class _Stop:
 
     # ---------------------------------------------------------------------------------- signals
     def on_signal(self, signum, frame):
-        if self.requested is not None or not self.unsaved():
+        if self.requested is not None:
+            raise TrainingInterrupted(signum, None, self.saved, why='a second signal: at once, without saving')
+        if not self.unsaved():
             raise TrainingInterrupted(signum, None, self.saved)
         self.requested = signum
         child = getattr(signal, 'SIGCHLD', None)  # (none on Windows)
@@ -133,10 +138,14 @@ class _Stop:
             saved = self.done
         raise TrainingInterrupted(wanted, saved, self.saved)
 
-    def after_failure(self) -> TrainingInterrupted:
-        """The run failed after a stop was asked for (the loader's workers ended by the same SIGTERM, a
-        DDP peer gone): the last finished iteration is saved where the failure came between iterations."""
-        if self.model is None or self.inside or not self.unsaved():
+    def after_failure(self, exc: BaseException) -> TrainingInterrupted:
+        """The run failed (``exc``) after a stop was asked for (the loader's workers ended by the same
+        SIGTERM, a DDP peer gone): the last finished iteration is saved where the failure came between
+        iterations."""
+        if self.model is None or self.inside:
+            where = 'inside an iteration, not saved' if self.inside else 'before training'
+            return TrainingInterrupted(self.requested, None, self.saved, why=f'{where}: {first_line(exc)}')
+        if not self.unsaved():
             return TrainingInterrupted(self.requested, None, self.saved)
         from basicsr.utils import get_root_logger
         get_root_logger().info(f'Stopping ({signal.Signals(self.requested).name}): saving models and training states '
