@@ -1320,10 +1320,7 @@ def run(command: str, args) -> int:
             import basicsr.test
             basicsr.test.test_pipeline(os.getcwd())
     except _stopping.TrainingInterrupted as exc:  # Ctrl-C or SIGTERM, the last iteration saved
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            sys.stderr.write(f'basicsr {command}: {exc.line()}\n')
-            sys.stderr.flush()
-        return exc.exit_code
+        return exc.report(command)
     except TrainingStoppedError as exc:  # diverged, or the final network not saved
         if not dist.is_initialized() or dist.get_rank() == 0:
             from basicsr.utils import get_root_logger
@@ -1338,18 +1335,14 @@ def run(command: str, args) -> int:
     except RuntimeError as exc:
         # asked to stop, then a failure: the loader's workers got the SIGTERM too, or a DDP peer is gone
         stopped = _stopping.STOP.after_failure(exc) if is_train and _stopping.STOP.requested is not None else None
-        first = not dist.is_initialized() or dist.get_rank() == 0  # the process that saves
         if dist.is_initialized() and _peer_stopped(exc):
             saved = (f'; iteration {stopped.saved} is saved (add --auto_resume to go on from it)'
-                     if first and stopped is not None and stopped.saved is not None else '')
+                     if stopped is not None and stopped.saved is not None and _stopping.first_process() else '')
             _say_error(command, f'process {dist.get_rank()} of {dist.get_world_size()} stops: another one stopped '
                                 f'(its error is above){saved}')
             return 1
         if stopped is not None:
-            if first:
-                sys.stderr.write(f'basicsr {command}: {stopped.line()}\n')
-                sys.stderr.flush()
-            return stopped.exit_code
+            return stopped.report(command)
         problem = environment_problem(exc)
         if problem is None:
             raise

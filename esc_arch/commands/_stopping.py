@@ -55,6 +55,19 @@ class TrainingInterrupted(KeyboardInterrupt):
             return f'stopped by {name}{lost}; no iteration of this run is saved'
         return f'stopped by {name} before an iteration of this run ended (nothing to save)'
 
+    def report(self, command: str) -> int:
+        """Say ``line()`` (the first DDP process only: it saves) and give the exit code."""
+        if first_process():
+            sys.stderr.write(f'basicsr {command}: {self.line()}\n')
+            sys.stderr.flush()
+        return self.exit_code
+
+
+def first_process() -> bool:
+    """Whether this is the first DDP process (or no DDP run): the one that saves and reports."""
+    from basicsr.utils.dist_util import get_dist_info
+    return get_dist_info()[0] == 0
+
 
 class _Stop:
     """The state of one training run's stop (a process runs one training at a time)."""
@@ -84,8 +97,7 @@ class _Stop:
         child = getattr(signal, 'SIGCHLD', None)  # (none on Windows)
         if child is not None and child not in self.previous and callable(signal.getsignal(child)):
             self.previous[child] = signal.signal(child, _worker_ended)  # PyTorch's loader's handler
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        if first_process():
             sys.stderr.write(f'basicsr train: {signal.Signals(signum).name}: stopping once the iteration (or '
                              'validation) under way ends, saving it first (Ctrl-C or SIGTERM again stops at once, '
                              'without saving)\n')
@@ -125,18 +137,20 @@ class _Stop:
             flag = torch.tensor([float(wanted)], device=self.model.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             wanted = int(flag.item())
-        if not wanted:
-            return
-        saved = None
-        if self.unsaved():
-            from basicsr.utils import get_root_logger
-            get_root_logger().info(f'Stopping ({signal.Signals(wanted).name}): saving models and training states of '
-                                   f'iteration {self.done}.')
-            self.model.save(self.epoch, self.done)
-            if self.saved != self.done:  # a full disk: the model said why
-                raise TrainingInterrupted(wanted, None, self.saved, unsaved=self.done)
-            saved = self.done
-        raise TrainingInterrupted(wanted, saved, self.saved)
+        if wanted:
+            raise self._save_last(wanted)
+
+    def _save_last(self, signum: int) -> TrainingInterrupted:
+        """Save the last finished iteration where it is unsaved; the stop that says how it went."""
+        if not self.unsaved():
+            return TrainingInterrupted(signum, None, self.saved)
+        from basicsr.utils import get_root_logger
+        get_root_logger().info(f'Stopping ({signal.Signals(signum).name}): saving models and training states of '
+                               f'iteration {self.done}.')
+        self.model.save(self.epoch, self.done)
+        if self.saved != self.done:  # a full disk: the model said why
+            return TrainingInterrupted(signum, None, self.saved, unsaved=self.done)
+        return TrainingInterrupted(signum, self.done, self.saved)
 
     def after_failure(self, exc: BaseException) -> TrainingInterrupted:
         """The run failed (``exc``) after a stop was asked for (the loader's workers ended by the same
@@ -145,15 +159,7 @@ class _Stop:
         if self.model is None or self.inside:
             where = 'inside an iteration, not saved' if self.inside else 'before training'
             return TrainingInterrupted(self.requested, None, self.saved, why=f'{where}: {first_line(exc)}')
-        if not self.unsaved():
-            return TrainingInterrupted(self.requested, None, self.saved)
-        from basicsr.utils import get_root_logger
-        get_root_logger().info(f'Stopping ({signal.Signals(self.requested).name}): saving models and training states '
-                               f'of iteration {self.done}.')
-        self.model.save(self.epoch, self.done)
-        if self.saved != self.done:
-            return TrainingInterrupted(self.requested, None, self.saved, unsaved=self.done)
-        return TrainingInterrupted(self.requested, self.done, self.saved)
+        return self._save_last(self.requested)
 
     def watch(self, model, resumed_iter: int | None):
         """Follow ``model``'s iterations, saves and validations (its methods wrapped on the instance)."""
@@ -199,8 +205,7 @@ class _Stop:
 def _state_written(model, iteration: int) -> bool:
     """Whether ``model.save`` wrote the training state of ``iteration`` (it gives up on a full disk).
     Only the first DDP process saves; the others take its word."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if not first_process():
         return True
     try:
         folder = model.opt['path']['training_states']
